@@ -1,0 +1,99 @@
+//! Small file-system helpers: directory fsync and crash-safe metadata files.
+
+use std::fs;
+use std::fs::File;
+use std::io;
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+use crate::LogError;
+use crate::format;
+use crate::stats::Counters;
+
+/// Makes directory entries (created, renamed, removed files) durable.
+///
+/// Without this a freshly created segment or a renamed metadata file can vanish after a power
+/// failure even though the file's own data was fsynced.
+pub(crate) fn sync_dir(dir: &Path, counters: &Counters) -> Result<(), LogError> {
+    let d = File::open(dir).map_err(|e| LogError::io(dir, e))?;
+    d.sync_all().map_err(|e| LogError::io(dir, e))?;
+    Counters::add(&counters.fsyncs, 1);
+    Ok(())
+}
+
+/// Replaces `dir/name` with `bytes` atomically: write `name.tmp`, (fsync), rename, (fsync dir).
+///
+/// Readers therefore see either the old or the new file, never a mix. With `durable == false`
+/// the fsyncs are skipped: the rename is still atomic, but the new value may be lost on a crash.
+pub(crate) fn write_atomic(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    durable: bool,
+    counters: &Counters,
+) -> Result<(), LogError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| LogError::io(&tmp, e))?;
+    Counters::add(&counters.bytes_written, bytes.len() as u64);
+    if durable {
+        f.sync_all().map_err(|e| LogError::io(&tmp, e))?;
+        Counters::add(&counters.fsyncs, 1);
+    }
+    drop(f);
+    fs::rename(&tmp, &dst).map_err(|e| LogError::io(&dst, e))?;
+    if durable {
+        sync_dir(dir, counters)?;
+    }
+    Ok(())
+}
+
+/// Reads and validates `dir/name`; `Ok(None)` if it does not exist.
+pub(crate) fn read_meta<T: DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+) -> Result<Option<T>, LogError> {
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => format::decode_meta(&bytes, &path).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::io(&path, e)),
+    }
+}
+
+/// Like [`read_meta`], but a zero-length or all-zero file counts as absent (with a warning).
+///
+/// Used for `committed`, which is written without fsync: after a crash its rename may be durable
+/// while its data is not, leaving an empty file. That is an expected crash artifact, not
+/// corruption; any other damage is still reported.
+pub(crate) fn read_meta_lenient<T: DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+) -> Result<Option<T>, LogError> {
+    let path = dir.join(name);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io(&path, e)),
+    };
+    if bytes.iter().all(|b| *b == 0) {
+        tracing::warn!(file = %path.display(), len = bytes.len(), "ignoring empty metadata file left by a crash");
+        return Ok(None);
+    }
+    format::decode_meta(&bytes, &path).map(Some)
+}
+
+/// Removes leftover `*.tmp` files from an interrupted [`write_atomic`].
+pub(crate) fn remove_tmp_files(dir: &Path) -> Result<(), LogError> {
+    for entry in fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
+        let path = entry.map_err(|e| LogError::io(dir, e))?.path();
+        if path.extension().is_some_and(|ext| ext == "tmp") {
+            tracing::warn!(file = %path.display(), "removing leftover temporary file");
+            fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}

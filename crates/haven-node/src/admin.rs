@@ -1,0 +1,98 @@
+//! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /metrics` (Prometheus
+//! text) and `GET /health`. Separate from the client port so operators can reach a node
+//! whose client side is saturated.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use openraft::ServerState;
+use openraft::rt::WatchReceiver;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ingress::Ingress;
+use crate::types::NodeId;
+
+/// A node's view of itself and the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub zone: String,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    pub term: u64,
+    pub leader_id: Option<NodeId>,
+    /// Last log index known committed on a quorum.
+    pub commit_index: Option<u64>,
+    /// Last log index applied to this node's replica.
+    pub applied_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub app_url: String,
+    pub app_up: bool,
+}
+
+struct AdminState {
+    ingress: Arc<Ingress>,
+    zone: String,
+}
+
+fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn status(state: &AdminState) -> Status {
+    let ingress = &state.ingress;
+    let m = ingress.raft.metrics().borrow_watched().clone();
+    Status {
+        id: ingress.id,
+        zone: state.zone.clone(),
+        role: role_name(m.state).to_string(),
+        term: m.current_term,
+        leader_id: m.current_leader,
+        commit_index: m.local_committed.map(|l| l.index),
+        applied_index: m.last_applied.map(|l| l.index),
+        last_log_index: m.last_log_index,
+        voters: m.membership_config.voter_ids().collect(),
+        app_url: ingress.app.url().to_string(),
+        app_up: ingress.metrics.app_up.get() == 1,
+    }
+}
+
+pub fn router(ingress: Arc<Ingress>, zone: String) -> Router {
+    let state = Arc::new(AdminState { ingress, zone });
+    Router::new()
+        .route(
+            "/status",
+            get(|State(s): State<Arc<AdminState>>| async move { Json(status(&s)) }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<AdminState>>| async move { s.ingress.metrics.render() }),
+        )
+        .route("/health", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}

@@ -1,0 +1,512 @@
+//! The node's TOML configuration: one serde struct per table, every field documented with
+//! its default, unknown keys rejected. Errors name the key and the line, because an
+//! operator staring at a file needs both.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::types::NodeId;
+use crate::types::PeerNode;
+
+/// Largest accepted request body unless configured otherwise (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Hard ceiling for `limits.max_body_bytes`: an entry must fit comfortably in one Raft frame.
+pub const MAX_BODY_BYTES_CEILING: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's own message already carries the line, column and offending key.
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {path}: key `{key}` (line {line}): {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub app: AppSection,
+    pub peers: Vec<PeerSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub raft: RaftTiming,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: NodeId,
+    /// Failure-domain label; reported in status, used for placement checks later.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    pub client_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSection {
+    /// Base URL of this node's replica, e.g. `http://127.0.0.1:6001`.
+    pub url: String,
+    /// Names the protected service; its data lives under `data_dir/<name>/`.
+    #[serde(default = "default_service_name")]
+    pub name: String,
+    /// How long one delivery to the replica may take before it is retried (default 5000).
+    #[serde(default = "default_app_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub id: NodeId,
+    pub raft_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+}
+
+/// How a matching request is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMode {
+    /// Ordered through the log and applied on every replica.
+    Write,
+    /// Leader confirms it is still leader (read index), the local replica catches up to that
+    /// index, then serves the read.
+    Linearizable,
+    /// Ordered through the log like a write; the local replica answers at its turn.
+    Ordered,
+    /// Served by the local replica at once; may be stale.
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// Upper-case HTTP methods; empty means any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    pub mode: RouteMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body; larger gets 413 (default 1 MiB).
+    pub max_body_bytes: usize,
+    /// End-to-end budget for one client request, including waiting for apply (default 10000).
+    pub request_timeout_ms: u64,
+    /// How long a request waits for a leader before 503 + Retry-After (default 3000).
+    pub no_leader_timeout_ms: u64,
+    /// Client requests in progress on this node; beyond it, 503 + Retry-After (default 4096).
+    pub max_inflight_requests: usize,
+    /// Idempotency keys remembered in the replicated state (default 100000).
+    pub idempotency_keys_max: usize,
+    /// Idempotency keys older than this (by entry time) are forgotten (default 86400).
+    pub idempotency_retention_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout_ms: 10_000,
+            no_leader_timeout_ms: 3_000,
+            max_inflight_requests: 4096,
+            idempotency_keys_max: 100_000,
+            idempotency_retention_s: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTiming {
+    /// Leader heartbeat period (default 100).
+    pub heartbeat_ms: u64,
+    /// Election timeout range; a follower that hears no leader for this long campaigns
+    /// (defaults 500..1000).
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Most entries sent in one append request (default 512).
+    pub max_payload_entries: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            max_payload_entries: 512,
+        }
+    }
+}
+
+fn default_zone() -> String {
+    "default".to_string()
+}
+fn default_service_name() -> String {
+    "app".to_string()
+}
+fn default_app_timeout_ms() -> u64 {
+    5_000
+}
+fn default_path_prefix() -> String {
+    "/".to_string()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|bad| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: locate(text, &bad.table, bad.occurrence, &bad.key),
+            key: bad.qualified_key(),
+            reason: bad.reason,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), BadKey> {
+        self.validate_node()?;
+        self.validate_peers()?;
+        self.validate_routes()?;
+        self.validate_limits()
+    }
+
+    fn validate_node(&self) -> Result<(), BadKey> {
+        if !self.app.url.starts_with("http://") {
+            return Err(BadKey::new("app", 0, "url", "must start with http://"));
+        }
+        if self.app.timeout_ms == 0 {
+            return Err(BadKey::new(
+                "app",
+                0,
+                "timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        let name_ok = !self.app.name.is_empty()
+            && self
+                .app
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(BadKey::new(
+                "app",
+                0,
+                "name",
+                "must be non-empty [A-Za-z0-9_-]",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_peers(&self) -> Result<(), BadKey> {
+        let mut seen = BTreeSet::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            if !seen.insert(peer.id) {
+                return Err(BadKey::new("peers", i, "id", "duplicate peer id"));
+            }
+        }
+        let Some(me) = self.peers.iter().find(|p| p.id == self.node.id) else {
+            return Err(BadKey::new(
+                "node",
+                0,
+                "id",
+                "this node's id must be listed in [[peers]]",
+            ));
+        };
+        if me.raft_addr != self.node.raft_addr {
+            return Err(BadKey::new(
+                "node",
+                0,
+                "raft_addr",
+                "differs from this node's [[peers]] entry",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), BadKey> {
+        for (i, route) in self.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                return Err(BadKey::new("routes", i, "path_prefix", "must start with /"));
+            }
+            if let Some(m) = route
+                .methods
+                .iter()
+                .find(|m| http::Method::from_bytes(m.as_bytes()).is_err())
+            {
+                return Err(BadKey::new(
+                    "routes",
+                    i,
+                    "methods",
+                    &format!("`{m}` is not an HTTP method"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), BadKey> {
+        let l = &self.limits;
+        if l.max_body_bytes == 0 || l.max_body_bytes > MAX_BODY_BYTES_CEILING {
+            let reason = format!("must be between 1 and {MAX_BODY_BYTES_CEILING}");
+            return Err(BadKey::new("limits", 0, "max_body_bytes", &reason));
+        }
+        if l.request_timeout_ms == 0 {
+            return Err(BadKey::new(
+                "limits",
+                0,
+                "request_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if l.max_inflight_requests == 0 {
+            return Err(BadKey::new(
+                "limits",
+                0,
+                "max_inflight_requests",
+                "must be greater than 0",
+            ));
+        }
+        let r = &self.raft;
+        if r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            let reason = "must exceed twice raft.heartbeat_ms so a healthy leader is not deposed";
+            return Err(BadKey::new("raft", 0, "election_timeout_min_ms", reason));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            let reason = "must exceed raft.election_timeout_min_ms";
+            return Err(BadKey::new("raft", 0, "election_timeout_max_ms", reason));
+        }
+        Ok(())
+    }
+
+    /// Every voter as openraft membership wants it.
+    pub fn voters(&self) -> std::collections::BTreeMap<NodeId, PeerNode> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let node = PeerNode {
+                    raft_addr: p.raft_addr.to_string(),
+                    client_addr: p.client_addr.to_string(),
+                };
+                (p.id, node)
+            })
+            .collect()
+    }
+
+    /// Where this service's state lives: `data_dir/<service>/`.
+    pub fn service_dir(&self) -> PathBuf {
+        self.node.data_dir.join(&self.app.name)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    pub fn no_leader_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.no_leader_timeout_ms)
+    }
+
+    pub fn app_timeout(&self) -> Duration {
+        Duration::from_millis(self.app.timeout_ms)
+    }
+}
+
+/// A validation failure before the line is known.
+struct BadKey {
+    table: String,
+    occurrence: usize,
+    key: String,
+    reason: String,
+}
+
+impl BadKey {
+    fn new(table: &str, occurrence: usize, key: &str, reason: &str) -> Self {
+        Self {
+            table: table.to_string(),
+            occurrence,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn qualified_key(&self) -> String {
+        format!("{}.{}", self.table, self.key)
+    }
+}
+
+/// Finds the 1-based line of `key` inside the `occurrence`-th `[table]` or `[[table]]`
+/// header; falls back to the header line, then to line 1.
+fn locate(text: &str, table: &str, occurrence: usize, key: &str) -> usize {
+    let mut seen = 0usize;
+    let mut inside = false;
+    let mut header_line = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+            inside = name == table && {
+                seen += 1;
+                seen == occurrence + 1
+            };
+            if inside {
+                header_line = Some(n + 1);
+            }
+            continue;
+        }
+        let is_key = line
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if inside && is_key {
+            return n + 1;
+        }
+    }
+    header_line.unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+id = 1
+zone = "a"
+client_addr = "127.0.0.1:8001"
+raft_addr = "127.0.0.1:9001"
+admin_addr = "127.0.0.1:7001"
+data_dir = "/tmp/haven/1"
+
+[app]
+url = "http://127.0.0.1:6001"
+
+[[peers]]
+id = 1
+raft_addr = "127.0.0.1:9001"
+client_addr = "127.0.0.1:8001"
+
+[[peers]]
+id = 2
+raft_addr = "127.0.0.1:9002"
+client_addr = "127.0.0.1:8002"
+
+[[routes]]
+methods = ["GET"]
+path_prefix = "/"
+mode = "linearizable"
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("n1.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn accepts_the_documented_shape() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.node.id, 1);
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(config.routes[0].mode, RouteMode::Linearizable);
+        assert_eq!(config.limits.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(config.service_dir(), PathBuf::from("/tmp/haven/1/app"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("zone = \"a\"", "zone = \"a\"\ncolour = \"red\"");
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_type_is_named_with_its_line() {
+        let text = GOOD.replace("id = 2", "id = \"two\"");
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("line 19"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_rejected() {
+        let text = GOOD.replace("127.0.0.1:7001", "not-an-address");
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let text = GOOD.replace("id = 2", "id = 1");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `peers.id` (line 19): duplicate peer id"
+        );
+        let text = GOOD.replace("path_prefix = \"/\"", "path_prefix = \"x\"");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `routes.path_prefix` (line 25): must start with /"
+        );
+        let text = GOOD.replace("[app]\n", "[app]\nname = \"a b\"\n");
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `app.name` (line 11): must be non-empty [A-Za-z0-9_-]"
+        );
+    }
+
+    #[test]
+    fn missing_self_in_peers_is_rejected() {
+        let text = GOOD.replace("[node]\nid = 1", "[node]\nid = 7");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid config n1.toml: key `node.id` (line 3): this node's id must be listed in [[peers]]"
+        );
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let text = format!("{GOOD}\n[limits]\nmax_body_bytes = 0\n");
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.contains("key `limits.max_body_bytes` (line 29)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! The sending side of node-to-node RPC: one multiplexed TCP connection per peer and lane,
+//! reconnected on demand. Appends are pipelined: a stream's requests go out as openraft
+//! produces them, and the replies, which the peer returns in order, are matched by id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::alias::SnapshotOf;
+use openraft::alias::VoteOf;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Unreachable;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkFactory;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use tokio::io::AsyncWriteExt;
+use tokio::io::BufWriter;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+
+use super::wire;
+use super::wire::RpcReply;
+use super::wire::RpcRequest;
+use crate::apply::SnapshotData;
+use crate::types::NodeId;
+use crate::types::PeerNode;
+use crate::types::TypeConfig;
+
+/// Appends in flight on one stream before the sender waits for replies.
+const PIPELINE_DEPTH: usize = 64;
+/// Frames queued for one connection's writer.
+const WRITE_QUEUE_FRAMES: usize = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Floor for waiting on an append reply: openraft asks for one heartbeat interval, but a
+/// follower's fsync on a busy two-core machine can take longer, and a spurious timeout
+/// restarts the replication stream.
+const APPEND_REPLY_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+/// How often the pending map is swept of replies nobody waits for any more.
+const PENDING_SWEEP_EVERY: u64 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("connection to {addr} lost")]
+    ConnectionLost { addr: String },
+    #[error("peer {addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("peer {addr} sent an unexpected reply")]
+    UnexpectedReply { addr: String },
+}
+
+/// Separate connections keep heartbeats and client forwards from queueing behind large
+/// append batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Replication,
+    Heartbeat,
+    Client,
+}
+
+/// One live TCP connection and the replies it still owes.
+struct Connection {
+    addr: String,
+    frames: mpsc::Sender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<RpcReply>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Connection {
+    async fn open(addr: &str) -> Result<Arc<Self>, RpcError> {
+        let unreachable = |reason: String| RpcError::Unreachable {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable(format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut reader, writer) = stream.into_split();
+        let (frames, rx) = mpsc::channel(WRITE_QUEUE_FRAMES);
+        let conn = Arc::new(Self {
+            addr: addr.to_string(),
+            frames,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(write_loop(BufWriter::new(writer), rx, conn.clone()));
+        let reader_conn = conn.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                match wire::read_frame::<_, RpcReply>(&mut reader, &mut buf).await {
+                    Ok((id, reply)) => reader_conn.deliver(id, reply),
+                    Err(e) => {
+                        tracing::debug!(addr = %reader_conn.addr, error = %e, "raft connection closed");
+                        break;
+                    }
+                }
+            }
+            reader_conn.close();
+        });
+        Ok(conn)
+    }
+
+    fn deliver(&self, id: u64, reply: RpcReply) {
+        if let Some(tx) = self.lock_pending().remove(&id) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        // Dropping the senders wakes every waiter with an error.
+        self.lock_pending().clear();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<RpcReply>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a request; the receiver yields its reply.
+    async fn send(&self, request: &RpcRequest) -> Result<oneshot::Receiver<RpcReply>, RpcError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.lock_pending();
+            if id.is_multiple_of(PENDING_SWEEP_EVERY) {
+                pending.retain(|_, waiter| !waiter.is_closed());
+            }
+            pending.insert(id, tx);
+        }
+        self.send_frame(id, request).await?;
+        Ok(rx)
+    }
+
+    /// Sends a request that has no reply.
+    async fn send_oneway(&self, request: &RpcRequest) -> Result<(), RpcError> {
+        self.send_frame(0, request).await
+    }
+
+    async fn send_frame(&self, id: u64, request: &RpcRequest) -> Result<(), RpcError> {
+        let lost = || RpcError::ConnectionLost {
+            addr: self.addr.clone(),
+        };
+        if self.is_closed() {
+            return Err(lost());
+        }
+        let frame = wire::encode(id, request).map_err(|e| RpcError::Unreachable {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        })?;
+        self.frames.send(frame).await.map_err(|_| lost())
+    }
+}
+
+/// Writes queued frames, flushing only when the queue is momentarily empty so bursts
+/// leave in few syscalls.
+async fn write_loop(
+    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    conn: Arc<Connection>,
+) {
+    let result: std::io::Result<()> = async {
+        writer.write_all(wire::HELLO).await?;
+        writer.flush().await?;
+        while let Some(frame) = rx.recv().await {
+            writer.write_all(&frame).await?;
+            while let Ok(frame) = rx.try_recv() {
+                writer.write_all(&frame).await?;
+            }
+            writer.flush().await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(addr = %conn.addr, error = %e, "raft connection write failed");
+    }
+    conn.close();
+}
+
+/// A peer address and its current connection, replaced when it breaks.
+pub struct PeerLink {
+    addr: String,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    next_stream: AtomicU64,
+}
+
+impl PeerLink {
+    fn new(addr: String) -> Self {
+        Self {
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, RpcError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(conn.clone());
+        }
+        let conn = Connection::open(&self.addr).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One request, one reply, bounded by `timeout`.
+    pub async fn call(
+        &self,
+        request: &RpcRequest,
+        timeout: Duration,
+    ) -> Result<RpcReply, RpcError> {
+        let exchange = async {
+            let conn = self.connection().await?;
+            let rx = conn.send(request).await?;
+            rx.await.map_err(|_| RpcError::ConnectionLost {
+                addr: self.addr.clone(),
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| RpcError::Timeout {
+                addr: self.addr.clone(),
+                timeout,
+            })?
+    }
+}
+
+/// Links by peer address and lane.
+type LinkMap = HashMap<(String, Lane), Arc<PeerLink>>;
+
+/// Every link this node holds, shared by openraft's clients and the ingress.
+#[derive(Clone, Default)]
+pub struct Transport {
+    links: Arc<Mutex<LinkMap>>,
+}
+
+impl Transport {
+    pub fn link(&self, addr: &str, lane: Lane) -> Arc<PeerLink> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .entry((addr.to_string(), lane))
+            .or_insert_with(|| Arc::new(PeerLink::new(addr.to_string())))
+            .clone()
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Transport {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerClient {
+        PeerClient {
+            target,
+            link: self.link(&node.raft_addr, Lane::Replication),
+        }
+    }
+
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &PeerNode) -> PeerClient {
+        PeerClient {
+            target,
+            link: self.link(&node.raft_addr, Lane::Heartbeat),
+        }
+    }
+}
+
+/// openraft's view of one peer.
+pub struct PeerClient {
+    target: NodeId,
+    link: Arc<PeerLink>,
+}
+
+fn to_rpc_error(e: RpcError) -> RPCError<TypeConfig> {
+    match e {
+        RpcError::Unreachable { .. } => RPCError::Unreachable(Unreachable::from_string(e)),
+        _ => RPCError::Network(NetworkError::from_string(e)),
+    }
+}
+
+impl PeerClient {
+    async fn vote_rpc(
+        &self,
+        request: RpcRequest,
+        option: &RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .link
+            .call(&request, option.hard_ttl())
+            .await
+            .map_err(to_rpc_error)?
+        {
+            RpcReply::Vote(Ok(resp)) => Ok(resp),
+            RpcReply::Vote(Err(remote)) => {
+                Err(RPCError::Network(NetworkError::from_string(remote)))
+            }
+            _ => Err(to_rpc_error(RpcError::UnexpectedReply {
+                addr: self.link.addr.clone(),
+            })),
+        }
+    }
+}
+
+/// Turns one append reply into openraft's stream item.
+fn append_result(
+    reply: Result<Result<RpcReply, oneshot::error::RecvError>, tokio::time::error::Elapsed>,
+    addr: &str,
+    timeout: Duration,
+) -> Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>> {
+    let addr = addr.to_string();
+    match reply {
+        Err(_) => Err(to_rpc_error(RpcError::Timeout { addr, timeout })),
+        Ok(Err(_)) => Err(to_rpc_error(RpcError::ConnectionLost { addr })),
+        Ok(Ok(RpcReply::Append(Ok(result)))) => Ok(result),
+        Ok(Ok(RpcReply::Append(Err(remote)))) => {
+            Err(RPCError::Network(NetworkError::from_string(remote)))
+        }
+        Ok(Ok(_)) => Err(to_rpc_error(RpcError::UnexpectedReply { addr })),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let addr = self.link.addr.clone();
+        let input = futures::stream::iter([rpc]);
+        let mut output = self.stream_append(input, option).await?;
+        let first = output.next().await;
+        match first {
+            Some(Ok(Ok(acked))) if acked != last => {
+                Ok(AppendEntriesResponse::PartialSuccess(acked))
+            }
+            Some(Ok(result)) => Ok(result.into()),
+            Some(Err(e)) => Err(e),
+            None => Err(to_rpc_error(RpcError::ConnectionLost { addr })),
+        }
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        async move {
+            let conn = self.link.connection().await.map_err(to_rpc_error)?;
+            let stream = self.link.next_stream.fetch_add(1, Ordering::Relaxed);
+            let (replies_tx, replies_rx) = mpsc::channel(PIPELINE_DEPTH);
+            tokio::spawn(pump_appends(conn, stream, input, replies_tx));
+            let timeout = option.hard_ttl().max(APPEND_REPLY_TIMEOUT_MIN);
+            let addr = self.link.addr.clone();
+            let output = futures::stream::unfold(Some(replies_rx), move |state| {
+                let addr = addr.clone();
+                async move {
+                    let mut replies = state?;
+                    let reply = replies.recv().await?;
+                    let item =
+                        append_result(tokio::time::timeout(timeout, reply).await, &addr, timeout);
+                    let keep_going = matches!(item, Ok(Ok(_)));
+                    Some((item, keep_going.then_some(replies)))
+                }
+            });
+            let output: BoxStream<'s, _> = Box::pin(output);
+            Ok(output)
+        }
+        .boxed()
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_rpc(RpcRequest::Vote(rpc), &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_rpc(RpcRequest::PreVote(rpc), &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: VoteOf<TypeConfig>,
+        _snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tracing::error!(
+            target = self.target,
+            "snapshot transfer requested, but checkpoints are not implemented yet"
+        );
+        Err(StreamingError::Unreachable(Unreachable::from_string(
+            "snapshot transfer is not implemented yet (the log is never compacted)",
+        )))
+    }
+}
+
+/// Sends a stream's appends as they come and queues their reply receivers, in order, for
+/// the output stream. Stops when the input ends, the connection breaks, or the output side
+/// is dropped.
+async fn pump_appends<S>(
+    conn: Arc<Connection>,
+    stream: u64,
+    mut input: S,
+    replies: mpsc::Sender<oneshot::Receiver<RpcReply>>,
+) where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    loop {
+        let next = tokio::select! {
+            next = input.next() => next,
+            _ = replies.closed() => None,
+        };
+        let Some(req) = next else { break };
+        let Ok(rx) = conn.send(&RpcRequest::Append { stream, req }).await else {
+            break;
+        };
+        if replies.send(rx).await.is_err() {
+            break;
+        }
+    }
+    let _ = conn.send_oneway(&RpcRequest::EndStream { stream }).await;
+}

@@ -1,0 +1,25 @@
+//! Consensus: openraft wiring, the node-to-node transport and the leader-side proposal
+//! path. Only this module knows the raft wire format.
+
+pub mod client;
+pub mod propose;
+pub mod server;
+pub mod wire;
+
+use crate::config::RaftTiming;
+
+/// openraft settings from Haven's config. Snapshots are never triggered yet: without
+/// app-state checkpoints the log is kept whole.
+pub fn raft_config(timing: &RaftTiming) -> Result<openraft::Config, openraft::ConfigError> {
+    let config = openraft::Config {
+        cluster_name: "haven".to_string(),
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_timeout_min_ms,
+        election_timeout_max: timing.election_timeout_max_ms,
+        max_payload_entries: timing.max_payload_entries,
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    config.validate()
+}

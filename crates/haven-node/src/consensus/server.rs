@@ -1,0 +1,197 @@
+//! The receiving side of node-to-node RPC: accepts peers on the raft port, checks the
+//! hello, and serves each connection. Appends of one stream go, in arrival order, into one
+//! openraft `stream_append`, which overlaps their log writes (group commit on followers);
+//! every other request runs as its own task.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use futures::StreamExt;
+use openraft::raft::AppendEntriesRequest;
+use tokio::io::AsyncWriteExt;
+use tokio::io::BufWriter;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+
+use super::propose;
+use super::wire;
+use super::wire::RpcReply;
+use super::wire::RpcRequest;
+use crate::types::Raft;
+use crate::types::TypeConfig;
+
+/// Appends of one stream queued before the connection reader stalls.
+const STREAM_QUEUE: usize = 256;
+const REPLY_QUEUE_FRAMES: usize = 1024;
+
+/// Accepts peer connections until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, raft: Raft, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(stream, raft).await {
+                        tracing::warn!(%peer, error = %e, "raft connection dropped");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "raft accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A stream's queue, or a marker that the stream ended with an error and takes no more.
+enum StreamLane {
+    Open(mpsc::Sender<(u64, AppendEntriesRequest<TypeConfig>)>),
+    Closed,
+}
+
+async fn serve_connection(stream: TcpStream, raft: Raft) -> Result<(), wire::WireError> {
+    stream.set_nodelay(true)?;
+    let (mut reader, writer) = stream.into_split();
+    wire::read_hello(&mut reader).await?;
+    let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
+    tokio::spawn(write_replies(BufWriter::new(writer), replies_rx));
+    let mut streams: HashMap<u64, StreamLane> = HashMap::new();
+    let mut buf = Vec::new();
+    loop {
+        let (id, request) = match wire::read_frame::<_, RpcRequest>(&mut reader, &mut buf).await {
+            Ok(frame) => frame,
+            Err(wire::WireError::Closed) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match request {
+            RpcRequest::Append { stream, req } => {
+                let lane = streams.entry(stream).or_insert_with(|| {
+                    StreamLane::Open(start_stream(raft.clone(), replies.clone()))
+                });
+                route_append(lane, id, req, &replies).await;
+            }
+            RpcRequest::EndStream { stream } => {
+                streams.remove(&stream);
+            }
+            other => {
+                let raft = raft.clone();
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let reply = answer(&raft, other).await;
+                    send_reply(&replies, id, &reply).await;
+                });
+            }
+        }
+    }
+}
+
+async fn route_append(
+    lane: &mut StreamLane,
+    id: u64,
+    req: AppendEntriesRequest<TypeConfig>,
+    replies: &mpsc::Sender<Vec<u8>>,
+) {
+    if let StreamLane::Open(tx) = lane
+        && tx.send((id, req)).await.is_ok()
+    {
+        return;
+    }
+    *lane = StreamLane::Closed;
+    let reply = RpcReply::Append(Err("append stream already ended".to_string()));
+    send_reply(replies, id, &reply).await;
+}
+
+/// Starts one openraft `stream_append` fed by a queue; replies carry the ids of the
+/// requests in the order openraft answers them, which is the order they were sent.
+fn start_stream(
+    raft: Raft,
+    replies: mpsc::Sender<Vec<u8>>,
+) -> mpsc::Sender<(u64, AppendEntriesRequest<TypeConfig>)> {
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let ids = Arc::new(Mutex::new(VecDeque::new()));
+    let ids_in = ids.clone();
+    let input = futures::stream::unfold(rx, move |mut rx| {
+        let ids = ids_in.clone();
+        async move {
+            let (id, req) = rx.recv().await?;
+            ids.lock().unwrap_or_else(|p| p.into_inner()).push_back(id);
+            Some((req, rx))
+        }
+    });
+    tokio::spawn(async move {
+        let output = raft.stream_append(input);
+        futures::pin_mut!(output);
+        while let Some(item) = output.next().await {
+            let Some(id) = ids.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
+                break;
+            };
+            let reply = RpcReply::Append(item.map_err(|fatal| fatal.to_string()));
+            send_reply(&replies, id, &reply).await;
+        }
+        // Appends still queued behind a failed one get an explicit refusal so the sender
+        // does not wait for them.
+        let leftover: Vec<u64> = ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for id in leftover {
+            let reply = RpcReply::Append(Err("append stream ended".to_string()));
+            send_reply(&replies, id, &reply).await;
+        }
+    });
+    tx
+}
+
+async fn answer(raft: &Raft, request: RpcRequest) -> RpcReply {
+    match request {
+        RpcRequest::Vote(req) => RpcReply::Vote(raft.vote(req).await.map_err(|e| e.to_string())),
+        RpcRequest::PreVote(req) => {
+            RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| e.to_string()))
+        }
+        RpcRequest::Forward(req) => RpcReply::Forward(propose::propose(raft, req).await),
+        RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft).await),
+        RpcRequest::Append { .. } | RpcRequest::EndStream { .. } => {
+            RpcReply::Append(Err("appends are handled by their stream".to_string()))
+        }
+    }
+}
+
+async fn send_reply(replies: &mpsc::Sender<Vec<u8>>, id: u64, reply: &RpcReply) {
+    match wire::encode(id, reply) {
+        Ok(frame) => {
+            // A closed queue means the connection is gone; the peer will retry.
+            let _ = replies.send(frame).await;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode raft reply"),
+    }
+}
+
+async fn write_replies(
+    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let result: std::io::Result<()> = async {
+        while let Some(frame) = rx.recv().await {
+            writer.write_all(&frame).await?;
+            while let Ok(frame) = rx.try_recv() {
+                writer.write_all(&frame).await?;
+            }
+            writer.flush().await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "raft reply write failed");
+    }
+}

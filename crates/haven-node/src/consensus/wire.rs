@@ -1,0 +1,182 @@
+//! The node-to-node wire format: after an 8-byte hello (`HVNRAFT1`, the version marker),
+//! each direction carries frames `len: u32 LE | id: u64 LE | postcard message`, where
+//! `len` counts id and message. Requests and replies share the id, so one connection
+//! multiplexes many RPCs and pipelines appends.
+
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncRead;
+use tokio::io::AsyncReadExt;
+
+use crate::types::NodeId;
+use crate::types::OrderedRequest;
+use crate::types::TypeConfig;
+
+pub const HELLO: &[u8; 8] = b"HVNRAFT1";
+/// Largest frame accepted (128 MiB): a batch of maximum-size entries fits, garbage with a
+/// huge length prefix does not make a node allocate it.
+pub const MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
+const FRAME_HEADER_BYTES: usize = 4;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// One append of a pipelined stream; the receiver feeds all appends of a stream, in
+    /// arrival order, into one openraft `stream_append`.
+    Append {
+        stream: u64,
+        req: AppendEntriesRequest<TypeConfig>,
+    },
+    /// The sender will send no more appends on this stream.
+    EndStream {
+        stream: u64,
+    },
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    /// A client write received by a follower, for the leader to propose.
+    Forward(OrderedRequest),
+    /// A follower asks the leader for a read index (linearizable reads).
+    ReadIndex,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcReply {
+    Append(Result<StreamAppendResult<TypeConfig>, String>),
+    Vote(Result<VoteResponse<TypeConfig>, String>),
+    Forward(ForwardOutcome),
+    ReadIndex(ReadIndexOutcome),
+}
+
+/// What the leader says about a forwarded write.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ForwardOutcome {
+    /// Committed on a quorum at this index; the origin answers once it applies it.
+    Committed { index: u64 },
+    /// Not proposed at all (the receiver is not the leader): safe to retry elsewhere.
+    NotLeader { leader: Option<NodeId> },
+    /// Proposed, then leadership changed: the entry may or may not commit.
+    Unknown { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ReadIndexOutcome {
+    Ready { index: u64 },
+    NotLeader { leader: Option<NodeId> },
+    Failed { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad hello {0:02x?}: not a Haven raft peer, or another wire version")]
+    BadHello([u8; 8]),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+}
+
+/// Encodes one frame, ready to write.
+pub fn encode<T: Serialize>(id: u64, message: &T) -> Result<Vec<u8>, WireError> {
+    let mut frame = vec![0u8; FRAME_HEADER_BYTES];
+    frame.extend_from_slice(&id.to_le_bytes());
+    let mut frame =
+        postcard::to_extend(message, frame).map_err(|e| WireError::Decode(e.to_string()))?;
+    let len = frame.len() - FRAME_HEADER_BYTES;
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(len));
+    }
+    frame[..FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(frame)
+}
+
+/// Reads one frame; `Closed` on a clean end of stream between frames.
+pub async fn read_frame<R, T>(reader: &mut R, buf: &mut Vec<u8>) -> Result<(u64, T), WireError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(len));
+    }
+    if len < 8 {
+        return Err(WireError::Decode(format!("frame of {len} bytes has no id")));
+    }
+    buf.resize(len, 0);
+    reader.read_exact(buf).await?;
+    let mut id_bytes = [0u8; 8];
+    id_bytes.copy_from_slice(&buf[..8]);
+    let message = postcard::from_bytes(&buf[8..]).map_err(|e| WireError::Decode(e.to_string()))?;
+    Ok((u64::from_le_bytes(id_bytes), message))
+}
+
+pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), WireError> {
+    let mut hello = [0u8; 8];
+    reader.read_exact(&mut hello).await?;
+    if &hello != HELLO {
+        return Err(WireError::BadHello(hello));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let frame = encode(
+            7,
+            &RpcReply::Forward(ForwardOutcome::Committed { index: 42 }),
+        )
+        .unwrap();
+        let mut reader = &frame[..];
+        let mut buf = Vec::new();
+        let (id, reply): (u64, RpcReply) = read_frame(&mut reader, &mut buf).await.unwrap();
+        assert_eq!(id, 7);
+        assert!(matches!(
+            reply,
+            RpcReply::Forward(ForwardOutcome::Committed { index: 42 })
+        ));
+        let end: Result<(u64, RpcReply), _> = read_frame(&mut reader, &mut buf).await;
+        assert!(matches!(end, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_garbage_frames_are_refused() {
+        let huge = (u32::MAX).to_le_bytes();
+        let mut buf = Vec::new();
+        let err = read_frame::<_, RpcReply>(&mut &huge[..], &mut buf)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "frame of {} bytes exceeds the {MAX_FRAME_BYTES}-byte limit",
+                u32::MAX
+            )
+        );
+        let mut garbage = 12u32.to_le_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 12]);
+        let err = read_frame::<_, RpcReply>(&mut &garbage[..], &mut buf)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("undecodable frame"), "{err}");
+        let err = read_hello(&mut &b"GET / HT"[..]).await.unwrap_err();
+        assert!(err.to_string().starts_with("bad hello"), "{err}");
+    }
+}

@@ -1,0 +1,506 @@
+//! Client-facing HTTP on every node. Classifies each request by route, then either orders
+//! it through the log (writes and `ordered` reads) or serves it from the local replica
+//! (`linearizable` after a read index, `local` at once). Only this module speaks client HTTP.
+//!
+//! Every wait is bounded: a request waits at most `no_leader_timeout` for a leader and
+//! `request_timeout` in all; Haven's own errors are plain-text reasons with a
+//! `Haven-Error` code, and 503s carry `Retry-After`.
+
+// Early exits carry the finished HTTP response to the client; boxing it would only add an
+// allocation to every error path.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::Request;
+use http::Response;
+use http::StatusCode;
+use http::request::Parts;
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
+use openraft::rt::WatchReceiver;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::app::AppClient;
+use crate::app::AppResponse;
+use crate::app::end_to_end_headers;
+use crate::app::header_map;
+use crate::apply::ApplyShared;
+use crate::apply::Delivered;
+use crate::config::Limits;
+use crate::config::RouteMode;
+use crate::consensus::client::Lane;
+use crate::consensus::client::RpcError;
+use crate::consensus::client::Transport;
+use crate::consensus::propose;
+use crate::consensus::wire::ForwardOutcome;
+use crate::consensus::wire::ReadIndexOutcome;
+use crate::consensus::wire::RpcReply;
+use crate::consensus::wire::RpcRequest;
+use crate::metrics::Metrics;
+use crate::routes::RouteTable;
+use crate::types::NodeId;
+use crate::types::OrderedRequest;
+use crate::types::PeerNode;
+use crate::types::Raft;
+use crate::types::RequestTag;
+
+/// Largest request head (request line + headers) accepted; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// A client must send its whole request head within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before asking again for a leader that was just reported gone.
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// Seconds suggested in `Retry-After`.
+const RETRY_AFTER_S: &str = "1";
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// Everything a request handler needs; one per node (per service, later).
+pub struct Ingress {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub shared: Arc<ApplyShared>,
+    pub app: AppClient,
+    pub transport: Transport,
+    pub routes: RouteTable,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    inflight: Arc<Semaphore>,
+    next_seq: AtomicU64,
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+impl Ingress {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        shared: Arc<ApplyShared>,
+        app: AppClient,
+        transport: Transport,
+        routes: RouteTable,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
+        let boot_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+        Self {
+            id,
+            raft,
+            shared,
+            app,
+            transport,
+            routes,
+            inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
+            limits,
+            metrics,
+            next_seq: AtomicU64::new(boot_ns),
+        }
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
+            return self.error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in progress on this node",
+            );
+        };
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.limits.max_body_bytes as u64) {
+            return self.too_large();
+        }
+        let body = match Limited::new(body, self.limits.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return self.too_large();
+            }
+            Err(e) => {
+                return self.error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-body",
+                    &format!("cannot read request body: {e}"),
+                );
+            }
+        };
+        let path = parts.uri.path().to_string();
+        let mode = self.routes.classify(&parts.method, &path);
+        self.metrics
+            .requests
+            .with_label_values(&[mode_label(mode)])
+            .inc();
+        match mode {
+            RouteMode::Write | RouteMode::Ordered => self.order(parts, body).await,
+            RouteMode::Linearizable => self.linearizable_read(parts, body).await,
+            RouteMode::Local => self.local_read(&parts, body).await,
+        }
+    }
+
+    fn too_large(&self) -> HttpResponse {
+        let reason = format!(
+            "request body exceeds the {}-byte limit",
+            self.limits.max_body_bytes
+        );
+        self.error(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", &reason)
+    }
+
+    /// Orders the request through the log and answers with the local replica's response.
+    async fn order(&self, parts: Parts, body: Bytes) -> HttpResponse {
+        let deadline = Instant::now() + self.request_timeout();
+        let ordered = match self.ordered_request(&parts, body) {
+            Ok(ordered) => ordered,
+            Err(response) => return response,
+        };
+        let tag = ordered.tag;
+        let waiter = self.shared.register(tag);
+        let result = self.order_and_wait(ordered, waiter, deadline).await;
+        self.shared.forget(&tag);
+        result
+    }
+
+    async fn order_and_wait(
+        &self,
+        ordered: OrderedRequest,
+        waiter: tokio::sync::oneshot::Receiver<Delivered>,
+        deadline: Instant,
+    ) -> HttpResponse {
+        let index = match self.submit(ordered, deadline).await {
+            Ok(index) => index,
+            Err(response) => return response,
+        };
+        match tokio::time::timeout_at(deadline, waiter).await {
+            Ok(Ok(delivered)) => delivered_response(delivered),
+            _ => {
+                let reason = format!(
+                    "entry {index} is committed but this node's replica has not applied it within {} ms",
+                    self.limits.request_timeout_ms
+                );
+                self.error(StatusCode::GATEWAY_TIMEOUT, "apply-timeout", &reason)
+            }
+        }
+    }
+
+    fn ordered_request(&self, parts: &Parts, body: Bytes) -> Result<OrderedRequest, HttpResponse> {
+        let idempotency_key = match parts.headers.get(IDEMPOTENCY_HEADER) {
+            None => None,
+            Some(v) if v.len() > MAX_IDEMPOTENCY_KEY_BYTES || v.is_empty() => {
+                let reason =
+                    format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes");
+                return Err(self.error(StatusCode::BAD_REQUEST, "bad-idempotency-key", &reason));
+            }
+            Some(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        };
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        Ok(OrderedRequest {
+            tag: RequestTag {
+                origin: self.id,
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            },
+            method: parts.method.as_str().to_string(),
+            uri,
+            headers: end_to_end_headers(&parts.headers),
+            body,
+            idempotency_key,
+            time_unix_us: 0,
+            seed: 0,
+        })
+    }
+
+    /// Gets the entry committed, through whichever node leads. Retries only when the entry
+    /// was certainly not proposed; an uncertain outcome goes back to the client.
+    async fn submit(
+        &self,
+        ordered: OrderedRequest,
+        deadline: Instant,
+    ) -> Result<u64, HttpResponse> {
+        let leader_deadline = self.leader_deadline(deadline);
+        loop {
+            let (leader_id, leader) = self.wait_for_leader(leader_deadline).await?;
+            let outcome = if leader_id == self.id {
+                let proposal = propose::propose(&self.raft, ordered.clone());
+                tokio::time::timeout_at(deadline, proposal)
+                    .await
+                    .unwrap_or_else(|_| ForwardOutcome::Unknown {
+                        reason: "not committed in time (is a quorum of nodes up?)".to_string(),
+                    })
+            } else {
+                self.metrics.forwarded.inc();
+                self.forward(&leader, &ordered, deadline).await?
+            };
+            match outcome {
+                ForwardOutcome::Committed { index } => return Ok(index),
+                ForwardOutcome::NotLeader { .. } => tokio::time::sleep(LEADER_RETRY_PAUSE).await,
+                ForwardOutcome::Unknown { reason } => {
+                    let reason =
+                        format!("outcome unknown ({reason}); retry with the same Idempotency-Key");
+                    return Err(self.unavailable("outcome-unknown", &reason));
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: &PeerNode,
+        ordered: &OrderedRequest,
+        deadline: Instant,
+    ) -> Result<ForwardOutcome, HttpResponse> {
+        let link = self.transport.link(&leader.raft_addr, Lane::Client);
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match link
+            .call(&RpcRequest::Forward(ordered.clone()), timeout)
+            .await
+        {
+            Ok(RpcReply::Forward(outcome)) => Ok(outcome),
+            // Never sent: the leader is certainly unaware of this request.
+            Err(RpcError::Unreachable { .. }) => Ok(ForwardOutcome::NotLeader { leader: None }),
+            Err(e) => Ok(ForwardOutcome::Unknown {
+                reason: e.to_string(),
+            }),
+            Ok(_) => Ok(ForwardOutcome::Unknown {
+                reason: "leader sent an unexpected reply".to_string(),
+            }),
+        }
+    }
+
+    /// How long one request may go on looking for a reachable leader. A follower can keep
+    /// naming a dead leader until a new one is elected, so the budget spans every retry.
+    fn leader_deadline(&self, deadline: Instant) -> Instant {
+        deadline.min(Instant::now() + Duration::from_millis(self.limits.no_leader_timeout_ms))
+    }
+
+    /// The current leader, waiting until `leader_deadline` for one.
+    async fn wait_for_leader(
+        &self,
+        leader_deadline: Instant,
+    ) -> Result<(NodeId, PeerNode), HttpResponse> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if Instant::now() >= leader_deadline {
+                return Err(self.no_leader());
+            }
+            let found = {
+                let m = metrics.borrow_watched();
+                m.current_leader.and_then(|id| {
+                    m.membership_config
+                        .get_node(&id)
+                        .map(|node| (id, node.clone()))
+                })
+            };
+            if let Some(found) = found {
+                return Ok(found);
+            }
+            if tokio::time::timeout_at(leader_deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.no_leader());
+            }
+        }
+    }
+
+    fn no_leader(&self) -> HttpResponse {
+        let reason = format!(
+            "no reachable leader within {} ms",
+            self.limits.no_leader_timeout_ms
+        );
+        self.unavailable("no-leader", &reason)
+    }
+
+    async fn linearizable_read(&self, parts: Parts, body: Bytes) -> HttpResponse {
+        let deadline = Instant::now() + self.request_timeout();
+        let index = match self.read_index(deadline).await {
+            Ok(index) => index,
+            Err(response) => return response,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if !self.shared.wait_applied(index, remaining).await {
+            let reason = format!("this node's replica has not reached read index {index} in time");
+            return self.error(StatusCode::GATEWAY_TIMEOUT, "apply-timeout", &reason);
+        }
+        self.local_read(&parts, body).await
+    }
+
+    async fn read_index(&self, deadline: Instant) -> Result<u64, HttpResponse> {
+        let leader_deadline = self.leader_deadline(deadline);
+        loop {
+            let (leader_id, leader) = self.wait_for_leader(leader_deadline).await?;
+            let outcome = if leader_id == self.id {
+                propose::read_index(&self.raft).await
+            } else {
+                let link = self.transport.link(&leader.raft_addr, Lane::Client);
+                let timeout = deadline.saturating_duration_since(Instant::now());
+                match link.call(&RpcRequest::ReadIndex, timeout).await {
+                    Ok(RpcReply::ReadIndex(outcome)) => outcome,
+                    Ok(_) => ReadIndexOutcome::Failed {
+                        reason: "leader sent an unexpected reply".to_string(),
+                    },
+                    Err(RpcError::Unreachable { .. }) => {
+                        ReadIndexOutcome::NotLeader { leader: None }
+                    }
+                    Err(e) => ReadIndexOutcome::Failed {
+                        reason: e.to_string(),
+                    },
+                }
+            };
+            match outcome {
+                ReadIndexOutcome::Ready { index } => return Ok(index),
+                ReadIndexOutcome::NotLeader { .. } => tokio::time::sleep(LEADER_RETRY_PAUSE).await,
+                ReadIndexOutcome::Failed { reason } => {
+                    return Err(self.unavailable(
+                        "read-index-failed",
+                        &format!("cannot confirm leadership: {reason}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn local_read(&self, parts: &Parts, body: Bytes) -> HttpResponse {
+        let uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let headers = end_to_end_headers(&parts.headers);
+        match self
+            .app
+            .read(parts.method.as_str(), uri, &headers, body)
+            .await
+        {
+            Ok(response) => app_response(response),
+            Err(e) => self.error(StatusCode::BAD_GATEWAY, "app-unavailable", &e.to_string()),
+        }
+    }
+
+    fn unavailable(&self, code: &str, reason: &str) -> HttpResponse {
+        let mut response = self.error(StatusCode::SERVICE_UNAVAILABLE, code, reason);
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_S),
+        );
+        response
+    }
+
+    fn error(&self, status: StatusCode, code: &str, reason: &str) -> HttpResponse {
+        self.metrics.request_errors.with_label_values(&[code]).inc();
+        let mut response = Response::new(Full::new(Bytes::from(format!("haven: {reason}\n"))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Ok(code) = HeaderValue::from_str(code) {
+            headers.insert("haven-error", code);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_S),
+            );
+        }
+        response
+    }
+}
+
+fn mode_label(mode: RouteMode) -> &'static str {
+    match mode {
+        RouteMode::Write => "write",
+        RouteMode::Linearizable => "linearizable",
+        RouteMode::Ordered => "ordered",
+        RouteMode::Local => "local",
+    }
+}
+
+fn app_response(app: AppResponse) -> HttpResponse {
+    let mut response = Response::new(Full::new(app.body));
+    *response.status_mut() = StatusCode::from_u16(app.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = header_map(&app.headers);
+    response
+}
+
+/// The replica's response plus where it sits in the log.
+fn delivered_response(delivered: Delivered) -> HttpResponse {
+    let index = delivered.index;
+    let replayed = delivered.replayed;
+    let mut response = app_response(delivered.response);
+    let headers = response.headers_mut();
+    headers.insert("haven-index", HeaderValue::from(index));
+    if replayed {
+        headers.insert("haven-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Serves client HTTP on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    ingress: Arc<Ingress>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "client accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(stream, peer, ingress.clone()));
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, ingress: Arc<Ingress>) {
+    let service = service_fn(move |req| {
+        let ingress = ingress.clone();
+        async move { Ok::<_, std::convert::Infallible>(ingress.handle(req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}

@@ -1,0 +1,89 @@
+//! Every metric a node exports, in one place, registered in the node's own registry (no
+//! process-wide default registry: one process will host several services).
+
+use prometheus::Encoder;
+use prometheus::IntCounter;
+use prometheus::IntCounterVec;
+use prometheus::IntGauge;
+use prometheus::Opts;
+use prometheus::Registry;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by how they were served (write, linearizable, ordered, local).
+    pub requests: IntCounterVec,
+    /// Client requests answered with an error Haven produced itself, by reason.
+    pub request_errors: IntCounterVec,
+    /// Writes this node sent to the leader for ordering.
+    pub forwarded: IntCounter,
+    /// Failed deliveries of an entry to the local replica (each is retried; none is skipped).
+    pub app_delivery_failures: IntCounter,
+    /// 1 while the last delivery to the local replica succeeded.
+    pub app_up: IntGauge,
+    /// Last entry applied to the local replica.
+    pub applied_index: IntGauge,
+    /// Retries answered from the idempotency table instead of the app.
+    pub idempotent_replays: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("haven_requests_total", "Client requests by route mode"),
+            &["mode"],
+        )?;
+        let request_errors = IntCounterVec::new(
+            Opts::new(
+                "haven_request_errors_total",
+                "Client requests Haven answered with an error, by reason",
+            ),
+            &["reason"],
+        )?;
+        let forwarded = IntCounter::new("haven_forwarded_total", "Writes forwarded to the leader")?;
+        let app_delivery_failures = IntCounter::new(
+            "haven_app_delivery_failures_total",
+            "Failed deliveries of an entry to the local app replica (retried, never skipped)",
+        )?;
+        let app_up = IntGauge::new(
+            "haven_app_up",
+            "1 if the last delivery to the local app replica succeeded",
+        )?;
+        let applied_index = IntGauge::new(
+            "haven_applied_index",
+            "Last log index applied to the local replica",
+        )?;
+        let idempotent_replays = IntCounter::new(
+            "haven_idempotent_replays_total",
+            "Requests answered from the idempotency table instead of the app",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_errors.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(app_delivery_failures.clone()))?;
+        registry.register(Box::new(app_up.clone()))?;
+        registry.register(Box::new(applied_index.clone()))?;
+        registry.register(Box::new(idempotent_replays.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            request_errors,
+            forwarded,
+            app_delivery_failures,
+            app_up,
+            applied_index,
+            idempotent_replays,
+        })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

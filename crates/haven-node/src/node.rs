@@ -1,0 +1,149 @@
+//! Assembles one node in start order (listeners, log, state machine, Raft, servers) and
+//! tears it down in reverse. Binding every port first makes a misconfigured node fail
+//! before it touches its data.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use haven_log::LogOptions;
+use haven_log::LogStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::app::AppClient;
+use crate::apply::IdempotencyLimits;
+use crate::apply::StateMachine;
+use crate::config::Config;
+use crate::consensus;
+use crate::consensus::client::Transport;
+use crate::ingress;
+use crate::ingress::Ingress;
+use crate::metrics::Metrics;
+use crate::routes::RouteTable;
+use crate::types::Raft;
+use crate::types::TypeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {what} address {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] haven_log::LogError),
+    #[error(transparent)]
+    ApplyState(#[from] crate::apply::ApplyStateError),
+    #[error("invalid raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("raft failed: {0}")]
+    Raft(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let raft_listener = bind("raft", config.node.raft_addr).await?;
+    let client_listener = bind("client", config.node.client_addr).await?;
+    let admin_listener = bind("admin", config.node.admin_addr).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let service_dir = config.service_dir();
+    let log_store: LogStore<TypeConfig> =
+        LogStore::open(&service_dir.join("log"), LogOptions::default())?;
+    tracing::info!(dir = %service_dir.display(), "log opened");
+    let metrics = Metrics::new()?;
+    let app = AppClient::new(&config.app.url, config.app_timeout());
+    let limits = IdempotencyLimits {
+        max_keys: config.limits.idempotency_keys_max,
+        retention_us: (config.limits.idempotency_retention_s as i64).saturating_mul(1_000_000),
+    };
+    let state_machine = StateMachine::open(
+        &service_dir.join("apply"),
+        app.clone(),
+        limits,
+        metrics.clone(),
+        stop_rx.clone(),
+    )?;
+    let shared = state_machine.shared();
+
+    let transport = Transport::default();
+    let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
+    let raft: Raft = openraft::Raft::new(
+        config.node.id,
+        raft_config,
+        transport.clone(),
+        log_store,
+        state_machine.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    tokio::spawn(consensus::server::serve(
+        raft_listener,
+        raft.clone(),
+        stop_rx.clone(),
+    ));
+    tracing::info!(addr = %config.node.raft_addr, "raft port open");
+    initialize_once(&raft, &config).await?;
+
+    let ingress = Arc::new(Ingress::new(
+        config.node.id,
+        raft.clone(),
+        shared,
+        app,
+        transport,
+        RouteTable::new(config.routes.clone()),
+        config.limits.clone(),
+        metrics,
+    ));
+    tokio::spawn(ingress::serve(
+        client_listener,
+        ingress.clone(),
+        stop_rx.clone(),
+    ));
+    tracing::info!(addr = %config.node.client_addr, "client port open");
+    let router = admin::router(ingress, config.node.zone.clone());
+    tokio::spawn(admin::serve(admin_listener, router, stop_rx.clone()));
+    tracing::info!(addr = %config.node.admin_addr, id = config.node.id, "node ready");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    if let Err(e) = state_machine.persist().await {
+        tracing::warn!(error = %e, "cannot persist apply state at shutdown");
+    }
+    Ok(())
+}
+
+/// Every node proposes the same initial membership from its config; openraft accepts it
+/// only on a node with an empty log, and identical proposals yield identical first
+/// entries, so starting nodes in any order forms one cluster.
+async fn initialize_once(raft: &Raft, config: &Config) -> Result<(), NodeError> {
+    if raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?
+    {
+        return Ok(());
+    }
+    match raft.initialize(config.voters()).await {
+        Ok(()) => tracing::info!(
+            voters = config.peers.len(),
+            "cluster membership initialized"
+        ),
+        Err(e) => tracing::info!(reason = %e, "membership already set; joining"),
+    }
+    Ok(())
+}

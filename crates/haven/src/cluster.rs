@@ -1,0 +1,317 @@
+//! A cluster of real `haven node` and `haven logapp` processes on loopback, in one
+//! directory: what the demo runs and what end-to-end tests break. Every process is killed
+//! when the cluster is dropped, also on panic.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::net::TcpListener;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::bail;
+use haven_node::admin::Status;
+
+use crate::http_client::Http;
+
+/// Lines the log app starts with, as in the reference workload.
+pub const PREPOPULATED_LINES: u64 = 1000;
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    /// The `haven` executable to launch (the current one for the demo).
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    /// TOML appended to every node's config (e.g. a `[limits]` table).
+    pub extra_config: String,
+    pub prepopulate: u64,
+}
+
+/// One node's addresses, files and processes.
+#[derive(Debug)]
+pub struct Slot {
+    pub id: u64,
+    pub client_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub app_addr: SocketAddr,
+    pub config_path: PathBuf,
+    pub app_file: PathBuf,
+    node: Option<Child>,
+    app: Option<Child>,
+}
+
+impl Slot {
+    pub fn client_url(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    pub fn app_url(&self) -> String {
+        format!("http://{}", self.app_addr)
+    }
+
+    pub fn node_running(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+pub struct LocalCluster {
+    pub spec: ClusterSpec,
+    pub slots: Vec<Slot>,
+    http: Http,
+}
+
+/// Reserves a free loopback port by binding port 0 and letting go of it.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
+    Ok(listener.local_addr()?)
+}
+
+impl LocalCluster {
+    /// Writes configs and starts every app replica and node.
+    pub fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
+        let mut slots = Vec::with_capacity(spec.nodes);
+        for i in 0..spec.nodes {
+            let id = i as u64 + 1;
+            let node_dir = spec.dir.join(format!("node{id}"));
+            std::fs::create_dir_all(node_dir.join("app"))
+                .with_context(|| format!("creating {}", node_dir.display()))?;
+            slots.push(Slot {
+                id,
+                client_addr: free_addr()?,
+                raft_addr: free_addr()?,
+                admin_addr: free_addr()?,
+                app_addr: free_addr()?,
+                config_path: node_dir.join("haven.toml"),
+                app_file: node_dir.join("app").join("log.txt"),
+                node: None,
+                app: None,
+            });
+        }
+        let mut cluster = Self {
+            spec,
+            slots,
+            http: Http::new(Duration::from_secs(2)),
+        };
+        for i in 0..cluster.slots.len() {
+            let config = cluster.node_config(i);
+            std::fs::write(&cluster.slots[i].config_path, config)
+                .with_context(|| format!("writing {}", cluster.slots[i].config_path.display()))?;
+        }
+        for i in 0..cluster.slots.len() {
+            cluster.start_app(i)?;
+            cluster.start_node(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn node_config(&self, i: usize) -> String {
+        let slot = &self.slots[i];
+        let data_dir = self.spec.dir.join(format!("node{}", slot.id)).join("data");
+        let mut toml = format!(
+            "[node]\nid = {}\nzone = \"zone-{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n[app]\nurl = \"{}\"\n\n",
+            slot.id,
+            slot.id,
+            slot.client_addr,
+            slot.raft_addr,
+            slot.admin_addr,
+            data_dir.display(),
+            slot.app_url()
+        );
+        for peer in &self.slots {
+            let _ = write!(
+                toml,
+                "[[peers]]\nid = {}\nraft_addr = \"{}\"\nclient_addr = \"{}\"\n\n",
+                peer.id, peer.raft_addr, peer.client_addr
+            );
+        }
+        toml.push_str(&self.spec.extra_config);
+        toml
+    }
+
+    fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        let path = self.spec.dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    fn spawn(&self, args: &[String], log_name: &str) -> anyhow::Result<Child> {
+        let log = self.log_file(log_name)?;
+        Command::new(&self.spec.exe)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("HAVEN_CHILD_LOG").unwrap_or_else(|_| "info".to_string()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} {}", self.spec.exe.display(), args.join(" ")))
+    }
+
+    pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let args = vec![
+            "node".to_string(),
+            "--config".to_string(),
+            self.slots[i].config_path.display().to_string(),
+        ];
+        let child = self.spawn(&args, &format!("node{}.log", self.slots[i].id))?;
+        self.slots[i].node = Some(child);
+        Ok(())
+    }
+
+    pub fn start_app(&mut self, i: usize) -> anyhow::Result<()> {
+        let slot = &self.slots[i];
+        let args = vec![
+            "logapp".to_string(),
+            "--listen".to_string(),
+            slot.app_addr.to_string(),
+            "--file".to_string(),
+            slot.app_file.display().to_string(),
+            "--prepopulate".to_string(),
+            self.spec.prepopulate.to_string(),
+        ];
+        let child = self.spawn(&args, &format!("app{}.log", slot.id))?;
+        self.slots[i].app = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill_node(&mut self, i: usize) {
+        kill(&mut self.slots[i].node);
+    }
+
+    pub fn kill_app(&mut self, i: usize) {
+        kill(&mut self.slots[i].app);
+    }
+
+    pub async fn status(&self, i: usize) -> anyhow::Result<Status> {
+        let reply = self
+            .http
+            .get(&format!("{}/status", self.slots[i].admin_url()))
+            .await?;
+        serde_json::from_slice(&reply.body)
+            .with_context(|| format!("parsing status of node {}", self.slots[i].id))
+    }
+
+    /// Waits until a running node reports a leader that another running node agrees on.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.agreed_leader().await {
+                return Ok(i);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no leader within {timeout:?}; logs in {}",
+                    self.spec.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node answers and knows the leader.
+    pub async fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for i in (0..self.slots.len()).filter(|i| self.slots[*i].node_running()) {
+            loop {
+                if self.status(i).await.is_ok_and(|s| s.leader_id.is_some()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "node {} not ready within {timeout:?}; logs in {}",
+                        self.slots[i].id,
+                        self.spec.dir.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn agreed_leader(&self) -> Option<usize> {
+        for (i, slot) in self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.node_running())
+        {
+            let Ok(status) = self.status(i).await else {
+                continue;
+            };
+            if status.role == "leader" && status.leader_id == Some(slot.id) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Waits until every running node has applied everything the leader committed.
+    pub async fn wait_converged(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut applied = Vec::new();
+            let mut committed = 0;
+            for i in (0..self.slots.len()).filter(|i| self.slots[*i].node_running()) {
+                if let Ok(status) = self.status(i).await {
+                    committed = committed.max(status.commit_index.unwrap_or(0));
+                    applied.push(status.applied_index.unwrap_or(0));
+                }
+            }
+            let running = self.slots.iter().filter(|s| s.node_running()).count();
+            if applied.len() == running && applied.iter().all(|a| *a == committed) && committed > 0
+            {
+                return Ok(committed);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "replicas did not converge within {timeout:?}: committed {committed}, applied {applied:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn replica_bytes(&self, i: usize) -> anyhow::Result<Vec<u8>> {
+        let path = &self.slots[i].app_file;
+        std::fs::read(path).with_context(|| format!("reading replica {}", path.display()))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.spec.dir
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for slot in &mut self.slots {
+            kill(&mut slot.node);
+            kill(&mut slot.app);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! `haven`: command-line entry point. Parses flags, sets up logging, dispatches.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use clap::Subcommand;
+use haven::cli;
+use haven_node::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "haven",
+    version,
+    about = "Fault-tolerant, disaster-proof replication for stateful HTTP services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node of a cluster.
+    Node {
+        /// The node's TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the reference log application (POST /append, GET /line/{n}, GET /count).
+    Logapp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The log file; a sidecar `<file>.haven-index` is kept beside it.
+        #[arg(long)]
+        file: PathBuf,
+        /// Lines of 128 bytes to write when the file is empty.
+        #[arg(long, default_value_t = 0)]
+        prepopulate: u64,
+    },
+    /// Start a local 3-node cluster with the log app, kill its leader mid-load, verify.
+    Demo {
+        /// Print one JSON object instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Keep the temporary directory (configs, data, logs).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Show a node's status.
+    Status {
+        /// The node's admin address, e.g. 127.0.0.1:7001.
+        #[arg(long)]
+        admin: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// tokio survives task panics; a node must not keep running half-broken.
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Node { config } => {
+            init_tracing("info");
+            abort_on_panic();
+            let config = Config::load(&config)?;
+            haven_node::node::run(config, shutdown_signal()).await?;
+        }
+        Command::Logapp {
+            listen,
+            file,
+            prepopulate,
+        } => {
+            init_tracing("info");
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let config = haven_logapp::LogAppConfig { file, prepopulate };
+            haven_logapp::serve(listener, config, shutdown_signal()).await?;
+        }
+        Command::Demo { json, keep } => {
+            init_tracing("warn");
+            let exe = std::env::current_exe().context("locating the haven executable")?;
+            let report = cli::demo::run(exe, cli::demo::DemoOptions { json, keep }).await?;
+            if json {
+                print(&format!("{}\n", serde_json::to_string(&report)?))?;
+            } else {
+                print(&cli::demo::render(&report))?;
+            }
+            if !report.passed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Status { admin, json } => {
+            init_tracing("warn");
+            let status = cli::status::fetch(&admin).await?;
+            if json {
+                print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+            } else {
+                print(&cli::status::render(&status))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("haven: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("haven: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

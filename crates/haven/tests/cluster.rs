@@ -1,0 +1,393 @@
+//! End-to-end tests: real `haven node` and `haven logapp` processes on loopback, really
+//! killed. Each test owns its cluster directory and ports.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use haven::cluster::ClusterSpec;
+use haven::cluster::LocalCluster;
+use haven::http_client::Http;
+use haven::http_client::Reply;
+
+const PREPOPULATE: u64 = 10;
+
+struct TestCluster {
+    cluster: LocalCluster,
+    http: Http,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = LocalCluster;
+    fn deref(&self) -> &LocalCluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut LocalCluster {
+        &mut self.cluster
+    }
+}
+
+async fn start(extra_config: &str) -> TestCluster {
+    let dir = tempfile::Builder::new()
+        .prefix("haven-test-")
+        .tempdir()
+        .unwrap();
+    let spec = ClusterSpec {
+        nodes: 3,
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
+        dir: dir.path().to_path_buf(),
+        extra_config: extra_config.to_string(),
+        prepopulate: PREPOPULATE,
+    };
+    let cluster = LocalCluster::start(spec).unwrap();
+    cluster
+        .wait_all_ready(Duration::from_secs(20))
+        .await
+        .unwrap();
+    TestCluster {
+        cluster,
+        http: Http::new(Duration::from_secs(15)),
+        _dir: dir,
+    }
+}
+
+impl TestCluster {
+    async fn append(&self, node: usize, body: &str) -> Reply {
+        self.http
+            .post(
+                &format!("{}/append", self.slots[node].client_url()),
+                body.to_string(),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn append_keyed(&self, node: usize, body: &str, key: &str) -> Reply {
+        let url = format!("{}/append", self.slots[node].client_url());
+        let headers = [("idempotency-key", key)];
+        self.http
+            .send("POST", &url, &headers, Bytes::from(body.to_string()))
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, node: usize, path: &str) -> Reply {
+        self.http
+            .get(&format!("{}{path}", self.slots[node].client_url()))
+            .await
+            .unwrap()
+    }
+
+    /// Converges, then asserts every replica holds exactly the same bytes.
+    async fn assert_replicas_identical(&self) -> Vec<u8> {
+        self.wait_converged(Duration::from_secs(30)).await.unwrap();
+        let first = self.replica_bytes(0).unwrap();
+        for i in 1..self.slots.len() {
+            assert!(
+                self.replica_bytes(i).unwrap() == first,
+                "replica {} differs from replica 1",
+                i + 1
+            );
+        }
+        first
+    }
+
+    fn follower_of(&self, leader: usize) -> usize {
+        (leader + 1) % self.slots.len()
+    }
+}
+
+fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_any_node_reach_every_replica_in_order() {
+    let c = start("").await;
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        for node in 0..3 {
+            let body = format!("round {round} via node {}", node + 1);
+            let reply = c.append(node, &body).await;
+            assert_eq!(reply.status, 201, "{}", reply.text());
+            let line: u64 = reply.text().parse().unwrap();
+            assert_eq!(line, PREPOPULATE + expected.len() as u64);
+            assert_eq!(reply.header("location"), Some(format!("/line/{line}")));
+            assert!(reply.header("haven-index").is_some());
+            expected.push(body);
+        }
+    }
+    let bytes = c.assert_replicas_identical().await;
+    let lines = lines(&bytes);
+    assert_eq!(lines[PREPOPULATE as usize..], expected[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_read_mode_serves_the_replica() {
+    let routes = "[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/count\"\nmode = \"local\"\n\n\
+                  [[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/line/2\"\nmode = \"ordered\"\n";
+    let c = start(routes).await;
+    let reply = c.append(0, "fresh").await;
+    let line = reply.text();
+    // Linearizable (default for GET): every node sees the write at once.
+    for node in 0..3 {
+        let read = c.get(node, &format!("/line/{line}")).await;
+        assert_eq!(
+            (read.status, read.text()),
+            (200, "fresh".to_string()),
+            "node {}",
+            node + 1
+        );
+        assert!(
+            read.header("haven-index").is_none(),
+            "linearizable reads are not logged"
+        );
+    }
+    // Ordered: through the log, so the response carries its log index.
+    let ordered = c.get(1, "/line/2").await;
+    assert_eq!(ordered.status, 200);
+    assert!(
+        ordered.text().starts_with("line-000002"),
+        "{}",
+        ordered.text()
+    );
+    assert!(ordered.header("haven-index").is_some());
+    // Local: straight from the replica.
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    let count = c.get(2, "/count").await;
+    assert_eq!(
+        (count.status, count.text()),
+        (200, (PREPOPULATE + 1).to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_status_codes_headers_and_bodies_reach_the_client() {
+    let c = start("").await;
+    let missing = c.get(1, "/line/999999").await;
+    assert_eq!(
+        (missing.status, missing.text()),
+        (404, "no line 999999".to_string())
+    );
+    let bad = c.append(2, "two\nlines").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.text(), "a line must not contain \\n or \\r");
+    let created = c.append(0, "ok").await;
+    assert_eq!(created.status, 201);
+    assert_eq!(
+        created.header("content-type").as_deref(),
+        Some("text/plain")
+    );
+    assert_eq!(
+        created.header("location"),
+        Some(format!("/line/{PREPOPULATE}"))
+    );
+    let bytes = c.assert_replicas_identical().await;
+    assert_eq!(
+        lines(&bytes).len() as u64,
+        PREPOPULATE + 1,
+        "the rejected append changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_with_idempotency_key_is_applied_once() {
+    let c = start("").await;
+    let first = c.append_keyed(0, "pay 10", "order-42").await;
+    assert_eq!(first.status, 201);
+    assert!(first.header("haven-replayed").is_none());
+    let retry = c.append_keyed(2, "pay 10", "order-42").await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(
+        retry.text(),
+        first.text(),
+        "the retry returns the first answer"
+    );
+    assert_eq!(retry.header("haven-replayed").as_deref(), Some("true"));
+    let other = c.append_keyed(1, "pay 10", "order-43").await;
+    assert_eq!(other.status, 201);
+    let bytes = c.assert_replicas_identical().await;
+    let paid = lines(&bytes).iter().filter(|l| *l == "pay 10").count();
+    assert_eq!(paid, 2, "order-42 once, order-43 once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_gets_413_and_changes_nothing() {
+    let c = start("[limits]\nmax_body_bytes = 1024\n").await;
+    let reply = c.append(1, &"x".repeat(2048)).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(
+        reply.text(),
+        "haven: request body exceeds the 1024-byte limit\n"
+    );
+    assert_eq!(c.append(1, &"y".repeat(1024)).await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_get_503_with_retry_after() {
+    let mut c = start("[limits]\nno_leader_timeout_ms = 1000\nrequest_timeout_ms = 3000\n").await;
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let survivor = c.follower_of(leader);
+    for i in 0..3 {
+        if i != survivor {
+            c.kill_node(i);
+        }
+    }
+    let started = Instant::now();
+    let reply = c.append(survivor, "lost cause").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("retry-after").as_deref(), Some("1"));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered within its timeouts"
+    );
+    // The survivor is alive and still reports status.
+    c.status(survivor).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_loses_no_acknowledged_write_and_restarted_node_catches_up() {
+    let mut c = start("").await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let reply = c.append(i % 3, &format!("before {i}")).await;
+        assert_eq!(reply.status, 201);
+        acked.push(format!("before {i}"));
+    }
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    c.kill_node(leader);
+    let alive: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for i in 0..20 {
+        let body = format!("after {i}");
+        let reply = c
+            .append_keyed(alive[i % 2], &body, &format!("after-{i}"))
+            .await;
+        if reply.status == 201 {
+            acked.push(body);
+        }
+    }
+    assert!(
+        acked.len() > 30,
+        "the surviving majority kept accepting writes"
+    );
+    c.start_node(leader).unwrap();
+    let bytes = c.assert_replicas_identical().await;
+    let lines: Vec<String> = lines(&bytes);
+    for body in &acked {
+        assert_eq!(
+            lines.iter().filter(|l| *l == body).count(),
+            1,
+            "{body} present exactly once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_app_stalls_only_its_node_and_it_catches_up_without_diverging() {
+    let mut c = start("[limits]\nrequest_timeout_ms = 2000\n").await;
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let victim = c.follower_of(leader);
+    c.kill_app(victim);
+    for i in 0..10 {
+        assert_eq!(
+            c.append(leader, &format!("while down {i}")).await.status,
+            201
+        );
+    }
+    let stalled = c.append(victim, "via the stalled node").await;
+    assert_eq!(stalled.status, 504, "{}", stalled.text());
+    let status = c.status(victim).await.unwrap();
+    assert!(!status.app_up);
+    let metrics = c
+        .http
+        .get(&format!("{}/metrics", c.slots[victim].admin_url()))
+        .await
+        .unwrap()
+        .text();
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("haven_app_delivery_failures_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap();
+    assert!(failures > 0, "{metrics}");
+    c.start_app(victim).unwrap();
+    let bytes = c.assert_replicas_identical().await;
+    let lines = lines(&bytes);
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("while down")).count(),
+        10
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| *l == "via the stalled node")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_log_stops_the_node_with_file_and_offset() {
+    let mut c = start("").await;
+    for i in 0..5 {
+        assert_eq!(c.append(0, &format!("entry {i}")).await.status, 201);
+    }
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    c.kill_node(2);
+    let segments = c.dir().join("node3/data/app/log/segments");
+    let segment = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // Inside the first record's payload: past the file header and the record header.
+    bytes[8 + 9 + 2] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    c.start_node(2).unwrap();
+    let log = c.dir().join("node3.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("corrupt log record") {
+            assert!(text.contains(&segment.display().to_string()), "{text}");
+            assert!(text.contains("at offset 8"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node did not report the corruption: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.status(2).await.is_err(),
+        "a node with a corrupt log must not serve"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_passes() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["demo", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["replicas_identical"], true);
+    assert!(report["appends_acknowledged"].as_u64().unwrap() > 0);
+}
