@@ -391,3 +391,50 @@ async fn demo_passes() {
     assert_eq!(report["replicas_identical"], true);
     assert!(report["appends_acknowledged"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_command_prints_the_node_table() {
+    let c = start("").await;
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["status", "--admin", &c.slots[leader].admin_addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    let row = |key: &str| {
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {key} row in:\n{table}"))
+    };
+    assert_eq!(row("id "), c.slots[leader].id.to_string());
+    assert_eq!(row("role "), "leader");
+    assert_eq!(row("leader_id "), c.slots[leader].id.to_string());
+    assert_eq!(row("voters "), "1,2,3");
+    assert!(row("commit_index ").parse::<u64>().is_ok());
+    let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["status", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!unreachable.status.success());
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr)
+            .starts_with("haven: GET http://127.0.0.1:1/status")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_bad_config_names_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[node]\nid = 1\nbogus = true\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["node", "--config", &path.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 3"), "{stderr}");
+    assert!(stderr.contains("unknown field `bogus`"), "{stderr}");
+}
