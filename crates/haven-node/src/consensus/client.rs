@@ -182,24 +182,15 @@ impl Connection {
     }
 }
 
-/// Writes queued frames, flushing only when the queue is momentarily empty so bursts
-/// leave in few syscalls.
+/// Sends the hello, then every queued frame, until the queue or the socket closes.
 async fn write_loop(
     mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     conn: Arc<Connection>,
 ) {
-    let result: std::io::Result<()> = async {
+    let result = async {
         writer.write_all(wire::HELLO).await?;
-        writer.flush().await?;
-        while let Some(frame) = rx.recv().await {
-            writer.write_all(&frame).await?;
-            while let Ok(frame) = rx.try_recv() {
-                writer.write_all(&frame).await?;
-            }
-            writer.flush().await?;
-        }
-        Ok(())
+        wire::write_frames(&mut writer, rx).await
     }
     .await;
     if let Err(e) = result {

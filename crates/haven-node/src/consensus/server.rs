@@ -10,7 +10,6 @@ use std::sync::Mutex;
 
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
-use tokio::io::AsyncWriteExt;
 use tokio::io::BufWriter;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
@@ -178,20 +177,9 @@ async fn send_reply(replies: &mpsc::Sender<Vec<u8>>, id: u64, reply: &RpcReply) 
 
 async fn write_replies(
     mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
 ) {
-    let result: std::io::Result<()> = async {
-        while let Some(frame) = rx.recv().await {
-            writer.write_all(&frame).await?;
-            while let Ok(frame) = rx.try_recv() {
-                writer.write_all(&frame).await?;
-            }
-            writer.flush().await?;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
+    if let Err(e) = wire::write_frames(&mut writer, rx).await {
         tracing::debug!(error = %e, "raft reply write failed");
     }
 }

@@ -12,6 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWrite;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
 use crate::types::NodeId;
 use crate::types::OrderedRequest;
@@ -122,6 +125,22 @@ where
     id_bytes.copy_from_slice(&buf[..8]);
     let message = postcard::from_bytes(&buf[8..]).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok((u64::from_le_bytes(id_bytes), message))
+}
+
+/// Writes queued frames until the queue closes, flushing only when it is momentarily
+/// empty so a burst leaves in few syscalls.
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    while let Some(frame) = rx.recv().await {
+        writer.write_all(&frame).await?;
+        while let Ok(frame) = rx.try_recv() {
+            writer.write_all(&frame).await?;
+        }
+        writer.flush().await?;
+    }
+    Ok(())
 }
 
 pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), WireError> {
