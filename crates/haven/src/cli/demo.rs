@@ -36,7 +36,8 @@ pub struct DemoOptions {
 /// Everything the demo measured and checked.
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
-    pub dir: String,
+    /// The cluster directory, when kept (`--keep`, or a failed run).
+    pub dir: Option<String>,
     pub appends_acknowledged: u64,
     pub appends_abandoned: u64,
     pub reads_ok: u64,
@@ -75,17 +76,19 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         prepopulate: PREPOPULATED_LINES,
     };
     let mut cluster = LocalCluster::start(spec)?;
-    let report = drive(&mut cluster).await;
+    let mut report = drive(&mut cluster).await;
     drop(cluster);
     if options.keep || report.as_ref().map_or(true, |r| !r.passed) {
         let kept = tmp.keep();
+        if let Ok(report) = report.as_mut() {
+            report.dir = Some(kept.display().to_string());
+        }
         tracing::info!(dir = %kept.display(), "demo directory kept");
     }
     report
 }
 
 async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
-    let dir = cluster.dir().display().to_string();
     cluster.wait_all_ready(Duration::from_secs(20)).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
     tracing::info!(leader = cluster.slots[leader].id, "cluster up");
@@ -117,7 +120,6 @@ async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
     verify(
         cluster,
         &tally,
-        dir,
         cluster.slots[victim].id,
         failover_ms,
         final_commit_index,
@@ -221,7 +223,6 @@ async fn append_with_retries(
 fn verify(
     cluster: &LocalCluster,
     tally: &Tally,
-    dir: String,
     killed_node: u64,
     failover_ms: u64,
     final_commit_index: u64,
@@ -250,7 +251,7 @@ fn verify(
         && acknowledged_line_numbers_match
         && !acked.is_empty();
     Ok(DemoReport {
-        dir,
+        dir: None,
         appends_acknowledged: acked.len() as u64,
         appends_abandoned: tally.abandoned.load(Ordering::Relaxed),
         reads_ok: tally.reads_ok.load(Ordering::Relaxed),
@@ -275,7 +276,7 @@ pub fn render(report: &DemoReport) -> String {
          killed node              {}\n  write gap after kill     {} ms\n  final commit index       {}\n  \
          lines per replica        {}\n\n  replicas byte-identical              {}\n  \
          every acknowledged append once       {}\n  acknowledged line numbers match     {}\n\n  \
-         verdict: {}\n  files: {}\n",
+         verdict: {}\n{}",
         report.appends_acknowledged,
         report.appends_abandoned,
         report.reads_ok,
@@ -288,6 +289,9 @@ pub fn render(report: &DemoReport) -> String {
         check(report.acknowledged_present_once),
         check(report.acknowledged_line_numbers_match),
         if report.passed { "PASS" } else { "FAIL" },
-        report.dir,
+        report
+            .dir
+            .as_ref()
+            .map_or(String::new(), |d| format!("  files kept in {d}\n")),
     )
 }
