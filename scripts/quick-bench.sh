@@ -16,7 +16,7 @@ cat > "$dir/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = "$body"
 LUA
-run_wrk() { wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$dir/post.lua" "$1/append" | grep -E "Requests/sec|  50%|  90%|  99%"; }
+run_wrk() { wrk -t"$(( conns < 2 ? 1 : 2 ))" -c"$conns" -d"${secs}s" --latency -s "$dir/post.lua" "$1/append" | grep -E "Requests/sec|  50%|  90%|  99%"; }
 
 "$haven" logapp --listen 127.0.0.1:16000 --file "$dir/alone.txt" --prepopulate 1000 2>/dev/null & pids+=($!)
 sleep 0.5

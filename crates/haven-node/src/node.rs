@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::admin;
 use crate::app::AppClient;
+use crate::app::pipeline::OrderedConnection;
 use crate::apply::IdempotencyLimits;
 use crate::apply::StateMachine;
 use crate::config::Config;
@@ -69,7 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let state_machine = StateMachine::open(
         &service_dir.join("apply"),
-        app.clone(),
+        OrderedConnection::new(&config.app.url, config.app_timeout()),
         limits,
         metrics.clone(),
         stop_rx.clone(),

@@ -41,6 +41,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         prepopulate: u64,
     },
+    /// Run the example ZooKeeper-model tree app (create, delete, get, set with CAS, children, sync).
+    Treeapp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory for its journal and snapshot.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Start a local 3-node cluster with the log app, kill its leader mid-load, verify.
     Demo {
         /// Print one JSON object instead of the summary.
@@ -60,9 +68,17 @@ enum Command {
     },
 }
 
+/// openraft warns each time a write's completion nobody waits for is dropped; Haven answers
+/// writes at commit and from its own waiters, so that warning would fire on every request.
+const QUIET_OPENRAFT: &str = "openraft::raft::responder::impls::progress_responder=error";
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = match QUIET_OPENRAFT.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -126,6 +142,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let config = haven_logapp::LogAppConfig { file, prepopulate };
             haven_logapp::serve(listener, config, shutdown_signal()).await?;
+        }
+        Command::Treeapp { listen, dir } => {
+            init_tracing("info");
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let config = haven_treeapp::TreeAppConfig { dir };
+            haven_treeapp::serve(listener, config, shutdown_signal()).await?;
         }
         Command::Demo { json, keep } => {
             init_tracing("warn");

@@ -16,7 +16,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::io::Cursor;
 use std::path::Path;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -34,10 +33,13 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
-use crate::app::AppClient;
 use crate::app::AppResponse;
 use crate::app::Stamp;
+use crate::app::pipeline::Delivery;
+use crate::app::pipeline::OrderedConnection;
 use crate::metrics::Metrics;
+
+mod slots;
 use crate::types::Applied;
 use crate::types::LogId;
 use crate::types::OrderedRequest;
@@ -45,13 +47,17 @@ use crate::types::RequestTag;
 use crate::types::SnapshotMeta;
 use crate::types::StoredMembership;
 use crate::types::TypeConfig;
+pub use slots::ApplyStateError;
+use slots::StateSlots;
 
 /// Upper bound on how stale `state.bin` may be; it only widens the redelivered suffix.
 pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// First and largest pause between deliveries to an app that does not answer.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
-const STATE_MAGIC: &[u8; 8] = b"HVNAPPL1";
+/// Most entries delivered to the app in one pipelined window. Bounds the memory a window
+/// holds and how long the first waiter of a window waits for the last answer.
+const APPLY_WINDOW: usize = 256;
 
 /// What the local replica answered for one entry.
 #[derive(Debug, Clone)]
@@ -171,8 +177,8 @@ struct ApplyState {
 
 struct Inner {
     state: ApplyState,
-    state_path: PathBuf,
-    app: AppClient,
+    slots: StateSlots,
+    app: OrderedConnection,
     limits: IdempotencyLimits,
     last_persist: Instant,
 }
@@ -185,19 +191,11 @@ pub struct StateMachine {
     shutdown: watch::Receiver<bool>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyStateError {
-    #[error("cannot read apply state {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("corrupt apply state {path}: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-}
-
 impl StateMachine {
-    /// Opens `dir/state.bin` (or starts empty) for this node's replica.
+    /// Opens the saved state in `dir` (or starts empty) for this node's replica.
     pub fn open(
         dir: &Path,
-        app: AppClient,
+        app: OrderedConnection,
         limits: IdempotencyLimits,
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
@@ -207,8 +205,11 @@ impl StateMachine {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io_err)?;
-        let state_path = dir.join("state.bin");
-        let state = load_state(&state_path)?;
+        let (slots, saved) = StateSlots::open(dir)?;
+        let state = match saved {
+            Some(payload) => decode_state(&payload)?,
+            None => ApplyState::default(),
+        };
         let applied_index = state.last_applied.as_ref().map_or(0, |l| l.index);
         metrics.applied_index.set(applied_index as i64);
         let (applied, _) = watch::channel(applied_index);
@@ -219,7 +220,7 @@ impl StateMachine {
         });
         let inner = Inner {
             state,
-            state_path,
+            slots,
             app,
             limits,
             last_persist: Instant::now(),
@@ -241,73 +242,100 @@ impl StateMachine {
         inner.persist()
     }
 
-    async fn apply_request(
+    /// Applies a window of committed entries: decides which need the app, delivers those
+    /// in one pipelined exchange, then records the outcomes in log order.
+    async fn apply_window(
         &self,
         inner: &mut Inner,
-        req: &OrderedRequest,
-        index: u64,
-    ) -> io::Result<Delivered> {
-        let time_us = req.time_unix_us.max(inner.state.last_time_us);
-        inner.state.last_time_us = time_us;
-        if let Some(stored) = req
-            .idempotency_key
-            .as_deref()
-            .and_then(|k| inner.state.idempotency.get(k))
-        {
-            self.shared.metrics.idempotent_replays.inc();
-            return Ok(Delivered {
-                index: stored.index,
-                response: stored.response.clone(),
-                replayed: true,
-            });
-        }
-        let stamp = Stamp {
-            index,
-            time_rfc3339: rfc3339(time_us),
-            seed: req.seed,
-        };
-        let response = self.deliver_until_answered(&inner.app, req, &stamp).await?;
-        if let Some(key) = &req.idempotency_key {
-            let outcome = StoredOutcome {
-                index,
-                time_us,
-                response: response.clone(),
+        window: Vec<EntryResponder<TypeConfig>>,
+    ) -> io::Result<()> {
+        let plan = plan_window(&inner.state, &window);
+        let deliveries: Vec<Delivery<'_>> = plan
+            .iter()
+            .zip(&window)
+            .filter_map(|(step, (entry, _))| match (step, &entry.payload) {
+                (Step::Deliver { stamp, .. }, EntryPayload::Normal(request)) => Some(Delivery {
+                    request,
+                    stamp: stamp.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let responses = self
+            .deliver_until_answered(&mut inner.app, &deliveries)
+            .await?;
+        drop(deliveries);
+        let mut responses = responses.into_iter();
+        let mut answers: Vec<Option<Delivered>> = Vec::with_capacity(window.len());
+        for (step, (entry, responder)) in plan.into_iter().zip(window) {
+            let index = entry.log_id.index;
+            let expected = inner.state.last_applied.as_ref().map_or(0, |l| l.index + 1);
+            assert_eq!(index, expected, "entries must be applied contiguously");
+            let answer = match (step, entry.payload) {
+                (Step::Deliver { stamp, time_us }, EntryPayload::Normal(req)) => {
+                    let response = responses.next().ok_or_else(|| {
+                        io::Error::other("the app answered fewer entries than were sent")
+                    })?;
+                    inner.state.last_time_us = time_us;
+                    let answer = inner.record(&req, stamp.index, time_us, response);
+                    self.shared.resolve(&req.tag, answer.clone());
+                    Some(answer)
+                }
+                (Step::Replay { answer, time_us }, EntryPayload::Normal(req)) => {
+                    inner.state.last_time_us = time_us;
+                    let answer = answer.or_else(|position| {
+                        answers[position].clone().ok_or_else(|| {
+                            io::Error::other("idempotent replay of an entry with no answer")
+                        })
+                    })?;
+                    let answer = Delivered {
+                        replayed: true,
+                        ..answer
+                    };
+                    self.shared.metrics.idempotent_replays.inc();
+                    self.shared.resolve(&req.tag, answer.clone());
+                    Some(answer)
+                }
+                (_, EntryPayload::Membership(membership)) => {
+                    inner.state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    None
+                }
+                _ => None,
             };
-            inner
-                .state
-                .idempotency
-                .insert(key.clone(), outcome, inner.limits);
+            answers.push(answer);
+            inner.state.last_applied = Some(entry.log_id);
+            self.shared.applied.send_replace(index);
+            self.shared.metrics.applied_index.set(index as i64);
+            if let Some(responder) = responder {
+                responder.send(Applied);
+            }
         }
-        Ok(Delivered {
-            index,
-            response,
-            replayed: false,
-        })
+        Ok(())
     }
 
-    /// Retries until the replica answers: skipping an entry would make this replica diverge.
-    /// Only shutdown ends the loop early, as an error that stops the Raft node.
+    /// Retries until the replica has answered every delivery: skipping an entry would make
+    /// this replica diverge. Only shutdown ends the loop early, as an error that stops the
+    /// Raft node.
     async fn deliver_until_answered(
         &self,
-        app: &AppClient,
-        req: &OrderedRequest,
-        stamp: &Stamp,
-    ) -> io::Result<AppResponse> {
+        app: &mut OrderedConnection,
+        deliveries: &[Delivery<'_>],
+    ) -> io::Result<Vec<AppResponse>> {
         let metrics = &self.shared.metrics;
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut attempt = 1u64;
-        loop {
-            match app.deliver(req, stamp).await {
-                Ok(response) => {
-                    metrics.app_up.set(1);
-                    return Ok(response);
-                }
-                Err(e) => {
-                    metrics.app_delivery_failures.inc();
-                    metrics.app_up.set(0);
-                    tracing::warn!(index = stamp.index, attempt, error = %e, "delivery to app failed; retrying, entries are never skipped");
-                }
-            }
+        let mut answered = Vec::with_capacity(deliveries.len());
+        while answered.len() < deliveries.len() {
+            let outcome = app.deliver(&deliveries[answered.len()..]).await;
+            answered.extend(outcome.responses);
+            let Some(e) = outcome.error else {
+                metrics.app_up.set(1);
+                continue;
+            };
+            metrics.app_delivery_failures.inc();
+            metrics.app_up.set(0);
+            let index = deliveries.get(answered.len()).map(|d| d.stamp.index);
+            tracing::warn!(index, attempt, error = %e, "delivery to app failed; retrying, entries are never skipped");
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -318,19 +346,100 @@ impl StateMachine {
             backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             attempt += 1;
         }
+        Ok(answered)
     }
 }
 
+/// What applying one entry of a window takes.
+enum Step {
+    /// Not a client request (blank or membership entry).
+    Internal,
+    /// Send to the app.
+    Deliver { stamp: Stamp, time_us: i64 },
+    /// A retried `Idempotency-Key`: answer with the first outcome, found in the table
+    /// (`Ok`) or at this position of the same window (`Err`).
+    Replay {
+        answer: Result<Delivered, usize>,
+        time_us: i64,
+    },
+}
+
+/// Decides, before anything is sent, what each entry of a window needs. Entry time only
+/// moves forward along the log; it is committed to the state as each entry is recorded,
+/// so a window cut short by shutdown leaves the state as it was.
+fn plan_window(state: &ApplyState, window: &[EntryResponder<TypeConfig>]) -> Vec<Step> {
+    let mut last_time_us = state.last_time_us;
+    let mut keys_in_window: HashMap<&str, usize> = HashMap::new();
+    let mut plan = Vec::with_capacity(window.len());
+    for (position, (entry, _)) in window.iter().enumerate() {
+        let EntryPayload::Normal(req) = &entry.payload else {
+            plan.push(Step::Internal);
+            continue;
+        };
+        let time_us = req.time_unix_us.max(last_time_us);
+        last_time_us = time_us;
+        let key = req.idempotency_key.as_deref();
+        let earlier = key.and_then(|k| keys_in_window.get(k).copied());
+        let stored = key.and_then(|k| state.idempotency.get(k));
+        let step = match (stored, earlier) {
+            (Some(stored), _) => Step::Replay {
+                answer: Ok(Delivered {
+                    index: stored.index,
+                    response: stored.response.clone(),
+                    replayed: true,
+                }),
+                time_us,
+            },
+            (None, Some(first)) => Step::Replay {
+                answer: Err(first),
+                time_us,
+            },
+            (None, None) => {
+                if let Some(key) = key {
+                    keys_in_window.insert(key, position);
+                }
+                let stamp = Stamp {
+                    index: entry.log_id.index,
+                    time_rfc3339: rfc3339(time_us),
+                    seed: req.seed,
+                };
+                Step::Deliver { stamp, time_us }
+            }
+        };
+        plan.push(step);
+    }
+    plan
+}
+
 impl Inner {
+    /// Records a fresh answer in the idempotency table when the request carries a key.
+    fn record(
+        &mut self,
+        req: &OrderedRequest,
+        index: u64,
+        time_us: i64,
+        response: AppResponse,
+    ) -> Delivered {
+        if let Some(key) = &req.idempotency_key {
+            let outcome = StoredOutcome {
+                index,
+                time_us,
+                response: response.clone(),
+            };
+            self.state
+                .idempotency
+                .insert(key.clone(), outcome, self.limits);
+        }
+        Delivered {
+            index,
+            response,
+            replayed: false,
+        }
+    }
+
     fn persist(&mut self) -> io::Result<()> {
         let payload = postcard::to_allocvec(&self.state).map_err(io::Error::other)?;
-        let mut bytes = Vec::with_capacity(payload.len() + 12);
-        bytes.extend_from_slice(STATE_MAGIC);
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        let tmp = self.state_path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &self.state_path)?;
+        self.slots.save(&payload)?;
         self.last_persist = Instant::now();
         Ok(())
     }
@@ -343,30 +452,10 @@ impl Inner {
     }
 }
 
-fn load_state(path: &Path) -> Result<ApplyState, ApplyStateError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ApplyState::default()),
-        Err(source) => {
-            return Err(ApplyStateError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let corrupt = |reason: &str| ApplyStateError::Corrupt {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    };
-    if bytes.len() < 12 || &bytes[..8] != STATE_MAGIC {
-        return Err(corrupt("bad header"));
-    }
-    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    let payload = &bytes[12..];
-    if crc32fast::hash(payload) != crc {
-        return Err(corrupt("checksum mismatch"));
-    }
-    postcard::from_bytes(payload).map_err(|e| corrupt(&e.to_string()))
+fn decode_state(payload: &[u8]) -> Result<ApplyState, ApplyStateError> {
+    postcard::from_bytes(payload).map_err(|e| ApplyStateError::Corrupt {
+        reasons: format!("undecodable state: {e}"),
+    })
 }
 
 /// Entry time as `Haven-Time`: RFC 3339, UTC, microseconds.
@@ -408,25 +497,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let this = self.clone();
         let mut inner = this.inner.lock().await;
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let index = entry.log_id.index;
-            let expected = inner.state.last_applied.as_ref().map_or(0, |l| l.index + 1);
-            assert_eq!(index, expected, "entries must be applied contiguously");
-            match entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Membership(membership) => {
-                    inner.state.membership = StoredMembership::new(Some(entry.log_id), membership);
-                }
-                EntryPayload::Normal(req) => {
-                    let delivered = this.apply_request(&mut inner, &req, index).await?;
-                    this.shared.resolve(&req.tag, delivered);
+        loop {
+            let mut window = Vec::with_capacity(APPLY_WINDOW);
+            while window.len() < APPLY_WINDOW {
+                match entries.try_next().await? {
+                    Some(item) => window.push(item),
+                    None => break,
                 }
             }
-            inner.state.last_applied = Some(entry.log_id);
-            this.shared.applied.send_replace(index);
-            this.shared.metrics.applied_index.set(index as i64);
-            if let Some(responder) = responder {
-                responder.send(Applied);
+            let last = window.len() < APPLY_WINDOW;
+            if !window.is_empty() {
+                this.apply_window(&mut inner, window).await?;
+            }
+            if last {
+                break;
             }
         }
         inner.persist_if_due()
@@ -497,46 +581,31 @@ mod tests {
     }
 
     #[test]
-    fn state_file_round_trips_and_detects_corruption() {
+    fn state_round_trips_through_the_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.bin");
+        let limits = IdempotencyLimits {
+            max_keys: 10,
+            retention_us: 10,
+        };
         let mut state = ApplyState {
             last_time_us: 42,
             ..ApplyState::default()
         };
-        state.idempotency.insert(
-            "k".into(),
-            outcome(7, 42),
-            IdempotencyLimits {
-                max_keys: 10,
-                retention_us: 10,
-            },
-        );
-        let app = AppClient::new("http://127.0.0.1:1", Duration::from_millis(10));
+        state.idempotency.insert("k".into(), outcome(7, 42), limits);
+        let (slots, saved) = StateSlots::open(dir.path()).unwrap();
+        assert!(saved.is_none());
         let mut inner = Inner {
             state,
-            state_path: path.clone(),
-            app,
-            limits: IdempotencyLimits {
-                max_keys: 10,
-                retention_us: 10,
-            },
+            slots,
+            app: OrderedConnection::new("http://127.0.0.1:1", Duration::from_millis(10)),
+            limits,
             last_persist: Instant::now(),
         };
         inner.persist().unwrap();
-        let loaded = load_state(&path).unwrap();
+        let saved = StateSlots::open(dir.path()).unwrap().1.unwrap();
+        let loaded = decode_state(&saved).unwrap();
         assert_eq!(loaded.last_time_us, 42);
         assert_eq!(loaded.idempotency.get("k").map(|o| o.index), Some(7));
-
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&path, &bytes).unwrap();
-        let err = load_state(&path).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            format!("corrupt apply state {}: checksum mismatch", path.display())
-        );
     }
 
     #[test]

@@ -1,7 +1,11 @@
-//! The client toward this node's replica of the user's app. It replays an ordered request
-//! exactly (method, path+query, end-to-end headers, body) plus Haven's determinism headers,
-//! and brings back the replica's whole response. Every call has a deadline: a dead app
-//! must cost a timeout, never a hung apply loop.
+//! The way to this node's replica of the user's app. Ordered entries travel on one
+//! pipelined connection ([`pipeline`]), replayed exactly (method, path+query, end-to-end
+//! headers, body) plus Haven's determinism headers; reads go through a pooled hyper
+//! client ([`AppClient`]). Either way the replica's whole response comes back, and every
+//! call has a deadline: a dead app must cost a timeout, never a hung apply loop.
+
+mod http1;
+pub mod pipeline;
 
 use std::time::Duration;
 
@@ -18,8 +22,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde::Serialize;
-
-use crate::types::OrderedRequest;
 
 /// Largest response body Haven will carry back from the app (64 MiB). Bigger responses
 /// are a 502 to the client rather than unbounded memory.
@@ -83,27 +85,6 @@ impl AppClient {
 
     pub fn url(&self) -> &str {
         &self.base_url
-    }
-
-    /// Delivers an ordered entry, stamped with its index, time and seed.
-    pub async fn deliver(
-        &self,
-        req: &OrderedRequest,
-        stamp: &Stamp,
-    ) -> Result<AppResponse, AppError> {
-        let extra = [
-            (HEADER_INDEX, stamp.index.to_string()),
-            (HEADER_TIME, stamp.time_rfc3339.clone()),
-            (HEADER_SEED, stamp.seed.to_string()),
-        ];
-        let mut builder = self.builder(&req.method, &req.uri, &req.headers);
-        for (name, value) in extra {
-            builder = builder.header(name, value);
-        }
-        let request = builder
-            .body(Full::new(req.body.clone()))
-            .map_err(|e| AppError::BadRequest(e.to_string()))?;
-        self.send(request).await
     }
 
     /// Sends a read straight to the replica (local and linearizable reads).

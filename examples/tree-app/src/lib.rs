@@ -1,0 +1,653 @@
+//! `haven-treeapp`: a ZooKeeper-style hierarchical namespace over HTTP. Replicated
+//! by Haven it becomes a small coordination service; its pure model ([`tree`])
+//! is also the register model a linearizability checker replays.
+//!
+//! Nodes are named by absolute paths (`/a/b/c`) and hold up to 1 MiB of data
+//! and a version (`0` at creation, one more on every set). The app uses no clock
+//! and no randomness and iterates in sorted order, so every replica that
+//! receives the same requests in the same order holds the same tree and gives
+//! byte-identical answers; `GET /digest` checks that cheaply.
+//!
+//! # Library API
+//!
+//! - [`serve`] opens (and, after a crash, recovers) the data directory named by
+//!   [`TreeAppConfig`], then serves HTTP on the given listener until the
+//!   `shutdown` future completes.
+//! - [`TreeApp::open`] and [`router`] do the same in two steps, for callers that
+//!   want to own the server (tests, embedding).
+//! - [`tree::Tree`] is the in-memory model alone, with
+//!   `create`/`get`/`set`/`delete`/`children` (and [`tree::Tree::apply`] for an
+//!   [`tree::Op`]), for test harnesses that need a reference model.
+//! - [`TreeAppError`] names the file concerned in every message.
+//!
+//! # HTTP interface
+//!
+//! A node's URL is `/tree` followed by its path: `/tree/` is the root, `/tree/a/b`
+//! is `/a/b` (percent-escapes are decoded first). Likewise `/children/a/b`.
+//!
+//! | Request | Success | Errors (status and exact `text/plain` body) |
+//! |---|---|---|
+//! | `PUT /tree/{path}`, body = data: create | `201`, `application/json` `{"path":"/a/b","version":0}` | `409 node exists: /a/b`; `404 no node: /a` (the parent); `400 cannot create /: the root always exists` |
+//! | `GET /tree/{path}`: get data | `200`, `application/octet-stream`, the data, header `Tree-Version: {version}` | `404 no node: /a/b` |
+//! | `POST /tree/{path}`, body = data, optional `If-Version: N`: set data (a compare-and-set with `If-Version`) | `200`, `application/json` `{"path":"/a/b","version":N}` (the new version) | `404 no node: /a/b`; `409 bad version: /a/b has version 3, expected 2`; `409 version overflow: /a/b cannot be set again`; `400` for a malformed `If-Version` |
+//! | `DELETE /tree/{path}`, optional `If-Version: N` | `204`, no body | `404 no node: /a/b`; `409 bad version: ...` (checked first); `409 not empty: /a/b`; `400 cannot delete /: the root always exists`; `400` for a malformed `If-Version` |
+//! | `GET /children/{path}` | `200`, `application/json`, the child names sorted: `["b","c"]` | `404 no node: /a/b` |
+//! | `POST /sync` | `200`, `text/plain`, the number of successful creates, sets and deletes so far (decimal) | |
+//! | `GET /digest` | `200`, `text/plain`, 16 lowercase hex digits: FNV-1a 64 of the `/dump` body | |
+//! | `GET /dump` | `200`, `application/json`, the canonical serialization (below) | |
+//!
+//! Errors every route may give:
+//!
+//! - `400 bad path: {why}` for a path that is not a node path: components must
+//!   be non-empty, not `.` or `..`, printable ASCII (space to `~`), at most 255
+//!   bytes each and 1024 in all. For example `bad path: empty component in
+//!   "/a//b"` (a trailing `/` is an empty component too), `bad path: component
+//!   ".." in "/a/.."`, `bad path: character '\t' in "/a\tb" is not printable
+//!   ASCII`, `bad path: component of 256 bytes, at most 255`, `bad path: 1025
+//!   bytes long, at most 1024`; a percent-escape that does not decode to UTF-8
+//!   gives `bad path: ` followed by axum's reason.
+//! - `400 invalid Haven-Index header: expected one decimal log index from 1 to
+//!   18446744073709551615` (checked before anything else, on reads too), then
+//!   `400 invalid If-Version header: expected one decimal version from 0 to
+//!   18446744073709551615` (`If-Version` is ignored where the table does not
+//!   mention it).
+//! - `413 data too large: {n} bytes, at most 1048576`; bodies beyond 1 MiB plus
+//!   4 KiB are cut off earlier with axum's own `413`.
+//! - `409` for a replayed `Haven-Index` that cannot be answered (see below);
+//!   `500` with the [`TreeAppError`] message if the journal cannot be written.
+//!
+//! The data checks come in a fixed order (path, root rules, data size, then the
+//! tree), so a request wrong in two ways gets the same error on every replica.
+//! Other paths answer `404`, other methods `405` (axum's defaults).
+//!
+//! `POST /sync` is ZooKeeper's `sync`: through Haven it is ordered like a write
+//! but changes nothing, so a read that follows it on the same node sees
+//! everything ordered before it.
+//!
+//! `GET /dump` is compact JSON, `{"haven_index":H,"mutations":M,"nodes":[...]}`,
+//! `H` the `Haven-Index` high-water mark (`0`: none), `M` the `/sync` count, and
+//! one `{"path":P,"version":V,"data":D}` per node in byte order of paths (root
+//! first), `D` the data in lowercase hex. It is byte-for-byte the same on
+//! replicas with the same history, and `/digest` is its hash.
+//!
+//! # The `Haven-Index` contract (how an app opts into exactly-once)
+//!
+//! Haven orders state-changing requests through Raft and delivers each one to the
+//! local replica with the header `Haven-Index: <u64>`, the request's log index
+//! (at least 1). Indexes are strictly increasing from one delivery to the next,
+//! **but** after Haven itself crashes it may deliver again a suffix of entries
+//! that the app had already applied.
+//!
+//! An app that wants exactly-once application promises this: *a request whose
+//! `Haven-Index` is at most the highest index the app has already applied is a
+//! replay; the app changes nothing and returns the same response as the first
+//! time.* The header must come from Haven only, and requests without it are
+//! applied normally and never deduplicated. (The `haven-logapp` crate explains
+//! the contract at length.)
+//!
+//! ## How this app keeps the promise
+//!
+//! The app keeps the high-water mark (the highest `Haven-Index` applied) and,
+//! for each of the last [`REPLAY_WINDOW`] (4096) indexed state-changing
+//! requests, its outcome: the status and body it was answered with, rebuilt
+//! from a small record (created `/a/b`; set to version 4; deleted; synced at
+//! 17; or the error). Both are journaled with the request, before the answer.
+//!
+//! - **A new index** (above the high-water mark) is applied and journaled
+//!   whatever its outcome: a create that fails with `404` is journaled as
+//!   "index `i` failed with `no node: /a`". This is the subtle part: had the
+//!   failure left no trace, a replay of `i` after a later create of `/a` would
+//!   succeed and change the tree.
+//! - **A replay** within the window changes nothing and gets the first
+//!   answer again, success or error, even after a restart. A replay older than
+//!   the window gets `409 Haven-Index {i} is older than the replay window`. An
+//!   index at most the high-water mark that was never applied here (which the
+//!   contract rules out) gets `409 Haven-Index {i} is not above the applied
+//!   high-water mark {h} but was never applied here; nothing was changed`.
+//! - Requests refused before they reach the tree (a malformed header, an
+//!   undecodable path, a body over the size limit) are not recorded: the answer
+//!   depends on the request alone, so a replay gets the same one.
+//! - Reads ignore the header once it is validated: they answer from the
+//!   current tree. `POST /sync` with the header is recorded like any write.
+//! - The high-water mark is part of `/dump` and so of `/digest`.
+//!
+//! # Persistence
+//!
+//! The data directory ([`TreeAppConfig::dir`], created if absent) holds:
+//!
+//! - `journal`: one record per request that changed the tree, and one per
+//!   request that carried a `Haven-Index` (whatever its outcome), in order. A
+//!   record is framed (length, CRC-32, [`postcard`] payload) and holds a
+//!   sequence number, the `Haven-Index` (`0`: none), and either the op (for a
+//!   success) or the error (for a failure). Failures without a `Haven-Index`
+//!   change nothing and are not journaled.
+//! - `tree.snapshot`: the whole state (tree, high-water mark, replay window) as
+//!   of a sequence number, once the journal has grown past 64 MiB and past the
+//!   last snapshot's size. It is written to `tree.snapshot.tmp`, synced and
+//!   renamed into place; then the journal is emptied. A crash between the two
+//!   leaves journal records the snapshot holds, which start-up skips by
+//!   sequence number.
+//!
+//! A request is checked against the tree, journaled with one plain `write` (no
+//! `fsync`: the page cache survives a killed process), then applied in memory
+//! and answered; requests are serialized, reads run concurrently. A process
+//! killed at any point leaves at most a torn last record: start-up loads the
+//! snapshot, replays the journal through the model, and truncates a torn last
+//! record (short, or a bad checksum right at the end) with a warning. Damage
+//! anywhere else, or a record that no longer applies, makes start-up fail with
+//! [`TreeAppError::Corrupt`] naming the file and byte offset. A failed journal
+//! write changes nothing and answers `500`; if it cannot even be rolled back,
+//! every later write answers `500` until a restart recovers. A power loss (not a
+//! process kill) may lose recent records; Haven's checkpoints, not this app,
+//! cover that case.
+
+mod http;
+mod state;
+mod store;
+pub mod tree;
+
+use std::borrow::Cow;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tracing::{error, info, warn};
+
+pub use http::{HAVEN_INDEX_HEADER, IF_VERSION_HEADER, TREE_VERSION_HEADER, router};
+pub use state::REPLAY_WINDOW;
+pub use store::{JOURNAL_FILE, SNAPSHOT_FILE};
+
+use state::{Executed, State};
+use store::{Entry, Record, Snapshot};
+use tree::Op;
+
+/// The journal is compacted into a snapshot once it is at least this long and
+/// at least as long as the last snapshot (so snapshots of a large tree are not
+/// rewritten too often).
+pub const COMPACT_AFTER_BYTES: u64 = 64 << 20;
+
+/// What the tree app serves and how it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeAppConfig {
+    /// The data directory, holding [`JOURNAL_FILE`] and [`SNAPSHOT_FILE`];
+    /// created if absent.
+    pub dir: PathBuf,
+}
+
+/// Errors of the tree app. Every message names the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeAppError {
+    /// An I/O operation on a file of the data directory failed.
+    #[error("{path}: cannot {action}: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The journal or snapshot holds something no crash leaves behind.
+    #[error("{path}: corrupt at byte offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// An earlier journal write error could not be rolled back; writes are
+    /// refused until a restart recovers from the journal.
+    #[error(
+        "{path}: refusing to write after a journal error that could not be rolled back; \
+         restart the tree app to recover"
+    )]
+    Failed { path: PathBuf },
+    /// The HTTP server stopped with an error.
+    #[error("{path}: tree app HTTP server failed: {source}")]
+    Serve {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A background file task panicked or was cancelled.
+    #[error("{path}: tree app file task failed: {message}")]
+    Task { path: PathBuf, message: String },
+}
+
+fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> TreeAppError + 'a {
+    move |source| TreeAppError::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
+    }
+}
+
+fn task_err(path: &Path) -> impl FnOnce(tokio::task::JoinError) -> TreeAppError + '_ {
+    move |e| TreeAppError::Task {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// The single writer's state, behind the write mutex.
+#[derive(Debug)]
+struct Writer {
+    /// Opened for appending.
+    journal: File,
+    /// Length of the intact journal.
+    len: u64,
+    /// `seq` of the next record.
+    next_seq: u64,
+    /// Journal length that triggers a snapshot.
+    compact_after: u64,
+    /// Set when a journal write error could not be rolled back.
+    failed: bool,
+}
+
+/// An open data directory: the state behind the HTTP handlers.
+#[derive(Debug)]
+pub struct TreeApp {
+    dir: PathBuf,
+    journal_path: PathBuf,
+    state: RwLock<State>,
+    writer: Arc<Mutex<Writer>>,
+}
+
+impl TreeApp {
+    /// Opens `config.dir` (creating it if absent) and rebuilds the tree from
+    /// the snapshot and journal, truncating a torn last record. See the crate
+    /// docs, "Persistence". Blocking: call it from a blocking context
+    /// (e.g. [`tokio::task::spawn_blocking`]).
+    pub fn open(config: &TreeAppConfig) -> Result<TreeApp, TreeAppError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "create the data directory"))?;
+        let (mut state, first_seq, snapshot_len) =
+            match store::read_snapshot(&dir.join(SNAPSHOT_FILE))? {
+                Some((snapshot, len)) => (snapshot.state.into_owned(), snapshot.next_seq, len),
+                None => (State::default(), 0, 0),
+            };
+        let journal_path = dir.join(JOURNAL_FILE);
+        let journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&journal_path)
+            .map_err(io_err(&journal_path, "open the journal"))?;
+        let mut next_seq = first_seq;
+        let len = store::replay_journal(&journal_path, &journal, |record| {
+            if record.seq < first_seq {
+                // Already in the snapshot: a crash came before the journal was emptied.
+                return Ok(());
+            }
+            if record.seq != next_seq {
+                return Err(format!(
+                    "sequence number {} where {next_seq} was expected",
+                    record.seq
+                ));
+            }
+            state.replay_record(record)?;
+            next_seq += 1;
+            Ok(())
+        })?;
+        info!(
+            dir = %dir.display(),
+            nodes = state.tree.iter().count(),
+            mutations = state.tree.mutations(),
+            haven_index = state.applied(),
+            journal_bytes = len,
+            "tree app data open"
+        );
+        Ok(TreeApp {
+            dir,
+            journal_path,
+            state: RwLock::new(state),
+            writer: Arc::new(Mutex::new(Writer {
+                journal,
+                len,
+                next_seq,
+                compact_after: compact_threshold(snapshot_len),
+                failed: false,
+            })),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Highest `Haven-Index` applied (`0`: none).
+    pub fn applied_haven_index(&self) -> u64 {
+        self.read_state().applied()
+    }
+
+    /// The `GET /dump` body: the canonical serialization of the replica.
+    pub fn dump(&self) -> String {
+        self.read_state().dump()
+    }
+
+    /// The `GET /digest` body: FNV-1a 64 of [`TreeApp::dump`], in hex.
+    pub fn digest(&self) -> String {
+        self.read_state().digest()
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no write is in progress (writes run to completion even when
+    /// their request is abandoned).
+    async fn wait_idle(&self) {
+        drop(self.writer.lock().await);
+    }
+
+    /// Applies one state-changing request (see the crate docs).
+    async fn execute(
+        self: &Arc<Self>,
+        index: Option<u64>,
+        op: Op,
+    ) -> Result<Executed, TreeAppError> {
+        let mut writer = Arc::clone(&self.writer).lock_owned().await;
+        let app = Arc::clone(self);
+        // The write runs to completion even if the request is dropped, so a
+        // request is never half applied by cancellation.
+        tokio::task::spawn_blocking(move || app.execute_locked(&mut writer, index, op))
+            .await
+            .map_err(task_err(&self.journal_path))?
+    }
+
+    /// [`TreeApp::execute`] under the writer lock (blocking).
+    fn execute_locked(
+        &self,
+        writer: &mut Writer,
+        index: Option<u64>,
+        op: Op,
+    ) -> Result<Executed, TreeAppError> {
+        if writer.failed {
+            return Err(TreeAppError::Failed {
+                path: self.journal_path.clone(),
+            });
+        }
+        let outcome = {
+            let state = self.read_state();
+            if let Some(replay) = index.and_then(|i| state.replay(i)) {
+                return Ok(replay);
+            }
+            state.tree.check(&op)
+        };
+        let entry = match &outcome {
+            Ok(_) if index.is_some() || op.changes_state() => {
+                Some(Entry::Applied(Cow::Borrowed(&op)))
+            }
+            Err(e) if index.is_some() => Some(Entry::Rejected(Cow::Borrowed(e))),
+            _ => None,
+        };
+        if let Some(entry) = entry {
+            self.append(writer, index, entry)?;
+        }
+        self.write_state().record(index, Some(op), outcome.clone());
+        if writer.len >= writer.compact_after {
+            self.compact(writer);
+        }
+        Ok(Executed::Fresh(outcome))
+    }
+
+    /// Appends one record to the journal; on error, truncates it back.
+    fn append(
+        &self,
+        writer: &mut Writer,
+        index: Option<u64>,
+        entry: Entry<'_>,
+    ) -> Result<(), TreeAppError> {
+        let record = Record {
+            seq: writer.next_seq,
+            haven_index: index.unwrap_or(0),
+            entry,
+        };
+        let frame = store::frame(&self.journal_path, &record)?;
+        if let Err(e) = (&writer.journal).write_all(&frame) {
+            if let Err(e) = writer.journal.set_len(writer.len) {
+                error!(
+                    file = %self.journal_path.display(),
+                    error = %e,
+                    "cannot roll back a failed journal write"
+                );
+                writer.failed = true;
+            }
+            return Err(io_err(&self.journal_path, "append to the journal")(e));
+        }
+        writer.len += frame.len() as u64;
+        writer.next_seq += 1;
+        Ok(())
+    }
+
+    /// Writes a snapshot and empties the journal. A failure is only logged:
+    /// the journal still holds everything, and keeps growing until a later
+    /// attempt, once it has doubled, succeeds.
+    fn compact(&self, writer: &mut Writer) {
+        match self.write_snapshot(writer) {
+            Ok(snapshot_len) => {
+                info!(
+                    dir = %self.dir.display(),
+                    journal_bytes = writer.len,
+                    snapshot_bytes = snapshot_len,
+                    "journal compacted into a snapshot"
+                );
+                writer.len = 0;
+                writer.compact_after = compact_threshold(snapshot_len);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot compact the journal");
+                writer.compact_after = writer.len.saturating_mul(2);
+            }
+        }
+    }
+
+    /// Snapshots the state as of `writer.next_seq`, then empties the journal;
+    /// returns the snapshot's length.
+    fn write_snapshot(&self, writer: &Writer) -> Result<u64, TreeAppError> {
+        let frame = {
+            let state = self.read_state();
+            let snapshot = Snapshot {
+                next_seq: writer.next_seq,
+                state: Cow::Borrowed(&state),
+            };
+            store::frame(&self.dir.join(SNAPSHOT_FILE), &snapshot)?
+        };
+        store::write_snapshot(&self.dir, &frame)?;
+        writer.journal.set_len(0).map_err(io_err(
+            &self.journal_path,
+            "empty the journal after a snapshot",
+        ))?;
+        Ok(frame.len() as u64)
+    }
+}
+
+fn compact_threshold(snapshot_len: u64) -> u64 {
+    snapshot_len.max(COMPACT_AFTER_BYTES)
+}
+
+/// Serves the tree app on `listener` until `shutdown` completes.
+///
+/// Opens the data directory first ([`TreeApp::open`]), so data that cannot be
+/// recovered fails before anything is served. On shutdown, in-flight requests
+/// are finished (axum's graceful shutdown) and any write still running is
+/// waited for before returning.
+pub async fn serve(
+    listener: TcpListener,
+    config: TreeAppConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TreeAppError> {
+    let dir = config.dir.clone();
+    let app = tokio::task::spawn_blocking(move || TreeApp::open(&config))
+        .await
+        .map_err(task_err(&dir))??;
+    let app = Arc::new(app);
+    match listener.local_addr() {
+        Ok(addr) => info!(%addr, dir = %dir.display(), "tree app listening"),
+        Err(e) => warn!(error = %e, "tree app listening on an unknown address"),
+    }
+    let result = axum::serve(listener, router(Arc::clone(&app)))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    app.wait_idle().await;
+    info!(dir = %dir.display(), "tree app stopped");
+    result.map_err(|source| TreeAppError::Serve { path: dir, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{Done, TreeError};
+
+    fn open(dir: &Path) -> Arc<TreeApp> {
+        let config = TreeAppConfig {
+            dir: dir.to_path_buf(),
+        };
+        Arc::new(TreeApp::open(&config).unwrap())
+    }
+
+    fn create(path: &str) -> Op {
+        Op::Create {
+            path: path.to_owned(),
+            data: path.as_bytes().to_vec(),
+        }
+    }
+
+    fn set(path: &str) -> Op {
+        Op::Set {
+            path: path.to_owned(),
+            data: b"set".to_vec(),
+            if_version: None,
+        }
+    }
+
+    fn journal(dir: &Path) -> Vec<u8> {
+        fs::read(dir.join(JOURNAL_FILE)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_state_and_the_replay_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path());
+        app.execute(Some(1), create("/a")).await.unwrap();
+        app.execute(Some(2), set("/b")).await.unwrap();
+        app.execute(None, create("/b")).await.unwrap();
+        let before = journal(dir.path());
+        app.writer.lock().await.compact_after = 1;
+        app.execute(Some(3), set("/a")).await.unwrap();
+        {
+            let writer = app.writer.lock().await;
+            assert_eq!(writer.len, 0);
+            assert_eq!(writer.next_seq, 4);
+            assert_eq!(writer.compact_after, COMPACT_AFTER_BYTES);
+        }
+        assert!(journal(dir.path()).is_empty());
+        assert!(dir.path().join(SNAPSHOT_FILE).exists());
+        app.execute(Some(5), create("/c")).await.unwrap();
+        let dump = app.dump();
+        drop(app);
+
+        let app = open(dir.path());
+        assert_eq!(app.dump(), dump);
+        assert_eq!(app.applied_haven_index(), 5);
+        // Index 2 failed before the snapshot; its replay still fails the same way.
+        assert_eq!(
+            app.execute(Some(2), set("/b")).await.unwrap(),
+            Executed::Replayed(Err(TreeError::NoNode("/b".to_owned())))
+        );
+        assert_eq!(
+            app.execute(Some(6), Op::Sync).await.unwrap(),
+            Executed::Fresh(Ok(Done::Synced { mutations: 4 }))
+        );
+        let dump = app.dump();
+        drop(app);
+        assert_eq!(open(dir.path()).dump(), dump);
+
+        // A crash after the snapshot was renamed but before the journal was
+        // emptied: the records the snapshot holds are skipped.
+        let mut stale = before;
+        stale.extend_from_slice(&journal(dir.path()));
+        fs::write(dir.path().join(JOURNAL_FILE), stale).unwrap();
+        assert_eq!(open(dir.path()).dump(), dump);
+    }
+
+    #[tokio::test]
+    async fn a_journal_error_that_cannot_be_rolled_back_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path());
+        app.execute(Some(1), create("/a")).await.unwrap();
+        let dump = app.dump();
+        // A read-only handle: the write fails, and so does the rollback.
+        app.writer.lock().await.journal = File::open(dir.path().join(JOURNAL_FILE)).unwrap();
+        let err = app.execute(Some(2), create("/b")).await.unwrap_err();
+        assert!(
+            matches!(&err, TreeAppError::Io { path, action: "append to the journal", .. }
+                if *path == dir.path().join(JOURNAL_FILE)),
+            "{err:?}"
+        );
+        let err = app.execute(Some(3), create("/c")).await.unwrap_err();
+        assert!(matches!(err, TreeAppError::Failed { .. }), "{err:?}");
+        assert_eq!(app.dump(), dump, "nothing was applied");
+        drop(app);
+        // A restart recovers, and index 2 is new to it.
+        let app = open(dir.path());
+        assert_eq!(app.dump(), dump);
+        assert_eq!(
+            app.execute(Some(2), create("/b")).await.unwrap(),
+            Executed::Fresh(Ok(Done::Created {
+                path: "/b".to_owned()
+            }))
+        );
+    }
+
+    #[test]
+    fn a_damaged_snapshot_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join(SNAPSHOT_FILE);
+        fs::write(&snapshot, b"not a snapshot at all").unwrap();
+        let config = TreeAppConfig {
+            dir: dir.path().to_path_buf(),
+        };
+        let err = TreeApp::open(&config).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "{}: corrupt at byte offset 0: record length ",
+                snapshot.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_gap_in_the_journal_sequence_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let record = |seq| Record {
+            seq,
+            haven_index: 0,
+            entry: Entry::Applied(Cow::Owned(create(&format!("/n{seq}")))),
+        };
+        let first = store::frame(&path, &record(0)).unwrap();
+        let mut bytes = first.clone();
+        bytes.extend(store::frame(&path, &record(2)).unwrap());
+        fs::write(&path, bytes).unwrap();
+        let config = TreeAppConfig {
+            dir: dir.path().to_path_buf(),
+        };
+        let err = TreeApp::open(&config).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: corrupt at byte offset {}: sequence number 2 where 1 was expected",
+                path.display(),
+                first.len()
+            )
+        );
+    }
+}
