@@ -1,5 +1,6 @@
-//! A cluster of real `haven node` and `haven logapp` processes on loopback, in one
-//! directory: what the demo runs and what end-to-end tests break. Every process is killed
+//! A cluster of real `haven node` processes and app replicas (`haven logapp` or `haven
+//! treeapp`) on loopback, in one directory: what the demo and the benchmarks run and what
+//! end-to-end tests break. Every process is killed
 //! when the cluster is dropped, also on panic.
 
 use std::fmt::Write as _;
@@ -31,7 +32,16 @@ pub struct ClusterSpec {
     pub dir: PathBuf,
     /// TOML appended to every node's config (e.g. a `[limits]` table).
     pub extra_config: String,
-    pub prepopulate: u64,
+    pub app: AppKind,
+}
+
+/// Which example app every node replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppKind {
+    /// The reference log app, starting with this many 128-byte lines.
+    LogApp { prepopulate: u64 },
+    /// The ZooKeeper-model tree app.
+    TreeApp,
 }
 
 /// One node's addresses, files and processes.
@@ -43,6 +53,8 @@ pub struct Slot {
     pub admin_addr: SocketAddr,
     pub app_addr: SocketAddr,
     pub config_path: PathBuf,
+    /// The app replica's directory; the log app keeps `log.txt` in it.
+    pub app_dir: PathBuf,
     pub app_file: PathBuf,
     node: Option<Child>,
     app: Option<Child>,
@@ -63,6 +75,14 @@ impl Slot {
 
     pub fn node_running(&self) -> bool {
         self.node.is_some()
+    }
+
+    pub fn node_pid(&self) -> Option<u32> {
+        self.node.as_ref().map(Child::id)
+    }
+
+    pub fn app_pid(&self) -> Option<u32> {
+        self.app.as_ref().map(Child::id)
     }
 }
 
@@ -94,6 +114,7 @@ impl LocalCluster {
                 admin_addr: free_addr()?,
                 app_addr: free_addr()?,
                 config_path: node_dir.join("haven.toml"),
+                app_dir: node_dir.join("app"),
                 app_file: node_dir.join("app").join("log.txt"),
                 node: None,
                 app: None,
@@ -177,18 +198,34 @@ impl LocalCluster {
 
     pub fn start_app(&mut self, i: usize) -> anyhow::Result<()> {
         let slot = &self.slots[i];
-        let args = vec![
-            "logapp".to_string(),
-            "--listen".to_string(),
-            slot.app_addr.to_string(),
-            "--file".to_string(),
-            slot.app_file.display().to_string(),
-            "--prepopulate".to_string(),
-            self.spec.prepopulate.to_string(),
-        ];
+        let mut args = vec!["--listen".to_string(), slot.app_addr.to_string()];
+        match self.spec.app {
+            AppKind::LogApp { prepopulate } => {
+                args.insert(0, "logapp".to_string());
+                args.extend([
+                    "--file".to_string(),
+                    slot.app_file.display().to_string(),
+                    "--prepopulate".to_string(),
+                    prepopulate.to_string(),
+                ]);
+            }
+            AppKind::TreeApp => {
+                args.insert(0, "treeapp".to_string());
+                args.extend(["--dir".to_string(), slot.app_dir.display().to_string()]);
+            }
+        }
         let child = self.spawn(&args, &format!("app{}.log", slot.id))?;
         self.slots[i].app = Some(child);
         Ok(())
+    }
+
+    /// Every running node and app process, for CPU accounting.
+    pub fn pids(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .flat_map(|s| [s.node_pid(), s.app_pid()])
+            .flatten()
+            .collect()
     }
 
     /// SIGKILL: no chance to flush or say goodbye.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
+use haven::cluster::AppKind;
 use haven::cluster::ClusterSpec;
 use haven::cluster::LocalCluster;
 use haven::http_client::Http;
@@ -42,7 +43,9 @@ async fn start(extra_config: &str) -> TestCluster {
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),
         extra_config: extra_config.to_string(),
-        prepopulate: PREPOPULATE,
+        app: AppKind::LogApp {
+            prepopulate: PREPOPULATE,
+        },
     };
     let cluster = LocalCluster::start(spec).unwrap();
     cluster

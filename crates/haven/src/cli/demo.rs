@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::cluster::AppKind;
 use crate::cluster::ClusterSpec;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
@@ -73,7 +74,9 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         exe,
         dir: tmp.path().to_path_buf(),
         extra_config: String::new(),
-        prepopulate: PREPOPULATED_LINES,
+        app: AppKind::LogApp {
+            prepopulate: PREPOPULATED_LINES,
+        },
     };
     let mut cluster = LocalCluster::start(spec)?;
     let mut report = drive(&mut cluster).await;
