@@ -15,13 +15,7 @@ use crate::BenchError;
 /// User plus system CPU time the process `pid` has used so far (its threads
 /// included, its children not).
 pub fn process_cpu(pid: u32) -> Result<Duration, BenchError> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            BenchError::NoProcess { pid }
-        } else {
-            BenchError::ProcRead { pid, source }
-        }
-    })?;
+    let stat = read_proc(pid, "stat")?;
     let ticks = cpu_ticks(&stat).ok_or(BenchError::ProcFormat { pid })?;
     Ok(ticks_to_duration(
         ticks,
@@ -29,10 +23,34 @@ pub fn process_cpu(pid: u32) -> Result<Duration, BenchError> {
     ))
 }
 
+fn read_proc(pid: u32, file: &str) -> Result<String, BenchError> {
+    fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            BenchError::NoProcess { pid }
+        } else {
+            BenchError::ProcRead { pid, source }
+        }
+    })
+}
+
 /// Sum of [`process_cpu`] over `pids`; fails if any of them does.
 pub fn total_cpu(pids: &[u32]) -> Result<Duration, BenchError> {
     pids.iter()
         .try_fold(Duration::ZERO, |sum, &pid| Ok(sum + process_cpu(pid)?))
+}
+
+/// Largest resident set the process `pid` has had (`VmHWM`), in bytes: the
+/// memory figure that matters for sizing, since a sample at the end of a run
+/// can miss the peak.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64, BenchError> {
+    let status = read_proc(pid, "status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or(BenchError::ProcFormat { pid })
 }
 
 /// Microseconds of CPU per request; `None` when no request was served.
@@ -65,6 +83,12 @@ mod tests {
     use super::*;
     use std::hint::black_box;
     use std::time::Instant;
+
+    #[test]
+    fn peak_rss_of_this_process_is_plausible() {
+        let rss = peak_rss_bytes(std::process::id()).unwrap();
+        assert!(rss > 1024 * 1024 && rss < 4 * 1024 * 1024 * 1024, "{rss}");
+    }
 
     #[test]
     fn parses_utime_and_stime_after_an_awkward_name() {

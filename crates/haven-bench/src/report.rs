@@ -23,23 +23,29 @@ pub struct ScenarioRow {
     /// `None` when CPU was not measured (for example, a remote system).
     pub cpu_us_per_request: Option<f64>,
     pub errors: u64,
+    /// p90 latency with the load at half the measured throughput, where a
+    /// system's added latency shows without queueing; `None` if not measured.
+    pub p90_half_load_ms: Option<f64>,
 }
 
 /// A GitHub-flavoured Markdown table, numbers right-aligned: throughput and
 /// CPU as whole numbers, latencies to 0.01 ms, and `n/a` for CPU not measured.
 pub fn markdown_table(rows: &[ScenarioRow]) -> String {
     let mut table = String::from(
-        "| Scenario | Workload | Throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | CPU (µs/req) | Errors |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| Scenario | Workload | Throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | p90 at half load (ms) | CPU (µs/req) | Errors |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
         let cpu = row
             .cpu_us_per_request
             .map_or_else(|| "n/a".to_owned(), |cpu| format!("{cpu:.0}"));
+        let half = row
+            .p90_half_load_ms
+            .map_or_else(|| "n/a".to_owned(), |ms| format!("{ms:.2}"));
         // Writing to a String cannot fail.
         let _ = writeln!(
             table,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {cpu} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {half} | {cpu} | {} |",
             cell(&row.scenario),
             cell(&row.workload),
             row.throughput,
@@ -133,6 +139,7 @@ mod tests {
             p99_ms: 10.0,
             cpu_us_per_request: cpu,
             errors: 3,
+            p90_half_load_ms: cpu.map(|_| 0.75),
         }
     }
 
@@ -144,10 +151,10 @@ mod tests {
         ];
         assert_eq!(
             markdown_table(&rows),
-            "| Scenario | Workload | Throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | CPU (µs/req) | Errors |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|\n\
-             | haven, 3 nodes | POST 100% | 1235 | 1.23 | 2.50 | 10.00 | 812 | 3 |\n\
-             | etcd \\| 3 nodes | 50/50 | 1235 | 1.23 | 2.50 | 10.00 | n/a | 3 |\n"
+            "| Scenario | Workload | Throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | p90 at half load (ms) | CPU (µs/req) | Errors |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|\n\
+             | haven, 3 nodes | POST 100% | 1235 | 1.23 | 2.50 | 10.00 | 0.75 | 812 | 3 |\n\
+             | etcd \\| 3 nodes | 50/50 | 1235 | 1.23 | 2.50 | 10.00 | n/a | n/a | 3 |\n"
         );
     }
 

@@ -139,7 +139,9 @@ impl Ingress {
             .collect()
             .await
         {
-            Ok(collected) => collected.to_bytes(),
+            // A fresh copy: hyper's chunk can be a slice of the connection's read buffer,
+            // and an entry kept in the log cache would pin that whole buffer.
+            Ok(collected) => Bytes::copy_from_slice(&collected.to_bytes()),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>

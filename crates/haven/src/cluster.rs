@@ -4,6 +4,8 @@
 //! when the cluster is dropped, also on panic.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::net::Ipv4Addr;
 use std::net::SocketAddr;
 use std::net::TcpListener;
 use std::path::Path;
@@ -58,6 +60,8 @@ pub struct Slot {
     pub app_file: PathBuf,
     node: Option<Child>,
     app: Option<Child>,
+    /// Command prefix that starts this node's processes on its host (empty: here).
+    launcher: Vec<String>,
 }
 
 impl Slot {
@@ -93,31 +97,64 @@ pub struct LocalCluster {
 }
 
 /// Reserves a free loopback port by binding port 0 and letting go of it.
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
     Ok(listener.local_addr()?)
+}
+
+/// Where one node and its app replica run: the address they listen on and the command
+/// prefix that starts a process there (e.g. `ip netns exec hv2`).
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub ip: IpAddr,
+    pub launcher: Vec<String>,
+}
+
+impl Default for Host {
+    /// Here, on 127.0.0.1.
+    fn default() -> Self {
+        Self {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            launcher: Vec::new(),
+        }
+    }
+}
+
+/// A free port (reserved on 127.0.0.1 here) on `ip`: hosts in their own network
+/// namespaces start with every port free, so uniqueness within the cluster is enough.
+fn free_addr_on(ip: IpAddr) -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::new(ip, free_addr()?.port()))
 }
 
 impl LocalCluster {
     /// Writes configs and starts every app replica and node.
     pub fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
+        Self::start_on_hosts(spec, &[])
+    }
+
+    /// Like [`LocalCluster::start`], but node `i` and its app replica run on `hosts[i]`
+    /// (nodes past the end of `hosts` run here, on 127.0.0.1): what partition tests need,
+    /// since a network namespace per node is the only way to cut one node off from another.
+    pub fn start_on_hosts(spec: ClusterSpec, hosts: &[Host]) -> anyhow::Result<Self> {
         let mut slots = Vec::with_capacity(spec.nodes);
         for i in 0..spec.nodes {
             let id = i as u64 + 1;
+            let host = hosts.get(i).cloned().unwrap_or_default();
             let node_dir = spec.dir.join(format!("node{id}"));
             std::fs::create_dir_all(node_dir.join("app"))
                 .with_context(|| format!("creating {}", node_dir.display()))?;
             slots.push(Slot {
                 id,
-                client_addr: free_addr()?,
-                raft_addr: free_addr()?,
-                admin_addr: free_addr()?,
-                app_addr: free_addr()?,
+                client_addr: free_addr_on(host.ip)?,
+                raft_addr: free_addr_on(host.ip)?,
+                admin_addr: free_addr_on(host.ip)?,
+                app_addr: free_addr_on(host.ip)?,
                 config_path: node_dir.join("haven.toml"),
                 app_dir: node_dir.join("app"),
                 app_file: node_dir.join("app").join("log.txt"),
                 node: None,
                 app: None,
+                launcher: host.launcher,
             });
         }
         let mut cluster = Self {
@@ -170,9 +207,17 @@ impl LocalCluster {
             .with_context(|| format!("opening {}", path.display()))
     }
 
-    fn spawn(&self, args: &[String], log_name: &str) -> anyhow::Result<Child> {
+    fn spawn(&self, launcher: &[String], args: &[String], log_name: &str) -> anyhow::Result<Child> {
         let log = self.log_file(log_name)?;
-        Command::new(&self.spec.exe)
+        let mut command = match launcher.split_first() {
+            Some((program, prefix)) => {
+                let mut command = Command::new(program);
+                command.args(prefix).arg(&self.spec.exe);
+                command
+            }
+            None => Command::new(&self.spec.exe),
+        };
+        command
             .args(args)
             .env(
                 "RUST_LOG",
@@ -191,7 +236,8 @@ impl LocalCluster {
             "--config".to_string(),
             self.slots[i].config_path.display().to_string(),
         ];
-        let child = self.spawn(&args, &format!("node{}.log", self.slots[i].id))?;
+        let log_name = format!("node{}.log", self.slots[i].id);
+        let child = self.spawn(&self.slots[i].launcher, &args, &log_name)?;
         self.slots[i].node = Some(child);
         Ok(())
     }
@@ -214,7 +260,7 @@ impl LocalCluster {
                 args.extend(["--dir".to_string(), slot.app_dir.display().to_string()]);
             }
         }
-        let child = self.spawn(&args, &format!("app{}.log", slot.id))?;
+        let child = self.spawn(&slot.launcher, &args, &format!("app{}.log", slot.id))?;
         self.slots[i].app = Some(child);
         Ok(())
     }
@@ -350,5 +396,88 @@ impl Drop for LocalCluster {
             kill(&mut slot.node);
             kill(&mut slot.app);
         }
+    }
+}
+
+/// One of the two processes a slot runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    Node,
+    App,
+}
+
+impl Process {
+    pub fn name(self) -> &'static str {
+        match self {
+            Process::Node => "node",
+            Process::App => "app",
+        }
+    }
+}
+
+/// A process that ended by itself (not through [`LocalCluster::kill_node`] or
+/// [`LocalCluster::kill_app`]).
+#[derive(Debug)]
+pub struct Exited {
+    pub slot: usize,
+    pub process: Process,
+    pub status: std::process::ExitStatus,
+}
+
+/// Faults beyond `kill -9`, and noticing processes that died without being killed: what
+/// the torture harness needs on top of the demo's kill and restart.
+impl LocalCluster {
+    /// SIGSTOP: the node freezes as in a long GC pause or a VM freeze. Its sockets stay
+    /// open, so peers see silence, not a connection reset.
+    pub fn pause_node(&self, i: usize) -> anyhow::Result<()> {
+        self.signal_node(i, rustix::process::Signal::STOP)
+    }
+
+    /// SIGCONT after [`LocalCluster::pause_node`].
+    pub fn resume_node(&self, i: usize) -> anyhow::Result<()> {
+        self.signal_node(i, rustix::process::Signal::CONT)
+    }
+
+    fn signal_node(&self, i: usize, signal: rustix::process::Signal) -> anyhow::Result<()> {
+        let slot = &self.slots[i];
+        let Some(child) = slot.node.as_ref() else {
+            bail!("node {} is not running", slot.id);
+        };
+        rustix::process::kill_process(rustix::process::Pid::from_child(child), signal)
+            .with_context(|| format!("sending {signal:?} to node {}", slot.id))
+    }
+
+    /// Every node or app process that has exited since the last call, forgotten as if
+    /// killed; a process that died while nobody killed it is a crash.
+    pub fn reap_exited(&mut self) -> Vec<Exited> {
+        let mut exited = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            for (process, child) in [
+                (Process::Node, &mut slot.node),
+                (Process::App, &mut slot.app),
+            ] {
+                if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    *child = None;
+                    exited.push(Exited {
+                        slot: i,
+                        process,
+                        status,
+                    });
+                }
+            }
+        }
+        exited
+    }
+
+    /// Whether the slot's app replica process is up (as far as this cluster knows).
+    pub fn app_running(&self, i: usize) -> bool {
+        self.slots[i].app.is_some()
+    }
+
+    /// Where a process's stdout and stderr go.
+    pub fn log_path(&self, i: usize, process: Process) -> PathBuf {
+        self.spec
+            .dir
+            .join(format!("{}{}.log", process.name(), self.slots[i].id))
     }
 }

@@ -4,3 +4,4 @@
 pub mod cli;
 pub mod cluster;
 pub mod http_client;
+pub mod torture;

@@ -1,4 +1,5 @@
 //! One module per subcommand; `main.rs` only parses flags and dispatches.
 
+pub mod bench;
 pub mod demo;
 pub mod status;

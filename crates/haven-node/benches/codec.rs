@@ -1,0 +1,104 @@
+//! Entry encode/decode: the postcard encoding of one log entry, as the log store writes it
+//! into every record and the raft wire carries it in every append.
+//!
+//! Run: `cargo bench -p haven-node --bench codec`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::BenchmarkId;
+use criterion::Criterion;
+use criterion::Throughput;
+use criterion::criterion_group;
+use criterion::criterion_main;
+use haven_node::types::Entry;
+use haven_node::types::LogId;
+use haven_node::types::OrderedRequest;
+use haven_node::types::RequestTag;
+use haven_node::types::TypeConfig;
+use openraft::RaftTypeConfig;
+use openraft::entry::RaftEntry;
+use openraft::vote::RaftLeaderIdExt;
+
+const BODY_BYTES: usize = 128;
+const BATCH: usize = 64;
+
+/// A typical forwarded write: a 128-byte JSON-ish body and four end-to-end headers.
+fn request(seq: u64) -> OrderedRequest {
+    let body: Vec<u8> = (0..BODY_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
+    OrderedRequest {
+        tag: RequestTag {
+            origin: 2,
+            seq: 1_700_000_000_000_000_000 + seq,
+        },
+        method: "POST".to_string(),
+        uri: "/append?stream=orders".to_string(),
+        headers: vec![
+            (
+                "content-type".to_string(),
+                Bytes::from_static(b"application/json"),
+            ),
+            (
+                "user-agent".to_string(),
+                Bytes::from_static(b"haven-bench/0.1"),
+            ),
+            ("accept".to_string(), Bytes::from_static(b"*/*")),
+            (
+                "idempotency-key".to_string(),
+                Bytes::from(format!("8c1f5e2a-4b7d-4e21-9a3c-{seq:012x}")),
+            ),
+        ],
+        body: Bytes::from(body),
+        idempotency_key: Some(format!("8c1f5e2a-4b7d-4e21-9a3c-{seq:012x}")),
+        time_unix_us: 1_763_000_000_000_000,
+        seed: 0x9e37_79b9_7f4a_7c15 ^ seq,
+    }
+}
+
+fn entry(index: u64) -> Entry {
+    let leader = <TypeConfig as RaftTypeConfig>::LeaderId::new_committed(3, 1);
+    Entry::new_normal(LogId::new(leader, index), request(index))
+}
+
+fn single(c: &mut Criterion) {
+    let entry = entry(1_000_000);
+    let encoded = postcard::to_stdvec(&entry).unwrap();
+    let mut group = c.benchmark_group("entry");
+    group.throughput(Throughput::Bytes(encoded.len() as u64));
+    group.bench_function(BenchmarkId::new("encode", encoded.len()), |b| {
+        b.iter(|| postcard::to_stdvec(black_box(&entry)).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("decode", encoded.len()), |b| {
+        b.iter(|| postcard::from_bytes::<Entry>(black_box(&encoded)).unwrap())
+    });
+    group.finish();
+}
+
+/// 64 entries as one sequence, the shape of an append request's `entries`.
+fn batch(c: &mut Criterion) {
+    let entries: Vec<Entry> = (0..BATCH as u64).map(|i| entry(1_000_000 + i)).collect();
+    let encoded = postcard::to_stdvec(&entries).unwrap();
+    let mut group = c.benchmark_group("entry_batch64");
+    group.throughput(Throughput::Bytes(encoded.len() as u64));
+    group.bench_function(BenchmarkId::new("encode", encoded.len()), |b| {
+        b.iter(|| postcard::to_stdvec(black_box(&entries)).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("decode", encoded.len()), |b| {
+        b.iter(|| postcard::from_bytes::<Vec<Entry>>(black_box(&encoded)).unwrap())
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = single, batch
+}
+criterion_main!(benches);

@@ -1,0 +1,100 @@
+//! `haven bench`: measure Haven honestly, against a baseline and a peer in the same run.
+//!
+//! - `load` and `sweep` drive systems that are already running (any URLs);
+//! - `reference` launches the log app alone, Haven with 1 and 3 nodes and optionally etcd,
+//!   and measures each on the reference workload ([`reference`]);
+//! - `failover` kills leaders under write load and times the unavailability ([`failover`]).
+//!
+//! The measuring itself (open and closed loops, HDR histograms, charts) is the
+//! `haven-bench` crate; this module launches systems and assembles reports.
+
+pub mod failover;
+pub mod reference;
+mod systems;
+
+use std::path::Path;
+
+use haven_bench::args::LoadArgs;
+use haven_bench::args::SweepArgs;
+use haven_bench::progress::Progress;
+use haven_bench::report::render_text;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// One load run against running targets (open loop with --rate, else closed loop).
+    Load(LoadArgs),
+    /// Open-loop steps of rising rate until saturation; writes JSON and an SVG chart.
+    Sweep(SweepArgs),
+    /// The reference evaluation: app alone, Haven 1 and 3 nodes (and --peer etcd), every mix.
+    Reference(reference::ReferenceArgs),
+    /// Kill the leader under write load, repeatedly; report the write unavailability.
+    Failover {
+        #[command(flatten)]
+        args: failover::FailoverArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one bench command and returns what to print on stdout.
+pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
+    match command {
+        BenchCommand::Load(args) => {
+            let (spec, workload) = args.to_spec()?;
+            let progress = progress_unless(args.common.json);
+            let report = haven_bench::load::run(&spec, workload.build(), &progress).await?;
+            progress.finish();
+            output(args.common.json, &report, render_text)
+        }
+        BenchCommand::Sweep(args) => {
+            let (spec, sweep, workload) = args.to_spec()?;
+            let progress = progress_unless(args.common.json);
+            let curve =
+                haven_bench::sweep::sweep(&spec, workload.build(), &sweep, &progress).await?;
+            progress.finish();
+            let mut text = String::new();
+            if let Some(out) = &args.out {
+                let (json, svg) =
+                    haven_bench::sweep::save(out, &sweep.label, std::slice::from_ref(&curve))?;
+                text = format!("wrote {} and {}\n", json.display(), svg.display());
+            }
+            let summary = format!(
+                "{text}saturation throughput {:.0} req/s\n",
+                haven_bench::sweep::saturation_throughput(&curve)
+            );
+            output(args.common.json, &curve, |_| summary.clone())
+        }
+        BenchCommand::Reference(args) => {
+            let report = reference::run(&args, exe).await?;
+            Ok(format!(
+                "{}\nwrote {}/ (reference.json, results.md, post.svg, mixed.svg, get.svg)\n",
+                reference::render(&report),
+                args.out.display()
+            ))
+        }
+        BenchCommand::Failover { args, json } => {
+            let report = failover::run(&args, exe).await?;
+            output(json, &report, failover::render)
+        }
+    }
+}
+
+fn progress_unless(json: bool) -> Progress {
+    if json {
+        Progress::hidden()
+    } else {
+        Progress::stderr()
+    }
+}
+
+fn output<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl Fn(&T) -> String,
+) -> anyhow::Result<String> {
+    if json {
+        Ok(format!("{}\n", serde_json::to_string_pretty(value)?))
+    } else {
+        Ok(text(value))
+    }
+}
