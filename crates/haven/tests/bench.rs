@@ -1,0 +1,113 @@
+//! Smoke tests of `haven bench`: seconds-long runs of the real binary against a real local
+//! cluster, checking that the reports add up (the arithmetic itself is unit-tested in
+//! `haven-bench`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use haven::cluster::AppKind;
+use haven::cluster::ClusterSpec;
+use haven::cluster::LocalCluster;
+use serde_json::Value;
+
+fn haven() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_haven"))
+}
+
+fn json_of(command: &mut Command) -> Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+async fn cluster(dir: &tempfile::TempDir) -> LocalCluster {
+    let spec = ClusterSpec {
+        nodes: 3,
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
+        dir: dir.path().to_path_buf(),
+        extra_config: String::new(),
+        app: AppKind::LogApp { prepopulate: 100 },
+    };
+    let cluster = LocalCluster::start(spec).unwrap();
+    cluster.wait_all_ready(Duration::from_secs(20)).await.unwrap();
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_mixed_load_through_every_node_reads_only_acknowledged_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir).await;
+    let mut command = haven();
+    command.args(["bench", "load", "--rate", "300", "--duration", "2", "--warmup", "0.5"]);
+    command.args(["--read-ratio", "0.5", "--prepopulated", "100", "--json"]);
+    for slot in &c.slots {
+        command.args(["--target", &slot.client_url()]);
+    }
+    let report = json_of(&mut command);
+    let ok = report["requests_ok"].as_u64().unwrap();
+    assert!(ok > 400, "{report}");
+    // No failed request: a 404 would mean a read missed an acknowledged append. A request
+    // due in the last instant may stay unsent if its connection was still busy.
+    let errors = report["errors"].as_object().unwrap();
+    assert!(errors.keys().all(|kind| kind == "unsent"), "{report}");
+    assert!(errors.get("unsent").and_then(Value::as_u64).unwrap_or(0) <= 16);
+    assert_eq!(report["latency"]["all"]["count"].as_u64(), Some(ok));
+    let reads = report["latency"]["reads"]["count"].as_u64().unwrap();
+    let writes = report["latency"]["writes"]["count"].as_u64().unwrap();
+    assert_eq!(reads + writes, ok);
+    let throughput = report["throughput"].as_f64().unwrap();
+    assert!((270.0..=330.0).contains(&throughput), "{report}");
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    let first = c.replica_bytes(0).unwrap();
+    for i in 1..c.slots.len() {
+        assert_eq!(c.replica_bytes(i).unwrap(), first);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_writes_json_and_a_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir).await;
+    let out = dir.path().join("sweep");
+    let mut command = haven();
+    command.args(["bench", "sweep", "--target", &c.slots[0].client_url()]);
+    command.args(["--start-rate", "100", "--step-factor", "2", "--max-steps", "2"]);
+    command.args(["--step-duration", "1", "--warmup", "0.2", "--json", "--out"]);
+    command.arg(&out);
+    let curve = json_of(&mut command);
+    assert_eq!(curve["points"].as_array().map(Vec::len), Some(2), "{curve}");
+    let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("p90"), "{svg}");
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(saved[0]["points"], curve["points"]);
+}
+
+#[test]
+fn failover_kills_the_leader_and_reports_the_window() {
+    let report = json_of(haven().args(["bench", "failover", "--trials", "1", "--json"]));
+    let trials = report["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 1);
+    assert_ne!(trials[0]["killed_node"], trials[0]["new_leader"]);
+    let window = report["median_ms"].as_f64().unwrap();
+    // The election alone takes at least the shortest election timeout (250 ms).
+    assert!((250.0..10_000.0).contains(&window), "{report}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_reason() {
+    let output = haven()
+        .args(["bench", "load", "--target", "http://127.0.0.1:1", "--read-ratio", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        "haven: --read-ratio must be between 0 and 1, got 1.5"
+    );
+}
