@@ -3,13 +3,17 @@
 //! Owns the applied index, the idempotency table and the responders that hand a replica's
 //! response back to the client waiting on this node.
 //!
-//! Exact restart rests on two facts. Haven delivers entry `i` only after every entry below
-//! it was answered by the app, and it records `last_applied` (with the idempotency table)
-//! in `apply/state.bin`, rewritten at most every [`PERSIST_INTERVAL`] with a plain write
-//! plus rename, which survives `kill -9` of the node. After a crash Haven redelivers the
-//! entries after the recorded index, each carrying its `Haven-Index`; the app treats an
-//! index it has already applied as a replay (same response, no change). Together:
-//! nothing skipped, nothing applied twice.
+//! Entries travel to the app in windows, pipelined on one connection ([`crate::app::pipeline`]):
+//! the app still processes them one after another, in log order, but a window costs one
+//! round trip instead of one per entry.
+//!
+//! Exact restart rests on two facts. The app sees entry `i` only after every entry below
+//! it (one connection, answered in order), and Haven records `last_applied` (with the
+//! idempotency table) only for answered entries, saving it at most every
+//! [`PERSIST_INTERVAL`] in the alternating copies of `slots`, which survive `kill -9` of
+//! the node. After a crash Haven redelivers the entries after the recorded index, each
+//! carrying its `Haven-Index`; the app treats an index it has already applied as a replay
+//! (same response, no change). Together: nothing skipped, nothing applied twice.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -50,7 +54,7 @@ use crate::types::TypeConfig;
 pub use slots::ApplyStateError;
 use slots::StateSlots;
 
-/// Upper bound on how stale `state.bin` may be; it only widens the redelivered suffix.
+/// Upper bound on how stale the saved state may be; it only widens the redelivered suffix.
 pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// First and largest pause between deliveries to an app that does not answer.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
