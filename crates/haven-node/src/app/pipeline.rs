@@ -29,8 +29,8 @@ pub struct Delivery<'a> {
     pub stamp: Stamp,
 }
 
-/// What a window brought back: answers for a prefix of the deliveries, and why it stopped
-/// short, if it did.
+/// What a window brought back: answers for a prefix of the deliveries, and the error that
+/// cut it short, if any (a server that closes the connection cuts it short without one).
 pub struct WindowOutcome {
     pub responses: Vec<AppResponse>,
     pub error: Option<AppError>,
@@ -140,12 +140,9 @@ impl OrderedConnection {
             result = read => result?,
             result = write => result?,
         };
-        if closes && responses.len() < plan.len() {
-            return Err(AppError::Unreachable {
-                url: self.url.clone(),
-                reason: "the app closed the connection with requests still pipelined".into(),
-            });
-        }
+        // After `Connection: close` the requests behind the answered one were not
+        // processed; the caller sends them again on a new connection, which is normal
+        // operation for such servers, not a failure.
         if !closes {
             self.stream = Some(stream);
         }
@@ -244,5 +241,140 @@ fn refused(reason: &str) -> AppResponse {
             bytes::Bytes::from_static(b"text/plain"),
         )],
         body: bytes::Bytes::from(format!("Haven cannot deliver this request: {reason}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::RequestTag;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::io::BufReader;
+    use tokio::net::TcpListener;
+
+    fn request(i: u64) -> OrderedRequest {
+        OrderedRequest {
+            tag: RequestTag { origin: 1, seq: i },
+            method: "POST".into(),
+            uri: format!("/r/{i}"),
+            headers: vec![],
+            body: bytes::Bytes::new(),
+            idempotency_key: None,
+            time_unix_us: 0,
+            seed: 0,
+        }
+    }
+
+    fn deliveries(requests: &[OrderedRequest]) -> Vec<Delivery<'_>> {
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, request)| Delivery {
+                request,
+                stamp: Stamp {
+                    index: i as u64 + 1,
+                    time_rfc3339: String::new(),
+                    seed: 0,
+                },
+            })
+            .collect()
+    }
+
+    /// A server that answers each request with its path as the body; with `close_every`
+    /// it closes the connection after that many answers (saying so in the last one).
+    async fn server(close_every: Option<usize>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let Ok(Ok((stream, _))) =
+                    tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+                else {
+                    return seen;
+                };
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let mut answered = 0;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let Some(path) = line.strip_prefix("POST ") else {
+                        continue;
+                    };
+                    let path = path.trim_end_matches(" HTTP/1.1").to_string();
+                    // Skip the head; bodies are empty.
+                    while let Ok(Some(h)) = lines.next_line().await {
+                        if h.is_empty() {
+                            break;
+                        }
+                    }
+                    seen.push(path.clone());
+                    answered += 1;
+                    let closing = close_every.is_some_and(|n| answered == n);
+                    let connection = if closing { "connection: close\r\n" } else { "" };
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\n{connection}content-length: {}\r\n\r\n{path}",
+                        path.len()
+                    );
+                    write.write_all(reply.as_bytes()).await.unwrap();
+                    if closing {
+                        break;
+                    }
+                }
+            }
+        });
+        (url, handle)
+    }
+
+    fn bodies(responses: &[AppResponse]) -> Vec<String> {
+        responses
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_window_is_answered_in_order_on_one_connection() {
+        let (url, server) = server(None).await;
+        let requests: Vec<_> = (0..50).map(request).collect();
+        let mut connection = OrderedConnection::new(&url, Duration::from_secs(2));
+        let outcome = connection.deliver(&deliveries(&requests)).await;
+        assert!(outcome.error.is_none());
+        let expected: Vec<String> = (0..50).map(|i| format!("/r/{i}")).collect();
+        assert_eq!(bodies(&outcome.responses), expected);
+        drop(connection);
+        assert_eq!(server.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_gets_the_rest_on_a_new_connection() {
+        let (url, server) = server(Some(3)).await;
+        let requests: Vec<_> = (0..7).map(request).collect();
+        let all = deliveries(&requests);
+        let mut connection = OrderedConnection::new(&url, Duration::from_secs(2));
+        let mut answered = Vec::new();
+        while answered.len() < all.len() {
+            let outcome = connection.deliver(&all[answered.len()..]).await;
+            assert!(outcome.error.is_none());
+            assert!(!outcome.responses.is_empty());
+            answered.extend(outcome.responses);
+        }
+        let expected: Vec<String> = (0..7).map(|i| format!("/r/{i}")).collect();
+        assert_eq!(bodies(&answered), expected);
+        drop(connection);
+        // Requests behind a closing answer were never processed, so none ran twice.
+        assert_eq!(server.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_dead_app_is_an_error_not_a_hang() {
+        let url = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let requests = [request(0)];
+        let mut connection = OrderedConnection::new(&url, Duration::from_millis(200));
+        let outcome = connection.deliver(&deliveries(&requests)).await;
+        assert!(outcome.responses.is_empty());
+        assert!(matches!(outcome.error, Some(AppError::Unreachable { .. })));
     }
 }
