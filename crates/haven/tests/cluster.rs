@@ -34,10 +34,14 @@ impl std::ops::DerefMut for TestCluster {
 }
 
 async fn start(extra_config: &str) -> TestCluster {
-    let dir = tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix("haven-test-")
         .tempdir()
         .unwrap();
+    // HAVEN_KEEP_TEST_DIRS=1 keeps configs, data and node logs of every test.
+    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+    }
     let spec = ClusterSpec {
         nodes: 3,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),

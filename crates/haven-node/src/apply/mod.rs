@@ -61,7 +61,7 @@ const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Most entries delivered to the app in one pipelined window. Bounds the memory a window
 /// holds and how long the first waiter of a window waits for the last answer.
-const APPLY_WINDOW: usize = 256;
+const APPLY_WINDOW: usize = 64;
 
 /// What the local replica answered for one entry.
 #[derive(Debug, Clone)]

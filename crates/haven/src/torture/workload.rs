@@ -30,9 +30,13 @@ pub const MAX_OPS_PER_KEY: usize = 250;
 /// Longest a client waits for one answer; longer than Haven's own request budget in the
 /// torture config, so Haven usually answers first and says what happened.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Retries of a write whose outcome is unknown, with the same `Idempotency-Key`.
-const RETRIES: usize = 2;
+/// A write whose outcome is unknown is retried with the same `Idempotency-Key` until
+/// this long after its first attempt: every unknown left in the history is an operation
+/// the checker must try at every later point, and its search grows quickly with them.
+const RETRY_BUDGET: Duration = Duration::from_secs(8);
+/// First pause between retries; it doubles up to [`MAX_RETRY_PAUSE`].
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// The path of key `k`.
 pub fn key_path(k: usize) -> String {
@@ -170,12 +174,15 @@ impl Client {
             self.shared.workload.seed, self.id, self.count
         );
         let invoked_ns = self.now_ns();
+        let first = Instant::now();
         let mut outcome = self.send(node, key, &kind, &idempotency_key).await;
-        for _ in 0..RETRIES {
-            if !kind.is_write() || !matches!(outcome, Outcome::Unknown(_)) {
-                break;
-            }
-            tokio::time::sleep(RETRY_PAUSE).await;
+        let mut pause = RETRY_PAUSE;
+        while kind.is_write()
+            && matches!(outcome, Outcome::Unknown(_))
+            && first.elapsed() + pause < RETRY_BUDGET
+        {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
             let node = self.pick_node();
             let retry = self.send(node, key, &kind, &idempotency_key).await;
             outcome = outcome.then_retry(retry);
