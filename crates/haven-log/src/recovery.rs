@@ -64,6 +64,9 @@ where
         counters,
         expected: None,
     };
+    if let Some(purged) = &loader.st.purged {
+        refuse_last_index(&dir.join(PURGED_FILE), 0, purged.index())?;
+    }
     loader.expected = loader.st.purged.as_ref().map(|p| p.index() + 1);
     for (i, &key) in keys.iter().enumerate() {
         loader.load_segment(key, i + 1 == keys.len())?;
@@ -179,6 +182,7 @@ where
         let payload = &bytes[start..offset as usize + h.record_len() as usize];
         let entry: C::Entry = format::decode_payload(&h, payload, path, offset)?;
         let index = entry.index();
+        refuse_last_index(path, offset, index)?;
         let want = prev.map_or(key, |p| p + 1);
         if index != want {
             let reason =
@@ -303,4 +307,52 @@ fn step(bytes: &[u8], offset: u64, path: &Path) -> Result<Step, LogError> {
 
 fn all_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|b| *b == 0)
+}
+
+/// No real log reaches index `u64::MAX`, and every "next index" computed from it would
+/// overflow (a panic with overflow checks on, found by the `entry_codec` fuzz target): a
+/// file that claims it is corrupt.
+fn refuse_last_index(path: &Path, offset: u64, index: u64) -> Result<(), LogError> {
+    if index == u64::MAX {
+        return Err(LogError::corrupt(
+            path,
+            offset,
+            "log index u64::MAX is out of range",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::type_config::alias::LogIdOf;
+    use openraft::vote::RaftLeaderIdExt;
+
+    use super::*;
+    use crate::LogOptions;
+    use crate::LogStore;
+
+    openraft::declare_raft_types!(T: D = String, R = String);
+
+    /// Regression for the `entry_codec` fuzz finding: a `purged` file naming index
+    /// `u64::MAX` made recovery overflow instead of reporting the file.
+    #[test]
+    fn purged_index_u64_max_is_corrupt_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader = <T as RaftTypeConfig>::LeaderId::new_committed(1, 1);
+        let purged = LogIdOf::<T>::new(leader, u64::MAX);
+        let meta = format::encode_meta("purged log id", &purged).unwrap();
+        std::fs::write(dir.path().join(PURGED_FILE), meta).unwrap();
+        let err = LogStore::<T>::open(dir.path(), LogOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "corrupt log record in {} at offset 0: log index u64::MAX is out of range",
+                dir.path().join(PURGED_FILE).display()
+            )
+        );
+    }
 }
