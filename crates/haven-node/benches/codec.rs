@@ -3,10 +3,12 @@
 //!
 //! Run: `cargo bench -p haven-node --bench codec`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::request;
 use criterion::BenchmarkId;
 use criterion::Criterion;
 use criterion::Throughput;
@@ -14,47 +16,12 @@ use criterion::criterion_group;
 use criterion::criterion_main;
 use haven_node::types::Entry;
 use haven_node::types::LogId;
-use haven_node::types::OrderedRequest;
-use haven_node::types::RequestTag;
 use haven_node::types::TypeConfig;
 use openraft::RaftTypeConfig;
 use openraft::entry::RaftEntry;
 use openraft::vote::RaftLeaderIdExt;
 
-const BODY_BYTES: usize = 128;
 const BATCH: usize = 64;
-
-/// A typical forwarded write: a 128-byte JSON-ish body and four end-to-end headers.
-fn request(seq: u64) -> OrderedRequest {
-    let body: Vec<u8> = (0..BODY_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
-    OrderedRequest {
-        tag: RequestTag {
-            origin: 2,
-            seq: 1_700_000_000_000_000_000 + seq,
-        },
-        method: "POST".to_string(),
-        uri: "/append?stream=orders".to_string(),
-        headers: vec![
-            (
-                "content-type".to_string(),
-                Bytes::from_static(b"application/json"),
-            ),
-            (
-                "user-agent".to_string(),
-                Bytes::from_static(b"haven-bench/0.1"),
-            ),
-            ("accept".to_string(), Bytes::from_static(b"*/*")),
-            (
-                "idempotency-key".to_string(),
-                Bytes::from(format!("8c1f5e2a-4b7d-4e21-9a3c-{seq:012x}")),
-            ),
-        ],
-        body: Bytes::from(body),
-        idempotency_key: Some(format!("8c1f5e2a-4b7d-4e21-9a3c-{seq:012x}")),
-        time_unix_us: 1_763_000_000_000_000,
-        seed: 0x9e37_79b9_7f4a_7c15 ^ seq,
-    }
-}
 
 fn entry(index: u64) -> Entry {
     let leader = <TypeConfig as RaftTypeConfig>::LeaderId::new_committed(3, 1);

@@ -9,11 +9,13 @@
 //!
 //! Run: `cargo bench -p haven-node --bench forward`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 use std::time::Instant;
 
-use bytes::Bytes;
+use common::request;
 use criterion::BenchmarkId;
 use criterion::Criterion;
 use criterion::Throughput;
@@ -26,46 +28,13 @@ use haven_node::consensus::wire;
 use haven_node::consensus::wire::ForwardOutcome;
 use haven_node::consensus::wire::RpcReply;
 use haven_node::consensus::wire::RpcRequest;
-use haven_node::types::OrderedRequest;
-use haven_node::types::RequestTag;
 use tokio::io::BufWriter;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-const BODY_BYTES: usize = 128;
 const IN_FLIGHT: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A typical forwarded write, not yet stamped by the leader.
-fn request(seq: u64) -> OrderedRequest {
-    let body: Vec<u8> = (0..BODY_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
-    let key = format!("8c1f5e2a-4b7d-4e21-9a3c-{seq:012x}");
-    OrderedRequest {
-        tag: RequestTag {
-            origin: 2,
-            seq: 1_700_000_000_000_000_000 + seq,
-        },
-        method: "POST".to_string(),
-        uri: "/append?stream=orders".to_string(),
-        headers: vec![
-            (
-                "content-type".to_string(),
-                Bytes::from_static(b"application/json"),
-            ),
-            (
-                "user-agent".to_string(),
-                Bytes::from_static(b"haven-bench/0.1"),
-            ),
-            ("accept".to_string(), Bytes::from_static(b"*/*")),
-            ("idempotency-key".to_string(), Bytes::from(key.clone())),
-        ],
-        body: Bytes::from(body),
-        idempotency_key: Some(key),
-        time_unix_us: 0,
-        seed: 0,
-    }
-}
 
 /// Decodes one frame from memory. `read_frame` on a byte slice never waits, so it is polled
 /// once instead of paying for a runtime's `block_on`.

@@ -255,7 +255,7 @@ async fn curve(
 ) -> anyhow::Result<Curve> {
     let mut points = Vec::new();
     for fraction in timing.fractions {
-        let rate = (saturation * fraction).max(10.0);
+        let rate = step_rate(saturation, *fraction);
         progress.set_stage(format!("{label} · {} · {rate:.0} req/s: ", mix.name));
         let step = LoadSpec {
             mode: Mode::Open { rate },
@@ -276,11 +276,13 @@ async fn curve(
     })
 }
 
+/// An open-loop step's rate: a fraction of saturation, but never below 10 req/s.
+fn step_rate(saturation: f64, fraction: f64) -> f64 {
+    (saturation * fraction).max(10.0)
+}
+
 fn point_at(curve: &Curve, rate: f64) -> Option<&CurvePoint> {
-    curve
-        .points
-        .iter()
-        .find(|p| (p.intended_rate - rate).abs() < 0.5 || (rate < 10.0 && p.intended_rate <= 10.0))
+    curve.points.iter().find(|p| p.intended_rate == rate)
 }
 
 fn peak_rss_mb(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
@@ -411,4 +413,42 @@ pub fn render(report: &ReferenceReport) -> String {
         "\nCharts: `post.svg`, `mixed.svg`, `get.svg` (throughput against p90 latency).\n",
     );
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn curve_at(saturation: f64) -> Curve {
+        let points = FULL
+            .fractions
+            .iter()
+            .map(|f| CurvePoint {
+                intended_rate: step_rate(saturation, *f),
+                throughput: 0.0,
+                requests_ok: 0,
+                errors: 0,
+                p50_ms: None,
+                p90_ms: Some(*f),
+                p99_ms: None,
+                saturated: false,
+            })
+            .collect();
+        Curve {
+            label: String::new(),
+            points,
+            saturated_at: None,
+        }
+    }
+
+    #[test]
+    fn the_half_load_step_is_found_also_when_clamped_to_the_minimum_rate() {
+        let curve = curve_at(13_914.0);
+        let half = point_at(&curve, step_rate(13_914.0, HALF_LOAD));
+        assert_eq!(half.and_then(|p| p.p90_ms), Some(0.5));
+        // At 12 req/s every step is clamped to 10 req/s: the first one matches.
+        let slow = curve_at(12.0);
+        assert_eq!(step_rate(12.0, HALF_LOAD), 10.0);
+        assert_eq!(point_at(&slow, 10.0).and_then(|p| p.p90_ms), Some(0.1));
+    }
 }
