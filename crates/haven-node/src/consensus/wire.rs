@@ -25,6 +25,8 @@ pub const HELLO: &[u8; 8] = b"HVNRAFT1";
 /// huge length prefix does not make a node allocate it.
 pub const MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
 const FRAME_HEADER_BYTES: usize = 4;
+/// A connection's read buffer keeps at most this capacity between frames.
+const KEEP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RpcRequest {
@@ -119,12 +121,21 @@ where
     if len < 8 {
         return Err(WireError::Decode(format!("frame of {len} bytes has no id")));
     }
-    buf.resize(len, 0);
-    reader.read_exact(buf).await?;
+    // Grow the buffer only as bytes arrive: a peer claiming 128 MiB and sending nothing
+    // must not make this node allocate 128 MiB (fuzz finding).
+    buf.clear();
+    let got = (&mut *reader).take(len as u64).read_to_end(buf).await?;
+    if got < len {
+        return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     let mut id_bytes = [0u8; 8];
     id_bytes.copy_from_slice(&buf[..8]);
-    let message = postcard::from_bytes(&buf[8..]).map_err(|e| WireError::Decode(e.to_string()))?;
-    Ok((u64::from_le_bytes(id_bytes), message))
+    let message = postcard::from_bytes(&buf[8..]).map_err(|e| WireError::Decode(e.to_string()));
+    if buf.capacity() > KEEP_BUFFER_BYTES {
+        // One outsized frame must not pin its memory for the connection's lifetime.
+        *buf = Vec::new();
+    }
+    Ok((u64::from_le_bytes(id_bytes), message?))
 }
 
 /// Writes queued frames until the queue closes, flushing only when it is momentarily
@@ -175,6 +186,24 @@ mod tests {
         assert!(matches!(end, Err(WireError::Closed)));
     }
 
+    /// A length prefix promising the maximum frame, followed by nothing: the buffer must
+    /// not be sized by the claim (it grew to 128 MiB before the fix).
+    #[tokio::test]
+    async fn a_claimed_length_allocates_only_what_arrives() {
+        let mut claim = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
+        claim.extend_from_slice(&[0; 16]);
+        let mut buf = Vec::new();
+        let err = read_frame::<_, RpcReply>(&mut &claim[..], &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WireError::Io(_)), "{err}");
+        assert!(
+            buf.capacity() < 1 << 20,
+            "buffer grew to {}",
+            buf.capacity()
+        );
+    }
+
     #[tokio::test]
     async fn oversized_and_garbage_frames_are_refused() {
         let huge = (u32::MAX).to_le_bytes();
@@ -195,6 +224,15 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().starts_with("undecodable frame"), "{err}");
+        let mut short = 100u32.to_le_bytes().to_vec();
+        short.extend_from_slice(&[0; 10]);
+        let err = read_frame::<_, RpcReply>(&mut &short[..], &mut buf)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WireError::Io(ref e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{err}"
+        );
         let err = read_hello(&mut &b"GET / HT"[..]).await.unwrap_err();
         assert!(err.to_string().starts_with("bad hello"), "{err}");
     }
