@@ -49,6 +49,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub raft: RaftTiming,
+    /// Absent: no checkpoints, and the log is never compacted.
+    pub checkpoints: Option<CheckpointSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,7 +77,53 @@ pub struct AppSection {
     /// How long one delivery to the replica may take before it is retried (default 5000).
     #[serde(default = "default_app_timeout_ms")]
     pub timeout_ms: u64,
+    /// Managed mode: argv that starts the replica; `{data_dir}` in any argument or
+    /// environment value becomes `data_dir`. Haven starts, supervises and stops it.
+    pub command: Option<Vec<String>>,
+    /// The managed replica's data directory (required with `command`).
+    pub data_dir: Option<PathBuf>,
+    /// Extra environment for the managed replica.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// How long a (re)started managed replica has to answer HTTP (default 10000).
+    #[serde(default = "default_app_start_timeout_ms")]
+    pub start_timeout_ms: u64,
 }
+
+/// How the replica's state is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointMode {
+    /// The app's own snapshot and restore endpoints.
+    Hooks,
+    /// A copy of the managed app's data directory, taken while deliveries are paused.
+    Managed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub mode: CheckpointMode,
+    /// Checkpoint after this many applied entries (default 10000; 0: no entry trigger).
+    #[serde(default = "default_every_entries")]
+    pub every_entries: u64,
+    /// Checkpoint after this many seconds with new entries (default 300; 0: no timer).
+    #[serde(default = "default_every_seconds")]
+    pub every_seconds: u64,
+    /// Checkpoints kept, newest first (default 64); the log is kept back to the oldest.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Also delete checkpoints older than this many seconds (default: no age limit).
+    pub keep_seconds: Option<u64>,
+    /// Hooks mode: the app's endpoints.
+    #[serde(default = "default_snapshot_path")]
+    pub snapshot_path: String,
+    #[serde(default = "default_restore_path")]
+    pub restore_path: String,
+}
+
+/// The largest retention a node accepts; each checkpoint is one file and one log range.
+pub const MAX_KEEP: usize = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +226,24 @@ fn default_service_name() -> String {
 fn default_app_timeout_ms() -> u64 {
     5_000
 }
+fn default_app_start_timeout_ms() -> u64 {
+    10_000
+}
+fn default_every_entries() -> u64 {
+    10_000
+}
+fn default_every_seconds() -> u64 {
+    300
+}
+fn default_keep() -> usize {
+    64
+}
+fn default_snapshot_path() -> String {
+    "/_haven/snapshot".to_string()
+}
+fn default_restore_path() -> String {
+    "/_haven/restore".to_string()
+}
 fn default_path_prefix() -> String {
     "/".to_string()
 }
@@ -210,7 +276,56 @@ impl Config {
         self.validate_node()?;
         self.validate_peers()?;
         self.validate_routes()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        self.validate_managed_app()?;
+        self.validate_checkpoints()
+    }
+
+    fn validate_managed_app(&self) -> Result<(), BadKey> {
+        let app = &self.app;
+        match (&app.command, &app.data_dir) {
+            (Some(argv), _) if argv.is_empty() => {
+                Err(BadKey::new("app", 0, "command", "must name a program"))
+            }
+            (Some(_), None) => Err(BadKey::new(
+                "app",
+                0,
+                "command",
+                "needs app.data_dir (the managed app's directory)",
+            )),
+            (None, Some(_)) => Err(BadKey::new(
+                "app",
+                0,
+                "data_dir",
+                "only means something with app.command",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_checkpoints(&self) -> Result<(), BadKey> {
+        let Some(c) = &self.checkpoints else {
+            return Ok(());
+        };
+        let bad = |key, reason: &str| Err(BadKey::new("checkpoints", 0, key, reason));
+        if c.mode == CheckpointMode::Managed && self.app.command.is_none() {
+            return bad("mode", "managed needs app.command and app.data_dir");
+        }
+        if c.every_entries == 0 && c.every_seconds == 0 {
+            return bad("every_entries", "and every_seconds cannot both be 0");
+        }
+        if c.keep == 0 || c.keep > MAX_KEEP {
+            return bad("keep", &format!("must be between 1 and {MAX_KEEP}"));
+        }
+        for (key, path) in [
+            ("snapshot_path", &c.snapshot_path),
+            ("restore_path", &c.restore_path),
+        ] {
+            if !path.starts_with('/') {
+                return bad(key, "must start with /");
+            }
+        }
+        Ok(())
     }
 
     fn validate_node(&self) -> Result<(), BadKey> {
@@ -501,6 +616,55 @@ mode = "linearizable"
         assert_eq!(
             err,
             "invalid config n1.toml: key `node.id` (line 3): this node's id must be listed in [[peers]]"
+        );
+    }
+
+    const MANAGED: &str = r#"
+command = ["haven", "logapp", "--listen", "127.0.0.1:6001", "--file", "{data_dir}/log.txt"]
+data_dir = "/tmp/haven/1/app"
+"#;
+
+    #[test]
+    fn checkpoints_take_the_documented_defaults() {
+        let text = format!(
+            "{}\n[checkpoints]\nmode = \"managed\"\n",
+            GOOD.replace("[app]\n", &format!("[app]{MANAGED}"))
+        );
+        let config = parse(&text).unwrap();
+        let c = config.checkpoints.unwrap();
+        assert_eq!(c.mode, CheckpointMode::Managed);
+        assert_eq!(
+            (c.every_entries, c.every_seconds, c.keep),
+            (10_000, 300, 64)
+        );
+        assert_eq!(c.keep_seconds, None);
+        assert_eq!(config.app.data_dir, Some(PathBuf::from("/tmp/haven/1/app")));
+        assert!(parse(GOOD).unwrap().checkpoints.is_none());
+    }
+
+    #[test]
+    fn checkpoint_settings_are_checked() {
+        let hooks = |extra: &str| format!("{GOOD}\n[checkpoints]\nmode = \"hooks\"\n{extra}");
+        assert_eq!(
+            parse(&hooks("keep = 0\n")).unwrap_err(),
+            format!(
+                "invalid config n1.toml: key `checkpoints.keep` (line 30): must be between 1 and {MAX_KEEP}"
+            )
+        );
+        assert_eq!(
+            parse(&hooks("every_entries = 0\nevery_seconds = 0\n")).unwrap_err(),
+            "invalid config n1.toml: key `checkpoints.every_entries` (line 30): and every_seconds cannot both be 0"
+        );
+        assert_eq!(
+            parse(&format!("{GOOD}\n[checkpoints]\nmode = \"managed\"\n")).unwrap_err(),
+            "invalid config n1.toml: key `checkpoints.mode` (line 29): managed needs app.command and app.data_dir"
+        );
+        let err = parse(&hooks("mode2 = 1\n")).unwrap_err();
+        assert!(err.contains("unknown field `mode2`"), "{err}");
+        let no_dir = GOOD.replace("[app]\n", "[app]\ncommand = [\"x\"]\n");
+        assert_eq!(
+            parse(&no_dir).unwrap_err(),
+            "invalid config n1.toml: key `app.command` (line 11): needs app.data_dir (the managed app's directory)"
         );
     }
 
