@@ -24,6 +24,8 @@
 //! | `POST /append`, body = one line | `201 Created`, `Content-Type: text/plain`, `Location: /line/{n}`, body `n` (0-based line number, decimal, no newline) | `400` if the body contains `\n` or `\r`; `400` for a malformed `Haven-Index`; `409` for a replayed `Haven-Index` that appended nothing (see below); `413` above 2 MiB (axum's default body limit); `500` if the file cannot be written |
 //! | `GET /line/{n}` | `200`, `Content-Type: application/octet-stream`, the line's bytes without the newline | `404 no line {n}`; `400` if `n` is not a decimal number |
 //! | `GET /count` | `200`, `Content-Type: text/plain`, the number of lines (decimal) | `400` for a malformed `Haven-Index` |
+//! | `GET /_haven/snapshot` | `200`, `Content-Type: application/octet-stream`, `Content-Length` set, streamed: the whole state (format below) | `400` for a malformed `Haven-Index` (the header is otherwise ignored) |
+//! | `PUT /_haven/restore`, header `Haven-Index: N` required, body = a snapshot | `204 No Content`, no body; the files are now byte-identical to the snapshotted replica's | `400 invalid Haven-Index header: ...` (the usual body) if the header is missing or malformed; `400 invalid snapshot: {reason}` (below); `400 cannot read the snapshot body: {error}`; `500` if the files cannot be written or swapped |
 //!
 //! Any other path answers `404`, any other method on these paths `405` (axum's
 //! defaults). An empty body appends an empty line. Every error body is a short
@@ -116,6 +118,117 @@
 //! (not a process kill) may lose recent lines or their sidecar entries; Haven's
 //! checkpoints, not this app, cover that case.
 //!
+//! # Checkpoint hooks (how an app opts in)
+//!
+//! Haven checkpoints an app's state so that a replica can be rebuilt without
+//! replaying the whole Raft log. An app takes part in one of two ways:
+//!
+//! - **Hooks.** The app serves two endpoints, and Haven calls nothing else:
+//!   - `GET /_haven/snapshot` answers `200`, `application/octet-stream`, with
+//!     the app's complete state in an app-defined, *self-validating* format (a
+//!     magic and version, plus lengths and a checksum, so that a truncated or
+//!     garbled copy is detected on restore). It reflects every request
+//!     answered before the snapshot request, and is streamed: it may be
+//!     gigabytes, so it is never built in memory whole.
+//!   - `PUT /_haven/restore` with `Haven-Index: N` (the log index the state
+//!     corresponds to; required) and a body some replica's snapshot endpoint
+//!     returned. The app validates the body completely, then replaces its whole
+//!     state (files and memory) so that it is byte-identical to the replica that
+//!     produced it, and answers `204`. Invalid input gets `400` with an exact
+//!     reason and changes nothing. While a restore runs, other requests wait or
+//!     see the old state, never a half-restored one. If the app is killed at any
+//!     point of a restore it must still start afterwards (with the old state,
+//!     the new one, or any state it can open): Haven's own record then says the
+//!     restore did not finish, and it restores again.
+//! - **Managed.** Haven starts the app itself with a data directory (this app:
+//!   `haven logapp --listen ADDR --file {data_dir}/log.txt`), pauses deliveries,
+//!   copies the directory while the app is idle, and resumes. That copy is
+//!   consistent only if the app has *written* (a `write` syscall; `fsync` is not
+//!   needed) every change before answering the request that made it, and does
+//!   not modify its files while idle, or only in ways that are safe to capture
+//!   at any instant.
+//!
+//! ## This app's snapshot format (version 1)
+//!
+//! All integers are little-endian.
+//!
+//! | Bytes | Content |
+//! |---|---|
+//! | 8 | magic [`SNAPSHOT_MAGIC`], `HAVENLOG` |
+//! | 4 | format version, `u32` [`SNAPSHOT_VERSION`] = 1 |
+//! | 8 | `L`, the log file's length, `u64` |
+//! | 8 | `S`, the sidecar's length, `u64` (a multiple of 8) |
+//! | 4 | CRC-32 (IEEE) of the 28 bytes above, `u32` |
+//! | `L` | the log file's bytes |
+//! | `S` | the sidecar's bytes |
+//! | 4 | CRC-32 (IEEE) of every byte above, `u32` |
+//!
+//! The snapshot handler notes `L` and `S` under the index lock, which holds
+//! exactly the appends answered so far, then streams those byte ranges in
+//! 256 KiB chunks from its own handles on the files, with `Content-Length`
+//! set. Both files are append-only, so appends go on meanwhile without
+//! touching those bytes (and a concurrent restore renames new files in rather
+//! than overwriting these). A read error mid-way aborts the response, which
+//! the client sees as a short body.
+//!
+//! ## Restore
+//!
+//! The body is streamed to `{file}.restore.tmp` and
+//! `{file}.haven-index.restore.tmp` while it is checked; appends go on
+//! meanwhile against the old state. Restores are serialized. It is answered
+//! `400 invalid snapshot: {reason}`, the temporary files deleted and nothing
+//! changed, with these reasons, the first that applies in stream order:
+//!
+//! - `bad magic` (also for a body too short to hold the magic that does not
+//!   begin like it); `unsupported version {v}`; `header checksum mismatch`;
+//!   `sidecar length {S} is not a multiple of 8`; `lengths overflow`;
+//! - `trailing bytes after the checksum`; `truncated` (the body ended early);
+//!   `checksum mismatch`;
+//! - then, once the checksum matched, what start-up would otherwise have to
+//!   repair: `the log does not end with a newline`; `the log has {n} lines but
+//!   the sidecar {m} entries`; `sidecar entry {k} records Haven-Index {i}, not
+//!   above {p}`; and `it records Haven-Index {i}, above the restore's
+//!   Haven-Index {N}` (a snapshot cannot hold a request after its own index).
+//!
+//! A valid body is synced, then swapped in under the writer lock (appends
+//! wait; reads see the old files until the new index replaces the old one in
+//! one step):
+//!
+//! 1. the marker `{file}.restore.ready` is created and synced: the commit point;
+//! 2. the sidecar's and then the log's temporary file are renamed into place,
+//!    the directory synced, the marker removed;
+//! 3. the files are reopened and the in-memory index rebuilt.
+//!
+//! Crash safety rests on the marker, not on the rename order or on the
+//! reconciliation: at start-up, before anything else, a marker means the
+//! temporary files are complete, so any that remain are renamed into place
+//! (step 2 again; idempotent); no marker means the old files were never
+//! touched, so temporary files are deleted. A killed restore thus leaves the
+//! old state or the new one, never a mix. A failure after the commit (say, a
+//! rename error) answers `500` and refuses appends and restores until a
+//! restart finishes the restore. Likewise, while appends are refused after a
+//! write error that could not be rolled back, restores answer `500` too: a
+//! restart comes first.
+//!
+//! The restored files carry their own `Haven-Index` history, so the replay
+//! rules above apply unchanged: an index the snapshot recorded is answered as
+//! on the replica that produced it, `409` if it appended nothing. `N` itself
+//! is not stored (storing it would make the files differ from the producer's):
+//! indexes above the snapshot's last recorded one but at most `N` would be
+//! taken as new, which is safe because Haven delivers only entries above `N`
+//! after restoring at `N`.
+//!
+//! ## Managed mode
+//!
+//! This app also satisfies the managed-mode rules: an append writes its
+//! sidecar entry and its line with plain `write`s before it answers, and the
+//! app has no background work at all. It changes its files only inside
+//! requests (appends, their rollback, restores) and at start-up
+//! (reconciliation, pre-population, finishing a restore). A copy of an idle
+//! app's directory therefore opens with exactly the answered state. (An
+//! append whose client gave up still runs to completion; "idle" means no
+//! request in flight.)
+//!
 //! ## Pre-population
 //!
 //! With [`LogAppConfig::prepopulate`] = `N` and a file that holds no line at
@@ -125,6 +238,8 @@
 //! identical. The lines are written to `{file}.prepopulate.tmp`, synced and
 //! renamed over `{file}`, so a crash never leaves a half pre-populated file.
 //! A file that already holds lines is never pre-populated again.
+
+mod checkpoint;
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -137,11 +252,16 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
+
+pub use checkpoint::{
+    RESTORE_MARKER_SUFFIX, RESTORE_TMP_SUFFIX, SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION,
+};
 
 /// Name of the header carrying the log index of a request delivered by Haven.
 pub const HAVEN_INDEX_HEADER: &str = "haven-index";
@@ -288,20 +408,30 @@ impl LineIndex {
 /// The single writer's state, behind the append mutex.
 #[derive(Debug)]
 struct Writer {
-    sidecar: File,
     /// Set when a write error could not be rolled back.
     failed: bool,
+}
+
+/// The open files with their index: what a restore swaps as a whole, under
+/// one lock, so that no reader ever pairs an old index with a new file.
+#[derive(Debug)]
+struct View {
+    /// The log file, opened for reading and appending; shared by positional
+    /// reads, snapshots and the (serialized) appends.
+    file: Arc<File>,
+    /// The sidecar, opened for reading and appending.
+    sidecar: Arc<File>,
+    index: LineIndex,
 }
 
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
     sidecar_path: PathBuf,
-    /// The log file, opened for reading and appending; shared by positional
-    /// reads and the (serialized) appends.
-    file: File,
-    index: RwLock<LineIndex>,
+    view: RwLock<View>,
     writer: Arc<Mutex<Writer>>,
+    /// Serializes restores (they share their temporary file names).
+    restoring: Arc<Mutex<()>>,
 }
 
 /// An open log file with its sidecar: the state behind the HTTP handlers.
@@ -331,6 +461,7 @@ impl LogApp {
     pub fn open(config: &LogAppConfig) -> Result<LogApp, LogAppError> {
         let path = config.file.clone();
         let sidecar_path = sidecar_path(&path);
+        checkpoint::finish_or_discard_restore(&path, &sidecar_path)?;
         let mut opened = open_reconciled(&path, &sidecar_path)?;
         if opened.index.count() == 0 && config.prepopulate > 0 {
             drop(opened);
@@ -339,27 +470,19 @@ impl LogApp {
         } else if config.prepopulate > 0 {
             debug!(file = %path.display(), "file already holds lines; not pre-populating");
         }
-        let Opened {
-            file,
-            sidecar,
-            index,
-        } = opened;
         info!(
             file = %path.display(),
-            lines = index.count(),
-            last_haven_index = index.last_indexed().unwrap_or(0),
+            lines = opened.index.count(),
+            last_haven_index = opened.index.last_indexed().unwrap_or(0),
             "log app file open"
         );
         Ok(LogApp {
             inner: Arc::new(Inner {
                 path,
                 sidecar_path,
-                file,
-                index: RwLock::new(index),
-                writer: Arc::new(Mutex::new(Writer {
-                    sidecar,
-                    failed: false,
-                })),
+                view: RwLock::new(opened.into_view()),
+                writer: Arc::new(Mutex::new(Writer { failed: false })),
+                restoring: Arc::new(Mutex::new(())),
             }),
         })
     }
@@ -371,12 +494,12 @@ impl LogApp {
 
     /// Number of lines in the file now.
     pub fn count(&self) -> u64 {
-        self.inner.read_index().count()
+        self.inner.read_view().index.count()
     }
 
     /// Highest `Haven-Index` recorded in the sidecar (`None`: none recorded).
     pub fn last_haven_index(&self) -> Option<u64> {
-        self.inner.read_index().last_indexed()
+        self.inner.read_view().index.last_indexed()
     }
 
     /// Waits until no append is in progress (appends run to completion even
@@ -402,7 +525,11 @@ impl LogApp {
     }
 
     async fn line(&self, n: u64, at: Option<u64>) -> Result<Option<Vec<u8>>, LogAppError> {
-        let Some((start, end)) = self.inner.read_index().range(n, at) else {
+        let (file, range) = {
+            let view = self.inner.read_view();
+            (Arc::clone(&view.file), view.index.range(n, at))
+        };
+        let Some((start, end)) = range else {
             return Ok(None);
         };
         let inner = Arc::clone(&self.inner);
@@ -413,8 +540,7 @@ impl LogApp {
                 source: io::Error::new(io::ErrorKind::InvalidData, "line too long"),
             })?;
             let mut buf = vec![0; len];
-            read_exact_at(&inner.file, &mut buf, start)
-                .map_err(io_err(&inner.path, "read a line"))?;
+            read_exact_at(&file, &mut buf, start).map_err(io_err(&inner.path, "read a line"))?;
             Ok(Some(buf))
         })
         .await
@@ -426,12 +552,12 @@ impl LogApp {
 }
 
 impl Inner {
-    fn read_index(&self) -> RwLockReadGuard<'_, LineIndex> {
-        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    fn read_view(&self) -> RwLockReadGuard<'_, View> {
+        self.view.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_index(&self) -> RwLockWriteGuard<'_, LineIndex> {
-        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    fn write_view(&self) -> RwLockWriteGuard<'_, View> {
+        self.view.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// One append, under the writer lock (blocking).
@@ -446,8 +572,10 @@ impl Inner {
                 path: self.path.clone(),
             });
         }
-        let (line, start) = {
-            let index = self.read_index();
+        // Only a restore swaps the files, and it holds the writer lock too.
+        let (file, sidecar, line, start) = {
+            let view = self.read_view();
+            let index = &view.index;
             if let (Some(i), Some(last)) = (haven_index, index.last_indexed())
                 && i <= last
             {
@@ -456,15 +584,20 @@ impl Inner {
                     None => Append::ReplayedNothing(i),
                 });
             }
-            (index.count(), index.starts.last().copied().unwrap_or(0))
+            (
+                Arc::clone(&view.file),
+                Arc::clone(&view.sidecar),
+                index.count(),
+                index.starts.last().copied().unwrap_or(0),
+            )
         };
         let sidecar_len = line * ENTRY_LEN;
 
         // Sidecar entry first: a crash before the line is written leaves an
         // extra entry, which start-up truncates.
         let entry = haven_index.unwrap_or(0).to_le_bytes();
-        if let Err(e) = (&writer.sidecar).write_all(&entry) {
-            self.roll_back(writer, None, sidecar_len);
+        if let Err(e) = (&*sidecar).write_all(&entry) {
+            self.roll_back(writer, (&file, None), (&sidecar, sidecar_len));
             return Err(LogAppError::Io {
                 path: self.sidecar_path.clone(),
                 action: "append to the Haven-Index sidecar",
@@ -474,8 +607,8 @@ impl Inner {
         let mut record = Vec::with_capacity(body.len() + 1);
         record.extend_from_slice(body);
         record.push(b'\n');
-        if let Err(e) = (&self.file).write_all(&record) {
-            self.roll_back(writer, Some(start), sidecar_len);
+        if let Err(e) = (&*file).write_all(&record) {
+            self.roll_back(writer, (&file, Some(start)), (&sidecar, sidecar_len));
             return Err(LogAppError::Io {
                 path: self.path.clone(),
                 action: "append a line",
@@ -483,7 +616,8 @@ impl Inner {
             });
         }
 
-        let mut index = self.write_index();
+        let mut view = self.write_view();
+        let index = &mut view.index;
         index.starts.push(start + record.len() as u64);
         if let Some(i) = haven_index {
             index.indexed.push((i, line));
@@ -493,14 +627,19 @@ impl Inner {
 
     /// Restores both files to their length before a failed append; marks the
     /// writer failed if that is impossible.
-    fn roll_back(&self, writer: &mut Writer, file_len: Option<u64>, sidecar_len: u64) {
+    fn roll_back(
+        &self,
+        writer: &mut Writer,
+        (file, file_len): (&File, Option<u64>),
+        (sidecar, sidecar_len): (&File, u64),
+    ) {
         if let Some(len) = file_len
-            && let Err(e) = self.file.set_len(len)
+            && let Err(e) = file.set_len(len)
         {
             error!(file = %self.path.display(), error = %e, "cannot roll back a failed append");
             writer.failed = true;
         }
-        if let Err(e) = writer.sidecar.set_len(sidecar_len) {
+        if let Err(e) = sidecar.set_len(sidecar_len) {
             error!(
                 file = %self.sidecar_path.display(),
                 error = %e,
@@ -538,6 +677,16 @@ struct Opened {
     file: File,
     sidecar: File,
     index: LineIndex,
+}
+
+impl Opened {
+    fn into_view(self) -> View {
+        View {
+            file: Arc::new(self.file),
+            sidecar: Arc::new(self.sidecar),
+            index: self.index,
+        }
+    }
 }
 
 /// Opens the log file and its sidecar and reconciles them (see the crate docs).
@@ -761,12 +910,15 @@ pub async fn serve(
     result.map_err(|source| LogAppError::Serve { path, source })
 }
 
-/// The log app's routes (`POST /append`, `GET /line/{n}`, `GET /count`) over `app`.
+/// The log app's routes (`POST /append`, `GET /line/{n}`, `GET /count`, and
+/// the checkpoint hooks `GET /_haven/snapshot`, `PUT /_haven/restore`) over `app`.
 pub fn router(app: LogApp) -> Router {
     Router::new()
         .route("/append", post(append))
         .route("/line/{n}", get(line))
         .route("/count", get(count))
+        .route("/_haven/snapshot", get(checkpoint::snapshot))
+        .route("/_haven/restore", put(checkpoint::restore))
         .with_state(app)
 }
 
@@ -901,7 +1053,7 @@ async fn count(State(app): State<LogApp>, headers: HeaderMap) -> Response {
     match haven_index(&headers) {
         Ok(at) => text(
             StatusCode::OK,
-            app.inner.read_index().count_at(at).to_string(),
+            app.inner.read_view().index.count_at(at).to_string(),
         ),
         Err(bad) => bad.into_response(),
     }
@@ -990,7 +1142,7 @@ mod tests {
         );
         // A read-only sidecar handle: the entry write fails, and so does the
         // rollback (`set_len` needs write access).
-        app.inner.writer.lock().await.sidecar = File::open(sidecar_path(&file)).unwrap();
+        app.inner.write_view().sidecar = Arc::new(File::open(sidecar_path(&file)).unwrap());
         let err = app
             .append(Some(2), Bytes::from_static(b"two"))
             .await

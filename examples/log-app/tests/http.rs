@@ -4,9 +4,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use haven_logapp::{LogAppConfig, LogAppError, PREPOPULATE_LINE_LEN, serve, sidecar_path};
+use haven_logapp::{
+    LogAppConfig, LogAppError, PREPOPULATE_LINE_LEN, RESTORE_MARKER_SUFFIX, RESTORE_TMP_SUFFIX,
+    SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC, serve, sidecar_path,
+};
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, LOCATION};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -107,6 +110,22 @@ impl Server {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers[CONTENT_TYPE], "text/plain");
         String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// `GET /_haven/snapshot`, asserting a `200` with the exact length.
+    async fn snapshot(&self) -> Bytes {
+        let (status, headers, body) = self.get("/_haven/snapshot", &[]).await;
+        assert_eq!(status, StatusCode::OK, "body {body:?}");
+        assert_eq!(headers[CONTENT_TYPE], "application/octet-stream");
+        assert_eq!(headers[CONTENT_LENGTH], body.len().to_string().as_str());
+        body
+    }
+
+    async fn restore(&self, index: Option<&str>, body: &[u8]) -> (StatusCode, HeaderMap, Bytes) {
+        let headers: Vec<(&str, &str)> =
+            index.map(|i| vec![("Haven-Index", i)]).unwrap_or_default();
+        self.call(Method::PUT, "/_haven/restore", &headers, body)
+            .await
     }
 
     async fn line(&self, n: u64) -> Bytes {
@@ -578,4 +597,324 @@ async fn concurrent_appends_and_reads_are_consistent() {
         std::fs::read(sidecar_path(&file)).unwrap(),
         sidecar(&[0; 50])
     );
+}
+
+/// The log file and sidecar bytes, to compare replicas.
+fn files(file: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(file).unwrap(),
+        std::fs::read(sidecar_path(file)).unwrap(),
+    )
+}
+
+/// Names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Replica A of the checkpoint tests: indexed and plain lines, index 3
+/// applied without appending (a rejected append).
+async fn replica_a(file: &Path) -> Server {
+    let server = Server::start(file, 0).await;
+    server.append_ok(Some(1), b"one", 0).await;
+    server.append_ok(Some(2), b"two", 1).await;
+    let bad = server.append(Some(3), b"bad\n").await;
+    assert_eq!(bad.0, StatusCode::BAD_REQUEST);
+    server.append_ok(None, b"plain", 2).await;
+    server.append_ok(Some(4), b"four \x00\xff", 3).await;
+    server
+}
+
+#[tokio::test]
+async fn snapshot_restores_into_a_fresh_app_byte_for_byte() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (file_a, file_b) = (log_file(&dir_a), log_file(&dir_b));
+    let a = replica_a(&file_a).await;
+    let b = Server::start(&file_b, 0).await;
+    b.append_ok(Some(40), b"stale", 0).await;
+
+    let snapshot = a.snapshot().await;
+    let (log, side) = files(&file_a);
+    assert!(snapshot.starts_with(&SNAPSHOT_MAGIC));
+    assert_eq!(
+        snapshot.len() as u64,
+        SNAPSHOT_HEADER_LEN + log.len() as u64 + side.len() as u64 + 4
+    );
+    let got = b.restore(Some("5"), &snapshot).await;
+    assert_eq!(got.0, StatusCode::NO_CONTENT, "body {:?}", got.2);
+    assert!(got.2.is_empty());
+    assert_eq!(files(&file_b), (log, side));
+    assert_eq!(names(dir_b.path()), names(dir_a.path()));
+    assert_eq!(b.count().await, a.count().await);
+    for n in 0..4 {
+        assert_eq!(b.line(n).await, a.line(n).await);
+    }
+    assert_eq!(
+        b.snapshot().await,
+        snapshot,
+        "the restored replica snapshots the same"
+    );
+
+    // Replays of indexes the snapshot holds answer as on A; new ones append.
+    b.append_ok(Some(2), b"two", 1).await;
+    b.append_ok(Some(4), b"four \x00\xff", 3).await;
+    assert_text(
+        &b.append(Some(3), b"x").await,
+        StatusCode::CONFLICT,
+        "Haven-Index 3 was already applied and appended no line; nothing was changed",
+    );
+    assert_text(&b.append(Some(40), b"x").await, StatusCode::CREATED, "4");
+    b.append_ok(Some(40), b"x", 4).await;
+    assert_eq!(b.count().await, "5");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn restored_state_survives_a_restart() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (file_a, file_b) = (log_file(&dir_a), log_file(&dir_b));
+    let a = replica_a(&file_a).await;
+    let snapshot = a.snapshot().await;
+    a.stop().await;
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(
+        b.restore(Some("4"), &snapshot).await.0,
+        StatusCode::NO_CONTENT
+    );
+    b.stop().await;
+
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(files(&file_b), files(&file_a));
+    assert_eq!(b.count().await, "4");
+    assert_eq!(b.line(3).await, &b"four \x00\xff"[..]);
+    b.append_ok(Some(1), b"one", 0).await;
+    b.append_ok(Some(9), b"nine", 4).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_snapshots_are_rejected_and_change_nothing() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica_a(&log_file(&dir_a)).await;
+    let snapshot = a.snapshot().await.to_vec();
+    a.stop().await;
+    let file_b = log_file(&dir_b);
+    let b = Server::start(&file_b, 0).await;
+    b.append_ok(Some(7), b"mine", 0).await;
+    let before = files(&file_b);
+    let names_before = names(dir_b.path());
+
+    let mut flipped = snapshot.clone();
+    let middle = SNAPSHOT_HEADER_LEN as usize + 2;
+    flipped[middle] ^= 0x01;
+    let mut header_flipped = snapshot.clone();
+    header_flipped[14] ^= 0x01;
+    let mut trailing = snapshot.clone();
+    trailing.push(0);
+    let mut version = snapshot.clone();
+    version[8] = 9;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "drop last byte",
+            snapshot[..snapshot.len() - 1].to_vec(),
+            "truncated",
+        ),
+        ("half", snapshot[..snapshot.len() / 2].to_vec(), "truncated"),
+        ("header only", snapshot[..10].to_vec(), "truncated"),
+        ("empty", Vec::new(), "truncated"),
+        ("flipped byte", flipped, "checksum mismatch"),
+        ("flipped length", header_flipped, "header checksum mismatch"),
+        (
+            "trailing byte",
+            trailing,
+            "trailing bytes after the checksum",
+        ),
+        ("version", version, "unsupported version 9"),
+        (
+            "garbage",
+            b"this is not a snapshot, it is garbage".to_vec(),
+            "bad magic",
+        ),
+        ("short garbage", b"nope".to_vec(), "bad magic"),
+    ];
+    for (what, body, reason) in cases {
+        let got = b.restore(Some("10"), &body).await;
+        assert_text(
+            &got,
+            StatusCode::BAD_REQUEST,
+            &format!("invalid snapshot: {reason}"),
+        );
+        assert_eq!(files(&file_b), before, "{what}");
+        assert_eq!(
+            names(dir_b.path()),
+            names_before,
+            "{what}: no temporary file left"
+        );
+    }
+    // A valid snapshot that records an index above the restore's.
+    assert_text(
+        &b.restore(Some("3"), &snapshot).await,
+        StatusCode::BAD_REQUEST,
+        "invalid snapshot: it records Haven-Index 4, above the restore's Haven-Index 3",
+    );
+    assert_eq!(files(&file_b), before);
+    assert_eq!(b.count().await, "1");
+    b.append_ok(Some(7), b"mine", 0).await;
+    b.append_ok(Some(8), b"more", 1).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn restore_requires_a_haven_index() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica_a(&log_file(&dir_a)).await;
+    let snapshot = a.snapshot().await;
+    a.stop().await;
+    let file_b = log_file(&dir_b);
+    let b = Server::start(&file_b, 0).await;
+    let before = files(&file_b);
+    for index in [
+        None,
+        Some(""),
+        Some("0"),
+        Some("x"),
+        Some("18446744073709551616"),
+    ] {
+        assert_text(
+            &b.restore(index, &snapshot).await,
+            StatusCode::BAD_REQUEST,
+            BAD_INDEX,
+        );
+    }
+    assert_text(
+        &b.get("/_haven/snapshot", &[("Haven-Index", "0")]).await,
+        StatusCode::BAD_REQUEST,
+        BAD_INDEX,
+    );
+    assert_eq!(files(&file_b), before);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_snapshot_streams_with_its_length() {
+    let lines = 30_000u64;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (file_a, file_b) = (log_file(&dir_a), log_file(&dir_b));
+    let a = Server::start(&file_a, lines).await;
+    a.append_ok(Some(3), b"last", lines).await;
+    let snapshot = a.snapshot().await;
+    let log_len = (lines * (PREPOPULATE_LINE_LEN as u64 + 1)) + 5;
+    assert!(log_len > 3 << 20, "a few MB");
+    assert_eq!(
+        snapshot.len() as u64,
+        SNAPSHOT_HEADER_LEN + log_len + (lines + 1) * 8 + 4
+    );
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(
+        b.restore(Some("3"), &snapshot).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(files(&file_b), files(&file_a));
+    assert_eq!(b.count().await, (lines + 1).to_string());
+    assert_eq!(b.line(lines).await, &b"last"[..]);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Writes B's side of a restore that was cut short by a crash: the temporary
+/// copies of A's files, with or without the commit marker.
+fn stage_restore(file_b: &Path, (log, side): &(Vec<u8>, Vec<u8>), marker: bool) {
+    let tmp = |p: &Path| PathBuf::from(format!("{}{RESTORE_TMP_SUFFIX}", p.display()));
+    std::fs::write(tmp(file_b), log).unwrap();
+    std::fs::write(tmp(&sidecar_path(file_b)), side).unwrap();
+    if marker {
+        let marker = format!("{}{RESTORE_MARKER_SUFFIX}", file_b.display());
+        std::fs::write(marker, b"").unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_crash_mid_restore_leaves_an_app_that_opens() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (file_a, file_b) = (log_file(&dir_a), log_file(&dir_b));
+    replica_a(&file_a).await.stop().await;
+    let new = files(&file_a);
+    let b = Server::start(&file_b, 0).await;
+    b.append_ok(Some(1), b"old", 0).await;
+    b.stop().await;
+    let old = files(&file_b);
+    let names_old = names(dir_b.path());
+
+    // Killed while receiving (no marker), even mid-way: the old state.
+    stage_restore(&file_b, &(new.0[..5].to_vec(), new.1[..3].to_vec()), false);
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(b.count().await, "1");
+    b.stop().await;
+    assert_eq!(files(&file_b), old);
+    assert_eq!(names(dir_b.path()), names_old);
+
+    // Killed after the commit, before any rename: the new state.
+    stage_restore(&file_b, &new, true);
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(b.count().await, "4");
+    b.stop().await;
+    assert_eq!(files(&file_b), new);
+    assert_eq!(names(dir_b.path()), names_old);
+
+    // Killed between the two renames: the new state too.
+    std::fs::write(&file_b, &old.0).unwrap();
+    std::fs::write(sidecar_path(&file_b), &old.1).unwrap();
+    stage_restore(&file_b, &new, true);
+    std::fs::rename(
+        format!("{}{RESTORE_TMP_SUFFIX}", sidecar_path(&file_b).display()),
+        sidecar_path(&file_b),
+    )
+    .unwrap();
+    let b = Server::start(&file_b, 0).await;
+    assert_eq!(b.count().await, "4");
+    assert_eq!(b.line(3).await, &b"four \x00\xff"[..]);
+    b.stop().await;
+    assert_eq!(files(&file_b), new);
+    assert_eq!(names(dir_b.path()), names_old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_during_appends_are_consistent_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = log_file(&dir);
+    let server = std::sync::Arc::new(Server::start(&file, 1000).await);
+    let writer = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            for i in 1..=100u64 {
+                server.append_ok(Some(i), b"x", 999 + i).await;
+            }
+        })
+    };
+    let mut snapshots = Vec::new();
+    for _ in 0..10 {
+        snapshots.push(server.snapshot().await);
+    }
+    writer.await.unwrap();
+    for (k, snapshot) in snapshots.iter().enumerate() {
+        let other = tempfile::tempdir().unwrap();
+        let restored = Server::start(&log_file(&other), 0).await;
+        let got = restored.restore(Some("100"), snapshot).await;
+        assert_eq!(got.0, StatusCode::NO_CONTENT, "snapshot {k}: {:?}", got.2);
+        let count: u64 = restored.count().await.parse().unwrap();
+        let (log, side) = files(&log_file(&other));
+        let (full_log, full_side) = files(&file);
+        assert_eq!(log, full_log[..log.len()], "snapshot {k} is a prefix");
+        assert_eq!(side, full_side[..side.len()]);
+        assert_eq!(side.len() as u64, count * 8);
+        restored.stop().await;
+    }
+    let server = std::sync::Arc::into_inner(server).unwrap();
+    server.stop().await;
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path as UrlPath, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -11,6 +12,7 @@ use axum::routing::{get, post, put};
 use bytes::Bytes;
 use tracing::{debug, error, info, warn};
 
+use crate::checkpoint::RestoreError;
 use crate::state::{Executed, json_string};
 use crate::tree::{Done, MAX_DATA_LEN, Op, Outcome, TreeError};
 use crate::{TreeApp, TreeAppError};
@@ -45,6 +47,9 @@ pub fn router(app: Arc<TreeApp>) -> Router {
         .route("/sync", post(sync))
         .route("/digest", get(digest))
         .route("/dump", get(dump))
+        .route("/_haven/snapshot", get(snapshot))
+        // Streamed; the body limit applies only to the extractors that buffer.
+        .route("/_haven/restore", put(restore))
         .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
         .with_state(app)
 }
@@ -312,6 +317,48 @@ async fn digest(
 async fn dump(State(app): State<Arc<TreeApp>>, headers: HeaderMap) -> Result<Response, BadHeader> {
     haven_index(&headers)?;
     Ok(json(StatusCode::OK, app.dump()))
+}
+
+async fn snapshot(
+    State(app): State<Arc<TreeApp>>,
+    headers: HeaderMap,
+) -> Result<Response, BadHeader> {
+    haven_index(&headers)?;
+    Ok(match app.snapshot_stream().await {
+        Ok((len, body)) => (
+            StatusCode::OK,
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+                (header::CONTENT_LENGTH, HeaderValue::from(len)),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e) => internal_error(&e),
+    })
+}
+
+async fn restore(
+    State(app): State<Arc<TreeApp>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, BadHeader> {
+    let index = haven_index(&headers)?.ok_or(BadHeader(BAD_HAVEN_INDEX))?;
+    Ok(match app.restore(index, body).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(RestoreError::Invalid(why)) => {
+            warn!(haven_index = index, reason = %why, "rejected a snapshot");
+            text(StatusCode::BAD_REQUEST, format!("invalid snapshot: {why}"))
+        }
+        Err(RestoreError::Body(e)) => text(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the snapshot body: {e}"),
+        ),
+        Err(RestoreError::App(e)) => internal_error(&e),
+    })
 }
 
 #[cfg(test)]

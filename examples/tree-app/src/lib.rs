@@ -35,6 +35,8 @@
 //! | `POST /sync` | `200`, `text/plain`, the number of successful creates, sets and deletes so far (decimal) | |
 //! | `GET /digest` | `200`, `text/plain`, 16 lowercase hex digits: FNV-1a 64 of the `/dump` body | |
 //! | `GET /dump` | `200`, `application/json`, the canonical serialization (below) | |
+//! | `GET /_haven/snapshot` | `200`, `application/octet-stream`, `Content-Length` set, streamed: the data directory's files (format below) | `500` if they cannot be opened; a read error mid-way cuts the body short |
+//! | `PUT /_haven/restore`, header `Haven-Index: N` required, body = a snapshot | `204`, no body; the data directory is now byte-identical to the snapshotted replica's | `400 invalid Haven-Index header: ...` (the usual body) if the header is missing or malformed; `400 invalid snapshot: {reason}` (below); `400 cannot read the snapshot body: {error}`; `500` with the [`TreeAppError`] message if the files cannot be written or swapped |
 //!
 //! Errors every route may give:
 //!
@@ -124,9 +126,10 @@
 //! - `tree.snapshot`: the whole state (tree, high-water mark, replay window) as
 //!   of a sequence number, once the journal has grown past 64 MiB and past the
 //!   last snapshot's size. It is written to `tree.snapshot.tmp`, synced and
-//!   renamed into place; then the journal is emptied. A crash between the two
-//!   leaves journal records the snapshot holds, which start-up skips by
-//!   sequence number.
+//!   renamed into place; then the journal is replaced by an empty one (created
+//!   as `journal.tmp` and renamed over it, so that a checkpoint streaming the
+//!   old journal keeps its bytes). A crash between the two leaves journal
+//!   records the snapshot holds, which start-up skips by sequence number.
 //!
 //! A request is checked against the tree, journaled with one plain `write` (no
 //! `fsync`: the page cache survives a killed process), then applied in memory
@@ -140,7 +143,98 @@
 //! every later write answers `500` until a restart recovers. A power loss (not a
 //! process kill) may lose recent records; Haven's checkpoints, not this app,
 //! cover that case.
+//!
+//! # Checkpoint hooks
+//!
+//! The app serves Haven's two checkpoint hooks, `GET /_haven/snapshot` and
+//! `PUT /_haven/restore`; the `haven-logapp` crate docs ("Checkpoint hooks")
+//! explain how an app opts in, by hooks or by managed mode, and what each
+//! requires.
+//!
+//! ## Snapshot format (version 1)
+//!
+//! The data directory's two files, framed. All integers are little-endian.
+//!
+//! | Bytes | Content |
+//! |---|---|
+//! | 8 | magic [`SNAPSHOT_MAGIC`], `HAVENTRE` |
+//! | 4 | format version, `u32` [`SNAPSHOT_VERSION`] = 1 |
+//! | 8 | `S`, the length of `tree.snapshot`, `u64`; `0` when there is none (an empty one is never valid) |
+//! | 8 | `J`, the journal's length, `u64` |
+//! | 4 | CRC-32 (IEEE) of the 28 bytes above, `u32` |
+//! | `S` | `tree.snapshot`'s bytes |
+//! | `J` | the journal's bytes |
+//! | 4 | CRC-32 (IEEE) of every byte above, `u32` |
+//!
+//! The handler takes the writer lock just long enough to open its own handles
+//! on both files and note their lengths, which then hold exactly the writes
+//! answered so far; it streams those bytes in 256 KiB chunks after releasing
+//! the lock. Writes go on meanwhile: they only append to the journal, and a
+//! compaction or a restore renames new files in, leaving the streamed ones
+//! intact.
+//!
+//! ## Restore
+//!
+//! The body is streamed into `tree.snapshot.restore.tmp` (only if `S > 0`) and
+//! `journal.restore.tmp` in the data directory while its framing and checksum
+//! are checked; writes go on meanwhile against the old state, and restores are
+//! serialized. The staged files are then synced and loaded exactly as start-up
+//! would load the real ones, into a separate in-memory state. It is answered
+//! `400 invalid snapshot: {reason}`, the temporary files deleted and nothing
+//! changed, with these reasons, the first that applies in stream order:
+//!
+//! - `bad magic` (also for a body too short to hold the magic that does not
+//!   begin like it); `unsupported version {v}`; `header checksum mismatch`;
+//!   `lengths overflow`;
+//! - `trailing bytes after the checksum`; `truncated` (the body ended early);
+//!   `checksum mismatch`;
+//! - then what start-up would refuse or repair: `{file} at byte offset {o}:
+//!   {reason}` with `{file}` `tree.snapshot` or `journal` and start-up's
+//!   reason (for example `journal at byte offset 93: bad checksum`); `the
+//!   journal ends with a torn record`; and `it records Haven-Index {h}, above
+//!   the restore's Haven-Index {N}` (a snapshot cannot hold a request after its
+//!   own index).
+//!
+//! A valid body is swapped in under the writer lock (writes wait; reads see
+//! the old state until the new one replaces it in one step):
+//!
+//! 1. [`RESTORE_MARKER_FILE`] (`restore.ready`) is written atomically (as
+//!    `restore.ready.tmp`, synced, renamed): the commit point. It holds `1` if
+//!    the restored state has a `tree.snapshot`, `0` if not;
+//! 2. `tree.snapshot.restore.tmp` is renamed over `tree.snapshot` (or, for
+//!    `0`, `tree.snapshot` is deleted), `journal.restore.tmp` over `journal`,
+//!    the directory synced, the marker removed;
+//! 3. the loaded state and the journal handle (opened on the staged file,
+//!    which the rename keeps) replace the old ones.
+//!
+//! At start-up, before anything is loaded, a marker means the staged files
+//! are complete, so step 2 is done again (it is idempotent); no marker means
+//! the old files were never touched, so staged files are deleted. A restore
+//! killed at any point thus leaves the old state or the new one, never a mix.
+//! A failure after the commit answers `500` and refuses writes and restores
+//! until a restart finishes the restore. Likewise, while writes are refused
+//! after a journal error that could not be rolled back, restores answer `500`
+//! too: a restart comes first.
+//!
+//! The restored files carry the high-water mark and the replay window of the
+//! replica that produced them, so replays of the indexes it applied are
+//! answered as it answered them. `N` itself is not stored (that would make the
+//! state differ from the producer's); Haven delivers only entries above `N`
+//! after restoring at `N`.
+//!
+//! ## Managed mode
+//!
+//! The app satisfies the managed-mode rules (`haven treeapp --listen ADDR
+//! --dir {data_dir}`): a request's journal record is written with a plain
+//! `write` before it is answered, and nothing runs between requests. The only
+//! rewrite of the data directory, compaction into `tree.snapshot`, runs inside
+//! the write request that crosses the threshold, before that request is
+//! answered; start-up's truncation of a torn record and its finishing of a
+//! restore run before anything is served. A copy of an idle app's directory
+//! therefore opens with exactly the answered state. (A write whose client gave
+//! up still runs to completion; "idle" means no request in flight.)
 
+mod checkpoint;
 mod http;
 mod state;
 mod store;
@@ -157,6 +251,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
+pub use checkpoint::{
+    JOURNAL_RESTORE_FILE, RESTORE_MARKER_FILE, SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC,
+    SNAPSHOT_RESTORE_FILE, SNAPSHOT_VERSION,
+};
 pub use http::{HAVEN_INDEX_HEADER, IF_VERSION_HEADER, TREE_VERSION_HEADER, router};
 pub use state::REPLAY_WINDOW;
 pub use store::{JOURNAL_FILE, SNAPSHOT_FILE};
@@ -252,6 +350,71 @@ pub struct TreeApp {
     journal_path: PathBuf,
     state: RwLock<State>,
     writer: Arc<Mutex<Writer>>,
+    /// Serializes restores (they share their temporary file names).
+    restoring: Arc<Mutex<()>>,
+}
+
+/// A state rebuilt from a snapshot file and a journal, with the journal open
+/// for appending: what [`TreeApp::open`] starts from and a restore swaps in.
+#[derive(Debug)]
+struct Loaded {
+    state: State,
+    journal: File,
+    /// Length of the intact journal.
+    len: u64,
+    next_seq: u64,
+    snapshot_len: u64,
+}
+
+impl Loaded {
+    fn into_writer(self) -> (State, Writer) {
+        let writer = Writer {
+            journal: self.journal,
+            len: self.len,
+            next_seq: self.next_seq,
+            compact_after: compact_threshold(self.snapshot_len),
+            failed: false,
+        };
+        (self.state, writer)
+    }
+}
+
+/// Rebuilds the state from `snapshot_path` (absent: empty) and `journal_path`
+/// (created if absent), truncating a torn last record.
+fn load(snapshot_path: &Path, journal_path: &Path) -> Result<Loaded, TreeAppError> {
+    let (mut state, first_seq, snapshot_len) = match store::read_snapshot(snapshot_path)? {
+        Some((snapshot, len)) => (snapshot.state.into_owned(), snapshot.next_seq, len),
+        None => (State::default(), 0, 0),
+    };
+    let journal = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(journal_path)
+        .map_err(io_err(journal_path, "open the journal"))?;
+    let mut next_seq = first_seq;
+    let len = store::replay_journal(journal_path, &journal, |record| {
+        if record.seq < first_seq {
+            // Already in the snapshot: a crash came before the journal was emptied.
+            return Ok(());
+        }
+        if record.seq != next_seq {
+            return Err(format!(
+                "sequence number {} where {next_seq} was expected",
+                record.seq
+            ));
+        }
+        state.replay_record(record)?;
+        next_seq += 1;
+        Ok(())
+    })?;
+    Ok(Loaded {
+        state,
+        journal,
+        len,
+        next_seq,
+        snapshot_len,
+    })
 }
 
 impl TreeApp {
@@ -262,34 +425,11 @@ impl TreeApp {
     pub fn open(config: &TreeAppConfig) -> Result<TreeApp, TreeAppError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err(&dir, "create the data directory"))?;
-        let (mut state, first_seq, snapshot_len) =
-            match store::read_snapshot(&dir.join(SNAPSHOT_FILE))? {
-                Some((snapshot, len)) => (snapshot.state.into_owned(), snapshot.next_seq, len),
-                None => (State::default(), 0, 0),
-            };
+        checkpoint::finish_or_discard_restore(&dir)?;
         let journal_path = dir.join(JOURNAL_FILE);
-        let journal = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&journal_path)
-            .map_err(io_err(&journal_path, "open the journal"))?;
-        let mut next_seq = first_seq;
-        let len = store::replay_journal(&journal_path, &journal, |record| {
-            if record.seq < first_seq {
-                // Already in the snapshot: a crash came before the journal was emptied.
-                return Ok(());
-            }
-            if record.seq != next_seq {
-                return Err(format!(
-                    "sequence number {} where {next_seq} was expected",
-                    record.seq
-                ));
-            }
-            state.replay_record(record)?;
-            next_seq += 1;
-            Ok(())
-        })?;
+        let loaded = load(&dir.join(SNAPSHOT_FILE), &journal_path)?;
+        let len = loaded.len;
+        let (state, writer) = loaded.into_writer();
         info!(
             dir = %dir.display(),
             nodes = state.tree.iter().count(),
@@ -302,13 +442,8 @@ impl TreeApp {
             dir,
             journal_path,
             state: RwLock::new(state),
-            writer: Arc::new(Mutex::new(Writer {
-                journal,
-                len,
-                next_seq,
-                compact_after: compact_threshold(snapshot_len),
-                failed: false,
-            })),
+            writer: Arc::new(Mutex::new(writer)),
+            restoring: Arc::new(Mutex::new(())),
         })
     }
 
@@ -448,9 +583,11 @@ impl TreeApp {
         }
     }
 
-    /// Snapshots the state as of `writer.next_seq`, then empties the journal;
-    /// returns the snapshot's length.
-    fn write_snapshot(&self, writer: &Writer) -> Result<u64, TreeAppError> {
+    /// Snapshots the state as of `writer.next_seq`, then replaces the journal
+    /// with an empty one; returns the snapshot's length. The journal is
+    /// replaced by a rename, not truncated, so that a `GET /_haven/snapshot`
+    /// still streaming the old journal through its own handle is unaffected.
+    fn write_snapshot(&self, writer: &mut Writer) -> Result<u64, TreeAppError> {
         let frame = {
             let state = self.read_state();
             let snapshot = Snapshot {
@@ -460,10 +597,7 @@ impl TreeApp {
             store::frame(&self.dir.join(SNAPSHOT_FILE), &snapshot)?
         };
         store::write_snapshot(&self.dir, &frame)?;
-        writer.journal.set_len(0).map_err(io_err(
-            &self.journal_path,
-            "empty the journal after a snapshot",
-        ))?;
+        writer.journal = store::replace_journal(&self.dir)?;
         Ok(frame.len() as u64)
     }
 }
@@ -575,6 +709,72 @@ mod tests {
         stale.extend_from_slice(&journal(dir.path()));
         fs::write(dir.path().join(JOURNAL_FILE), stale).unwrap();
         assert_eq!(open(dir.path()).dump(), dump);
+    }
+
+    /// Every file of a data directory, by name.
+    fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    async fn snapshot_bytes(body: axum::body::Body) -> bytes::Bytes {
+        axum::body::to_bytes(body, usize::MAX).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshots_survive_compaction_and_restore_tree_snapshot_files() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = open(one.path());
+        a.execute(Some(1), create("/a")).await.unwrap();
+        a.execute(Some(2), create("/b")).await.unwrap();
+        let (len, body) = a.snapshot_stream().await.unwrap();
+        let dump_then = a.dump();
+        // A compaction while the snapshot streams: the journal is replaced,
+        // not truncated, so the stream keeps its bytes.
+        a.writer.lock().await.compact_after = 1;
+        a.execute(Some(3), set("/a")).await.unwrap();
+        assert!(journal(one.path()).is_empty());
+        let early = snapshot_bytes(body).await;
+        assert_eq!(early.len() as u64, len);
+
+        // B has a tree.snapshot of its own; the restored state has none.
+        let b = open(two.path());
+        b.writer.lock().await.compact_after = 1;
+        b.execute(Some(9), create("/z")).await.unwrap();
+        assert!(two.path().join(SNAPSHOT_FILE).exists());
+        b.restore(2, axum::body::Body::from(early)).await.unwrap();
+        assert_eq!(b.dump(), dump_then);
+        assert!(!two.path().join(SNAPSHOT_FILE).exists());
+
+        // A's state now lives in tree.snapshot plus a journal record.
+        a.execute(Some(4), create("/c")).await.unwrap();
+        let (_, body) = a.snapshot_stream().await.unwrap();
+        b.restore(4, axum::body::Body::from(snapshot_bytes(body).await))
+            .await
+            .unwrap();
+        assert_eq!(files(two.path()), files(one.path()));
+        assert_eq!(b.dump(), a.dump());
+        assert_eq!(
+            b.execute(Some(3), set("/a")).await.unwrap(),
+            Executed::Replayed(Ok(Done::Set {
+                path: "/a".to_owned(),
+                version: 1
+            }))
+        );
+        b.execute(Some(5), create("/d")).await.unwrap();
+        let dump = b.dump();
+        drop(b);
+        assert_eq!(open(two.path()).dump(), dump);
     }
 
     #[tokio::test]

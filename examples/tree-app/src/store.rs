@@ -6,7 +6,7 @@
 //! new enum variants go last, so old journals keep decoding.
 
 use std::borrow::Cow;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
@@ -25,6 +25,9 @@ pub const SNAPSHOT_FILE: &str = "tree.snapshot";
 
 /// Where a snapshot is written before it is renamed over [`SNAPSHOT_FILE`].
 const SNAPSHOT_TMP_FILE: &str = "tree.snapshot.tmp";
+
+/// Where an empty journal is created before it is renamed over [`JOURNAL_FILE`].
+const JOURNAL_TMP_FILE: &str = "journal.tmp";
 
 const HEADER_LEN: u64 = 12;
 
@@ -215,8 +218,30 @@ pub(crate) fn write_snapshot(dir: &Path, frame: &[u8]) -> Result<(), TreeAppErro
     Ok(())
 }
 
+/// Replaces the journal with an empty one, atomically: an empty file is
+/// created beside it and renamed over it. Returns the new journal, open for
+/// appending. Old handles keep the old journal's bytes.
+pub(crate) fn replace_journal(dir: &Path) -> Result<File, TreeAppError> {
+    let tmp = dir.join(JOURNAL_TMP_FILE);
+    let path = dir.join(JOURNAL_FILE);
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&tmp, "remove a stale empty journal")(e)),
+    }
+    let journal = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp, "create an empty journal"))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path, "rename an empty journal over"))?;
+    sync_dir(dir);
+    Ok(journal)
+}
+
 /// Makes a rename durable (best effort; only meaningful on Unix).
-fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     #[cfg(unix)]
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
         warn!(dir = %dir.display(), error = %e, "cannot sync the data directory");

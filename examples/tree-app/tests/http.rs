@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use haven_treeapp::tree::MAX_DATA_LEN;
-use haven_treeapp::{JOURNAL_FILE, TreeApp, TreeAppConfig, TreeAppError, serve};
+use haven_treeapp::{
+    JOURNAL_FILE, JOURNAL_RESTORE_FILE, RESTORE_MARKER_FILE, SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION, TreeApp, TreeAppConfig, TreeAppError, serve,
+};
 use http_body_util::{BodyExt, Full};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -103,6 +106,22 @@ impl Server {
 
     async fn digest(&self) -> String {
         self.text("/digest").await
+    }
+
+    /// `GET /_haven/snapshot`, asserting a `200` with the exact length.
+    async fn snapshot(&self) -> Bytes {
+        let (status, headers, body) = self.get("/_haven/snapshot").await;
+        assert_eq!(status, StatusCode::OK, "body {body:?}");
+        assert_eq!(headers[CONTENT_TYPE], "application/octet-stream");
+        assert_eq!(headers[CONTENT_LENGTH], body.len().to_string().as_str());
+        body
+    }
+
+    async fn restore(&self, index: Option<&str>, body: &[u8]) -> Answer {
+        let headers: Vec<(&str, &str)> =
+            index.map(|i| vec![("Haven-Index", i)]).unwrap_or_default();
+        self.call(Method::PUT, "/_haven/restore", &headers, body)
+            .await
     }
 
     /// Sends one request of a scripted sequence (see [`script`]).
@@ -803,4 +822,315 @@ async fn damage_before_the_end_names_the_file_and_offset() {
         matches!(err, TreeAppError::Corrupt { offset: 0, .. }),
         "{err:?}"
     );
+}
+
+/// Every file of a data directory, by name, to compare replicas.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A snapshot in the documented format around the given file contents.
+fn build_snapshot(tree_snapshot: &[u8], journal: &[u8]) -> Vec<u8> {
+    let mut out = SNAPSHOT_MAGIC.to_vec();
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(tree_snapshot.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(journal.len() as u64).to_le_bytes());
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(tree_snapshot);
+    out.extend_from_slice(journal);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+#[tokio::test]
+async fn snapshot_restores_into_a_fresh_app_byte_for_byte() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    let answers = run_script(&a).await;
+    let b = Server::start(two.path()).await;
+    let stale = b
+        .call(Method::PUT, "/tree/stale", &[("Haven-Index", "50")], b"")
+        .await;
+    assert_eq!(stale.0, StatusCode::CREATED);
+
+    let snapshot = a.snapshot().await;
+    let journal_len = std::fs::metadata(journal(one.path())).unwrap().len();
+    assert!(snapshot.starts_with(&SNAPSHOT_MAGIC));
+    assert_eq!(snapshot.len() as u64, SNAPSHOT_HEADER_LEN + journal_len + 4);
+    let got = b.restore(Some("13"), &snapshot).await;
+    assert_eq!(got.0, StatusCode::NO_CONTENT, "body {:?}", got.2);
+    assert!(got.2.is_empty());
+    assert_eq!(files(two.path()), files(one.path()));
+    assert_eq!(b.dump().await, a.dump().await);
+    assert_eq!(b.digest().await, a.digest().await);
+    assert_eq!(b.get("/tree/a/b").await, a.get("/tree/a/b").await);
+    assert_eq!(b.get("/children/a").await, a.get("/children/a").await);
+    assert_eq!(
+        b.snapshot().await,
+        snapshot,
+        "the restored replica snapshots the same"
+    );
+
+    // Replays of the script's indexes answer as on A, even failures.
+    for (step, first) in script().iter().zip(&answers) {
+        if step.index.is_some() {
+            assert_eq!(b.step(step).await, *first, "{} {}", step.method, step.path);
+        }
+    }
+    assert_eq!(b.dump().await, a.dump().await);
+    // A new index applies; an index at most 13 the script never used is refused.
+    let next = b
+        .call(Method::PUT, "/tree/stale", &[("Haven-Index", "50")], b"")
+        .await;
+    assert_eq!(next.0, StatusCode::CREATED);
+    assert_text(
+        &b.call(Method::PUT, "/tree/q", &[("Haven-Index", "3")], b"")
+            .await,
+        StatusCode::CONFLICT,
+        "Haven-Index 3 is not above the applied high-water mark 50 but was never applied \
+         here; nothing was changed",
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn restored_state_survives_a_restart() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    run_script(&a).await;
+    let snapshot = a.snapshot().await;
+    let dump = a.dump().await;
+    a.stop().await;
+    let b = Server::start(two.path()).await;
+    assert_eq!(
+        b.restore(Some("13"), &snapshot).await.0,
+        StatusCode::NO_CONTENT
+    );
+    b.stop().await;
+
+    let b = Server::start(two.path()).await;
+    assert_eq!(b.dump().await, dump);
+    assert_eq!(files(two.path()), files(one.path()));
+    let next = b
+        .call(Method::PUT, "/tree/n", &[("Haven-Index", "14")], b"")
+        .await;
+    assert_eq!(next.0, StatusCode::CREATED);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_snapshots_are_rejected_and_change_nothing() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    a.call(Method::PUT, "/tree/a", &[("Haven-Index", "1")], b"first")
+        .await;
+    let second = std::fs::metadata(journal(one.path())).unwrap().len() as usize;
+    a.call(Method::PUT, "/tree/b", &[("Haven-Index", "2")], b"second")
+        .await;
+    a.call(Method::PUT, "/tree/c", &[("Haven-Index", "3")], b"third")
+        .await;
+    let snapshot = a.snapshot().await.to_vec();
+    a.stop().await;
+    let b = Server::start(two.path()).await;
+    b.call(Method::PUT, "/tree/mine", &[("Haven-Index", "7")], b"")
+        .await;
+    let before = files(two.path());
+    let dump = b.dump().await;
+
+    let full = std::fs::read(journal(one.path())).unwrap();
+    let mut flipped = snapshot.clone();
+    flipped[SNAPSHOT_HEADER_LEN as usize + 20] ^= 0x01;
+    let mut header_flipped = snapshot.clone();
+    header_flipped[21] ^= 0x01;
+    let mut trailing = snapshot.clone();
+    trailing.push(0);
+    let mut bad_record = full.clone();
+    bad_record[second + 14] ^= 1;
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "drop last byte",
+            snapshot[..snapshot.len() - 1].to_vec(),
+            "truncated".into(),
+        ),
+        (
+            "half",
+            snapshot[..snapshot.len() / 2].to_vec(),
+            "truncated".into(),
+        ),
+        ("header only", snapshot[..20].to_vec(), "truncated".into()),
+        ("empty", Vec::new(), "truncated".into()),
+        ("flipped byte", flipped, "checksum mismatch".into()),
+        (
+            "flipped length",
+            header_flipped,
+            "header checksum mismatch".into(),
+        ),
+        (
+            "trailing byte",
+            trailing,
+            "trailing bytes after the checksum".into(),
+        ),
+        (
+            "garbage",
+            b"garbage garbage garbage garbage garbage".to_vec(),
+            "bad magic".into(),
+        ),
+        (
+            "torn record",
+            build_snapshot(b"", &full[..full.len() - 1]),
+            "the journal ends with a torn record".into(),
+        ),
+        (
+            "damaged record",
+            build_snapshot(b"", &bad_record),
+            format!("journal at byte offset {second}: bad checksum"),
+        ),
+        (
+            "garbled tree.snapshot",
+            build_snapshot(b"not a snapshot", b""),
+            format!(
+                "tree.snapshot at byte offset 0: record length {} is above 14",
+                u64::from_le_bytes(*b"not a sn")
+            ),
+        ),
+    ];
+    for (what, body, reason) in cases {
+        let got = b.restore(Some("10"), &body).await;
+        assert_text(
+            &got,
+            StatusCode::BAD_REQUEST,
+            &format!("invalid snapshot: {reason}"),
+        );
+        assert_eq!(files(two.path()), before, "{what}");
+    }
+    assert_text(
+        &b.restore(Some("2"), &snapshot).await,
+        StatusCode::BAD_REQUEST,
+        "invalid snapshot: it records Haven-Index 3, above the restore's Haven-Index 2",
+    );
+    assert_eq!(files(two.path()), before);
+    assert_eq!(b.dump().await, dump);
+    let next = b
+        .call(Method::PUT, "/tree/more", &[("Haven-Index", "8")], b"")
+        .await;
+    assert_eq!(next.0, StatusCode::CREATED);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn restore_requires_a_haven_index() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    run_script(&a).await;
+    let snapshot = a.snapshot().await;
+    a.stop().await;
+    let b = Server::start(two.path()).await;
+    let before = files(two.path());
+    for index in [
+        None,
+        Some(""),
+        Some("0"),
+        Some("x"),
+        Some("18446744073709551616"),
+    ] {
+        assert_text(
+            &b.restore(index, &snapshot).await,
+            StatusCode::BAD_REQUEST,
+            BAD_INDEX,
+        );
+    }
+    assert_text(
+        &b.call(
+            Method::GET,
+            "/_haven/snapshot",
+            &[("Haven-Index", "-1")],
+            b"",
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        BAD_INDEX,
+    );
+    assert_eq!(files(two.path()), before);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_snapshot_streams_with_its_length() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    let data: Vec<u8> = (0..MAX_DATA_LEN).map(|i| (i % 251) as u8).collect();
+    for i in 0..4 {
+        let path = format!("/tree/n{i}");
+        let index = (i + 1).to_string();
+        let got = a
+            .call(
+                Method::PUT,
+                &path,
+                &[("Haven-Index", index.as_str())],
+                &data,
+            )
+            .await;
+        assert_eq!(got.0, StatusCode::CREATED);
+    }
+    let snapshot = a.snapshot().await;
+    let journal_len = std::fs::metadata(journal(one.path())).unwrap().len();
+    assert!(journal_len > 4 << 20, "a few MB");
+    assert_eq!(snapshot.len() as u64, SNAPSHOT_HEADER_LEN + journal_len + 4);
+    let b = Server::start(two.path()).await;
+    assert_eq!(
+        b.restore(Some("4"), &snapshot).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(files(two.path()), files(one.path()));
+    assert_eq!(b.digest().await, a.digest().await);
+    assert_data(&b.get("/tree/n3").await, &data, 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_mid_restore_leaves_an_app_that_opens() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(one.path()).await;
+    run_script(&a).await;
+    let new_dump = a.dump().await;
+    a.stop().await;
+    let new_journal = std::fs::read(journal(one.path())).unwrap();
+    let b = Server::start(two.path()).await;
+    b.call(Method::PUT, "/tree/old", &[("Haven-Index", "1")], b"")
+        .await;
+    let old_dump = b.dump().await;
+    b.stop().await;
+    let old = files(two.path());
+    let staged = two.path().join(JOURNAL_RESTORE_FILE);
+
+    // Killed while receiving (no marker), even mid-way: the old state.
+    std::fs::write(&staged, &new_journal[..new_journal.len() / 2]).unwrap();
+    let b = Server::start(two.path()).await;
+    assert_eq!(b.dump().await, old_dump);
+    b.stop().await;
+    assert_eq!(files(two.path()), old);
+
+    // Killed after the commit (marker renamed into place), before the
+    // journal's rename: the new state.
+    std::fs::write(&staged, &new_journal).unwrap();
+    std::fs::write(two.path().join(RESTORE_MARKER_FILE), b"0").unwrap();
+    let b = Server::start(two.path()).await;
+    assert_eq!(b.dump().await, new_dump);
+    b.stop().await;
+    assert_eq!(files(two.path()), files(one.path()));
 }
