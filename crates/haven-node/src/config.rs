@@ -239,10 +239,10 @@ fn default_keep() -> usize {
     64
 }
 fn default_snapshot_path() -> String {
-    "/_haven/snapshot".to_string()
+    crate::app::hooks::DEFAULT_SNAPSHOT_PATH.to_string()
 }
 fn default_restore_path() -> String {
-    "/_haven/restore".to_string()
+    crate::app::hooks::DEFAULT_RESTORE_PATH.to_string()
 }
 fn default_path_prefix() -> String {
     "/".to_string()

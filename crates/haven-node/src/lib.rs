@@ -14,10 +14,12 @@
 pub mod admin;
 pub mod app;
 pub mod apply;
+pub mod checkpoint;
 pub mod config;
 pub mod consensus;
 pub mod ingress;
 pub mod metrics;
 pub mod node;
+pub mod restore;
 pub mod routes;
 pub mod types;

@@ -25,6 +25,18 @@ pub struct Metrics {
     pub applied_index: IntGauge,
     /// Retries answered from the idempotency table instead of the app.
     pub idempotent_replays: IntCounter,
+    /// Restarts of the managed app after it exited on its own.
+    pub app_restarts: IntCounter,
+    /// Pid of the managed app process; 0 while it is not running.
+    pub app_managed_pid: IntGauge,
+    /// Checkpoints this node wrote, and how long the pause of deliveries lasted in all.
+    pub checkpoints_written: IntCounter,
+    pub checkpoint_pause_us: IntCounter,
+    /// A checkpoint arriving from the leader: bytes so far, and of how many.
+    pub checkpoint_receive_bytes: IntGauge,
+    pub checkpoint_receive_total_bytes: IntGauge,
+    /// Checkpoints installed into the local replica (from the leader or at restart).
+    pub checkpoints_installed: IntCounter,
 }
 
 impl Metrics {
@@ -65,6 +77,46 @@ impl Metrics {
         registry.register(Box::new(app_up.clone()))?;
         registry.register(Box::new(applied_index.clone()))?;
         registry.register(Box::new(idempotent_replays.clone()))?;
+        let app_restarts = IntCounter::new(
+            "haven_app_restarts_total",
+            "Restarts of the managed app after it exited on its own",
+        )?;
+        let app_managed_pid = IntGauge::new(
+            "haven_app_managed_pid",
+            "Pid of the managed app process (0 while it is not running)",
+        )?;
+        registry.register(Box::new(app_restarts.clone()))?;
+        registry.register(Box::new(app_managed_pid.clone()))?;
+        let checkpoints_written = IntCounter::new(
+            "haven_checkpoints_written_total",
+            "Checkpoints this node wrote",
+        )?;
+        let checkpoint_pause_us = IntCounter::new(
+            "haven_checkpoint_pause_microseconds_total",
+            "Time deliveries to the app were paused to stage checkpoints",
+        )?;
+        let checkpoint_receive_bytes = IntGauge::new(
+            "haven_checkpoint_receive_bytes",
+            "Bytes received of the checkpoint arriving from the leader",
+        )?;
+        let checkpoint_receive_total_bytes = IntGauge::new(
+            "haven_checkpoint_receive_total_bytes",
+            "Size of the checkpoint arriving from the leader",
+        )?;
+        let checkpoints_installed = IntCounter::new(
+            "haven_checkpoints_installed_total",
+            "Checkpoints installed into the local replica",
+        )?;
+        for metric in [
+            &checkpoints_written,
+            &checkpoint_pause_us,
+            &checkpoints_installed,
+        ] {
+            registry.register(Box::new(metric.clone()))?;
+        }
+        for metric in [&checkpoint_receive_bytes, &checkpoint_receive_total_bytes] {
+            registry.register(Box::new(metric.clone()))?;
+        }
         Ok(Self {
             registry,
             requests,
@@ -74,6 +126,13 @@ impl Metrics {
             app_up,
             applied_index,
             idempotent_replays,
+            app_restarts,
+            app_managed_pid,
+            checkpoints_written,
+            checkpoint_pause_us,
+            checkpoint_receive_bytes,
+            checkpoint_receive_total_bytes,
+            checkpoints_installed,
         })
     }
 

@@ -3,7 +3,9 @@
 //! before it touches its data.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use haven_log::LogOptions;
 use haven_log::LogStore;
@@ -12,15 +14,27 @@ use tokio::sync::watch;
 
 use crate::admin;
 use crate::app::AppClient;
+use crate::app::hooks::Hooks;
 use crate::app::pipeline::OrderedConnection;
+use crate::app::process::AppCommand;
+use crate::app::process::AppFiles;
+use crate::app::process::ManagedApp;
 use crate::apply::IdempotencyLimits;
 use crate::apply::StateMachine;
+use crate::checkpoint::Checkpoints;
+use crate::checkpoint::capture::Capture;
+use crate::checkpoint::catalog::Retention;
+use crate::checkpoint::policy;
+use crate::checkpoint::policy::Policy;
+use crate::config::CheckpointMode;
 use crate::config::Config;
 use crate::consensus;
 use crate::consensus::client::Transport;
+use crate::consensus::server::InboxFactory;
 use crate::ingress;
 use crate::ingress::Ingress;
 use crate::metrics::Metrics;
+use crate::restore::AppSettings;
 use crate::routes::RouteTable;
 use crate::types::Raft;
 use crate::types::TypeConfig;
@@ -43,6 +57,18 @@ pub enum NodeError {
     Raft(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    App(Box<crate::app::process::ProcessError>),
+    #[error("cannot record the app settings in {dir}: {source}")]
+    Settings {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open checkpoints in {dir}: {source}")]
+    Checkpoints {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
@@ -61,7 +87,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let service_dir = config.service_dir();
     let log_store: LogStore<TypeConfig> = LogStore::open(&service_dir.join("log"), log_options())?;
     tracing::info!(dir = %service_dir.display(), "log opened");
+    AppSettings::from_config(&config)
+        .save(&service_dir)
+        .map_err(|source| NodeError::Settings {
+            dir: service_dir.clone(),
+            source,
+        })?;
     let metrics = Metrics::new()?;
+    let managed = start_managed_app(&config, &service_dir, &metrics).await?;
+    let checkpoints = open_checkpoints(&config, &service_dir, managed.clone())?;
     let app = AppClient::new(&config.app.url, config.app_timeout());
     let limits = IdempotencyLimits {
         max_keys: config.limits.idempotency_keys_max,
@@ -73,6 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         limits,
         metrics.clone(),
         stop_rx.clone(),
+        checkpoints.clone(),
     )?;
     let shared = state_machine.shared();
 
@@ -87,13 +122,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let inbox = InboxFactory {
+        checkpoints: checkpoints.clone(),
+        metrics: metrics.clone(),
+    };
     tokio::spawn(consensus::server::serve(
         raft_listener,
         raft.clone(),
+        inbox,
         stop_rx.clone(),
     ));
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
     initialize_once(&raft, &config).await?;
+    if let (Some(section), Some(checkpoints)) = (&config.checkpoints, &checkpoints) {
+        let summary = checkpoints.summary();
+        let policy = Policy {
+            every_entries: section.every_entries,
+            every: (section.every_seconds > 0).then(|| Duration::from_secs(section.every_seconds)),
+        };
+        let applied = state_machine.applied();
+        let (r, s) = (raft.clone(), stop_rx.clone());
+        tokio::spawn(policy::run_triggers(r, policy, applied, summary.clone(), s));
+        tokio::spawn(policy::run_compaction(
+            raft.clone(),
+            summary,
+            stop_rx.clone(),
+        ));
+    }
 
     let ingress = Arc::new(Ingress::new(
         config.node.id,
@@ -124,7 +179,73 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Err(e) = state_machine.persist().await {
         tracing::warn!(error = %e, "cannot persist apply state at shutdown");
     }
+    if let Some(app) = managed
+        && let Err(e) = app.stop(APP_STOP_GRACE).await
+    {
+        tracing::warn!(error = %e, "cannot stop the managed app");
+    }
     Ok(())
+}
+
+/// How long the managed app has to exit on SIGTERM at shutdown.
+const APP_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts the app when the config manages it; it must answer before Raft starts, since
+/// openraft may install a checkpoint into it while opening.
+async fn start_managed_app(
+    config: &Config,
+    service_dir: &Path,
+    metrics: &Metrics,
+) -> Result<Option<Arc<ManagedApp>>, NodeError> {
+    let (Some(argv), Some(data_dir)) = (&config.app.command, &config.app.data_dir) else {
+        return Ok(None);
+    };
+    let command = AppCommand {
+        argv: argv.clone(),
+        env: config.app.env.clone().into_iter().collect(),
+        data_dir: data_dir.clone(),
+        url: config.app.url.clone(),
+    };
+    let start_timeout = Duration::from_millis(config.app.start_timeout_ms);
+    let files = AppFiles::in_dir(service_dir);
+    let app = ManagedApp::start(command, files, start_timeout, metrics.clone())
+        .await
+        .map_err(|e| NodeError::App(Box::new(e)))?;
+    tracing::info!(pid = app.pid(), "managed app started");
+    Ok(Some(Arc::new(app)))
+}
+
+fn open_checkpoints(
+    config: &Config,
+    service_dir: &Path,
+    managed: Option<Arc<ManagedApp>>,
+) -> Result<Option<Arc<Checkpoints>>, NodeError> {
+    let Some(section) = &config.checkpoints else {
+        return Ok(None);
+    };
+    let capture = match (section.mode, managed) {
+        (CheckpointMode::Managed, Some(app)) => Capture::Managed(app),
+        (CheckpointMode::Managed, None) => {
+            let source = std::io::Error::other("managed mode needs app.command");
+            return Err(NodeError::Checkpoints {
+                dir: service_dir.to_path_buf(),
+                source,
+            });
+        }
+        (CheckpointMode::Hooks, _) => Capture::Hooks(Hooks {
+            snapshot_path: section.snapshot_path.clone(),
+            restore_path: section.restore_path.clone(),
+            ..Hooks::new(&config.app.url, config.app_timeout())
+        }),
+    };
+    let retention = Retention {
+        keep: section.keep,
+        max_age: section.keep_seconds.map(Duration::from_secs),
+    };
+    let dir = service_dir.join("checkpoints");
+    let checkpoints = Checkpoints::open(&dir, &config.app.name, capture, retention)
+        .map_err(|source| NodeError::Checkpoints { dir, source })?;
+    Ok(Some(Arc::new(checkpoints)))
 }
 
 /// Every node proposes the same initial membership from its config; openraft accepts it

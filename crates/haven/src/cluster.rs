@@ -35,6 +35,9 @@ pub struct ClusterSpec {
     /// TOML appended to every node's config (e.g. a `[limits]` table).
     pub extra_config: String,
     pub app: AppKind,
+    /// Each node starts and supervises its own replica (`[app] command`) instead of the
+    /// cluster starting it.
+    pub managed: bool,
 }
 
 /// Which example app every node replicates.
@@ -187,6 +190,18 @@ impl LocalCluster {
             data_dir.display(),
             slot.app_url()
         );
+        if self.spec.managed {
+            let argv: Vec<String> = std::iter::once(self.spec.exe.display().to_string())
+                .chain(self.app_args(i, Path::new("{data_dir}")))
+                .map(|a| format!("{a:?}"))
+                .collect();
+            let _ = write!(
+                toml,
+                "command = [{}]\ndata_dir = \"{}\"\n\n",
+                argv.join(", "),
+                slot.app_dir.display()
+            );
+        }
         for peer in &self.slots {
             let _ = write!(
                 toml,
@@ -242,27 +257,39 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts node `i`'s replica, unless its node manages it.
     pub fn start_app(&mut self, i: usize) -> anyhow::Result<()> {
-        let slot = &self.slots[i];
-        let mut args = vec!["--listen".to_string(), slot.app_addr.to_string()];
-        match self.spec.app {
-            AppKind::LogApp { prepopulate } => {
-                args.insert(0, "logapp".to_string());
-                args.extend([
-                    "--file".to_string(),
-                    slot.app_file.display().to_string(),
-                    "--prepopulate".to_string(),
-                    prepopulate.to_string(),
-                ]);
-            }
-            AppKind::TreeApp => {
-                args.insert(0, "treeapp".to_string());
-                args.extend(["--dir".to_string(), slot.app_dir.display().to_string()]);
-            }
+        if self.spec.managed {
+            return Ok(());
         }
+        let slot = &self.slots[i];
+        let args = self.app_args(i, &slot.app_dir);
         let child = self.spawn(&slot.launcher, &args, &format!("app{}.log", slot.id))?;
         self.slots[i].app = Some(child);
         Ok(())
+    }
+
+    /// The `haven` arguments that run node `i`'s replica with its state in `dir`.
+    fn app_args(&self, i: usize, dir: &Path) -> Vec<String> {
+        let listen = self.slots[i].app_addr.to_string();
+        match self.spec.app {
+            AppKind::LogApp { prepopulate } => vec![
+                "logapp".to_string(),
+                "--listen".to_string(),
+                listen,
+                "--file".to_string(),
+                dir.join("log.txt").display().to_string(),
+                "--prepopulate".to_string(),
+                prepopulate.to_string(),
+            ],
+            AppKind::TreeApp => vec![
+                "treeapp".to_string(),
+                "--listen".to_string(),
+                listen,
+                "--dir".to_string(),
+                dir.display().to_string(),
+            ],
+        }
     }
 
     /// Every running node and app process, for CPU accounting.

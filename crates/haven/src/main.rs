@@ -69,6 +69,12 @@ enum Command {
     /// Torture a local cluster (kills, pauses, partitions) and check linearizability,
     /// durability of acknowledged writes and identical replicas.
     Torture(haven::torture::TortureArgs),
+    /// Inspect a node's checkpoints (reads its data directory; works with the node down).
+    #[command(subcommand)]
+    Checkpoints(cli::checkpoints::CheckpointsCommand),
+    /// Point-in-time restore from a node's data directory: newest checkpoint at or before
+    /// the target, then the log replayed up to it, into a fresh app.
+    Restore(cli::checkpoints::RestoreArgs),
     /// Show a node's status.
     Status {
         /// The node's admin address, e.g. 127.0.0.1:7001.
@@ -161,6 +167,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let config = haven_treeapp::TreeAppConfig { dir };
             haven_treeapp::serve(listener, config, shutdown_signal()).await?;
+        }
+        Command::Checkpoints(command) => {
+            init_tracing("warn");
+            print(&cli::checkpoints::list(command)?)?;
+        }
+        Command::Restore(args) => {
+            init_tracing("warn");
+            print(&cli::checkpoints::restore(args).await?)?;
         }
         Command::Demo { json, keep } => {
             init_tracing("warn");

@@ -32,6 +32,7 @@ async fn cluster(dir: &tempfile::TempDir) -> LocalCluster {
         dir: dir.path().to_path_buf(),
         extra_config: String::new(),
         app: AppKind::LogApp { prepopulate: 100 },
+        managed: false,
     };
     let cluster = LocalCluster::start(spec).unwrap();
     cluster

@@ -1,112 +1,15 @@
 //! End-to-end tests: real `haven node` and `haven logapp` processes on loopback, really
 //! killed. Each test owns its cluster directory and ports.
 
-use std::path::PathBuf;
 use std::time::Duration;
 use std::time::Instant;
 
-use bytes::Bytes;
-use haven::cluster::AppKind;
-use haven::cluster::ClusterSpec;
-use haven::cluster::LocalCluster;
-use haven::http_client::Http;
-use haven::http_client::Reply;
-
-const PREPOPULATE: u64 = 10;
-
-struct TestCluster {
-    cluster: LocalCluster,
-    http: Http,
-    _dir: tempfile::TempDir,
-}
-
-impl std::ops::Deref for TestCluster {
-    type Target = LocalCluster;
-    fn deref(&self) -> &LocalCluster {
-        &self.cluster
-    }
-}
-
-impl std::ops::DerefMut for TestCluster {
-    fn deref_mut(&mut self) -> &mut LocalCluster {
-        &mut self.cluster
-    }
-}
+mod common;
+use common::PREPOPULATE;
+use common::TestCluster;
 
 async fn start(extra_config: &str) -> TestCluster {
-    let mut dir = tempfile::Builder::new()
-        .prefix("haven-test-")
-        .tempdir()
-        .unwrap();
-    // HAVEN_KEEP_TEST_DIRS=1 keeps configs, data and node logs of every test.
-    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
-        dir.disable_cleanup(true);
-    }
-    let spec = ClusterSpec {
-        nodes: 3,
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
-        dir: dir.path().to_path_buf(),
-        extra_config: extra_config.to_string(),
-        app: AppKind::LogApp {
-            prepopulate: PREPOPULATE,
-        },
-    };
-    let cluster = LocalCluster::start(spec).unwrap();
-    cluster
-        .wait_all_ready(Duration::from_secs(20))
-        .await
-        .unwrap();
-    TestCluster {
-        cluster,
-        http: Http::new(Duration::from_secs(15)),
-        _dir: dir,
-    }
-}
-
-impl TestCluster {
-    async fn append(&self, node: usize, body: &str) -> Reply {
-        self.http
-            .post(
-                &format!("{}/append", self.slots[node].client_url()),
-                body.to_string(),
-            )
-            .await
-            .unwrap()
-    }
-
-    async fn append_keyed(&self, node: usize, body: &str, key: &str) -> Reply {
-        let url = format!("{}/append", self.slots[node].client_url());
-        let headers = [("idempotency-key", key)];
-        self.http
-            .send("POST", &url, &headers, Bytes::from(body.to_string()))
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, node: usize, path: &str) -> Reply {
-        self.http
-            .get(&format!("{}{path}", self.slots[node].client_url()))
-            .await
-            .unwrap()
-    }
-
-    /// Converges, then asserts every replica holds exactly the same bytes.
-    async fn assert_replicas_identical(&self) -> Vec<u8> {
-        self.wait_converged(Duration::from_secs(30)).await.unwrap();
-        let first = self.replica_bytes(0).unwrap();
-        for i in 1..self.slots.len() {
-            assert!(
-                self.replica_bytes(i).unwrap() == first,
-                "replica {} differs from replica 1",
-                i + 1
-            );
-        }
-        first
-    }
-
-    fn follower_of(&self, leader: usize) -> usize {
-        (leader + 1) % self.slots.len()
-    }
+    common::start(3, false, extra_config).await
 }
 
 fn lines(bytes: &[u8]) -> Vec<String> {

@@ -4,8 +4,10 @@
 //! client ([`AppClient`]). Either way the replica's whole response comes back, and every
 //! call has a deadline: a dead app must cost a timeout, never a hung apply loop.
 
+pub mod hooks;
 mod http1;
 pub mod pipeline;
+pub mod process;
 
 use std::time::Duration;
 

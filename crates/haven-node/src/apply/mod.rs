@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -41,6 +40,10 @@ use crate::app::AppResponse;
 use crate::app::Stamp;
 use crate::app::pipeline::Delivery;
 use crate::app::pipeline::OrderedConnection;
+use crate::checkpoint::CheckpointFile;
+use crate::checkpoint::Checkpoints;
+use crate::checkpoint::Position;
+use crate::checkpoint::format::CheckpointInfo;
 use crate::metrics::Metrics;
 
 mod slots;
@@ -193,6 +196,8 @@ pub struct StateMachine {
     inner: Arc<tokio::sync::Mutex<Inner>>,
     shared: Arc<ApplyShared>,
     shutdown: watch::Receiver<bool>,
+    /// Absent when checkpoints are off: snapshots are then refused and the log kept whole.
+    checkpoints: Option<Arc<Checkpoints>>,
 }
 
 impl StateMachine {
@@ -203,6 +208,7 @@ impl StateMachine {
         limits: IdempotencyLimits,
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
+        checkpoints: Option<Arc<Checkpoints>>,
     ) -> Result<Self, ApplyStateError> {
         let io_err = |source| ApplyStateError::Io {
             path: dir.to_path_buf(),
@@ -233,6 +239,7 @@ impl StateMachine {
             inner: Arc::new(tokio::sync::Mutex::new(inner)),
             shared,
             shutdown,
+            checkpoints,
         })
     }
 
@@ -463,26 +470,95 @@ fn decode_state(payload: &[u8]) -> Result<ApplyState, ApplyStateError> {
 }
 
 /// Entry time as `Haven-Time`: RFC 3339, UTC, microseconds.
-fn rfc3339(time_us: i64) -> String {
+pub fn rfc3339(time_us: i64) -> String {
     let time = chrono::DateTime::from_timestamp_micros(time_us).unwrap_or_default();
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// Snapshot bytes as openraft moves them.
-pub type SnapshotData = Cursor<Vec<u8>>;
+/// A checkpoint is what openraft calls a snapshot; it moves as a file, never whole in
+/// memory.
+pub type SnapshotData = CheckpointFile;
+type Snapshot = SnapshotOf<TypeConfig, SnapshotData>;
 
-fn checkpoints_unsupported() -> io::Error {
+fn checkpoints_off() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "app-state checkpoints are not implemented yet; the log is never compacted",
+        "checkpoints are off ([checkpoints] is not configured); the log is never compacted",
     )
+}
+
+impl StateMachine {
+    fn checkpoints(&self) -> io::Result<&Arc<Checkpoints>> {
+        self.checkpoints.as_ref().ok_or_else(checkpoints_off)
+    }
+
+    /// Applied progress, for the checkpoint policy.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+}
+
+/// Haven's replicated state as a checkpoint carries it.
+fn encode_state(state: &ApplyState) -> io::Result<Vec<u8>> {
+    postcard::to_allocvec(state).map_err(io::Error::other)
+}
+
+/// The openraft view of a checkpoint file.
+pub(crate) fn snapshot_of(info: &CheckpointInfo) -> io::Result<Snapshot> {
+    let state = decode_state(&info.haven_state).map_err(io::Error::other)?;
+    let last = state
+        .last_applied
+        .filter(|l| l.index == info.index && l.leader_id.term == info.term);
+    if last.is_none() {
+        return Err(io::Error::other(format!(
+            "checkpoint {} records index {} term {} but Haven state at {:?}",
+            info.path.display(),
+            info.index,
+            info.term,
+            state.last_applied
+        )));
+    }
+    Ok(Snapshot {
+        meta: SnapshotMeta {
+            last_log_id: last,
+            last_membership: state.membership,
+        },
+        snapshot: CheckpointFile {
+            path: info.path.clone(),
+        },
+    })
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
-        Err(checkpoints_unsupported())
+    /// Deliveries pause only while the replica's state is staged; compression and the
+    /// checksum run after the lock is released.
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let checkpoints = self.checkpoints()?.clone();
+        let metrics = &self.shared.metrics;
+        let (staged, position) = {
+            let inner = self.inner.lock().await;
+            let paused = Instant::now();
+            let last = inner
+                .state
+                .last_applied
+                .ok_or_else(|| io::Error::other("nothing applied yet; no checkpoint to take"))?;
+            let staged = checkpoints.stage(last.index).await?;
+            let position = Position {
+                index: last.index,
+                term: last.leader_id.term,
+                entry_time_us: inner.state.last_time_us,
+                haven_state: encode_state(&inner.state)?,
+            };
+            metrics
+                .checkpoint_pause_us
+                .inc_by(paused.elapsed().as_micros() as u64);
+            (staged, position)
+        };
+        let info = checkpoints.seal(staged, position).await?;
+        metrics.checkpoints_written.inc();
+        snapshot_of(&info)
     }
 }
 
@@ -524,18 +600,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
+    /// The replica is restored before the applied index moves: a crash in between leaves
+    /// the old index on disk, and openraft installs the newest checkpoint again at start.
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta,
-        _snapshot: SnapshotData,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        Err(checkpoints_unsupported())
+        let checkpoints = self.checkpoints()?.clone();
+        let info = checkpoints.verify(&snapshot.path).await?;
+        let installed = snapshot_of(&info)?;
+        if installed.meta.last_log_id != meta.last_log_id {
+            return Err(io::Error::other(format!(
+                "checkpoint {} is at {:?}, openraft expected {:?}",
+                snapshot.path.display(),
+                installed.meta.last_log_id,
+                meta.last_log_id
+            )));
+        }
+        let mut inner = self.inner.lock().await;
+        checkpoints.restore(&snapshot.path, info.index).await?;
+        inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
+        inner.persist()?;
+        self.shared.applied.send_replace(info.index);
+        self.shared.metrics.applied_index.set(info.index as i64);
+        self.shared.metrics.checkpoints_installed.inc();
+        tracing::info!(index = info.index, "replica restored from checkpoint");
+        Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
-        Ok(None)
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(None);
+        };
+        checkpoints
+            .newest()
+            .await?
+            .as_ref()
+            .map(snapshot_of)
+            .transpose()
     }
 }
 

@@ -76,6 +76,8 @@ pub enum Lane {
     Replication,
     Heartbeat,
     Client,
+    /// Checkpoint transfers: megabytes at a time, kept off the append stream.
+    Snapshot,
 }
 
 /// One live TCP connection and the replies it still owes.
@@ -225,6 +227,18 @@ impl PeerLink {
         Ok(conn)
     }
 
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends a request; the caller bounds the wait for its reply.
+    pub async fn send(
+        &self,
+        request: &RpcRequest,
+    ) -> Result<oneshot::Receiver<RpcReply>, RpcError> {
+        self.connection().await?.send(request).await
+    }
+
     /// One request, one reply, bounded by `timeout`.
     pub async fn call(
         &self,
@@ -273,6 +287,7 @@ impl RaftNetworkFactory<TypeConfig> for Transport {
         PeerClient {
             target,
             link: self.link(&node.raft_addr, Lane::Replication),
+            links: self.clone(),
         }
     }
 
@@ -280,6 +295,7 @@ impl RaftNetworkFactory<TypeConfig> for Transport {
         PeerClient {
             target,
             link: self.link(&node.raft_addr, Lane::Heartbeat),
+            links: self.clone(),
         }
     }
 }
@@ -288,6 +304,7 @@ impl RaftNetworkFactory<TypeConfig> for Transport {
 pub struct PeerClient {
     target: NodeId,
     link: Arc<PeerLink>,
+    links: Transport,
 }
 
 fn to_rpc_error(e: RpcError) -> RPCError<TypeConfig> {
@@ -417,18 +434,14 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 
     async fn full_snapshot(
         &mut self,
-        _vote: VoteOf<TypeConfig>,
-        _snapshot: SnapshotOf<TypeConfig, SnapshotData>,
-        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        tracing::error!(
-            target = self.target,
-            "snapshot transfer requested, but checkpoints are not implemented yet"
-        );
-        Err(StreamingError::Unreachable(Unreachable::from_string(
-            "snapshot transfer is not implemented yet (the log is never compacted)",
-        )))
+        tracing::info!(target = self.target, meta = %snapshot.meta, "sending checkpoint");
+        let link = self.links.link(&self.link.addr, Lane::Snapshot);
+        super::snapshot::send(&link, vote, snapshot, cancel).await
     }
 }
 

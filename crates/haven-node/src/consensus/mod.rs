@@ -4,12 +4,14 @@
 pub mod client;
 pub mod propose;
 pub mod server;
+pub mod snapshot;
 pub mod wire;
 
 use crate::config::RaftTiming;
 
-/// openraft settings from Haven's config. Snapshots are never triggered yet: without
-/// app-state checkpoints the log is kept whole.
+/// openraft settings from Haven's config. openraft never snapshots or purges on its own:
+/// [`crate::checkpoint::policy`] decides both, so the log reaches back to the oldest
+/// retained checkpoint rather than just behind the newest.
 pub fn raft_config(timing: &RaftTiming) -> Result<openraft::Config, openraft::ConfigError> {
     let config = openraft::Config {
         cluster_name: "haven".to_string(),
@@ -18,6 +20,7 @@ pub fn raft_config(timing: &RaftTiming) -> Result<openraft::Config, openraft::Co
         election_timeout_max: timing.election_timeout_max_ms,
         max_payload_entries: timing.max_payload_entries,
         snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: u64::MAX,
         enable_pre_vote: Some(true),
         ..Default::default()
     };

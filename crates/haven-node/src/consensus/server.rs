@@ -17,9 +17,12 @@ use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 use super::propose;
+use super::snapshot::Inbox;
 use super::wire;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
+use crate::checkpoint::Checkpoints;
+use crate::metrics::Metrics;
 use crate::types::Raft;
 use crate::types::TypeConfig;
 
@@ -28,7 +31,12 @@ const STREAM_QUEUE: usize = 256;
 const REPLY_QUEUE_FRAMES: usize = 1024;
 
 /// Accepts peer connections until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, raft: Raft, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    inbox: InboxFactory,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -37,8 +45,9 @@ pub async fn serve(listener: TcpListener, raft: Raft, mut shutdown: watch::Recei
         match accepted {
             Ok((stream, peer)) => {
                 let raft = raft.clone();
+                let inbox = inbox.open();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, raft).await {
+                    if let Err(e) = serve_connection(stream, raft, inbox).await {
                         tracing::warn!(%peer, error = %e, "raft connection dropped");
                     }
                 });
@@ -57,7 +66,24 @@ enum StreamLane {
     Closed,
 }
 
-async fn serve_connection(stream: TcpStream, raft: Raft) -> Result<(), wire::WireError> {
+/// What each connection needs to receive checkpoints.
+#[derive(Clone)]
+pub struct InboxFactory {
+    pub checkpoints: Option<Arc<Checkpoints>>,
+    pub metrics: Metrics,
+}
+
+impl InboxFactory {
+    fn open(&self) -> Inbox {
+        Inbox::new(self.checkpoints.clone(), self.metrics.clone())
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    raft: Raft,
+    mut inbox: Inbox,
+) -> Result<(), wire::WireError> {
     stream.set_nodelay(true)?;
     let (mut reader, writer) = stream.into_split();
     wire::read_hello(&mut reader).await?;
@@ -80,6 +106,24 @@ async fn serve_connection(stream: TcpStream, raft: Raft) -> Result<(), wire::Wir
             }
             RpcRequest::EndStream { stream } => {
                 streams.remove(&stream);
+            }
+            // Chunks are written in arrival order, on this connection's task.
+            RpcRequest::SnapshotChunk {
+                transfer,
+                offset,
+                total,
+                data,
+            } => {
+                let reply = inbox.chunk(transfer, offset, total, &data).await;
+                send_reply(&replies, id, &reply).await;
+            }
+            RpcRequest::SnapshotDone {
+                transfer,
+                vote,
+                meta,
+            } => {
+                let reply = inbox.done(&raft, transfer, vote, meta).await;
+                send_reply(&replies, id, &reply).await;
             }
             other => {
                 let raft = raft.clone();
@@ -159,8 +203,11 @@ async fn answer(raft: &Raft, request: RpcRequest) -> RpcReply {
         }
         RpcRequest::Forward(req) => RpcReply::Forward(propose::propose(raft, req).await),
         RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft).await),
-        RpcRequest::Append { .. } | RpcRequest::EndStream { .. } => {
-            RpcReply::Append(Err("appends are handled by their stream".to_string()))
+        RpcRequest::Append { .. }
+        | RpcRequest::EndStream { .. }
+        | RpcRequest::SnapshotChunk { .. }
+        | RpcRequest::SnapshotDone { .. } => {
+            RpcReply::Append(Err("handled on the connection's own task".to_string()))
         }
     }
 }

@@ -4,6 +4,7 @@
 //! multiplexes many RPCs and pipelines appends.
 
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::SnapshotResponse;
 use openraft::raft::StreamAppendResult;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
@@ -18,7 +19,9 @@ use tokio::sync::mpsc;
 
 use crate::types::NodeId;
 use crate::types::OrderedRequest;
+use crate::types::SnapshotMeta;
 use crate::types::TypeConfig;
+use crate::types::Vote;
 
 pub const HELLO: &[u8; 8] = b"HVNRAFT1";
 /// Largest frame accepted (128 MiB): a batch of maximum-size entries fits, garbage with a
@@ -46,6 +49,19 @@ pub enum RpcRequest {
     Forward(OrderedRequest),
     /// A follower asks the leader for a read index (linearizable reads).
     ReadIndex,
+    /// Part of a checkpoint file sent to a follower, in order ([`super::snapshot`]).
+    SnapshotChunk {
+        transfer: u64,
+        offset: u64,
+        total: u64,
+        data: bytes::Bytes,
+    },
+    /// Every chunk of `transfer` was sent: install it.
+    SnapshotDone {
+        transfer: u64,
+        vote: Vote,
+        meta: SnapshotMeta,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +70,8 @@ pub enum RpcReply {
     Vote(Result<VoteResponse<TypeConfig>, String>),
     Forward(ForwardOutcome),
     ReadIndex(ReadIndexOutcome),
+    SnapshotChunk(Result<(), String>),
+    Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
 }
 
 /// What the leader says about a forwarded write.

@@ -77,6 +77,7 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         app: AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
         },
+        managed: false,
     };
     let mut cluster = LocalCluster::start(spec)?;
     let mut report = drive(&mut cluster).await;

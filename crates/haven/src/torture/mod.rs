@@ -359,6 +359,7 @@ async fn start_cluster(
         dir: dir.to_path_buf(),
         extra_config: config.to_string(),
         app: AppKind::TreeApp,
+        managed: false,
     };
     let hosts = net.map(NetHosts::node_hosts).unwrap_or_default();
     let cluster = LocalCluster::start_on_hosts(spec, &hosts)?;

@@ -79,6 +79,7 @@ pub async fn run(args: &FailoverArgs, exe: &std::path::Path) -> anyhow::Result<F
         app: AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
         },
+        managed: false,
     };
     let mut cluster = LocalCluster::start(spec)?;
     let mut trials = Vec::with_capacity(args.trials);

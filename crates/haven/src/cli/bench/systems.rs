@@ -139,6 +139,7 @@ async fn launch_haven(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<Ru
         app: AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
         },
+        managed: false,
     };
     let cluster = LocalCluster::start(spec)?;
     cluster.wait_for_leader(START_TIMEOUT).await?;

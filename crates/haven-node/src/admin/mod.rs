@@ -1,6 +1,9 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text) and `GET /health`. Separate from the client port so operators can reach a node
-//! whose client side is saturated.
+//! text), `GET /health`, and the membership changes of [`members`] (`POST
+//! /members/{learner,promote,remove,replace}`, JSON). Separate from the client port so
+//! operators can reach a node whose client side is saturated.
+
+pub mod members;
 
 use std::sync::Arc;
 
@@ -8,6 +11,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
+use axum::routing::post;
 use openraft::ServerState;
 use openraft::rt::WatchReceiver;
 use serde::Deserialize;
@@ -33,8 +37,26 @@ pub struct Status {
     pub applied_index: Option<u64>,
     pub last_log_index: Option<u64>,
     pub voters: Vec<NodeId>,
+    /// Non-voting members (catching up, or kept as read replicas).
+    #[serde(default)]
+    pub learners: Vec<NodeId>,
     pub app_url: String,
     pub app_up: bool,
+    /// Newest checkpoint openraft knows (built here or installed from the leader).
+    #[serde(default)]
+    pub snapshot_index: Option<u64>,
+    /// Last log index removed by compaction; the log starts right after it.
+    #[serde(default)]
+    pub purged_index: Option<u64>,
+    /// A checkpoint arriving from the leader: bytes received of the total (0 of 0: none yet).
+    #[serde(default)]
+    pub checkpoint_receive: TransferProgress,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransferProgress {
+    pub bytes: u64,
+    pub total: u64,
 }
 
 struct AdminState {
@@ -65,8 +87,15 @@ fn status(state: &AdminState) -> Status {
         applied_index: m.last_applied.map(|l| l.index),
         last_log_index: m.last_log_index,
         voters: m.membership_config.voter_ids().collect(),
+        learners: m.membership_config.membership().learner_ids().collect(),
         app_url: ingress.app.url().to_string(),
         app_up: ingress.metrics.app_up.get() == 1,
+        snapshot_index: m.snapshot.map(|l| l.index),
+        purged_index: m.purged.map(|l| l.index),
+        checkpoint_receive: TransferProgress {
+            bytes: ingress.metrics.checkpoint_receive_bytes.get() as u64,
+            total: ingress.metrics.checkpoint_receive_total_bytes.get() as u64,
+        },
     }
 }
 
@@ -82,6 +111,30 @@ pub fn router(ingress: Arc<Ingress>, zone: String) -> Router {
             get(|State(s): State<Arc<AdminState>>| async move { s.ingress.metrics.render() }),
         )
         .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/members/learner",
+            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
+                members::add_learner(&s.ingress.raft, s.ingress.id, r).await
+            }),
+        )
+        .route(
+            "/members/promote",
+            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
+                members::promote(&s.ingress.raft, s.ingress.id, r).await
+            }),
+        )
+        .route(
+            "/members/remove",
+            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
+                members::remove(&s.ingress.raft, s.ingress.id, r).await
+            }),
+        )
+        .route(
+            "/members/replace",
+            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
+                members::replace(&s.ingress.raft, s.ingress.id, r).await
+            }),
+        )
         .with_state(state)
 }
 

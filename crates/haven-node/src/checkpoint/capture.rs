@@ -1,0 +1,150 @@
+//! Taking the replica's state out and putting it back, in either mode.
+//!
+//! Capture is split in two so deliveries pause only for the fast part: [`Capture::stage`]
+//! runs while the state machine holds its lock (nothing in flight, the app idle) and makes
+//! a private raw copy; [`super::Checkpoints::seal`] compresses and checksums that copy
+//! afterwards, while entries flow again.
+
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::archive;
+use super::format;
+use super::format::CaptureMode;
+use super::format::PayloadSource;
+use crate::app::hooks::Hooks;
+use crate::app::process::ManagedApp;
+
+/// How long a managed app has to exit on SIGTERM before a restore kills it.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How this node reaches its replica's state.
+pub enum Capture {
+    /// The app's snapshot and restore endpoints.
+    Hooks(Hooks),
+    /// A copy of the data directory of the app Haven runs.
+    Managed(Arc<ManagedApp>),
+}
+
+/// A raw copy of the replica's state, private to one checkpoint until it is sealed.
+pub struct Staged {
+    pub path: PathBuf,
+    mode: CaptureMode,
+}
+
+impl Staged {
+    pub fn source(&self) -> PayloadSource<'_> {
+        match self.mode {
+            CaptureMode::Hooks => PayloadSource::File(&self.path),
+            CaptureMode::Managed => PayloadSource::Directory(&self.path),
+        }
+    }
+
+    pub fn remove(&self) -> io::Result<()> {
+        archive::remove_tree(&self.path)
+    }
+}
+
+impl Capture {
+    pub fn mode(&self) -> CaptureMode {
+        match self {
+            Capture::Hooks(_) => CaptureMode::Hooks,
+            Capture::Managed(_) => CaptureMode::Managed,
+        }
+    }
+
+    /// Copies the replica's current state to `dir/.tmp-stage-<index>`. The caller must
+    /// hold deliveries back until this returns.
+    pub async fn stage(&self, dir: &Path, index: u64) -> io::Result<Staged> {
+        let path = dir.join(format!(".tmp-stage-{index}"));
+        archive::remove_tree(&path)?;
+        match self {
+            Capture::Hooks(hooks) => {
+                let mut file = tokio::fs::File::create(&path).await?;
+                hooks
+                    .snapshot_to(&mut file)
+                    .await
+                    .map_err(io::Error::other)?;
+                tokio::io::AsyncWriteExt::flush(&mut file).await?;
+            }
+            Capture::Managed(app) => {
+                let src = app.data_dir().to_path_buf();
+                let dst = path.clone();
+                blocking(move || archive::copy_tree(&src, &dst)).await?;
+            }
+        }
+        Ok(Staged {
+            path,
+            mode: self.mode(),
+        })
+    }
+
+    /// Replaces the replica's state with the checkpoint at `checkpoint`, which becomes the
+    /// state as of `index`. The checkpoint is verified before anything is replaced; `dir`
+    /// holds temporary files.
+    pub async fn restore(&self, dir: &Path, checkpoint: &Path, index: u64) -> io::Result<()> {
+        match self {
+            Capture::Hooks(hooks) => restore_through_hook(hooks, dir, checkpoint, index).await,
+            Capture::Managed(app) => {
+                let checkpoint = checkpoint.to_path_buf();
+                app.with_stopped(STOP_GRACE, move |data_dir| {
+                    replace_dir(&checkpoint, data_dir)
+                })
+                .await
+                .map_err(io::Error::other)
+            }
+        }
+    }
+}
+
+/// The payload goes to the app from a plain file beside the checkpoint: a verified,
+/// decompressed copy, so the app never sees bytes that failed the checksum.
+async fn restore_through_hook(
+    hooks: &Hooks,
+    dir: &Path,
+    checkpoint: &Path,
+    index: u64,
+) -> io::Result<()> {
+    let plain = dir.join(format!(".tmp-restore-{index}"));
+    let _ = std::fs::remove_file(&plain);
+    let (src, dst) = (checkpoint.to_path_buf(), plain.clone());
+    blocking(move || {
+        format::extract(&src, &dst)
+            .map(|_| ())
+            .map_err(io::Error::other)
+    })
+    .await?;
+    let file = tokio::fs::File::open(&plain).await?;
+    let outcome = hooks.restore_from(index, file).await;
+    let _ = std::fs::remove_file(&plain);
+    outcome.map_err(io::Error::other)
+}
+
+/// Unpacks next to the data directory, then swaps: a crash leaves either the old
+/// directory, or none (the app starts empty and Haven installs the checkpoint again).
+fn replace_dir(checkpoint: &Path, data_dir: &Path) -> io::Result<()> {
+    let unpacked = sibling(data_dir, "haven-restore");
+    archive::remove_tree(&unpacked)?;
+    format::extract(checkpoint, &unpacked).map_err(io::Error::other)?;
+    archive::remove_tree(data_dir)?;
+    std::fs::rename(&unpacked, data_dir)?;
+    std::fs::File::open(data_dir.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    path.with_file_name(name)
+}
+
+/// Runs blocking file work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(io::Error::other)?
+}

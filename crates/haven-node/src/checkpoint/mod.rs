@@ -1,0 +1,190 @@
+//! Checkpoints: the replica's state at one log index, kept as files in
+//! `<service dir>/checkpoints/`, so the log can be compacted, a lagging or new node can be
+//! brought up from a copy instead of all history, and any retained index can be restored.
+//!
+//! - [`format`]: one checkpoint file (compressed payload, checksum, metadata trailer).
+//! - [`archive`]: directory copies and tar streams for managed mode.
+//! - [`catalog`]: listing, retention and lookup by index.
+//! - [`capture`]: getting the state out of the replica and back in (hooks or managed).
+//! - [`policy`]: when to checkpoint, and compacting the log behind the oldest checkpoint.
+//!
+//! Invariant: a checkpoint file exists under its final name only once it is complete,
+//! fsynced and checksummed; everything else in the directory starts with `.tmp-` and is
+//! debris after a crash.
+
+pub mod archive;
+pub mod capture;
+pub mod catalog;
+pub mod format;
+pub mod policy;
+
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+
+use capture::Capture;
+use capture::Staged;
+use capture::blocking;
+use catalog::Retention;
+use format::CheckpointInfo;
+use format::CheckpointSpec;
+
+/// openraft's handle on one checkpoint: a path, so a checkpoint of any size moves as a
+/// stream.
+#[derive(Debug, Clone)]
+pub struct CheckpointFile {
+    pub path: PathBuf,
+}
+
+/// What the rest of the node needs to know about the catalog, republished after every
+/// change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub count: usize,
+    pub oldest_index: Option<u64>,
+    pub newest_index: Option<u64>,
+    pub newest_created_us: Option<i64>,
+}
+
+/// The Raft-independent facts a checkpoint records besides the app's state.
+pub struct Position {
+    pub index: u64,
+    pub term: u64,
+    pub entry_time_us: i64,
+    /// Haven's own replicated state at that index (idempotency table, membership).
+    pub haven_state: Vec<u8>,
+}
+
+/// This node's checkpoint directory and the way to its replica.
+pub struct Checkpoints {
+    dir: PathBuf,
+    cluster: String,
+    capture: Capture,
+    retention: Retention,
+    summary: watch::Sender<Summary>,
+}
+
+impl Checkpoints {
+    /// Opens (creating) `dir` and clears debris a crash left behind.
+    pub fn open(
+        dir: &Path,
+        cluster: &str,
+        capture: Capture,
+        retention: Retention,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let removed = catalog::remove_debris(dir)?;
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "removed unfinished checkpoint files");
+        }
+        let summary = summarize(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cluster: cluster.to_string(),
+            capture,
+            retention,
+            summary: watch::channel(summary).0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn summary(&self) -> watch::Receiver<Summary> {
+        self.summary.subscribe()
+    }
+
+    /// The fast, paused part of a checkpoint; see [`capture`].
+    pub async fn stage(&self, index: u64) -> io::Result<Staged> {
+        self.capture.stage(&self.dir, index).await
+    }
+
+    /// Compresses and checksums a staged copy into a checkpoint file, then applies the
+    /// retention policy.
+    pub async fn seal(&self, staged: Staged, position: Position) -> io::Result<CheckpointInfo> {
+        let spec = CheckpointSpec {
+            cluster: self.cluster.clone(),
+            index: position.index,
+            term: position.term,
+            entry_time_us: position.entry_time_us,
+            mode: self.capture.mode(),
+            haven_state: position.haven_state,
+        };
+        let dir = self.dir.clone();
+        let info = blocking(move || {
+            let written = format::write(&dir, spec, staged.source()).map_err(io::Error::other);
+            staged.remove()?;
+            written
+        })
+        .await?;
+        tracing::info!(
+            index = info.index,
+            bytes = info.size,
+            app_bytes = info.app_bytes,
+            "checkpoint written"
+        );
+        self.enforce_retention().await?;
+        Ok(info)
+    }
+
+    async fn enforce_retention(&self) -> io::Result<()> {
+        let (dir, retention) = (self.dir.clone(), self.retention);
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let summary = blocking(move || {
+            let removed =
+                catalog::apply_retention(&dir, retention, now_us).map_err(io::Error::other)?;
+            if !removed.is_empty() {
+                tracing::info!(removed = removed.len(), "old checkpoints deleted");
+            }
+            summarize(&dir)
+        })
+        .await?;
+        self.summary.send_replace(summary);
+        Ok(())
+    }
+
+    /// The newest checkpoint, by its trailer only.
+    pub async fn newest(&self) -> io::Result<Option<CheckpointInfo>> {
+        let dir = self.dir.clone();
+        blocking(move || catalog::newest(&dir).map_err(io::Error::other)).await
+    }
+
+    /// Reads and checks a whole checkpoint file against its checksum.
+    pub async fn verify(&self, path: &Path) -> io::Result<CheckpointInfo> {
+        let path = path.to_path_buf();
+        blocking(move || format::verify(&path).map_err(io::Error::other)).await
+    }
+
+    /// Verifies a checkpoint that arrived from the leader and files it under its name.
+    pub async fn adopt(&self, received: &Path) -> io::Result<CheckpointInfo> {
+        let (dir, received) = (self.dir.clone(), received.to_path_buf());
+        let info =
+            blocking(move || format::adopt(&dir, &received).map_err(io::Error::other)).await?;
+        self.enforce_retention().await?;
+        Ok(info)
+    }
+
+    /// Puts the replica's state back to the checkpoint at `path`.
+    pub async fn restore(&self, path: &Path, index: u64) -> io::Result<()> {
+        self.capture.restore(&self.dir, path, index).await
+    }
+
+    /// Where a transfer in progress writes; named as debris until adopted.
+    pub fn receiving_path(&self, transfer: u64) -> PathBuf {
+        self.dir.join(format!(".tmp-recv-{transfer}"))
+    }
+}
+
+fn summarize(dir: &Path) -> io::Result<Summary> {
+    let listed = catalog::list(dir).map_err(io::Error::other)?;
+    let valid: Vec<&CheckpointInfo> = listed.iter().filter_map(|l| l.info.as_ref().ok()).collect();
+    Ok(Summary {
+        count: valid.len(),
+        oldest_index: valid.first().map(|i| i.index),
+        newest_index: valid.last().map(|i| i.index),
+        newest_created_us: valid.last().map(|i| i.created_us),
+    })
+}

@@ -1,0 +1,239 @@
+//! Checkpoints end to end: real nodes managing real log-app processes, compaction, catch-up
+//! through a checkpoint, and point-in-time restore compared with replay from scratch.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+mod common;
+use common::TestCluster;
+
+const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+
+fn checkpoints(mode: &str, every_entries: u64, keep: usize) -> String {
+    format!(
+        "[checkpoints]\nmode = \"{mode}\"\nevery_entries = {every_entries}\nevery_seconds = 0\nkeep = {keep}\n"
+    )
+}
+
+impl TestCluster {
+    async fn append_many(&self, node: usize, from: usize, count: usize) {
+        for i in from..from + count {
+            let reply = self.append(node, &format!("entry {i}")).await;
+            assert_eq!(reply.status, 201, "append {i}: {reply:?}");
+        }
+    }
+
+    fn node_data_dir(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("node{}", i + 1)).join("data")
+    }
+
+    async fn metric(&self, i: usize, name: &str) -> u64 {
+        let url = format!("{}/metrics", self.slots[i].admin_url());
+        let reply = self.http.get(&url).await.unwrap();
+        let text = String::from_utf8_lossy(&reply.body).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn haven(args: &[&str]) -> std::process::Output {
+    Command::new(HAVEN).args(args).output().unwrap()
+}
+
+fn listed_indexes(data_dir: &Path) -> Vec<u64> {
+    let out = haven(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    listed
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect()
+}
+
+/// A node that is down while the others checkpoint and compact their logs past its
+/// position comes back through a checkpoint streamed from the leader, and ends with a
+/// replica byte-identical to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_compaction_comes_back_from_a_checkpoint() {
+    catch_up_through_a_checkpoint(true, "managed").await;
+}
+
+/// The same through the app's snapshot and restore endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_mode_catches_a_node_up_through_the_app_endpoints() {
+    catch_up_through_a_checkpoint(false, "hooks").await;
+}
+
+async fn catch_up_through_a_checkpoint(managed: bool, mode: &str) {
+    let mut cluster = common::start(3, managed, &checkpoints(mode, 40, 2)).await;
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let down = cluster.follower_of(leader);
+    cluster.append_many(leader, 0, 20).await;
+    cluster
+        .wait_converged(Duration::from_secs(20))
+        .await
+        .unwrap();
+    cluster.kill_node(down);
+    cluster.append_many(leader, 20, 200).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster.status(leader).await.unwrap();
+        if status.purged_index.unwrap_or(0) > 40 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leader never compacted: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.start_node(down).unwrap();
+    cluster.assert_replicas_identical().await;
+    assert!(
+        cluster
+            .metric(down, "haven_checkpoints_installed_total")
+            .await
+            >= 1
+    );
+    let status = cluster.status(down).await.unwrap();
+    assert!(status.checkpoint_receive.total > 0, "{status:?}");
+    assert_eq!(
+        status.checkpoint_receive.bytes,
+        status.checkpoint_receive.total
+    );
+}
+
+/// Restores to several indexes equal the live replica as it was at that index, and a
+/// replay of the whole log into an empty app (from a second, identical node that keeps
+/// its log whole), so the checkpoint path and the replay path agree with the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_several_indexes_equals_replay_from_scratch() {
+    let mut compacted = common::start(1, true, &checkpoints("managed", 30, 64)).await;
+    let mut whole = common::start(1, true, "").await;
+    let mut live = Vec::new();
+    for batch in 0..4 {
+        for cluster in [&compacted, &whole] {
+            cluster.append_many(0, batch * 35, 35).await;
+        }
+        let index = compacted
+            .wait_converged(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(
+            whole.wait_converged(Duration::from_secs(20)).await.unwrap(),
+            index
+        );
+        live.push((index, compacted.replica_bytes(0).unwrap()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    compacted.kill_node(0);
+    whole.kill_node(0);
+    let data_dir = compacted.node_data_dir(0);
+    let indexes = listed_indexes(&data_dir);
+    assert!(indexes.len() >= 4, "checkpoints: {indexes:?}");
+    for (target, bytes) in &live {
+        let restored = restore(&data_dir, compacted.dir(), *target, false);
+        assert!(
+            &restored == bytes,
+            "restore to {target} differs from the live replica"
+        );
+        let replayed = restore(&whole.node_data_dir(0), whole.dir(), *target, true);
+        assert!(
+            replayed == restored,
+            "replay to {target} differs from the restore"
+        );
+    }
+    let target = indexes[1] + 7;
+    let restored = restore(&data_dir, compacted.dir(), target, false);
+    let replayed = restore(&whole.node_data_dir(0), whole.dir(), target, true);
+    assert!(
+        replayed == restored,
+        "restore to {target} differs from replay"
+    );
+}
+
+/// Restores `target` into a fresh directory and returns the log app's file.
+fn restore(data_dir: &Path, scratch: &Path, target: u64, from_scratch: bool) -> Vec<u8> {
+    let out = scratch.join(format!("restore-{target}-{from_scratch}"));
+    let target_arg = target.to_string();
+    let (data, out_arg) = (data_dir.display().to_string(), out.display().to_string());
+    let mut args = vec![
+        "restore",
+        "--data-dir",
+        &data,
+        "--to-index",
+        &target_arg,
+        "--out",
+        &out_arg,
+    ];
+    if from_scratch {
+        args.push("--from-scratch");
+    }
+    let output = haven(&args);
+    assert!(
+        output.status.success(),
+        "restore to {target}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::read(out.join("log.txt")).unwrap()
+}
+
+/// A checkpoint with one flipped byte is refused with the reason, and nothing is left in
+/// the output directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_is_detected_and_never_restored() {
+    let mut cluster = common::start(1, true, &checkpoints("managed", 20, 64)).await;
+    cluster.append_many(0, 0, 50).await;
+    cluster
+        .wait_converged(Duration::from_secs(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill_node(0);
+    let data_dir = cluster.node_data_dir(0);
+    let first = listed_indexes(&data_dir)[0];
+    let dir = data_dir.join("app").join("checkpoints");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains(&format!("{first:020}"))
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[20] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let out = cluster.dir().join("restore-corrupt");
+    let output = haven(&[
+        "restore",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--to-index",
+        &first.to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    assert!(!out.join("log.txt").exists());
+}
