@@ -64,6 +64,11 @@ pub struct NodeSection {
     pub raft_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// True for a node that joins a running cluster (a new member, or a fresh replacement
+    /// for a dead one): it never proposes the initial membership and waits for the leader
+    /// to add it (default false).
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub checkpoint_receive_total_bytes: IntGauge,
     /// Checkpoints installed into the local replica (from the leader or at restart).
     pub checkpoints_installed: IntCounter,
+    /// Checkpoints that failed (app down, disk full); each is retried later.
+    pub checkpoint_failures: IntCounter,
 }
 
 impl Metrics {
@@ -107,10 +109,15 @@ impl Metrics {
             "haven_checkpoints_installed_total",
             "Checkpoints installed into the local replica",
         )?;
+        let checkpoint_failures = IntCounter::new(
+            "haven_checkpoint_failures_total",
+            "Checkpoints that failed and will be retried",
+        )?;
         for metric in [
             &checkpoints_written,
             &checkpoint_pause_us,
             &checkpoints_installed,
+            &checkpoint_failures,
         ] {
             registry.register(Box::new(metric.clone()))?;
         }
@@ -133,6 +140,7 @@ impl Metrics {
             checkpoint_receive_bytes,
             checkpoint_receive_total_bytes,
             checkpoints_installed,
+            checkpoint_failures,
         })
     }
 

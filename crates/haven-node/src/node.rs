@@ -133,7 +133,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
     ));
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
-    initialize_once(&raft, &config).await?;
+    if !config.node.join {
+        initialize_once(&raft, &config).await?;
+    }
     if let (Some(section), Some(checkpoints)) = (&config.checkpoints, &checkpoints) {
         let summary = checkpoints.summary();
         let policy = Policy {
@@ -166,7 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
     ));
     tracing::info!(addr = %config.node.client_addr, "client port open");
-    let router = admin::router(ingress, config.node.zone.clone());
+    let router = admin::router(ingress, config.node.zone.clone(), checkpoints);
     tokio::spawn(admin::serve(admin_listener, router, stop_rx.clone()));
     tracing::info!(addr = %config.node.admin_addr, id = config.node.id, "node ready");
 

@@ -139,36 +139,18 @@ impl LocalCluster {
     /// (nodes past the end of `hosts` run here, on 127.0.0.1): what partition tests need,
     /// since a network namespace per node is the only way to cut one node off from another.
     pub fn start_on_hosts(spec: ClusterSpec, hosts: &[Host]) -> anyhow::Result<Self> {
-        let mut slots = Vec::with_capacity(spec.nodes);
-        for i in 0..spec.nodes {
-            let id = i as u64 + 1;
-            let host = hosts.get(i).cloned().unwrap_or_default();
-            let node_dir = spec.dir.join(format!("node{id}"));
-            std::fs::create_dir_all(node_dir.join("app"))
-                .with_context(|| format!("creating {}", node_dir.display()))?;
-            slots.push(Slot {
-                id,
-                client_addr: free_addr_on(host.ip)?,
-                raft_addr: free_addr_on(host.ip)?,
-                admin_addr: free_addr_on(host.ip)?,
-                app_addr: free_addr_on(host.ip)?,
-                config_path: node_dir.join("haven.toml"),
-                app_dir: node_dir.join("app"),
-                app_file: node_dir.join("app").join("log.txt"),
-                node: None,
-                app: None,
-                launcher: host.launcher,
-            });
-        }
         let mut cluster = Self {
             spec,
-            slots,
+            slots: Vec::new(),
             http: Http::new(Duration::from_secs(2)),
         };
+        for i in 0..cluster.spec.nodes {
+            let host = hosts.get(i).cloned().unwrap_or_default();
+            let slot = cluster.new_slot(i as u64 + 1, host)?;
+            cluster.slots.push(slot);
+        }
         for i in 0..cluster.slots.len() {
-            let config = cluster.node_config(i);
-            std::fs::write(&cluster.slots[i].config_path, config)
-                .with_context(|| format!("writing {}", cluster.slots[i].config_path.display()))?;
+            cluster.write_config(i, false)?;
         }
         for i in 0..cluster.slots.len() {
             cluster.start_app(i)?;
@@ -177,9 +159,76 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    fn new_slot(&self, id: u64, host: Host) -> anyhow::Result<Slot> {
+        let node_dir = self.spec.dir.join(format!("node{id}"));
+        std::fs::create_dir_all(node_dir.join("app"))
+            .with_context(|| format!("creating {}", node_dir.display()))?;
+        Ok(Slot {
+            id,
+            client_addr: free_addr_on(host.ip)?,
+            raft_addr: free_addr_on(host.ip)?,
+            admin_addr: free_addr_on(host.ip)?,
+            app_addr: free_addr_on(host.ip)?,
+            config_path: node_dir.join("haven.toml"),
+            app_dir: node_dir.join("app"),
+            app_file: node_dir.join("app").join("log.txt"),
+            node: None,
+            app: None,
+            launcher: host.launcher,
+        })
+    }
+
+    /// Where node `i` keeps its Haven state (`[node] data_dir`).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.spec
+            .dir
+            .join(format!("node{}", self.slots[i].id))
+            .join("data")
+    }
+
+    /// Starts one more node, fresh, configured to join the running cluster (`join =
+    /// true`); it becomes a member once the leader adds it. Returns its slot.
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let id = self.slots.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+        let slot = self.new_slot(id, Host::default())?;
+        self.slots.push(slot);
+        let i = self.slots.len() - 1;
+        self.write_config(i, true)?;
+        self.start_app(i)?;
+        self.start_node(i)?;
+        Ok(i)
+    }
+
+    /// Kills node `i` and its replica, erases their state (a dead machine's disk), and
+    /// starts it again, fresh and configured to join: a replacement with the same id.
+    pub fn replace_with_fresh(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill_node(i);
+        self.kill_app(i);
+        for dir in [self.data_dir(i), self.slots[i].app_dir.clone()] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("erasing {}", dir.display()));
+                }
+                _ => {}
+            }
+        }
+        std::fs::create_dir_all(&self.slots[i].app_dir)?;
+        self.write_config(i, true)?;
+        self.start_app(i)?;
+        self.start_node(i)
+    }
+
+    fn write_config(&self, i: usize, join: bool) -> anyhow::Result<()> {
+        let mut config = self.node_config(i);
+        if join {
+            config = config.replacen("[node]\n", "[node]\njoin = true\n", 1);
+        }
+        let path = &self.slots[i].config_path;
+        std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))
+    }
+
     fn node_config(&self, i: usize) -> String {
         let slot = &self.slots[i];
-        let data_dir = self.spec.dir.join(format!("node{}", slot.id)).join("data");
         let mut toml = format!(
             "[node]\nid = {}\nzone = \"zone-{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n[app]\nurl = \"{}\"\n\n",
             slot.id,
@@ -187,7 +236,7 @@ impl LocalCluster {
             slot.client_addr,
             slot.raft_addr,
             slot.admin_addr,
-            data_dir.display(),
+            self.data_dir(i).display(),
             slot.app_url()
         );
         if self.spec.managed {

@@ -1,15 +1,17 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text), `GET /health`, and the membership changes of [`members`] (`POST
+//! text), `GET /health`, `POST /checkpoints` (take one now), and the membership changes of [`members`] (`POST
 //! /members/{learner,promote,remove,replace}`, JSON). Separate from the client port so
 //! operators can reach a node whose client side is saturated.
 
 pub mod members;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::routing::post;
 use openraft::ServerState;
@@ -19,6 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
 use crate::types::NodeId;
 
@@ -62,6 +65,60 @@ pub struct TransferProgress {
 struct AdminState {
     ingress: Arc<Ingress>,
     zone: String,
+    checkpoints: Option<Arc<Checkpoints>>,
+}
+
+/// The answer to `POST /checkpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointTaken {
+    pub index: u64,
+}
+
+/// How long `POST /checkpoints` waits for the checkpoint (a 1 GB state takes seconds).
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(600);
+
+/// Takes a checkpoint of everything applied so far and answers once it is on disk.
+async fn checkpoint_now(state: &AdminState) -> Result<Json<CheckpointTaken>, (StatusCode, String)> {
+    let Some(checkpoints) = &state.checkpoints else {
+        let reason = "checkpoints are off ([checkpoints] is not configured)";
+        return Err((StatusCode::CONFLICT, reason.to_string()));
+    };
+    let metrics = &state.ingress.metrics;
+    let target = state.ingress.shared.applied_index();
+    let failures = metrics.checkpoint_failures.get();
+    let mut summary = checkpoints.summary();
+    let unavailable = |reason: String| (StatusCode::SERVICE_UNAVAILABLE, reason);
+    state
+        .ingress
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let done = async {
+        loop {
+            if let Some(index) = summary
+                .borrow_and_update()
+                .newest_index
+                .filter(|i| *i >= target)
+            {
+                return Ok(index);
+            }
+            if metrics.checkpoint_failures.get() > failures {
+                return Err(unavailable(
+                    "the checkpoint failed; the node's log says why".into(),
+                ));
+            }
+            tokio::select! {
+                _ = summary.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    };
+    let index = tokio::time::timeout(CHECKPOINT_WAIT, done)
+        .await
+        .map_err(|_| unavailable(format!("no checkpoint within {CHECKPOINT_WAIT:?}")))??;
+    Ok(Json(CheckpointTaken { index }))
 }
 
 fn role_name(state: ServerState) -> &'static str {
@@ -99,8 +156,16 @@ fn status(state: &AdminState) -> Status {
     }
 }
 
-pub fn router(ingress: Arc<Ingress>, zone: String) -> Router {
-    let state = Arc::new(AdminState { ingress, zone });
+pub fn router(
+    ingress: Arc<Ingress>,
+    zone: String,
+    checkpoints: Option<Arc<Checkpoints>>,
+) -> Router {
+    let state = Arc::new(AdminState {
+        ingress,
+        zone,
+        checkpoints,
+    });
     Router::new()
         .route(
             "/status",
@@ -111,6 +176,10 @@ pub fn router(ingress: Arc<Ingress>, zone: String) -> Router {
             get(|State(s): State<Arc<AdminState>>| async move { s.ingress.metrics.render() }),
         )
         .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/checkpoints",
+            post(|State(s): State<Arc<AdminState>>| async move { checkpoint_now(&s).await }),
+        )
         .route(
             "/members/learner",
             post(|State(s): State<Arc<AdminState>>, Json(r)| async move {

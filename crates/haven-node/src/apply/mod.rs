@@ -333,7 +333,7 @@ impl StateMachine {
         deliveries: &[Delivery<'_>],
     ) -> io::Result<Vec<AppResponse>> {
         let metrics = &self.shared.metrics;
-        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut retry = Retry::new(self.shutdown.clone());
         let mut attempt = 1u64;
         let mut answered = Vec::with_capacity(deliveries.len());
         while answered.len() < deliveries.len() {
@@ -347,17 +347,58 @@ impl StateMachine {
             metrics.app_up.set(0);
             let index = deliveries.get(answered.len()).map(|d| d.stamp.index);
             tracing::warn!(index, attempt, error = %e, "delivery to app failed; retrying, entries are never skipped");
-            let mut shutdown = self.shutdown.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.wait_for(|stop| *stop) => {
-                    return Err(io::Error::other("node shutting down while the app was unreachable"));
-                }
-            }
-            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            retry.wait("while the app was unreachable").await?;
             attempt += 1;
         }
         Ok(answered)
+    }
+}
+
+impl StateMachine {
+    /// Retries until the replica took the checkpoint, as deliveries do: a replica that is
+    /// down must cost a metric and retries, not the node. Only shutdown ends it early.
+    async fn restore_until_done(
+        &self,
+        checkpoints: &Checkpoints,
+        path: &Path,
+        index: u64,
+    ) -> io::Result<()> {
+        let mut retry = Retry::new(self.shutdown.clone());
+        loop {
+            let Err(e) = checkpoints.restore(path, index).await else {
+                return Ok(());
+            };
+            self.shared.metrics.app_delivery_failures.inc();
+            tracing::warn!(index, error = %e, "restoring the replica from a checkpoint failed; retrying");
+            retry.wait("during a checkpoint restore").await?;
+        }
+    }
+}
+
+/// Growing pauses between attempts that only shutdown interrupts.
+struct Retry {
+    backoff: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Retry {
+    fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            backoff: RETRY_BACKOFF_MIN,
+            shutdown,
+        }
+    }
+
+    /// Waits before the next attempt; an error once the node is shutting down.
+    async fn wait(&mut self, during: &str) -> io::Result<()> {
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff) => {}
+            _ = self.shutdown.wait_for(|stop| *stop) => {
+                return Err(io::Error::other(format!("node shutting down {during}")));
+            }
+        }
+        self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+        Ok(())
     }
 }
 
@@ -529,12 +570,10 @@ pub(crate) fn snapshot_of(info: &CheckpointInfo) -> io::Result<Snapshot> {
     })
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotData;
-
+impl StateMachine {
     /// Deliveries pause only while the replica's state is staged; compression and the
     /// checksum run after the lock is released.
-    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+    async fn take_checkpoint(&self) -> io::Result<Snapshot> {
         let checkpoints = self.checkpoints()?.clone();
         let metrics = &self.shared.metrics;
         let (staged, position) = {
@@ -559,6 +598,40 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let info = checkpoints.seal(staged, position).await?;
         metrics.checkpoints_written.inc();
         snapshot_of(&info)
+    }
+
+    /// What openraft gets when a checkpoint fails: the newest one that exists, or one that
+    /// covers nothing. An error would stop the Raft node, and an app that is down or slow
+    /// must cost a metric and a retry, never the node.
+    async fn previous_checkpoint(&self) -> io::Result<Snapshot> {
+        let newest = match &self.checkpoints {
+            Some(checkpoints) => checkpoints.newest().await?,
+            None => None,
+        };
+        match newest {
+            Some(info) => snapshot_of(&info),
+            None => Ok(Snapshot {
+                meta: SnapshotMeta::default(),
+                snapshot: CheckpointFile {
+                    path: std::path::PathBuf::new(),
+                },
+            }),
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        match self.take_checkpoint().await {
+            Ok(snapshot) => Ok(snapshot),
+            Err(e) => {
+                self.shared.metrics.checkpoint_failures.inc();
+                tracing::warn!(error = %e, "checkpoint failed; keeping the previous one, will retry");
+                self.previous_checkpoint().await
+            }
+        }
     }
 }
 
@@ -619,7 +692,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             )));
         }
         let mut inner = self.inner.lock().await;
-        checkpoints.restore(&snapshot.path, info.index).await?;
+        self.restore_until_done(&checkpoints, &snapshot.path, info.index)
+            .await?;
         inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
         inner.persist()?;
         self.shared.applied.send_replace(info.index);
