@@ -69,6 +69,9 @@ enum Command {
     /// Torture a local cluster (kills, pauses, partitions) and check linearizability,
     /// durability of acknowledged writes and identical replicas.
     Torture(haven::torture::TortureArgs),
+    /// Change the cluster's membership through the leader's admin API (joint consensus).
+    #[command(subcommand)]
+    Members(cli::members::MembersCommand),
     /// Inspect a node's checkpoints (reads its data directory; works with the node down).
     #[command(subcommand)]
     Checkpoints(cli::checkpoints::CheckpointsCommand),
@@ -167,6 +170,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let config = haven_treeapp::TreeAppConfig { dir };
             haven_treeapp::serve(listener, config, shutdown_signal()).await?;
+        }
+        Command::Members(command) => {
+            init_tracing("warn");
+            print(&cli::members::run(command).await?)?;
         }
         Command::Checkpoints(command) => {
             init_tracing("warn");

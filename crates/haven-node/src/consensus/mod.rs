@@ -21,6 +21,10 @@ pub fn raft_config(timing: &RaftTiming) -> Result<openraft::Config, openraft::Co
         max_payload_entries: timing.max_payload_entries,
         snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: u64::MAX,
+        // A follower whose log went backwards (its disk was wiped or replaced: the "replace a
+        // dead node with the same id" case) is brought back from a checkpoint and the log.
+        // Without this openraft stops the *leader* with a panic when it meets such a node.
+        allow_log_reversion: Some(true),
         enable_pre_vote: Some(true),
         ..Default::default()
     };

@@ -8,11 +8,7 @@ use haven_node::admin::Status;
 use crate::http_client::Http;
 
 pub async fn fetch(admin: &str) -> anyhow::Result<Status> {
-    let base = if admin.starts_with("http://") {
-        admin.to_string()
-    } else {
-        format!("http://{admin}")
-    };
+    let base = super::admin_base(admin);
     let reply = Http::new(Duration::from_secs(5))
         .get(&format!("{base}/status"))
         .await?;

@@ -1,0 +1,138 @@
+//! `haven members ...`: membership changes through a node's admin API. They must reach the
+//! leader; a follower answers with the leader's id, which the error repeats.
+
+use std::time::Duration;
+
+use clap::Args;
+use clap::Subcommand;
+use haven_node::admin::members::AddLearner;
+use haven_node::admin::members::ChangeNode;
+use haven_node::admin::members::MembershipError;
+use haven_node::admin::members::MembershipReply;
+use haven_node::admin::members::Replace;
+use serde::Serialize;
+
+use crate::http_client::Http;
+
+/// A replacement's `add_learner` waits until it caught up, which may take a checkpoint
+/// transfer.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Args)]
+pub struct NewNode {
+    /// The new node's id.
+    #[arg(long)]
+    id: u64,
+    /// Its raft address (`[node] raft_addr`).
+    #[arg(long)]
+    raft_addr: String,
+    /// Its client address (`[node] client_addr`).
+    #[arg(long)]
+    client_addr: String,
+}
+
+impl NewNode {
+    fn request(&self) -> AddLearner {
+        AddLearner {
+            id: self.id,
+            raft_addr: self.raft_addr.clone(),
+            client_addr: self.client_addr.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum MembersCommand {
+    /// Add a non-voting member; it catches up from a checkpoint and the log.
+    AddLearner {
+        /// The leader's admin address, e.g. 127.0.0.1:7001.
+        #[arg(long)]
+        admin: String,
+        #[command(flatten)]
+        node: NewNode,
+    },
+    /// Make a caught-up learner a voter.
+    Promote {
+        #[arg(long)]
+        admin: String,
+        #[arg(long)]
+        id: u64,
+        /// Even if the new voter set would lack a healthy majority.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a voter or learner.
+    Remove {
+        #[arg(long)]
+        admin: String,
+        #[arg(long)]
+        id: u64,
+        /// Even if the remaining voters would lack a healthy majority.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace a dead voter with a fresh node (the same id, or a new one).
+    Replace {
+        #[arg(long)]
+        admin: String,
+        /// The dead voter's id.
+        #[arg(long)]
+        old: u64,
+        #[command(flatten)]
+        node: NewNode,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub async fn run(command: MembersCommand) -> anyhow::Result<String> {
+    let reply = match command {
+        MembersCommand::AddLearner { admin, node } => {
+            post(&admin, "learner", &node.request()).await?
+        }
+        MembersCommand::Promote { admin, id, force } => {
+            post(&admin, "promote", &ChangeNode { id, force }).await?
+        }
+        MembersCommand::Remove { admin, id, force } => {
+            post(&admin, "remove", &ChangeNode { id, force }).await?
+        }
+        MembersCommand::Replace {
+            admin,
+            old,
+            node,
+            force,
+        } => {
+            let request = Replace {
+                old,
+                new: node.request(),
+                force,
+            };
+            post(&admin, "replace", &request).await?
+        }
+    };
+    Ok(format!(
+        "voters {:?}, learners {:?}\n",
+        reply.voters, reply.learners
+    ))
+}
+
+async fn post<T: Serialize>(
+    admin: &str,
+    change: &str,
+    body: &T,
+) -> anyhow::Result<MembershipReply> {
+    let base = super::admin_base(admin);
+    let url = format!("{base}/members/{change}");
+    let headers = [("content-type", "application/json")];
+    let body = serde_json::to_vec(body)?;
+    let reply = Http::new(MEMBERSHIP_TIMEOUT)
+        .send("POST", &url, &headers, body.into())
+        .await?;
+    if reply.status == 200 {
+        return Ok(serde_json::from_slice(&reply.body)?);
+    }
+    match serde_json::from_slice::<MembershipError>(&reply.body) {
+        Ok(e) => anyhow::bail!("{url}: {}", e.error),
+        Err(_) => anyhow::bail!("{url} answered {}: {}", reply.status, reply.text()),
+    }
+}
