@@ -445,6 +445,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
+/// Describes a gap between an append's `prev_log_id` and its first entry. openraft
+/// (0.10.0-alpha.37) can resume a replication stream planned before a log purge and read
+/// only the entries that survived it; sent, they would leave a hole in the follower's
+/// log. Failing the stream instead makes openraft plan again, with a checkpoint.
+fn gap_in(req: &AppendEntriesRequest<TypeConfig>) -> Option<String> {
+    let first = req.entries.first()?.log_id.index;
+    let expected = req.prev_log_id.map_or(0, |p| p.index + 1);
+    (first != expected).then(|| format!("entries start at {first}, expected {expected}"))
+}
+
 /// Sends a stream's appends as they come and queues their reply receivers, in order, for
 /// the output stream. Stops when the input ends, the connection breaks, or the output side
 /// is dropped.
@@ -462,6 +472,16 @@ async fn pump_appends<S>(
             _ = replies.closed() => None,
         };
         let Some(req) = next else { break };
+        if let Some(gap) = gap_in(&req) {
+            tracing::warn!(
+                stream,
+                gap,
+                "refusing to send appends after a gap; replication will re-plan"
+            );
+            // A receiver whose sender is gone: the output yields an error for it.
+            let _ = replies.send(oneshot::channel().1).await;
+            break;
+        }
         let Ok(rx) = conn.send(&RpcRequest::Append { stream, req }).await else {
             break;
         };
@@ -470,4 +490,51 @@ async fn pump_appends<S>(
         }
     }
     let _ = conn.send_oneway(&RpcRequest::EndStream { stream }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::RaftTypeConfig;
+    use openraft::entry::RaftEntry;
+    use openraft::vote::RaftLeaderIdExt;
+
+    use super::*;
+    use crate::types::Entry;
+    use crate::types::LogId;
+    use crate::types::Vote;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(
+            <TypeConfig as RaftTypeConfig>::LeaderId::new_committed(1, 1),
+            index,
+        )
+    }
+
+    fn append(prev: Option<u64>, first: u64, count: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: prev.map(log_id),
+            leader_commit: None,
+            entries: (first..first + count)
+                .map(|i| Entry::new_blank(log_id(i)))
+                .collect(),
+        }
+    }
+
+    /// The shape openraft produced after a purge raced a resumed stream (kill -9 test):
+    /// `prev` 2, entries from 271. It must never reach the follower.
+    #[test]
+    fn appends_after_a_gap_are_caught() {
+        assert_eq!(
+            gap_in(&append(Some(2), 271, 3)).as_deref(),
+            Some("entries start at 271, expected 3")
+        );
+        assert_eq!(gap_in(&append(Some(2), 3, 3)), None);
+        assert_eq!(gap_in(&append(None, 0, 1)), None);
+        assert_eq!(
+            gap_in(&append(Some(9), 0, 0)),
+            None,
+            "a heartbeat has no entries"
+        );
+    }
 }
