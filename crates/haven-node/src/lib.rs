@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod consensus;
 pub mod ingress;
+pub mod lock;
 pub mod metrics;
 pub mod node;
 pub mod restore;

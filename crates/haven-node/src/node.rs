@@ -33,6 +33,7 @@ use crate::consensus::client::Transport;
 use crate::consensus::server::InboxFactory;
 use crate::ingress;
 use crate::ingress::Ingress;
+use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::restore::AppSettings;
 use crate::routes::RouteTable;
@@ -59,6 +60,11 @@ pub enum NodeError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     App(Box<crate::app::process::ProcessError>),
+    #[error("cannot lock {dir}: {source}")]
+    Locked {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot record the app settings in {dir}: {source}")]
     Settings {
         dir: std::path::PathBuf,
@@ -85,6 +91,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let service_dir = config.service_dir();
+    let _lock = DirLock::acquire(&service_dir).map_err(|source| NodeError::Locked {
+        dir: service_dir.clone(),
+        source,
+    })?;
     let log_store: LogStore<TypeConfig> = LogStore::open(&service_dir.join("log"), log_options())?;
     tracing::info!(dir = %service_dir.display(), "log opened");
     AppSettings::from_config(&config)

@@ -38,6 +38,7 @@ use crate::checkpoint::format;
 use crate::checkpoint::format::CheckpointInfo;
 use crate::config::CheckpointMode;
 use crate::config::Config;
+use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::types::Entry;
 use crate::types::TypeConfig;
@@ -205,6 +206,7 @@ pub async fn run(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, RestoreError> {
     let service = service_dir(&options.data_dir)?;
+    let _lock = DirLock::acquire(&service).map_err(|e| refused(e.to_string()))?;
     let settings = AppSettings::load(&service)?;
     prepare_out(&options.out)?;
     let mut log = LogStore::<TypeConfig>::open(&service.join("log"), LogOptions::default())
@@ -286,12 +288,35 @@ async fn choose_base(
     if options.from_scratch {
         return Ok((None, target));
     }
+    let oldest = valid.first().map(|c| c.index);
     let base = valid.into_iter().rev().find(|c| c.index <= target);
+    if base.is_none() && *range.start() > 0 {
+        return Err(refused(format!(
+            "index {target} is not restorable from this node: {}",
+            restorable(oldest, range)
+        )));
+    }
     let base = match base {
         Some(base) => Some(verified(base)?),
         None => None,
     };
     Ok((base, target))
+}
+
+/// What a node can restore, for error messages.
+fn restorable(oldest: Option<u64>, range: &RangeInclusive<u64>) -> String {
+    let from = oldest.map_or(range.start().saturating_sub(1), |o| o.min(*range.start()));
+    match oldest {
+        Some(o) => format!(
+            "its oldest checkpoint is at {o} and its log ends at {}; it can restore {from} to {}",
+            range.end(),
+            range.end()
+        ),
+        None => format!(
+            "it has no checkpoint and its log starts at {}",
+            range.start()
+        ),
+    }
 }
 
 fn verified(info: CheckpointInfo) -> Result<CheckpointInfo, RestoreError> {

@@ -23,7 +23,13 @@ fn opt(v: Option<u64>) -> String {
 }
 
 pub fn render(status: &Status) -> String {
-    let voters: Vec<String> = status.voters.iter().map(|v| v.to_string()).collect();
+    let ids = |ids: &[u64]| {
+        ids.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let receive = &status.checkpoint_receive;
     let rows = [
         ("id", status.id.to_string()),
         ("zone", status.zone.clone()),
@@ -33,7 +39,14 @@ pub fn render(status: &Status) -> String {
         ("commit_index", opt(status.commit_index)),
         ("applied_index", opt(status.applied_index)),
         ("last_log_index", opt(status.last_log_index)),
-        ("voters", voters.join(",")),
+        ("voters", ids(&status.voters)),
+        ("learners", ids(&status.learners)),
+        ("checkpoint", opt(status.snapshot_index)),
+        ("log_purged_to", opt(status.purged_index)),
+        (
+            "receiving",
+            format!("{} of {} bytes", receive.bytes, receive.total),
+        ),
         (
             "app",
             format!(
