@@ -119,6 +119,10 @@ pub struct TortureArgs {
     /// checker catching stale reads.
     #[arg(long, value_enum, default_value_t = ReadMode::Linearizable)]
     pub read_mode: ReadMode,
+    /// Every node checkpoints the tree app (hooks mode) after this many entries and keeps
+    /// two, so faults also land in checkpoints, compaction and installs (0: off).
+    #[arg(long, default_value_t = 20)]
+    pub checkpoint_every: u64,
     /// The tool that creates network namespaces for partitions (needs root).
     #[arg(long, env = "HAVEN_NETNS_TOOL", default_value = DEFAULT_NETNS_TOOL)]
     pub netns_tool: PathBuf,
@@ -147,10 +151,17 @@ impl ReadMode {
 impl TortureArgs {
     /// Every node's extra config: [`NODE_CONFIG`] and the route for the clients' reads.
     fn node_config(&self) -> String {
-        format!(
+        let mut config = format!(
             "{NODE_CONFIG}\n[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/tree/\"\nmode = \"{}\"\n",
             self.read_mode.name()
-        )
+        );
+        if self.checkpoint_every > 0 {
+            config.push_str(&format!(
+                "\n[checkpoints]\nmode = \"hooks\"\nevery_entries = {}\nevery_seconds = 0\nkeep = 2\n",
+                self.checkpoint_every
+            ));
+        }
+        config
     }
 
     /// The flags that reproduce this run (what the inner run gets, what a replay needs).
@@ -163,6 +174,7 @@ impl TortureArgs {
             format!("--clients={}", self.clients),
             format!("--keys={}", self.keys),
             format!("--read-mode={}", self.read_mode.name()),
+            format!("--checkpoint-every={}", self.checkpoint_every),
         ];
         for (on, flag) in [
             (self.json, "--json"),
