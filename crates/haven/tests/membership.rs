@@ -114,8 +114,8 @@ async fn a_fresh_fourth_node_catches_up_and_is_promoted() {
     assert_eq!(cluster.voters_and_learners(new).await.0, vec![1, 2, 3, 4]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_node_is_replaced_by_a_new_one() {
+/// A cluster whose follower died after some writes and missed more: (cluster, leader, dead).
+async fn with_a_dead_follower() -> (TestCluster, usize, usize) {
     let mut cluster = common::start(3, true, CHECKPOINTS).await;
     let leader = cluster
         .wait_for_leader(Duration::from_secs(10))
@@ -125,13 +125,26 @@ async fn a_dead_node_is_replaced_by_a_new_one() {
     cluster.write(leader, 50).await;
     cluster.kill_node(dead);
     cluster.write(leader, 50).await;
+    (cluster, leader, dead)
+}
+
+impl TestCluster {
+    /// `haven members replace --old <dead's id>` with node `new`'s identity.
+    fn replace(&self, leader: usize, dead: usize, new: usize) {
+        let old = self.slots[dead].id.to_string();
+        let replace = args(
+            &["replace", "--admin", &self.admin(leader), "--old", &old],
+            self.node_args(new),
+        );
+        members(&replace).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_replaced_by_a_new_one() {
+    let (mut cluster, leader, dead) = with_a_dead_follower().await;
     let new = cluster.add_node().unwrap();
-    let old = cluster.slots[dead].id.to_string();
-    let replace = args(
-        &["replace", "--admin", &cluster.admin(leader), "--old", &old],
-        cluster.node_args(new),
-    );
-    members(&replace).unwrap();
+    cluster.replace(leader, dead, new);
     let mut expected: Vec<u64> = [1, 2, 3, 4]
         .into_iter()
         .filter(|id| *id != cluster.slots[dead].id)
@@ -147,22 +160,9 @@ async fn a_dead_node_is_replaced_by_a_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_replaced_by_a_fresh_one_with_the_same_id() {
-    let mut cluster = common::start(3, true, CHECKPOINTS).await;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let dead = cluster.follower_of(leader);
-    cluster.write(leader, 50).await;
-    cluster.kill_node(dead);
-    cluster.write(leader, 50).await;
+    let (mut cluster, leader, dead) = with_a_dead_follower().await;
     cluster.replace_with_fresh(dead).unwrap();
-    let old = cluster.slots[dead].id.to_string();
-    let replace = args(
-        &["replace", "--admin", &cluster.admin(leader), "--old", &old],
-        cluster.node_args(dead),
-    );
-    members(&replace).unwrap();
+    cluster.replace(leader, dead, dead);
     cluster.write(leader, 20).await;
     cluster.assert_running_identical().await;
     assert_eq!(
