@@ -150,7 +150,9 @@
 //!
 //! ## This app's snapshot format (version 1)
 //!
-//! All integers are little-endian.
+//! The `haven-snapshot-frame` crate's two-file frame (which also does the
+//! streaming, the staging and the crash-safe swap described below), around
+//! the log file and its sidecar. All integers are little-endian.
 //!
 //! | Bytes | Content |
 //! |---|---|
@@ -194,8 +196,9 @@
 //! wait; reads see the old files until the new index replaces the old one in
 //! one step):
 //!
-//! 1. the marker `{file}.restore.ready` is created and synced: the commit point;
-//! 2. the sidecar's and then the log's temporary file are renamed into place,
+//! 1. the marker `{file}.restore.ready` is written atomically (as
+//!    `{file}.restore.ready.tmp`, synced, renamed): the commit point;
+//! 2. the log's and then the sidecar's temporary file are renamed into place,
 //!    the directory synced, the marker removed;
 //! 3. the files are reopened and the in-memory index rebuilt.
 //!
@@ -254,6 +257,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
+use haven_snapshot_frame::{IoError, open_append, read_exact_at, sync_parent_dir, text};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
@@ -346,6 +350,13 @@ fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) ->
         path: path.to_path_buf(),
         action,
         source,
+    }
+}
+
+/// The restore machinery's I/O errors name the file the same way.
+impl From<IoError> for LogAppError {
+    fn from(e: IoError) -> Self {
+        io_err(&e.path, e.action)(e.source)
     }
 }
 
@@ -461,7 +472,7 @@ impl LogApp {
     pub fn open(config: &LogAppConfig) -> Result<LogApp, LogAppError> {
         let path = config.file.clone();
         let sidecar_path = sidecar_path(&path);
-        checkpoint::finish_or_discard_restore(&path, &sidecar_path)?;
+        checkpoint::restore_files(&path, &sidecar_path).finish_or_discard()?;
         let mut opened = open_reconciled(&path, &sidecar_path)?;
         if opened.index.count() == 0 && config.prepopulate > 0 {
             drop(opened);
@@ -650,28 +661,6 @@ impl Inner {
     }
 }
 
-#[cfg(unix)]
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-}
-
-#[cfg(windows)]
-fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match file.seek_read(buf, offset) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                buf = &mut std::mem::take(&mut buf)[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Files opened and reconciled, with their in-memory index.
 struct Opened {
     file: File,
@@ -691,12 +680,7 @@ impl Opened {
 
 /// Opens the log file and its sidecar and reconciles them (see the crate docs).
 fn open_reconciled(path: &Path, sidecar_path: &Path) -> Result<Opened, LogAppError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(io_err(path, "open the log file"))?;
+    let file = open_append(path).map_err(io_err(path, "open the log file"))?;
 
     // Line starts, from one sequential scan.
     let mut starts = vec![0u64];
@@ -734,12 +718,8 @@ fn open_reconciled(path: &Path, sidecar_path: &Path) -> Result<Opened, LogAppErr
     }
     let lines = starts.len() as u64 - 1;
 
-    let sidecar = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(sidecar_path)
-        .map_err(io_err(sidecar_path, "open the Haven-Index sidecar"))?;
+    let sidecar =
+        open_append(sidecar_path).map_err(io_err(sidecar_path, "open the Haven-Index sidecar"))?;
     let sidecar_len = sidecar
         .metadata()
         .map_err(io_err(sidecar_path, "stat the Haven-Index sidecar"))?
@@ -864,22 +844,6 @@ fn prepopulate(path: &Path, sidecar_path: &Path, n: u64) -> Result<(), LogAppErr
     Ok(())
 }
 
-/// Makes a rename durable (best effort; only meaningful on Unix).
-fn sync_parent_dir(path: &Path) {
-    #[cfg(unix)]
-    {
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if let Err(e) = File::open(parent).and_then(|d| d.sync_all()) {
-            warn!(dir = %parent.display(), error = %e, "cannot sync the log file's directory");
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-}
-
 /// Serves the log app on `listener` until `shutdown` completes.
 ///
 /// Opens the file first ([`LogApp::open`]), so a file that cannot be opened or
@@ -920,15 +884,6 @@ pub fn router(app: LogApp) -> Router {
         .route("/_haven/snapshot", get(checkpoint::snapshot))
         .route("/_haven/restore", put(checkpoint::restore))
         .with_state(app)
-}
-
-fn text(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
-        body,
-    )
-        .into_response()
 }
 
 fn internal_error(e: &LogAppError) -> Response {

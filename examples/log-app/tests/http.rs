@@ -779,13 +779,7 @@ async fn restore_requires_a_haven_index() {
     let file_b = log_file(&dir_b);
     let b = Server::start(&file_b, 0).await;
     let before = files(&file_b);
-    for index in [
-        None,
-        Some(""),
-        Some("0"),
-        Some("x"),
-        Some("18446744073709551616"),
-    ] {
+    for index in haven_snapshot_frame::MALFORMED_HAVEN_INDEXES {
         assert_text(
             &b.restore(index, &snapshot).await,
             StatusCode::BAD_REQUEST,

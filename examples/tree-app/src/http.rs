@@ -10,9 +10,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
+use haven_snapshot_frame::text;
 use tracing::{debug, error, info, warn};
 
-use crate::checkpoint::RestoreError;
 use crate::state::{Executed, json_string};
 use crate::tree::{Done, MAX_DATA_LEN, Op, Outcome, TreeError};
 use crate::{TreeApp, TreeAppError};
@@ -52,15 +52,6 @@ pub fn router(app: Arc<TreeApp>) -> Router {
         .route("/_haven/restore", put(restore))
         .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
         .with_state(app)
-}
-
-fn text(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
-        body,
-    )
-        .into_response()
 }
 
 fn json(status: StatusCode, body: String) -> Response {
@@ -325,18 +316,7 @@ async fn snapshot(
 ) -> Result<Response, BadHeader> {
     haven_index(&headers)?;
     Ok(match app.snapshot_stream().await {
-        Ok((len, body)) => (
-            StatusCode::OK,
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                ),
-                (header::CONTENT_LENGTH, HeaderValue::from(len)),
-            ],
-            body,
-        )
-            .into_response(),
+        Ok((len, body)) => haven_snapshot_frame::snapshot_response(len, body),
         Err(e) => internal_error(&e),
     })
 }
@@ -347,18 +327,12 @@ async fn restore(
     body: Body,
 ) -> Result<Response, BadHeader> {
     let index = haven_index(&headers)?.ok_or(BadHeader(BAD_HAVEN_INDEX))?;
-    Ok(match app.restore(index, body).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(RestoreError::Invalid(why)) => {
-            warn!(haven_index = index, reason = %why, "rejected a snapshot");
-            text(StatusCode::BAD_REQUEST, format!("invalid snapshot: {why}"))
-        }
-        Err(RestoreError::Body(e)) => text(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the snapshot body: {e}"),
-        ),
-        Err(RestoreError::App(e)) => internal_error(&e),
-    })
+    let restored = app.restore(index, body).await;
+    Ok(haven_snapshot_frame::respond(
+        index,
+        restored,
+        internal_error,
+    ))
 }
 
 #[cfg(test)]

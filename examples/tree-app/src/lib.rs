@@ -153,7 +153,10 @@
 //!
 //! ## Snapshot format (version 1)
 //!
-//! The data directory's two files, framed. All integers are little-endian.
+//! The data directory's two files in the `haven-snapshot-frame` crate's
+//! two-file frame (which also does the streaming, the staging and the
+//! crash-safe swap described below, `tree.snapshot` being its optional
+//! file). All integers are little-endian.
 //!
 //! | Bytes | Content |
 //! |---|---|
@@ -241,12 +244,13 @@ mod store;
 pub mod tree;
 
 use std::borrow::Cow;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use haven_snapshot_frame::{IoError, open_append};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
@@ -328,6 +332,13 @@ fn task_err(path: &Path) -> impl FnOnce(tokio::task::JoinError) -> TreeAppError 
     }
 }
 
+/// The restore machinery's I/O errors name the file the same way.
+impl From<IoError> for TreeAppError {
+    fn from(e: IoError) -> Self {
+        io_err(&e.path, e.action)(e.source)
+    }
+}
+
 /// The single writer's state, behind the write mutex.
 #[derive(Debug)]
 struct Writer {
@@ -386,12 +397,7 @@ fn load(snapshot_path: &Path, journal_path: &Path) -> Result<Loaded, TreeAppErro
         Some((snapshot, len)) => (snapshot.state.into_owned(), snapshot.next_seq, len),
         None => (State::default(), 0, 0),
     };
-    let journal = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(journal_path)
-        .map_err(io_err(journal_path, "open the journal"))?;
+    let journal = open_append(journal_path).map_err(io_err(journal_path, "open the journal"))?;
     let mut next_seq = first_seq;
     let len = store::replay_journal(journal_path, &journal, |record| {
         if record.seq < first_seq {
@@ -425,7 +431,7 @@ impl TreeApp {
     pub fn open(config: &TreeAppConfig) -> Result<TreeApp, TreeAppError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err(&dir, "create the data directory"))?;
-        checkpoint::finish_or_discard_restore(&dir)?;
+        checkpoint::restore_files(&dir).finish_or_discard()?;
         let journal_path = dir.join(JOURNAL_FILE);
         let loaded = load(&dir.join(SNAPSHOT_FILE), &journal_path)?;
         let len = loaded.len;

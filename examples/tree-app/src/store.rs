@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
+use haven_snapshot_frame::sync_dir;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -238,16 +239,6 @@ pub(crate) fn replace_journal(dir: &Path) -> Result<File, TreeAppError> {
     fs::rename(&tmp, &path).map_err(io_err(&path, "rename an empty journal over"))?;
     sync_dir(dir);
     Ok(journal)
-}
-
-/// Makes a rename durable (best effort; only meaningful on Unix).
-pub(crate) fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        warn!(dir = %dir.display(), error = %e, "cannot sync the data directory");
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use haven_treeapp::tree::MAX_DATA_LEN;
 use haven_treeapp::{
     JOURNAL_FILE, JOURNAL_RESTORE_FILE, RESTORE_MARKER_FILE, SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC,
-    SNAPSHOT_VERSION, TreeApp, TreeAppConfig, TreeAppError, serve,
+    TreeApp, TreeAppConfig, TreeAppError, serve,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -842,17 +842,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// A snapshot in the documented format around the given file contents.
 fn build_snapshot(tree_snapshot: &[u8], journal: &[u8]) -> Vec<u8> {
-    let mut out = SNAPSHOT_MAGIC.to_vec();
-    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(tree_snapshot.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(journal.len() as u64).to_le_bytes());
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(tree_snapshot);
-    out.extend_from_slice(journal);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    haven_snapshot_frame::frame(&SNAPSHOT_MAGIC, tree_snapshot, journal)
 }
 
 #[tokio::test]
@@ -1040,13 +1030,7 @@ async fn restore_requires_a_haven_index() {
     a.stop().await;
     let b = Server::start(two.path()).await;
     let before = files(two.path());
-    for index in [
-        None,
-        Some(""),
-        Some("0"),
-        Some("x"),
-        Some("18446744073709551616"),
-    ] {
+    for index in haven_snapshot_frame::MALFORMED_HAVEN_INDEXES {
         assert_text(
             &b.restore(index, &snapshot).await,
             StatusCode::BAD_REQUEST,
