@@ -135,10 +135,18 @@ impl Ingress {
         if declared.is_some_and(|len| len > self.limits.max_body_bytes as u64) {
             return self.too_large();
         }
-        let body = match Limited::new(body, self.limits.max_body_bytes)
-            .collect()
-            .await
-        {
+        // The budget covers receiving the body too: a client trickling it must not hold
+        // an in-flight slot for ever.
+        let deadline = Instant::now() + self.request_timeout();
+        let collect = Limited::new(body, self.limits.max_body_bytes).collect();
+        let Ok(collected) = tokio::time::timeout_at(deadline, collect).await else {
+            let reason = format!(
+                "request body not received within {} ms",
+                self.limits.request_timeout_ms
+            );
+            return self.error(StatusCode::REQUEST_TIMEOUT, "body-timeout", &reason);
+        };
+        let body = match collected {
             // A fresh copy: hyper's chunk can be a slice of the connection's read buffer,
             // and an entry kept in the log cache would pin that whole buffer.
             Ok(collected) => Bytes::copy_from_slice(&collected.to_bytes()),
@@ -163,8 +171,8 @@ impl Ingress {
             .with_label_values(&[mode_label(mode)])
             .inc();
         match mode {
-            RouteMode::Write | RouteMode::Ordered => self.order(parts, body).await,
-            RouteMode::Linearizable => self.linearizable_read(parts, body).await,
+            RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
+            RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
             RouteMode::Local => self.local_read(&parts, body).await,
         }
     }
@@ -178,8 +186,7 @@ impl Ingress {
     }
 
     /// Orders the request through the log and answers with the local replica's response.
-    async fn order(&self, parts: Parts, body: Bytes) -> HttpResponse {
-        let deadline = Instant::now() + self.request_timeout();
+    async fn order(&self, parts: Parts, body: Bytes, deadline: Instant) -> HttpResponse {
         let ordered = match self.ordered_request(&parts, body) {
             Ok(ordered) => ordered,
             Err(response) => return response,
@@ -344,8 +351,12 @@ impl Ingress {
         self.unavailable("no-leader", &reason)
     }
 
-    async fn linearizable_read(&self, parts: Parts, body: Bytes) -> HttpResponse {
-        let deadline = Instant::now() + self.request_timeout();
+    async fn linearizable_read(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        deadline: Instant,
+    ) -> HttpResponse {
         let index = match self.read_index(deadline).await {
             Ok(index) => index,
             Err(response) => return response,
@@ -498,6 +509,10 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, ingre
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The exact limit on the parsed head. `max_buf_size` alone is not one: hyper checks
+        // it only while the head is incomplete, so a read that overshoots it with the rest
+        // of the head let a 70 KiB head through.
+        .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)

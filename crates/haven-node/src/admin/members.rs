@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
@@ -158,6 +159,21 @@ fn answer<E: std::fmt::Display>(raft: &Raft, me: NodeId, result: Result<Option<u
     }
 }
 
+/// Both addresses of a joining node must be `ip:port`, as in the config's `[[peers]]`:
+/// anything else would be replicated into the membership and dialled for ever.
+fn check_addresses(request: &AddLearner) -> Result<(), Answer> {
+    for (key, value) in [
+        ("raft_addr", &request.raft_addr),
+        ("client_addr", &request.client_addr),
+    ] {
+        if value.parse::<SocketAddr>().is_err() {
+            let error = format!("{key} `{value}` is not an address (ip:port)");
+            return Err(refuse(StatusCode::BAD_REQUEST, error, None));
+        }
+    }
+    Ok(())
+}
+
 fn peer(request: &AddLearner) -> PeerNode {
     PeerNode {
         raft_addr: request.raft_addr.clone(),
@@ -168,6 +184,9 @@ fn peer(request: &AddLearner) -> PeerNode {
 /// Starts replicating to a new non-voting member; returns without waiting for it to catch
 /// up (the status of the learner shows its progress).
 pub async fn add_learner(raft: &Raft, me: NodeId, request: AddLearner) -> Answer {
+    if let Err(refused) = check_addresses(&request) {
+        return refused;
+    }
     if let Err(refused) = leader_only(raft, me) {
         return refused;
     }
@@ -224,6 +243,9 @@ pub async fn remove(raft: &Raft, me: NodeId, request: ChangeNode) -> Answer {
 /// address is updated, and the leader brings the fresh node up from a checkpoint and the
 /// log.
 pub async fn replace(raft: &Raft, me: NodeId, request: Replace) -> Answer {
+    if let Err(refused) = check_addresses(&request.new) {
+        return refused;
+    }
     let view = match leader_only(raft, me) {
         Ok(view) => view,
         Err(refused) => return refused,
@@ -265,6 +287,35 @@ pub async fn replace(raft: &Raft, me: NodeId, request: Replace) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joining_addresses_must_be_ip_and_port() {
+        let request = |raft_addr: &str, client_addr: &str| AddLearner {
+            id: 4,
+            raft_addr: raft_addr.to_string(),
+            client_addr: client_addr.to_string(),
+        };
+        assert!(check_addresses(&request("127.0.0.1:9004", "[::1]:8004")).is_ok());
+        for (raft, client, bad) in [
+            (
+                "not-an-address",
+                "127.0.0.1:8004",
+                "raft_addr `not-an-address`",
+            ),
+            ("127.0.0.1:9004", "127.0.0.1", "client_addr `127.0.0.1`"),
+            (
+                "127.0.0.1:99999",
+                "127.0.0.1:8004",
+                "raft_addr `127.0.0.1:99999`",
+            ),
+        ] {
+            let Err(Err((status, Json(error)))) = check_addresses(&request(raft, client)) else {
+                panic!("{raft} {client} accepted");
+            };
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.error, format!("{bad} is not an address (ip:port)"));
+        }
+    }
 
     #[test]
     fn quorum_needs_a_healthy_majority_of_the_new_voters() {

@@ -3,6 +3,8 @@
 //! `len` counts id and message. Requests and replies share the id, so one connection
 //! multiplexes many RPCs and pipelines appends.
 
+use std::time::Duration;
+
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::SnapshotResponse;
 use openraft::raft::StreamAppendResult;
@@ -24,6 +26,10 @@ use crate::types::TypeConfig;
 use crate::types::Vote;
 
 pub const HELLO: &[u8; 8] = b"HVNRAFT1";
+/// A connection must deliver its hello within this time: a peer sends it right after
+/// connecting, so only a stray or hostile client is ever this slow, and each one it leaves
+/// open costs a file descriptor.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest frame accepted (128 MiB): a batch of maximum-size entries fits, garbage with a
 /// huge length prefix does not make a node allocate it.
 pub const MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
@@ -100,6 +106,8 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("bad hello {0:02x?}: not a Haven raft peer, or another wire version")]
     BadHello([u8; 8]),
+    #[error("no hello within {HELLO_TIMEOUT:?}: not a Haven raft peer")]
+    HelloTimeout,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
     #[error("undecodable frame: {0}")]
@@ -172,9 +180,12 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Reads and checks the hello, waiting at most [`HELLO_TIMEOUT`] for it.
 pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), WireError> {
     let mut hello = [0u8; 8];
-    reader.read_exact(&mut hello).await?;
+    tokio::time::timeout(HELLO_TIMEOUT, reader.read_exact(&mut hello))
+        .await
+        .map_err(|_| WireError::HelloTimeout)??;
     if &hello != HELLO {
         return Err(WireError::BadHello(hello));
     }
