@@ -64,11 +64,13 @@ pub(crate) fn read_meta<T: DeserializeOwned>(
     }
 }
 
-/// Like [`read_meta`], but a zero-length or all-zero file counts as absent (with a warning).
+/// Like [`read_meta`], but a damaged file counts as absent: a zero-length or all-zero file
+/// quietly (a crash artifact), any other damage with a warning naming the file and offset.
 ///
-/// Used for `committed`, which is written without fsync: after a crash its rename may be durable
-/// while its data is not, leaving an empty file. That is an expected crash artifact, not
-/// corruption; any other damage is still reported.
+/// Used for `committed`, which is an optimisation only: it is overwritten in place without
+/// fsync, and a lower (or no) committed log id is always safe, since openraft learns the
+/// commit index again from the leader or by committing a new entry. Refusing to start over
+/// it would turn a hint into an outage; the damaged value is never used.
 pub(crate) fn read_meta_lenient<T: DeserializeOwned>(
     dir: &Path,
     name: &str,
@@ -83,7 +85,13 @@ pub(crate) fn read_meta_lenient<T: DeserializeOwned>(
         tracing::warn!(file = %path.display(), len = bytes.len(), "ignoring empty metadata file left by a crash");
         return Ok(None);
     }
-    format::decode_meta(&bytes, &path).map(Some)
+    match format::decode_meta(&bytes, &path) {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring damaged metadata file (an optimisation only)");
+            Ok(None)
+        }
+    }
 }
 
 /// Removes leftover `*.tmp` files from an interrupted [`write_atomic`].

@@ -26,7 +26,7 @@
 //! dir/
 //!   segments/{first_index:020}.seg   log entries, named after their first entry's index
 //!   vote                             last vote (durable before save_vote returns)
-//!   committed                        last committed log id (atomic, not fsynced)
+//!   committed                        last committed log id (a hint: not fsynced, damage ignored)
 //!   purged                           last purged log id (durable before segments are deleted)
 //! ```
 //!
@@ -50,7 +50,9 @@
 //! payload`, where payload is the postcard encoding of the vote, of `Option<LogId>` and of
 //! `LogId` respectively and `crc` is the CRC-32 of the payload. Files are replaced atomically by
 //! writing `name.tmp`, fsyncing it, renaming it over `name` and fsyncing the directory
-//! (`committed` skips both fsyncs; a zero-length `committed` left by a crash counts as absent).
+//! (`committed` is instead overwritten in place without fsync; it is an optimisation only, so a
+//! zero-length one left by a crash counts as absent, and a damaged one is ignored with a warning
+//! naming the file and offset).
 //!
 //! ## Recovery
 //!
@@ -58,8 +60,8 @@
 //! index continuity are checked. A torn tail of the **last** segment is cut off with a warning:
 //! a record header or payload that runs past the end of the file, an all-zero tail, or a
 //! checksum failure followed only by zeros (or by nothing). Any other damage, including in
-//! earlier segments, metadata files or a segment header, is [`LogError::Corrupt`] naming the
-//! file and byte offset, and the store refuses to open. (A corrupted `len` field in the last
+//! earlier segments, the `vote` and `purged` files or a segment header, is
+//! [`LogError::Corrupt`] naming the file and byte offset, and the store refuses to open. (A corrupted `len` field in the last
 //! segment that points past the end of the file is indistinguishable from a torn write and is
 //! treated as one.)
 //!

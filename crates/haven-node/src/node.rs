@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use haven_log::LogOptions;
 use haven_log::LogStore;
+use openraft::rt::WatchReceiver;
+use openraft::storage::RaftLogStorage;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -70,6 +72,15 @@ pub enum NodeError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the log in {log_dir} ends at index {log_end}, but {apply_dir} records index {applied} as applied and no checkpoint covers it: entries this replica applied are missing from the log (a log write that failed after they were applied, e.g. on a full disk, or a damaged or truncated segment); rebuild this node from its peers"
+    )]
+    LogBehindApply {
+        log_dir: std::path::PathBuf,
+        log_end: String,
+        apply_dir: std::path::PathBuf,
+        applied: u64,
+    },
     #[error("cannot open checkpoints in {dir}: {source}")]
     Checkpoints {
         dir: std::path::PathBuf,
@@ -83,7 +94,9 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
         .map_err(|source| NodeError::Bind { what, addr, source })
 }
 
-/// Runs a node until `shutdown` resolves.
+/// Runs a node until `shutdown` resolves, or until Raft stops by itself (a storage error,
+/// e.g. a full disk, is fatal to openraft): then the node shuts down and returns the error
+/// rather than keep serving without Raft.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let raft_listener = bind("raft", config.node.raft_addr).await?;
     let client_listener = bind("client", config.node.client_addr).await?;
@@ -120,6 +133,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         checkpoints.clone(),
     )?;
     let shared = state_machine.shared();
+    check_log_covers_applied(
+        &log_store,
+        shared.applied_index(),
+        checkpoints.as_deref(),
+        &service_dir,
+    )
+    .await?;
 
     let transport = Transport::default();
     let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
@@ -182,8 +202,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::spawn(admin::serve(admin_listener, router, stop_rx.clone()));
     tracing::info!(addr = %config.node.admin_addr, id = config.node.id, "node ready");
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    let fatal = tokio::select! {
+        () = shutdown => None,
+        fatal = raft_stopped(&raft) => Some(fatal),
+    };
+    match &fatal {
+        None => tracing::info!("shutting down"),
+        Some(reason) => tracing::error!(%reason, "raft stopped; shutting down"),
+    }
     let _ = stop_tx.send(true);
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
@@ -196,7 +222,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     {
         tracing::warn!(error = %e, "cannot stop the managed app");
     }
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(reason) => Err(NodeError::Raft(reason)),
+    }
+}
+
+/// Resolves with the reason once the Raft core has stopped.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the raft core ended".to_string();
+        }
+    }
 }
 
 /// How long the managed app has to exit on SIGTERM at shutdown.
@@ -258,6 +300,50 @@ fn open_checkpoints(
     let checkpoints = Checkpoints::open(&dir, &config.app.name, capture, retention)
         .map_err(|source| NodeError::Checkpoints { dir, source })?;
     Ok(Some(Arc::new(checkpoints)))
+}
+
+/// A log that ends before the applied index is normal after a crash between installing a
+/// checkpoint and purging the log: openraft purges up to the applied index, which needs a
+/// checkpoint at least that new. Without one, entries the replica applied are missing from
+/// the log, and openraft would stop on a broken invariant (a panic); refuse instead, naming
+/// both. It happens when a segment is damaged, and also when a log write fails (ENOSPC)
+/// just after openraft applied the entry: a follower applies what the leader committed
+/// without waiting for its own flush.
+async fn check_log_covers_applied(
+    log_store: &LogStore<TypeConfig>,
+    applied: u64,
+    checkpoints: Option<&Checkpoints>,
+    service_dir: &Path,
+) -> Result<(), NodeError> {
+    let state = log_store
+        .clone()
+        .get_log_state()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let log_end = state.last_log_id.map(|l| l.index);
+    if log_end.is_some_and(|end| end >= applied) || (log_end.is_none() && applied == 0) {
+        return Ok(());
+    }
+    let covered = match checkpoints {
+        Some(checkpoints) => checkpoints
+            .newest_verified()
+            .await
+            .map_err(|source| NodeError::Checkpoints {
+                dir: checkpoints.dir().to_path_buf(),
+                source,
+            })?
+            .is_some_and(|info| info.index >= applied),
+        None => false,
+    };
+    if covered {
+        return Ok(());
+    }
+    Err(NodeError::LogBehindApply {
+        log_dir: log_store.dir().to_path_buf(),
+        log_end: log_end.map_or_else(|| "none (empty)".to_string(), |i| i.to_string()),
+        apply_dir: service_dir.join("apply"),
+        applied,
+    })
 }
 
 /// Every node proposes the same initial membership from its config; openraft accepts it

@@ -99,10 +99,34 @@ pub struct LocalCluster {
     http: Http,
 }
 
-/// Reserves a free loopback port by binding port 0 and letting go of it.
+/// Reserves a free loopback port: one that binds now, for a node to bind later.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up), so the outgoing
+/// connections of a busy machine cannot take one between this check and the node's bind
+/// (a port handed out by `bind(0)` could, and a node then failed to start). A port is
+/// never handed out twice by one process.
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
-    Ok(listener.local_addr()?)
+    free_addr_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// Ports [`free_addr`] picks from.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port free on 127.0.0.1, used on `ip`: hosts in their own network namespaces (whose
+/// addresses do not bind here) start with every port free, so uniqueness within the
+/// cluster is what matters for them.
+fn free_addr_on(ip: IpAddr) -> anyhow::Result<SocketAddr> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1_000 {
+        let port = rand::random_range(PORTS);
+        let here = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        if !handed_out.contains(&port) && TcpListener::bind(here).is_ok() {
+            handed_out.push(port);
+            return Ok(SocketAddr::new(ip, port));
+        }
+    }
+    bail!("no free port in {PORTS:?}")
 }
 
 /// Where one node and its app replica run: the address they listen on and the command
@@ -121,12 +145,6 @@ impl Default for Host {
             launcher: Vec::new(),
         }
     }
-}
-
-/// A free port (reserved on 127.0.0.1 here) on `ip`: hosts in their own network
-/// namespaces start with every port free, so uniqueness within the cluster is enough.
-fn free_addr_on(ip: IpAddr) -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::new(ip, free_addr()?.port()))
 }
 
 impl LocalCluster {
@@ -246,9 +264,10 @@ impl LocalCluster {
                 .collect();
             let _ = write!(
                 toml,
-                "command = [{}]\ndata_dir = \"{}\"\n\n",
+                "command = [{}]\ndata_dir = \"{}\"\nstart_timeout_ms = {}\n\n",
                 argv.join(", "),
-                slot.app_dir.display()
+                slot.app_dir.display(),
+                self.app_start_timeout_ms()
             );
         }
         for peer in &self.slots {
@@ -260,6 +279,16 @@ impl LocalCluster {
         }
         toml.push_str(&self.spec.extra_config);
         toml
+    }
+
+    /// How long a managed replica has to answer after a start: the node's default, 10 s,
+    /// or more for a large pre-population (1 GB is 7 million lines, written and synced
+    /// by every replica at once; measured 12.5 s for three on a busy 2-core machine).
+    fn app_start_timeout_ms(&self) -> u64 {
+        match self.spec.app {
+            AppKind::LogApp { prepopulate } => (prepopulate / 100).max(10_000),
+            AppKind::TreeApp => 10_000,
+        }
     }
 
     fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {

@@ -368,3 +368,57 @@ async fn write_failure_stops_all_later_writes() {
         "nothing written after the failure"
     );
 }
+
+/// `committed` is a hint (a lower committed index is always safe): a damaged one is
+/// ignored with a warning instead of keeping the node down, while the vote, which Raft's
+/// safety rests on, is still refused when damaged.
+#[tokio::test]
+async fn damaged_committed_file_is_ignored_but_a_damaged_vote_is_not() {
+    for damage in ["truncate", "flip"] {
+        let dir = tempdir();
+        let mut s = open(dir.path(), small_segments());
+        append(&mut s, entries(1, 0..5)).await.unwrap();
+        s.save_vote(&vote(3, 1)).await.unwrap();
+        s.save_committed(Some(log_id(1, 4))).await.unwrap();
+        drop(s);
+        let path = dir.path().join("committed");
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len > 16, "committed file of {len} bytes");
+        match damage {
+            "truncate" => truncate_file(&path, 10),
+            _ => flip_byte(&path, len - 1),
+        }
+        let mut s = open(dir.path(), small_segments());
+        assert_eq!(s.read_committed().await.unwrap(), None, "{damage}");
+        assert_eq!(s.read_vote().await.unwrap(), Some(vote(3, 1)));
+        assert_eq!(s.try_get_log_entries(..).await.unwrap(), entries(1, 0..5));
+        // The next commit overwrites the damaged file with a good one.
+        s.save_committed(Some(log_id(1, 4))).await.unwrap();
+        s.save_vote(&vote(3, 1)).await.unwrap(); // a barrier: the writer has run
+        drop(s);
+        let mut s = open(dir.path(), small_segments());
+        assert_eq!(s.read_committed().await.unwrap(), Some(log_id(1, 4)));
+    }
+
+    let dir = tempdir();
+    let mut s = open(dir.path(), small_segments());
+    s.save_vote(&vote(3, 1)).await.unwrap();
+    drop(s);
+    let path = dir.path().join("vote");
+    truncate_file(&path, 10);
+    let err = Store::open(dir.path(), small_segments()).unwrap_err();
+    let want = format!(
+        "corrupt log record in {} at offset 0: metadata file is only 10 bytes",
+        path.display()
+    );
+    assert_eq!(err.to_string(), want);
+}
+
+fn truncate_file(path: &std::path::Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}

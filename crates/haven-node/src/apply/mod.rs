@@ -703,12 +703,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// Verified in full (also what openraft ships to a follower): a damaged newest
+    /// checkpoint gives way to an older intact one.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(None);
         };
         checkpoints
-            .newest()
+            .newest_verified()
             .await?
             .as_ref()
             .map(snapshot_of)

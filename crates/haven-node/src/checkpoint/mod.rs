@@ -152,17 +152,50 @@ impl Checkpoints {
         blocking(move || catalog::newest(&dir).map_err(io::Error::other)).await
     }
 
+    /// The newest checkpoint whose whole file matches its checksum: what a follower is
+    /// sent. A damaged one is skipped with an error naming it (an older one still covers
+    /// the log, which is purged only up to the oldest), so the leader neither ships a
+    /// file every receiver refuses, over and over, nor stops.
+    pub async fn newest_verified(&self) -> io::Result<Option<CheckpointInfo>> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let listed = catalog::list(&dir).map_err(io::Error::other)?;
+            for info in listed.into_iter().rev().filter_map(|l| l.info.ok()) {
+                match format::verify(&info.path) {
+                    Ok(info) => return Ok(Some(info)),
+                    Err(e @ format::CheckpointError::Corrupt { .. }) => {
+                        tracing::error!(error = %e, "checkpoint failed verification; not using it");
+                    }
+                    Err(e) => return Err(io::Error::other(e)),
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     /// Reads and checks a whole checkpoint file against its checksum.
     pub async fn verify(&self, path: &Path) -> io::Result<CheckpointInfo> {
         let path = path.to_path_buf();
         blocking(move || format::verify(&path).map_err(io::Error::other)).await
     }
 
-    /// Verifies a checkpoint that arrived from the leader and files it under its name.
+    /// Verifies a checkpoint that arrived from the leader and files it under its name. A
+    /// file that fails is deleted: the leader sends it again, and every refused copy left
+    /// behind would hold the checkpoint's size of disk until the next start.
     pub async fn adopt(&self, received: &Path) -> io::Result<CheckpointInfo> {
         let (dir, received) = (self.dir.clone(), received.to_path_buf());
-        let info =
-            blocking(move || format::adopt(&dir, &received).map_err(io::Error::other)).await?;
+        let info = blocking(move || {
+            format::adopt(&dir, &received).map_err(|e| {
+                if let Err(rm) = std::fs::remove_file(&received)
+                    && rm.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %received.display(), error = %rm, "cannot delete a refused checkpoint");
+                }
+                io::Error::other(e)
+            })
+        })
+        .await?;
         self.enforce_retention().await?;
         Ok(info)
     }
@@ -187,4 +220,59 @@ fn summarize(dir: &Path) -> io::Result<Summary> {
         newest_index: valid.last().map(|i| i.index),
         newest_created_us: valid.last().map(|i| i.created_us),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::app::hooks::Hooks;
+
+    fn open(dir: &Path) -> Checkpoints {
+        let capture = Capture::Hooks(Hooks::new("http://127.0.0.1:9", Duration::from_secs(1)));
+        let retention = Retention {
+            keep: 10,
+            max_age: None,
+        };
+        Checkpoints::open(dir, "c1", capture, retention).unwrap()
+    }
+
+    /// A damaged newest checkpoint is skipped for an older intact one (the log behind it
+    /// is still there), never handed to openraft to ship.
+    #[tokio::test]
+    async fn newest_verified_skips_a_damaged_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let older = format::tests::tiny(tmp.path(), 10, 1);
+        let newer = format::tests::tiny(tmp.path(), 20, 2);
+        let checkpoints = open(tmp.path());
+        let newest = checkpoints.newest_verified().await.unwrap().unwrap();
+        assert_eq!(newest.index, 20);
+        format::tests::flip(&newer.path, format::MAGIC.len() as u64);
+        assert_eq!(checkpoints.newest().await.unwrap().unwrap().index, 20);
+        let newest = checkpoints.newest_verified().await.unwrap().unwrap();
+        assert_eq!(newest.path, older.path);
+        format::tests::flip(&older.path, format::MAGIC.len() as u64);
+        assert!(checkpoints.newest_verified().await.unwrap().is_none());
+    }
+
+    /// A received checkpoint that fails verification is refused and deleted, so repeated
+    /// transfers of a damaged file cannot fill the disk.
+    #[tokio::test]
+    async fn a_refused_received_checkpoint_is_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("leader");
+        std::fs::create_dir_all(&source).unwrap();
+        let sent = format::tests::tiny(&source, 7, 1);
+        let checkpoints = open(&tmp.path().join("follower"));
+        let received = checkpoints.receiving_path(1);
+        std::fs::copy(&sent.path, &received).unwrap();
+        format::tests::flip(&received, format::MAGIC.len() as u64);
+        let err = checkpoints.adopt(&received).await.unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(!received.exists());
+        assert!(checkpoints.newest().await.unwrap().is_none());
+        std::fs::copy(&sent.path, &received).unwrap();
+        assert_eq!(checkpoints.adopt(&received).await.unwrap().index, 7);
+    }
 }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use openraft::rt::WatchReceiver;
 use tokio::sync::watch;
 
 use super::Summary;
@@ -85,6 +86,9 @@ pub async fn run_compaction(
     loop {
         let oldest = summary.borrow_and_update().oldest_index;
         if let Some(upto) = oldest.filter(|o| Some(*o) > purged) {
+            if !registered(&raft, upto, &mut shutdown).await {
+                return;
+            }
             if let Err(e) = raft.trigger().purge_log(upto).await {
                 tracing::warn!(error = %e, "cannot compact the log");
                 return;
@@ -95,6 +99,24 @@ pub async fn run_compaction(
         tokio::select! {
             changed = summary.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Waits until openraft knows a checkpoint at `upto` or later; false at shutdown. The
+/// catalog moves before `build_snapshot` returns to openraft, and openraft ignores a purge
+/// past the snapshot it knows ("no snapshot, cannot purge"): sent at once, the purge was
+/// lost until the oldest checkpoint moved again, and the log stayed a checkpoint longer.
+async fn registered(raft: &Raft, upto: u64, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let mut metrics = raft.metrics();
+    loop {
+        let snapshot = metrics.borrow_watched().snapshot.map(|s| s.index);
+        if snapshot.is_some_and(|index| index >= upto) {
+            return true;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return false },
+            _ = shutdown.wait_for(|stop| *stop) => return false,
         }
     }
 }

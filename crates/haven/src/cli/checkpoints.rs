@@ -8,6 +8,7 @@ use clap::Args;
 use clap::Subcommand;
 use haven_node::apply::rfc3339;
 use haven_node::checkpoint::catalog::Listed;
+use haven_node::checkpoint::format;
 use haven_node::restore;
 use haven_node::restore::Progress;
 use haven_node::restore::RestoreOptions;
@@ -27,6 +28,10 @@ pub enum CheckpointsCommand {
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also read every file whole and check it against its checksum (listing reads
+        /// only the trailers); a damaged one is shown as unreadable.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -72,8 +77,17 @@ struct ListedJson {
 }
 
 pub fn list(command: CheckpointsCommand) -> anyhow::Result<String> {
-    let CheckpointsCommand::List { data_dir, json } = command;
-    let listed = restore::list(&data_dir)?;
+    let CheckpointsCommand::List {
+        data_dir,
+        json,
+        verify,
+    } = command;
+    let mut listed = restore::list(&data_dir)?;
+    if verify {
+        for l in listed.iter_mut().filter(|l| l.info.is_ok()) {
+            l.info = format::verify(&l.path);
+        }
+    }
     if json {
         let valid: Vec<ListedJson> = listed.iter().filter_map(to_json).collect();
         return Ok(format!("{}\n", serde_json::to_string(&valid)?));
