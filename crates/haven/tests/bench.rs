@@ -125,6 +125,54 @@ fn failover_kills_the_leader_and_reports_the_window() {
 }
 
 #[test]
+fn checkpoint_bench_measures_checkpoint_catch_up_restore_and_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = json_of(
+        haven()
+            .args(["bench", "checkpoint", "--quick", "--json", "--out"])
+            .arg(&out),
+    );
+    let size = &report["sizes"][0];
+    assert_eq!(size["size_mb"].as_u64(), Some(5), "{report}");
+    let checkpoint = &size["checkpoint"];
+    let file_bytes = checkpoint["file_bytes"].as_u64().unwrap();
+    assert!(file_bytes > 0, "{report}");
+    assert!(
+        checkpoint["app_bytes"].as_u64().unwrap() > 4_500_000,
+        "{report}"
+    );
+    // The leader compacted its log first, so the learner needed a checkpoint.
+    assert!(size["catch_up"]["bytes"].as_u64().unwrap() > 0, "{report}");
+    let restore = &size["restore"];
+    assert!(
+        restore["entries_replayed"].as_u64().unwrap() >= 2000,
+        "{report}"
+    );
+    assert!(restore["checkpoint_index"].as_u64().is_some(), "{report}");
+    let latency = &size["latency"];
+    for run in ["baseline", "with_checkpoints"] {
+        assert!(
+            latency[run]["requests_ok"].as_u64().unwrap() > 1000,
+            "{report}"
+        );
+    }
+    // Every node was asked at least once during the second run.
+    assert!(
+        latency["checkpoints_written"].as_u64().unwrap() >= 3,
+        "{report}"
+    );
+    let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        markdown.contains("Command: `haven bench checkpoint --quick --json --out"),
+        "{markdown}"
+    );
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(saved["sizes"], report["sizes"]);
+}
+
+#[test]
 fn bad_flags_are_refused_with_the_reason() {
     let output = haven()
         .args([

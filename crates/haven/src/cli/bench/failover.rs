@@ -17,8 +17,6 @@ use anyhow::Context;
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::cluster::AppKind;
-use crate::cluster::ClusterSpec;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
 use crate::http_client::Http;
@@ -71,16 +69,7 @@ pub async fn run(args: &FailoverArgs, exe: &std::path::Path) -> anyhow::Result<F
         .prefix("haven-failover-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let spec = ClusterSpec {
-        nodes: 3,
-        exe: exe.to_path_buf(),
-        dir: work.path().to_path_buf(),
-        extra_config: String::new(),
-        app: AppKind::LogApp {
-            prepopulate: PREPOPULATED_LINES,
-        },
-        managed: false,
-    };
+    let spec = super::systems::log_app_cluster(3, exe, work.path(), PREPOPULATED_LINES);
     let mut cluster = LocalCluster::start(spec)?;
     let mut trials = Vec::with_capacity(args.trials);
     for n in 0..args.trials {

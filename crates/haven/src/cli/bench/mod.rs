@@ -3,11 +3,14 @@
 //! - `load` and `sweep` drive systems that are already running (any URLs);
 //! - `reference` launches the log app alone, Haven with 1 and 3 nodes and optionally etcd,
 //!   and measures each on the reference workload ([`reference`]);
-//! - `failover` kills leaders under write load and times the unavailability ([`failover`]).
+//! - `failover` kills leaders under write load and times the unavailability ([`failover`]);
+//! - `checkpoint` measures what app-state checkpoints cost: taking one, a fresh node's
+//!   catch-up, restore, and write latency while they are taken ([`checkpoint`]).
 //!
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
 
+pub mod checkpoint;
 pub mod failover;
 pub mod reference;
 mod systems;
@@ -34,6 +37,9 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoint time and size, a fresh node's catch-up, restore, and write latency with
+    /// and without checkpoints, on a 3-node managed log-app cluster.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -75,6 +81,13 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Failover { args, json } => {
             let report = failover::run(&args, exe).await?;
             output(json, &report, failover::render)
+        }
+        BenchCommand::Checkpoint(args) => {
+            let report = checkpoint::run(&args, exe).await?;
+            let wrote = format!("wrote {}/ (results.md, results.json)\n", args.out.display());
+            output(args.json, &report, |r| {
+                format!("{}\n{wrote}", checkpoint::render(r))
+            })
         }
     }
 }

@@ -131,17 +131,7 @@ async fn launch_app_alone(exe: &Path, dir: &Path) -> anyhow::Result<RunningSyste
 }
 
 async fn launch_haven(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<RunningSystem> {
-    let spec = ClusterSpec {
-        nodes,
-        exe: exe.to_path_buf(),
-        dir: dir.to_path_buf(),
-        extra_config: String::new(),
-        app: AppKind::LogApp {
-            prepopulate: PREPOPULATED_LINES,
-        },
-        managed: false,
-    };
-    let cluster = LocalCluster::start(spec)?;
+    let cluster = LocalCluster::start(log_app_cluster(nodes, exe, dir, PREPOPULATED_LINES))?;
     cluster.wait_for_leader(START_TIMEOUT).await?;
     cluster.wait_all_ready(START_TIMEOUT).await?;
     let targets = cluster.slots.iter().map(|s| s.client_url()).collect();
@@ -149,6 +139,19 @@ async fn launch_haven(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<Ru
         targets,
         processes: Processes::Haven(Box::new(cluster)),
     })
+}
+
+/// A log-app cluster in `dir` whose replicas the cluster starts itself, with no extra
+/// config: what every bench launches, before any changes of its own.
+pub fn log_app_cluster(nodes: usize, exe: &Path, dir: &Path, prepopulate: u64) -> ClusterSpec {
+    ClusterSpec {
+        nodes,
+        exe: exe.to_path_buf(),
+        dir: dir.to_path_buf(),
+        extra_config: String::new(),
+        app: AppKind::LogApp { prepopulate },
+        managed: false,
+    }
 }
 
 /// Three etcd members on loopback, driven through etcd's HTTP/JSON gateway.
