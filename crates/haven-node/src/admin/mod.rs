@@ -76,6 +76,8 @@ pub struct CheckpointTaken {
 
 /// How long `POST /checkpoints` waits for the checkpoint (a 1 GB state takes seconds).
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(600);
+/// A trigger that produced no checkpoint by then is repeated.
+const RETRIGGER_AFTER: Duration = Duration::from_secs(5);
 
 /// Takes a checkpoint of everything applied so far and answers once it is on disk.
 async fn checkpoint_now(state: &AdminState) -> Result<Json<CheckpointTaken>, (StatusCode, String)> {
@@ -88,15 +90,20 @@ async fn checkpoint_now(state: &AdminState) -> Result<Json<CheckpointTaken>, (St
     let failures = metrics.checkpoint_failures.get();
     let mut summary = checkpoints.summary();
     let unavailable = |reason: String| (StatusCode::SERVICE_UNAVAILABLE, reason);
-    state
-        .ingress
-        .raft
-        .trigger()
-        .snapshot()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
+    let trigger = || async {
+        let triggered = state.ingress.raft.trigger().snapshot().await;
+        triggered.map_err(|e| unavailable(e.to_string()))
+    };
+    trigger().await?;
+    let mut triggered_at = tokio::time::Instant::now();
     let done = async {
         loop {
+            // openraft drops a trigger that arrives while it still books the previous
+            // checkpoint (the file is on disk a moment before); ask again.
+            if triggered_at.elapsed() >= RETRIGGER_AFTER {
+                trigger().await?;
+                triggered_at = tokio::time::Instant::now();
+            }
             if let Some(index) = summary
                 .borrow_and_update()
                 .newest_index
