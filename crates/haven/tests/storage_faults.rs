@@ -257,16 +257,8 @@ impl TestCluster {
 /// the node is rebuilt from its peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_log_files_are_refused_or_repaired() {
-    let mut cluster = common::start(3, true, &checkpoints(2)).await;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let f = cluster.follower_of(leader);
+    let (mut cluster, leader, f, mut acked) = started(true, &checkpoints(2), 20).await;
     let log_dir = cluster.service_dir(f).join("log");
-    let mut acked = Vec::new();
-    cluster.write_acked(leader, "first", 20, &mut acked).await;
-    cluster.assert_all_acked_once(&acked).await;
 
     // The vote: Raft's safety rests on it, so damage is never guessed around.
     cluster.kill_node(f);
@@ -408,19 +400,32 @@ async fn damaged_log_files_are_refused_or_repaired() {
     cluster.rebuild(f, leader, &mut acked, true).await;
 }
 
-/// `apply/state.0|1`: one damaged copy falls back to the other (a warning names it); both
-/// damaged is refused naming both files. Then the node is rebuilt from its peers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_apply_state_falls_back_or_is_refused() {
-    let mut cluster = common::start(3, true, &checkpoints(2)).await;
+/// A 3-node cluster with `count` acknowledged writes, all applied everywhere:
+/// (cluster, leader, a follower, the acknowledged lines).
+async fn started(
+    managed: bool,
+    config: &str,
+    count: usize,
+) -> (TestCluster, usize, usize, Vec<String>) {
+    let cluster = common::start(3, managed, config).await;
     let leader = cluster
         .wait_for_leader(Duration::from_secs(10))
         .await
         .unwrap();
-    let f = cluster.follower_of(leader);
+    let follower = cluster.follower_of(leader);
     let mut acked = Vec::new();
-    cluster.write_acked(leader, "first", 30, &mut acked).await;
+    cluster
+        .write_acked(leader, "first", count, &mut acked)
+        .await;
     cluster.assert_all_acked_once(&acked).await;
+    (cluster, leader, follower, acked)
+}
+
+/// `apply/state.0|1`: one damaged copy falls back to the other (a warning names it); both
+/// damaged is refused naming both files. Then the node is rebuilt from its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_apply_state_falls_back_or_is_refused() {
+    let (mut cluster, leader, f, mut acked) = started(true, &checkpoints(2), 30).await;
     // The state is saved at most every 100 ms, after applying: both copies must exist.
     let apply = cluster.service_dir(f).join("apply");
     let copies = ["state.0", "state.1"].map(|n| apply.join(n));
@@ -503,15 +508,7 @@ async fn settled_newest_checkpoint(dir: &Path) -> PathBuf {
 /// rebuilt from the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_checkpoint_on_the_leader_is_never_shipped_or_restored() {
-    let mut cluster = common::start(3, true, &checkpoints(3)).await;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let f = cluster.follower_of(leader);
-    let mut acked = Vec::new();
-    cluster.write_acked(leader, "first", 10, &mut acked).await;
-    cluster.assert_all_acked_once(&acked).await;
+    let (mut cluster, leader, f, mut acked) = started(true, &checkpoints(3), 10).await;
     cluster.kill_node(f);
     cluster
         .write_acked(leader, "while down", 120, &mut acked)
@@ -663,15 +660,7 @@ fn fill(dir: &Path) -> PathBuf {
 /// starts again (a torn tail at most, repaired) and converges with every write once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_node_cleanly_and_it_recovers_with_space() {
-    let mut cluster = common::start(3, false, "").await;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let f = cluster.follower_of(leader);
-    let mut acked = Vec::new();
-    cluster.write_acked(leader, "first", 10, &mut acked).await;
-    cluster.assert_all_acked_once(&acked).await;
+    let (mut cluster, leader, f, mut acked) = started(false, "", 10).await;
     cluster.kill_node(f);
     let data = cluster.data_dir(f);
     let moved = data.with_file_name("data.moved");

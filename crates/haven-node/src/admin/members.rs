@@ -183,7 +183,8 @@ fn peer(request: &AddLearner) -> PeerNode {
 
 /// Starts replicating to a new non-voting member; returns without waiting for it to catch
 /// up (the status of the learner shows its progress).
-pub async fn add_learner(raft: &Raft, me: NodeId, request: AddLearner) -> Answer {
+pub async fn add_learner(raft: Raft, me: NodeId, request: AddLearner) -> Answer {
+    let raft = &raft;
     if let Err(refused) = check_addresses(&request) {
         return refused;
     }
@@ -195,7 +196,8 @@ pub async fn add_learner(raft: &Raft, me: NodeId, request: AddLearner) -> Answer
 }
 
 /// Makes a learner a voter; refused while it is not caught up, unless forced.
-pub async fn promote(raft: &Raft, me: NodeId, request: ChangeNode) -> Answer {
+pub async fn promote(raft: Raft, me: NodeId, request: ChangeNode) -> Answer {
+    let raft = &raft;
     let view = match leader_only(raft, me) {
         Ok(view) => view,
         Err(refused) => return refused,
@@ -215,7 +217,8 @@ pub async fn promote(raft: &Raft, me: NodeId, request: ChangeNode) -> Answer {
 }
 
 /// Removes a voter or a learner from the cluster.
-pub async fn remove(raft: &Raft, me: NodeId, request: ChangeNode) -> Answer {
+pub async fn remove(raft: Raft, me: NodeId, request: ChangeNode) -> Answer {
+    let raft = &raft;
     let view = match leader_only(raft, me) {
         Ok(view) => view,
         Err(refused) => return refused,
@@ -242,7 +245,8 @@ pub async fn remove(raft: &Raft, me: NodeId, request: ChangeNode) -> Answer {
 /// takes the old voter's place in one joint change; the same id keeps its seat, its
 /// address is updated, and the leader brings the fresh node up from a checkpoint and the
 /// log.
-pub async fn replace(raft: &Raft, me: NodeId, request: Replace) -> Answer {
+pub async fn replace(raft: Raft, me: NodeId, request: Replace) -> Answer {
+    let raft = &raft;
     if let Err(refused) = check_addresses(&request.new) {
         return refused;
     }

@@ -12,18 +12,21 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::routing::MethodRouter;
 use axum::routing::get;
 use axum::routing::post;
 use openraft::ServerState;
 use openraft::rt::WatchReceiver;
 use serde::Deserialize;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
 use crate::types::NodeId;
+use crate::types::Raft;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -187,31 +190,27 @@ pub fn router(
             "/checkpoints",
             post(|State(s): State<Arc<AdminState>>| async move { checkpoint_now(&s).await }),
         )
-        .route(
-            "/members/learner",
-            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
-                members::add_learner(&s.ingress.raft, s.ingress.id, r).await
-            }),
-        )
-        .route(
-            "/members/promote",
-            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
-                members::promote(&s.ingress.raft, s.ingress.id, r).await
-            }),
-        )
-        .route(
-            "/members/remove",
-            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
-                members::remove(&s.ingress.raft, s.ingress.id, r).await
-            }),
-        )
-        .route(
-            "/members/replace",
-            post(|State(s): State<Arc<AdminState>>, Json(r)| async move {
-                members::replace(&s.ingress.raft, s.ingress.id, r).await
-            }),
-        )
+        .route("/members/learner", membership(members::add_learner))
+        .route("/members/promote", membership(members::promote))
+        .route("/members/remove", membership(members::remove))
+        .route("/members/replace", membership(members::replace))
         .with_state(state)
+}
+
+/// A `POST` route for one membership change: the JSON body is its request, answered on
+/// this node's Raft.
+fn membership<R, F, Fut>(change: F) -> MethodRouter<Arc<AdminState>>
+where
+    R: DeserializeOwned + Send + 'static,
+    F: Fn(Raft, NodeId, R) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = members::Answer> + Send + 'static,
+{
+    post(
+        move |State(s): State<Arc<AdminState>>, Json(request): Json<R>| {
+            let change = change.clone();
+            async move { change(s.ingress.raft.clone(), s.ingress.id, request).await }
+        },
+    )
 }
 
 pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
