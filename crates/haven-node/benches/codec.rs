@@ -6,7 +6,6 @@
 mod common;
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use common::request;
 use criterion::BenchmarkId;
@@ -57,15 +56,9 @@ fn batch(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion();
     targets = single, batch
 }
 criterion_main!(benches);

@@ -1,6 +1,9 @@
 //! The request both benches measure, built in one place so their figures compare.
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use criterion::Criterion;
 use haven_node::types::OrderedRequest;
 use haven_node::types::RequestTag;
 
@@ -35,4 +38,12 @@ pub fn request(seq: u64) -> OrderedRequest {
         time_unix_us: 1_763_000_000_000_000,
         seed: 0x9e37_79b9_7f4a_7c15 ^ seq,
     }
+}
+
+/// Short runs: both benches compare against a baseline in the same run, so a few seconds
+/// each is enough on a noisy machine.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
 }

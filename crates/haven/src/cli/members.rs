@@ -41,6 +41,29 @@ impl NewNode {
     }
 }
 
+/// One existing member to change.
+#[derive(Args)]
+pub struct ChangeArgs {
+    /// The leader's admin address, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    admin: String,
+    /// The member's node id.
+    #[arg(long)]
+    id: u64,
+    /// Even if the new voter set would lack a healthy majority.
+    #[arg(long)]
+    force: bool,
+}
+
+impl ChangeArgs {
+    fn request(&self) -> ChangeNode {
+        ChangeNode {
+            id: self.id,
+            force: self.force,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum MembersCommand {
     /// Add a non-voting member; it catches up from a checkpoint and the log.
@@ -52,25 +75,9 @@ pub enum MembersCommand {
         node: NewNode,
     },
     /// Make a caught-up learner a voter.
-    Promote {
-        #[arg(long)]
-        admin: String,
-        #[arg(long)]
-        id: u64,
-        /// Even if the new voter set would lack a healthy majority.
-        #[arg(long)]
-        force: bool,
-    },
+    Promote(ChangeArgs),
     /// Remove a voter or learner.
-    Remove {
-        #[arg(long)]
-        admin: String,
-        #[arg(long)]
-        id: u64,
-        /// Even if the remaining voters would lack a healthy majority.
-        #[arg(long)]
-        force: bool,
-    },
+    Remove(ChangeArgs),
     /// Replace a dead voter with a fresh node (the same id, or a new one).
     Replace {
         #[arg(long)]
@@ -90,12 +97,10 @@ pub async fn run(command: MembersCommand) -> anyhow::Result<String> {
         MembersCommand::AddLearner { admin, node } => {
             post(&admin, "learner", &node.request()).await?
         }
-        MembersCommand::Promote { admin, id, force } => {
-            post(&admin, "promote", &ChangeNode { id, force }).await?
+        MembersCommand::Promote(change) => {
+            post(&change.admin, "promote", &change.request()).await?
         }
-        MembersCommand::Remove { admin, id, force } => {
-            post(&admin, "remove", &ChangeNode { id, force }).await?
-        }
+        MembersCommand::Remove(change) => post(&change.admin, "remove", &change.request()).await?,
         MembersCommand::Replace {
             admin,
             old,
