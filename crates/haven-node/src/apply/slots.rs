@@ -42,8 +42,11 @@ impl StateSlots {
         let paths = SLOT_NAMES.map(|name| dir.join(name));
         let mut newest: Option<(u64, Vec<u8>)> = None;
         let mut damaged = Vec::new();
-        for path in &paths {
-            match read_copy(path)? {
+        let mut present = [false; 2];
+        for (slot, path) in paths.iter().enumerate() {
+            let copy = read_copy(path)?;
+            present[slot] = copy.is_some();
+            match copy {
                 None => {}
                 Some(Ok((seq, payload))) if newest.as_ref().is_none_or(|(best, _)| seq > *best) => {
                     newest = Some((seq, payload));
@@ -52,13 +55,17 @@ impl StateSlots {
                 Some(Err(reason)) => damaged.push(format!("{}: {reason}", path.display())),
             }
         }
-        if newest.is_none() && !damaged.is_empty() {
+        // The first save ever (sequence 1) goes to `state.1`; `state.0` is first written by
+        // the second. A damaged `state.1` alone is therefore a torn first save (a crash or a
+        // full disk), and the state before it was "nothing applied yet".
+        let torn_first_save = present == [false, true];
+        if newest.is_none() && !damaged.is_empty() && !torn_first_save {
             return Err(ApplyStateError::Corrupt {
                 reasons: damaged.join("; "),
             });
         }
         for reason in &damaged {
-            tracing::warn!(%reason, "one apply state copy is damaged (a save torn by a crash); using the other");
+            tracing::warn!(%reason, "an apply state copy is damaged (a save torn by a crash or a full disk); using the newest intact one, if any");
         }
         let seq = newest.as_ref().map_or(0, |(seq, _)| *seq);
         let slots = Self {
@@ -188,6 +195,28 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&newer, &bytes).unwrap();
         assert_eq!(reopen(dir.path()).as_deref(), Some(&b"older"[..]));
+    }
+
+    #[test]
+    fn a_torn_first_save_means_nothing_was_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.1"), b"").unwrap();
+        assert_eq!(reopen(dir.path()), None);
+        let (mut slots, _) = StateSlots::open(dir.path()).unwrap();
+        slots.save(b"first").unwrap();
+        assert_eq!(reopen(dir.path()).as_deref(), Some(&b"first"[..]));
+    }
+
+    #[test]
+    fn a_lone_damaged_second_copy_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.0"), b"").unwrap();
+        let err = StateSlots::open(dir.path()).err().unwrap().to_string();
+        let path = dir.path().join("state.0");
+        assert_eq!(
+            err,
+            format!("corrupt apply state: {}: bad header", path.display())
+        );
     }
 
     #[test]
