@@ -79,9 +79,26 @@ openraft::declare_raft_types!(
         R = Applied,
         NodeId = NodeId,
         Node = PeerNode,
+        AsyncRuntime = crate::consensus::runtime::HavenRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig, crate::apply::StateMachine>;
+/// A state machine Haven's transport can serve: checkpoints travel as files. Haven's own
+/// is [`crate::apply::StateMachine`]; the simulation brings an in-memory one.
+pub trait HavenStateMachine:
+    openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = crate::checkpoint::CheckpointFile>
+{
+}
+
+impl<T> HavenStateMachine for T where
+    T: openraft::storage::RaftStateMachine<
+            TypeConfig,
+            SnapshotData = crate::checkpoint::CheckpointFile,
+        >
+{
+}
+
+pub type RaftOf<SM> = openraft::Raft<TypeConfig, SM>;
+pub type Raft = RaftOf<crate::apply::StateMachine>;
 pub type Entry = <TypeConfig as openraft::RaftTypeConfig>::Entry;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;

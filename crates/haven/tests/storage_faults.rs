@@ -450,7 +450,7 @@ async fn damaged_apply_state_falls_back_or_is_refused() {
         .expect_recovery(
             f,
             &[
-                "one apply state copy is damaged".to_string(),
+                "an apply state copy is damaged".to_string(),
                 format!("{}: checksum mismatch", copies[0].display()),
             ],
             &acked,

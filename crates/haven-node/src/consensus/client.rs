@@ -33,10 +33,12 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use tokio::io::AsyncWriteExt;
 use tokio::io::BufWriter;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
+use super::net::Dial;
+use super::net::Tcp;
+use super::net::Writer;
 use super::wire;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
@@ -56,6 +58,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const APPEND_REPLY_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 /// How often the pending map is swept of replies nobody waits for any more.
 const PENDING_SWEEP_EVERY: u64 = 1024;
+/// A connection that owes replies and delivered none for this long is dead: a peer host
+/// or middlebox that vanished without a reset, which TCP itself notices only after many
+/// minutes. Long enough that a peer slowed by fsync or CPU starvation is not cut off.
+const SILENCE_LIMIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -80,40 +86,46 @@ pub enum Lane {
     Snapshot,
 }
 
-/// One live TCP connection and the replies it still owes.
+/// The replies a connection owes, and since when it has owed them without delivering any.
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, oneshot::Sender<RpcReply>>,
+    silent_since: Option<tokio::time::Instant>,
+}
+
+/// One live connection and the replies it still owes.
 struct Connection {
     addr: String,
     frames: mpsc::Sender<Vec<u8>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<RpcReply>>>,
+    pending: Mutex<Pending>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// The reader and writer tasks, stopped on close so a stalled socket is released.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Connection {
-    async fn open(addr: &str) -> Result<Arc<Self>, RpcError> {
+    async fn open(dialer: &dyn Dial, addr: &str) -> Result<Arc<Self>, RpcError> {
         let unreachable = |reason: String| RpcError::Unreachable {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let (mut reader, writer) = tokio::time::timeout(CONNECT_TIMEOUT, dialer.dial(addr))
             .await
             .map_err(|_| unreachable(format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| unreachable(e.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut reader, writer) = stream.into_split();
         let (frames, rx) = mpsc::channel(WRITE_QUEUE_FRAMES);
         let conn = Arc::new(Self {
             addr: addr.to_string(),
             frames,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
         });
-        tokio::spawn(write_loop(BufWriter::new(writer), rx, conn.clone()));
+        let writer = tokio::spawn(write_loop(BufWriter::new(writer), rx, conn.clone()));
         let reader_conn = conn.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
                 match wire::read_frame::<_, RpcReply>(&mut reader, &mut buf).await {
@@ -126,11 +138,18 @@ impl Connection {
             }
             reader_conn.close();
         });
+        let mut tasks = conn.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.extend([writer.abort_handle(), reader.abort_handle()]);
+        drop(tasks);
         Ok(conn)
     }
 
     fn deliver(&self, id: u64, reply: RpcReply) {
-        if let Some(tx) = self.lock_pending().remove(&id) {
+        let mut pending = self.lock_pending();
+        let waiter = pending.waiters.remove(&id);
+        pending.silent_since = (!pending.waiters.is_empty()).then(tokio::time::Instant::now);
+        drop(pending);
+        if let Some(tx) = waiter {
             let _ = tx.send(reply);
         }
     }
@@ -138,14 +157,36 @@ impl Connection {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         // Dropping the senders wakes every waiter with an error.
-        self.lock_pending().clear();
+        self.lock_pending().waiters.clear();
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Called when a reply timed out: closes the connection if it has owed replies and
+    /// delivered none for [`SILENCE_LIMIT`], so the next request reconnects. A peer that
+    /// answers other requests meanwhile is alive, and its connection is kept.
+    fn close_if_silent(&self) {
+        let silent_for = self
+            .lock_pending()
+            .silent_since
+            .map(|since| since.elapsed());
+        if silent_for.is_some_and(|d| d >= SILENCE_LIMIT) && !self.is_closed() {
+            tracing::warn!(addr = %self.addr, ?silent_for, "peer answers nothing; reconnecting");
+            self.close();
+        }
     }
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<RpcReply>>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -156,9 +197,12 @@ impl Connection {
         {
             let mut pending = self.lock_pending();
             if id.is_multiple_of(PENDING_SWEEP_EVERY) {
-                pending.retain(|_, waiter| !waiter.is_closed());
+                pending.waiters.retain(|_, waiter| !waiter.is_closed());
             }
-            pending.insert(id, tx);
+            pending.waiters.insert(id, tx);
+            pending
+                .silent_since
+                .get_or_insert_with(tokio::time::Instant::now);
         }
         self.send_frame(id, request).await?;
         Ok(rx)
@@ -186,7 +230,7 @@ impl Connection {
 
 /// Sends the hello, then every queued frame, until the queue or the socket closes.
 async fn write_loop(
-    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut writer: BufWriter<Writer>,
     rx: mpsc::Receiver<Vec<u8>>,
     conn: Arc<Connection>,
 ) {
@@ -204,14 +248,16 @@ async fn write_loop(
 /// A peer address and its current connection, replaced when it breaks.
 pub struct PeerLink {
     addr: String,
+    dialer: Arc<dyn Dial>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_stream: AtomicU64,
 }
 
 impl PeerLink {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, dialer: Arc<dyn Dial>) -> Self {
         Self {
             addr,
+            dialer,
             conn: tokio::sync::Mutex::new(None),
             next_stream: AtomicU64::new(1),
         }
@@ -222,7 +268,7 @@ impl PeerLink {
         if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(&self.addr).await?;
+        let conn = Connection::open(self.dialer.as_ref(), &self.addr).await?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -245,19 +291,28 @@ impl PeerLink {
         request: &RpcRequest,
         timeout: Duration,
     ) -> Result<RpcReply, RpcError> {
-        let exchange = async {
-            let conn = self.connection().await?;
-            let rx = conn.send(request).await?;
-            rx.await.map_err(|_| RpcError::ConnectionLost {
-                addr: self.addr.clone(),
-            })
+        let timed_out = || RpcError::Timeout {
+            addr: self.addr.clone(),
+            timeout,
         };
-        tokio::time::timeout(timeout, exchange)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = async {
+            let conn = self.connection().await?;
+            Ok::<_, RpcError>((conn.send(request).await?, conn))
+        };
+        let (rx, conn) = tokio::time::timeout_at(deadline, sent)
             .await
-            .map_err(|_| RpcError::Timeout {
+            .map_err(|_| timed_out())??;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RpcError::ConnectionLost {
                 addr: self.addr.clone(),
-                timeout,
-            })?
+            }),
+            Err(_) => {
+                conn.close_if_silent();
+                Err(timed_out())
+            }
+        }
     }
 }
 
@@ -265,17 +320,31 @@ impl PeerLink {
 type LinkMap = HashMap<(String, Lane), Arc<PeerLink>>;
 
 /// Every link this node holds, shared by openraft's clients and the ingress.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Transport {
     links: Arc<Mutex<LinkMap>>,
+    dialer: Arc<dyn Dial>,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Self::with_dialer(Arc::new(Tcp))
+    }
 }
 
 impl Transport {
+    pub fn with_dialer(dialer: Arc<dyn Dial>) -> Self {
+        Self {
+            links: Arc::default(),
+            dialer,
+        }
+    }
+
     pub fn link(&self, addr: &str, lane: Lane) -> Arc<PeerLink> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         links
             .entry((addr.to_string(), lane))
-            .or_insert_with(|| Arc::new(PeerLink::new(addr.to_string())))
+            .or_insert_with(|| Arc::new(PeerLink::new(addr.to_string(), self.dialer.clone())))
             .clone()
     }
 }
@@ -396,16 +465,20 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             let conn = self.link.connection().await.map_err(to_rpc_error)?;
             let stream = self.link.next_stream.fetch_add(1, Ordering::Relaxed);
             let (replies_tx, replies_rx) = mpsc::channel(PIPELINE_DEPTH);
-            tokio::spawn(pump_appends(conn, stream, input, replies_tx));
+            tokio::spawn(pump_appends(conn.clone(), stream, input, replies_tx));
             let timeout = option.hard_ttl().max(APPEND_REPLY_TIMEOUT_MIN);
             let addr = self.link.addr.clone();
             let output = futures::stream::unfold(Some(replies_rx), move |state| {
                 let addr = addr.clone();
+                let conn = conn.clone();
                 async move {
                     let mut replies = state?;
                     let reply = replies.recv().await?;
-                    let item =
-                        append_result(tokio::time::timeout(timeout, reply).await, &addr, timeout);
+                    let reply = tokio::time::timeout(timeout, reply).await;
+                    if reply.is_err() {
+                        conn.close_if_silent();
+                    }
+                    let item = append_result(reply, &addr, timeout);
                     let keep_going = matches!(item, Ok(Ok(_)));
                     Some((item, keep_going.then_some(replies)))
                 }
@@ -468,6 +541,7 @@ async fn pump_appends<S>(
 {
     loop {
         let next = tokio::select! {
+            biased;
             next = input.next() => next,
             _ = replies.closed() => None,
         };

@@ -2,7 +2,9 @@
 //! path. Only this module knows the raft wire format.
 
 pub mod client;
+pub mod net;
 pub mod propose;
+pub mod runtime;
 pub mod server;
 pub mod snapshot;
 pub mod wire;

@@ -7,12 +7,16 @@ use openraft::impls::ProgressResponder;
 
 use super::wire::ForwardOutcome;
 use super::wire::ReadIndexOutcome;
+use crate::types::HavenStateMachine;
 use crate::types::OrderedRequest;
-use crate::types::Raft;
+use crate::types::RaftOf;
 
 /// Stamps the determinism aids and proposes `req`; answers as soon as the entry is
 /// committed on a quorum, without waiting for the leader's own replica to apply it.
-pub async fn propose(raft: &Raft, mut req: OrderedRequest) -> ForwardOutcome {
+pub async fn propose<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    mut req: OrderedRequest,
+) -> ForwardOutcome {
     req.time_unix_us = chrono::Utc::now().timestamp_micros();
     req.seed = rand::random();
     let (responder, commit_rx, complete_rx) = ProgressResponder::new();
@@ -34,7 +38,7 @@ pub async fn propose(raft: &Raft, mut req: OrderedRequest) -> ForwardOutcome {
 
 /// Confirms leadership with a quorum (read index) and returns the index a linearizable
 /// read must wait for.
-pub async fn read_index(raft: &Raft) -> ReadIndexOutcome {
+pub async fn read_index<SM: HavenStateMachine>(raft: &RaftOf<SM>) -> ReadIndexOutcome {
     match raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
         Ok(linearizer) => ReadIndexOutcome::Ready {
             index: linearizer.read_log_id().index(),

@@ -11,11 +11,12 @@ use std::sync::Mutex;
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
 use tokio::io::BufWriter;
-use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 
+use super::net::Accept;
+use super::net::Reader;
+use super::net::Writer;
 use super::propose;
 use super::snapshot::Inbox;
 use super::wire;
@@ -23,7 +24,8 @@ use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
-use crate::types::Raft;
+use crate::types::HavenStateMachine;
+use crate::types::RaftOf;
 use crate::types::TypeConfig;
 
 /// Appends of one stream queued before the connection reader stalls.
@@ -31,23 +33,24 @@ const STREAM_QUEUE: usize = 256;
 const REPLY_QUEUE_FRAMES: usize = 1024;
 
 /// Accepts peer connections until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    raft: Raft,
+pub async fn serve<SM: HavenStateMachine>(
+    mut listener: impl Accept,
+    raft: RaftOf<SM>,
     inbox: InboxFactory,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {
+            biased;
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((reader, writer, peer)) => {
                 let raft = raft.clone();
                 let inbox = inbox.open();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, raft, inbox).await {
+                    if let Err(e) = serve_connection(reader, writer, raft, inbox).await {
                         tracing::warn!(%peer, error = %e, "raft connection dropped");
                     }
                 });
@@ -79,13 +82,12 @@ impl InboxFactory {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    raft: Raft,
+async fn serve_connection<SM: HavenStateMachine>(
+    mut reader: Reader,
+    writer: Writer,
+    raft: RaftOf<SM>,
     mut inbox: Inbox,
 ) -> Result<(), wire::WireError> {
-    stream.set_nodelay(true)?;
-    let (mut reader, writer) = stream.into_split();
     wire::read_hello(&mut reader).await?;
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
     tokio::spawn(write_replies(BufWriter::new(writer), replies_rx));
@@ -155,8 +157,8 @@ async fn route_append(
 
 /// Starts one openraft `stream_append` fed by a queue; replies carry the ids of the
 /// requests in the order openraft answers them, which is the order they were sent.
-fn start_stream(
-    raft: Raft,
+fn start_stream<SM: HavenStateMachine>(
+    raft: RaftOf<SM>,
     replies: mpsc::Sender<Vec<u8>>,
 ) -> mpsc::Sender<(u64, AppendEntriesRequest<TypeConfig>)> {
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -195,7 +197,7 @@ fn start_stream(
     tx
 }
 
-async fn answer(raft: &Raft, request: RpcRequest) -> RpcReply {
+async fn answer<SM: HavenStateMachine>(raft: &RaftOf<SM>, request: RpcRequest) -> RpcReply {
     match request {
         RpcRequest::Vote(req) => RpcReply::Vote(raft.vote(req).await.map_err(|e| e.to_string())),
         RpcRequest::PreVote(req) => {
@@ -222,10 +224,7 @@ async fn send_reply(replies: &mpsc::Sender<Vec<u8>>, id: u64, reply: &RpcReply) 
     }
 }
 
-async fn write_replies(
-    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    rx: mpsc::Receiver<Vec<u8>>,
-) {
+async fn write_replies(mut writer: BufWriter<Writer>, rx: mpsc::Receiver<Vec<u8>>) {
     if let Err(e) = wire::write_frames(&mut writer, rx).await {
         tracing::debug!(error = %e, "raft reply write failed");
     }

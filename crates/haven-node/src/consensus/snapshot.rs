@@ -31,7 +31,8 @@ use crate::apply::SnapshotData;
 use crate::checkpoint::CheckpointFile;
 use crate::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
-use crate::types::Raft;
+use crate::types::HavenStateMachine;
+use crate::types::RaftOf;
 use crate::types::SnapshotMeta;
 use crate::types::TypeConfig;
 
@@ -222,9 +223,9 @@ impl Inbox {
     }
 
     /// Seals a complete transfer and installs it through openraft.
-    pub async fn done(
+    pub async fn done<SM: HavenStateMachine>(
         &mut self,
-        raft: &Raft,
+        raft: &RaftOf<SM>,
         transfer: u64,
         vote: VoteOf<TypeConfig>,
         meta: SnapshotMeta,
@@ -232,9 +233,9 @@ impl Inbox {
         RpcReply::Snapshot(self.install(raft, transfer, vote, meta).await)
     }
 
-    async fn install(
+    async fn install<SM: HavenStateMachine>(
         &mut self,
-        raft: &Raft,
+        raft: &RaftOf<SM>,
         transfer: u64,
         vote: VoteOf<TypeConfig>,
         meta: SnapshotMeta,
