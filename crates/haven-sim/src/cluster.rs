@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::MutexGuard;
 use std::time::Duration;
 use std::time::UNIX_EPOCH;
 
@@ -27,6 +26,7 @@ use crate::check::Checker;
 use crate::faults;
 use crate::faults::Fault;
 use crate::faults::Window;
+use crate::lock;
 use crate::machine::Replica;
 use crate::net::RAFT_PORT;
 use crate::net::SimDial;
@@ -121,10 +121,6 @@ impl fmt::Display for Report {
 struct Registry {
     rafts: BTreeMap<NodeId, SimRaft>,
     replicas: BTreeMap<NodeId, Replica>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn members(nodes: u64) -> BTreeMap<NodeId, PeerNode> {

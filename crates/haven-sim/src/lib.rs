@@ -22,3 +22,8 @@ mod cluster;
 pub use cluster::Options;
 pub use cluster::Report;
 pub use cluster::run;
+
+/// The simulation is one thread; a poisoned lock only means a check already panicked.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use crate::check::Ack;
 use crate::check::Checker;
 use crate::check::ReadGrant;
+use crate::lock;
 use crate::net::RAFT_PORT;
 use crate::net::SimDial;
 
@@ -33,10 +34,6 @@ pub const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 
 pub fn host_name(node: NodeId) -> String {
     format!("node{node}")
-}
-
-fn lock(checker: &Mutex<Checker>) -> std::sync::MutexGuard<'_, Checker> {
-    checker.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One client's connection to the cluster and what it knows about the leader.

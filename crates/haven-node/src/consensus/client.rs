@@ -612,3 +612,62 @@ mod tests {
         );
     }
 }
+
+/// Dead-connection detection, on tokio's paused clock: a peer that takes the connection
+/// and never answers.
+#[cfg(test)]
+mod silence_tests {
+    use std::io;
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::consensus::net::Reader;
+
+    /// Accepts every dial with an in-memory pipe whose far end swallows bytes and never
+    /// replies, as a connection does whose peer vanished without a reset.
+    #[derive(Default)]
+    struct BlackHole {
+        dials: AtomicUsize,
+        far_ends: Mutex<Vec<tokio::io::DuplexStream>>,
+    }
+
+    impl Dial for Arc<BlackHole> {
+        fn dial(&self, _addr: &str) -> BoxFuture<'static, io::Result<(Reader, Writer)>> {
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let (near, far) = tokio::io::duplex(1 << 20);
+            self.far_ends.lock().unwrap().push(far);
+            let (reader, writer) = tokio::io::split(near);
+            Box::pin(async move { Ok((Box::new(reader) as Reader, Box::new(writer) as Writer)) })
+        }
+    }
+
+    fn link(hole: &Arc<BlackHole>) -> Arc<PeerLink> {
+        Transport::with_dialer(Arc::new(hole.clone())).link("10.0.0.1:7000", Lane::Heartbeat)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_silent_past_the_limit_is_replaced() {
+        let hole = Arc::new(BlackHole::default());
+        let link = link(&hole);
+        let short = SILENCE_LIMIT / 4;
+        for _ in 0..4 {
+            let err = link.call(&RpcRequest::ReadIndex, short).await.unwrap_err();
+            assert!(matches!(err, RpcError::Timeout { .. }), "{err}");
+        }
+        assert_eq!(
+            hole.dials.load(Ordering::SeqCst),
+            1,
+            "closed before the limit"
+        );
+        let err = link.call(&RpcRequest::ReadIndex, short).await.unwrap_err();
+        assert!(matches!(err, RpcError::Timeout { .. }), "{err}");
+        link.call(&RpcRequest::ReadIndex, short).await.unwrap_err();
+        assert_eq!(
+            hole.dials.load(Ordering::SeqCst),
+            2,
+            "a silent connection was kept"
+        );
+    }
+}
