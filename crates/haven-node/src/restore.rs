@@ -451,6 +451,10 @@ async fn replay(
             .apply(stream)
             .await
             .map_err(io("replay into the app failed"))?;
+        machine
+            .drain()
+            .await
+            .map_err(io("replay into the app failed"))?;
         progress.advance(end + 1 - first);
         next = end + 1;
     }

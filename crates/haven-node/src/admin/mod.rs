@@ -151,7 +151,8 @@ fn status(state: &AdminState) -> Status {
         term: m.current_term,
         leader_id: m.current_leader,
         commit_index: m.local_committed.map(|l| l.index),
-        applied_index: m.last_applied.map(|l| l.index),
+        // The replica's own progress: openraft's runs ahead by what awaits delivery.
+        applied_index: Some(ingress.shared.applied_index()),
         last_log_index: m.last_log_index,
         voters: m.membership_config.voter_ids().collect(),
         learners: m.membership_config.membership().learner_ids().collect(),

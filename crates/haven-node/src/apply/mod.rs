@@ -21,6 +21,9 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -33,6 +36,7 @@ use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use serde::Deserialize;
 use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
@@ -65,6 +69,9 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Most entries delivered to the app in one pipelined window. Bounds the memory a window
 /// holds and how long the first waiter of a window waits for the last answer.
 const APPLY_WINDOW: usize = 64;
+/// Most entries handed over and not yet delivered; `apply` waits beyond it, which bounds
+/// the memory a slow app can make the node hold.
+const APPLY_QUEUE: usize = 4096;
 
 /// What the local replica answered for one entry.
 #[derive(Debug, Clone)]
@@ -190,18 +197,47 @@ struct Inner {
     last_persist: Instant,
 }
 
-/// openraft's handle on the state machine; cheap to clone.
+/// The replica's side of the state machine: what the delivery task needs to apply a
+/// window, and all it holds, so that the hand-over queue closes when openraft lets go.
 #[derive(Clone)]
-pub struct StateMachine {
+struct Replica {
     inner: Arc<tokio::sync::Mutex<Inner>>,
     shared: Arc<ApplyShared>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Committed entries on their way from openraft to the delivery task.
+///
+/// openraft calls `apply` once per commit advance, a few entries each, one call after
+/// the other; answering each call only after the app answered its entries costs a round
+/// trip per handful of entries, and under load a leader's replica fell seconds behind.
+/// Handing the entries over instead lets the delivery task take everything that queued
+/// up while the app was busy as one window.
+#[derive(Clone)]
+struct Handover {
+    queue: mpsc::Sender<EntryResponder<TypeConfig>>,
+    /// Highest index handed over: what a drain waits for.
+    queued_upto: Arc<AtomicU64>,
+    /// Why the delivery task stopped, once it has.
+    failure: Arc<OnceLock<String>>,
+}
+
+/// openraft's handle on the state machine; cheap to clone.
+///
+/// openraft counts an entry as applied once it is handed over; the replica's own applied
+/// index ([`ApplyShared::applied_index`]), which reads and checkpoints use, moves only
+/// when the app has answered.
+#[derive(Clone)]
+pub struct StateMachine {
+    replica: Replica,
+    handover: Handover,
     /// Absent when checkpoints are off: snapshots are then refused and the log kept whole.
     checkpoints: Option<Arc<Checkpoints>>,
 }
 
 impl StateMachine {
-    /// Opens the saved state in `dir` (or starts empty) for this node's replica.
+    /// Opens the saved state in `dir` (or starts empty) for this node's replica and starts
+    /// its delivery task (on the current tokio runtime).
     pub fn open(
         dir: &Path,
         app: OrderedConnection,
@@ -235,22 +271,88 @@ impl StateMachine {
             limits,
             last_persist: Instant::now(),
         };
-        Ok(Self {
+        let replica = Replica {
             inner: Arc::new(tokio::sync::Mutex::new(inner)),
             shared,
             shutdown,
+        };
+        let (queue, handed_over) = mpsc::channel(APPLY_QUEUE);
+        let handover = Handover {
+            queue,
+            queued_upto: Arc::new(AtomicU64::new(applied_index)),
+            failure: Arc::new(OnceLock::new()),
+        };
+        tokio::spawn(
+            replica
+                .clone()
+                .deliver_handed_over(handed_over, handover.failure.clone()),
+        );
+        Ok(Self {
+            replica,
+            handover,
             checkpoints,
         })
     }
 
     pub fn shared(&self) -> Arc<ApplyShared> {
-        self.shared.clone()
+        self.replica.shared.clone()
     }
 
     /// Writes the state now; called on clean shutdown.
     pub async fn persist(&self) -> io::Result<()> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.replica.inner.lock().await;
         inner.persist()
+    }
+
+    /// Waits until the replica has answered every entry handed over so far.
+    pub async fn drain(&self) -> io::Result<()> {
+        let upto = self.handover.queued_upto.load(Ordering::Acquire);
+        let mut applied = self.replica.shared.applied.subscribe();
+        tokio::select! {
+            reached = applied.wait_for(|applied| *applied >= upto) => {
+                reached.map(|_| ()).map_err(|_| self.handover.stopped())
+            }
+            () = self.handover.queue.closed() => Err(self.handover.stopped()),
+        }
+    }
+}
+
+impl Handover {
+    fn stopped(&self) -> io::Error {
+        let reason = self
+            .failure
+            .get()
+            .map_or("the delivery task has stopped", String::as_str);
+        io::Error::other(format!("cannot apply: {reason}"))
+    }
+
+    async fn hand_over(&self, item: EntryResponder<TypeConfig>) -> io::Result<()> {
+        let index = item.0.log_id.index;
+        self.queue.send(item).await.map_err(|_| self.stopped())?;
+        self.queued_upto.store(index, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Replica {
+    /// Delivers handed-over entries until openraft lets go of the queue. An error (only
+    /// shutdown or a failed save can cause one) is recorded for `apply` to return, which
+    /// stops the Raft node as an error in `apply` always did.
+    async fn deliver_handed_over(
+        self,
+        mut handed_over: mpsc::Receiver<EntryResponder<TypeConfig>>,
+        failure: Arc<OnceLock<String>>,
+    ) {
+        let mut window = Vec::with_capacity(APPLY_WINDOW);
+        while handed_over.recv_many(&mut window, APPLY_WINDOW).await > 0 {
+            let mut inner = self.inner.lock().await;
+            let applied = self.apply_window(&mut inner, std::mem::take(&mut window));
+            if let Err(e) = applied.await.and_then(|()| inner.persist_if_due()) {
+                tracing::error!(error = %e, "applying committed entries stopped");
+                let _ = failure.set(e.to_string());
+                return;
+            }
+        }
     }
 
     /// Applies a window of committed entries: decides which need the app, delivers those
@@ -352,9 +454,7 @@ impl StateMachine {
         }
         Ok(answered)
     }
-}
 
-impl StateMachine {
     /// Retries until the replica took the checkpoint, as deliveries do: a replica that is
     /// down must cost a metric and retries, not the node. Only shutdown ends it early.
     async fn restore_until_done(
@@ -535,7 +635,7 @@ impl StateMachine {
 
     /// Applied progress, for the checkpoint policy.
     pub fn applied(&self) -> watch::Receiver<u64> {
-        self.shared.applied.subscribe()
+        self.replica.shared.applied.subscribe()
     }
 }
 
@@ -575,9 +675,9 @@ impl StateMachine {
     /// checksum run after the lock is released.
     async fn take_checkpoint(&self) -> io::Result<Snapshot> {
         let checkpoints = self.checkpoints()?.clone();
-        let metrics = &self.shared.metrics;
+        let metrics = &self.replica.shared.metrics;
         let (staged, position) = {
-            let inner = self.inner.lock().await;
+            let inner = self.replica.inner.lock().await;
             let paused = Instant::now();
             let last = inner
                 .state
@@ -627,7 +727,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         match self.take_checkpoint().await {
             Ok(snapshot) => Ok(snapshot),
             Err(e) => {
-                self.shared.metrics.checkpoint_failures.inc();
+                self.replica.shared.metrics.checkpoint_failures.inc();
                 tracing::warn!(error = %e, "checkpoint failed; keeping the previous one, will retry");
                 self.previous_checkpoint().await
             }
@@ -640,7 +740,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        let inner = self.inner.lock().await;
+        let inner = self.replica.inner.lock().await;
         Ok((inner.state.last_applied, inner.state.membership.clone()))
     }
 
@@ -648,25 +748,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let this = self.clone();
-        let mut inner = this.inner.lock().await;
-        loop {
-            let mut window = Vec::with_capacity(APPLY_WINDOW);
-            while window.len() < APPLY_WINDOW {
-                match entries.try_next().await? {
-                    Some(item) => window.push(item),
-                    None => break,
-                }
-            }
-            let last = window.len() < APPLY_WINDOW;
-            if !window.is_empty() {
-                this.apply_window(&mut inner, window).await?;
-            }
-            if last {
-                break;
-            }
+        while let Some(item) = entries.try_next().await? {
+            self.handover.hand_over(item).await?;
         }
-        inner.persist_if_due()
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -691,14 +776,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta.last_log_id
             )));
         }
-        let mut inner = self.inner.lock().await;
-        self.restore_until_done(&checkpoints, &snapshot.path, info.index)
+        self.drain().await?;
+        let replica = &self.replica;
+        let mut inner = replica.inner.lock().await;
+        replica
+            .restore_until_done(&checkpoints, &snapshot.path, info.index)
             .await?;
         inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
         inner.persist()?;
-        self.shared.applied.send_replace(info.index);
-        self.shared.metrics.applied_index.set(info.index as i64);
-        self.shared.metrics.checkpoints_installed.inc();
+        replica.shared.applied.send_replace(info.index);
+        replica.shared.metrics.applied_index.set(info.index as i64);
+        replica.shared.metrics.checkpoints_installed.inc();
         tracing::info!(index = info.index, "replica restored from checkpoint");
         Ok(())
     }
