@@ -879,6 +879,108 @@ mod tests {
         assert_eq!(loaded.idempotency.get("k").map(|o| o.index), Some(7));
     }
 
+    /// An app that answers each request with its path, but only once `gate` opens.
+    async fn gated_app(
+        gate: Arc<tokio::sync::Notify>,
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::AsyncBufReadExt;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            gate.notified().await;
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            let mut seen = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Some(rest) = line.strip_prefix("POST ") else {
+                    continue;
+                };
+                let path = rest.trim_end_matches(" HTTP/1.1").to_string();
+                while let Ok(Some(header)) = lines.next_line().await {
+                    if header.is_empty() {
+                        break;
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                write.write_all(reply.as_bytes()).await.unwrap();
+                seen.push(path);
+            }
+            seen
+        });
+        (url, handle)
+    }
+
+    fn committed(index: u64) -> EntryResponder<TypeConfig> {
+        let request = OrderedRequest {
+            tag: RequestTag {
+                origin: 1,
+                seq: index,
+            },
+            method: "POST".into(),
+            uri: format!("/r/{index}"),
+            headers: vec![],
+            body: bytes::Bytes::new(),
+            idempotency_key: None,
+            time_unix_us: 0,
+            seed: 0,
+        };
+        use openraft::vote::RaftLeaderIdExt;
+        let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1);
+        let entry = crate::types::Entry {
+            log_id: LogId::new(leader, index),
+            payload: EntryPayload::Normal(request),
+        };
+        (entry, None)
+    }
+
+    /// openraft's `apply` returns once entries are handed over, even while the app has
+    /// not answered; the replica's applied index moves only with the answers, in order.
+    #[tokio::test]
+    async fn apply_hands_over_and_the_replica_catches_up_in_log_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (url, app) = gated_app(gate.clone()).await;
+        let (_stop, shutdown) = watch::channel(false);
+        let limits = IdempotencyLimits {
+            max_keys: 10,
+            retention_us: 10,
+        };
+        let connection = OrderedConnection::new(&url, Duration::from_secs(5));
+        let metrics = Metrics::new().unwrap();
+        let mut machine =
+            StateMachine::open(dir.path(), connection, limits, metrics, shutdown, None).unwrap();
+        let shared = machine.shared();
+        let mut first = shared.register(RequestTag { origin: 1, seq: 0 });
+        for call in 0..3u64 {
+            let entries = (2 * call..2 * call + 2).map(|i| Ok(committed(i)));
+            let handed_over = machine.apply(futures::stream::iter(entries));
+            tokio::time::timeout(Duration::from_secs(2), handed_over)
+                .await
+                .expect("apply waited for the app")
+                .unwrap();
+        }
+        assert!(first.try_recv().is_err(), "nothing is answered yet");
+        gate.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), machine.drain())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(shared.applied_index(), 5);
+        let answered = first.try_recv().unwrap();
+        assert_eq!(
+            (answered.index, &answered.response.body[..]),
+            (0, &b"/r/0"[..])
+        );
+        drop(machine);
+        let expected: Vec<String> = (0..6).map(|i| format!("/r/{i}")).collect();
+        assert_eq!(app.await.unwrap(), expected);
+    }
+
     #[test]
     fn haven_time_is_rfc3339_utc() {
         assert_eq!(
