@@ -47,6 +47,9 @@ use crate::consensus::client::Lane;
 use crate::consensus::client::RpcError;
 use crate::consensus::client::Transport;
 use crate::consensus::propose;
+use crate::consensus::read_batch::Fetched;
+use crate::consensus::read_batch::ReadBatcher;
+use crate::consensus::read_batch::ReadIndexFailure;
 use crate::consensus::wire::ForwardOutcome;
 use crate::consensus::wire::ReadIndexOutcome;
 use crate::consensus::wire::RpcReply;
@@ -83,6 +86,7 @@ pub struct Ingress {
     pub metrics: Metrics,
     inflight: Arc<Semaphore>,
     next_seq: AtomicU64,
+    reads: ReadBatcher<Fetched>,
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -98,20 +102,28 @@ impl Ingress {
         routes: RouteTable,
         limits: Limits,
         metrics: Metrics,
-    ) -> Self {
+    ) -> Arc<Self> {
         let boot_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
-        Self {
-            id,
-            raft,
-            shared,
-            app,
-            transport,
-            routes,
-            inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
-            limits,
-            metrics,
-            next_seq: AtomicU64::new(boot_ns),
-        }
+        Arc::new_cyclic(|ingress: &std::sync::Weak<Self>| {
+            let ingress = ingress.clone();
+            let reads = ReadBatcher::spawn(move || {
+                let ingress = ingress.upgrade();
+                async move { Some(ingress?.fetch_read_index().await) }
+            });
+            Self {
+                id,
+                raft,
+                shared,
+                app,
+                transport,
+                routes,
+                inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
+                limits,
+                metrics,
+                next_seq: AtomicU64::new(boot_ns),
+                reads,
+            }
+        })
     }
 
     fn request_timeout(&self) -> Duration {
@@ -369,10 +381,29 @@ impl Ingress {
         self.local_read(&parts, body).await
     }
 
+    /// A read index shared with the other reads waiting for one ([`ReadBatcher`]).
     async fn read_index(&self, deadline: Instant) -> Result<u64, HttpResponse> {
+        let failed = |reason: &str| {
+            let reason = format!("cannot confirm leadership: {reason}");
+            self.unavailable("read-index-failed", &reason)
+        };
+        match tokio::time::timeout_at(deadline, self.reads.read_index()).await {
+            Ok(Some(Ok(index))) => Ok(index),
+            Ok(Some(Err(ReadIndexFailure::NoLeader))) => Err(self.no_leader()),
+            Ok(Some(Err(ReadIndexFailure::Failed(reason)))) => Err(failed(&reason)),
+            Ok(None) => Err(failed("the node is shutting down")),
+            Err(_) => Err(failed("no read index within the request timeout")),
+        }
+    }
+
+    /// Fetches one read index, through whichever node leads, on behalf of a batch.
+    async fn fetch_read_index(&self) -> Fetched {
+        let deadline = Instant::now() + self.request_timeout();
         let leader_deadline = self.leader_deadline(deadline);
         loop {
-            let (leader_id, leader) = self.wait_for_leader(leader_deadline).await?;
+            let Ok((leader_id, leader)) = self.wait_for_leader(leader_deadline).await else {
+                return Err(ReadIndexFailure::NoLeader);
+            };
             let outcome = if leader_id == self.id {
                 propose::read_index(&self.raft).await
             } else {
@@ -395,10 +426,7 @@ impl Ingress {
                 ReadIndexOutcome::Ready { index } => return Ok(index),
                 ReadIndexOutcome::NotLeader { .. } => tokio::time::sleep(LEADER_RETRY_PAUSE).await,
                 ReadIndexOutcome::Failed { reason } => {
-                    return Err(self.unavailable(
-                        "read-index-failed",
-                        &format!("cannot confirm leadership: {reason}"),
-                    ));
+                    return Err(ReadIndexFailure::Failed(reason));
                 }
             }
         }

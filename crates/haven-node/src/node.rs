@@ -182,7 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
 
-    let ingress = Arc::new(Ingress::new(
+    let ingress = Ingress::new(
         config.node.id,
         raft.clone(),
         shared,
@@ -191,7 +191,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         RouteTable::new(config.routes.clone()),
         config.limits.clone(),
         metrics,
-    ));
+    );
     tokio::spawn(ingress::serve(
         client_listener,
         ingress.clone(),

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod net;
 pub mod propose;
+pub mod read_batch;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
