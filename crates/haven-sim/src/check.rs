@@ -9,6 +9,8 @@ use haven_node::types::LogId;
 use haven_node::types::NodeId;
 use haven_node::types::RequestTag;
 
+use crate::store::SimLog;
+
 /// One acknowledged write: the leader said it committed at `index`.
 #[derive(Debug, Clone)]
 pub struct Ack {
@@ -75,12 +77,27 @@ impl Checker {
         }
     }
 
-    /// Counts elections. openraft's leader ids are (term, node) pairs, so two nodes may
-    /// both lead one term (with different ids); what must never happen, two different
-    /// entries committed at one index, is [`Checker::observe_apply`]'s check.
-    pub fn observe_leader(&mut self, term: u64, node: NodeId) {
-        if self.leaders.insert((term, node)) {
-            self.trace(&format!("leader {node} term {term}"));
+    /// Counts elections and checks leader completeness: a new leader's log holds every
+    /// write acknowledged so far (each was committed, and Raft elects only a node whose
+    /// log holds every committed entry). openraft's leader ids are (term, node) pairs, so
+    /// two nodes may both lead one term; each must still be complete.
+    pub fn observe_leader(&mut self, term: u64, node: NodeId, log: &SimLog) {
+        if !self.leaders.insert((term, node)) {
+            return;
+        }
+        self.trace(&format!("leader {node} term {term}"));
+        let missing: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|ack| log.tag_at(ack.index) != Some(ack.tag))
+            .map(|ack| ack.index)
+            .collect();
+        if let Some(first) = missing.first() {
+            let message = format!(
+                "leader completeness: leader {node} of term {term} lacks {} acknowledged writes, the first at index {first}",
+                missing.len()
+            );
+            self.violation(message);
         }
     }
 

@@ -121,6 +121,8 @@ impl fmt::Display for Report {
 struct Registry {
     rafts: BTreeMap<NodeId, SimRaft>,
     replicas: BTreeMap<NodeId, Replica>,
+    /// Every node's disk, also while the node is down.
+    disks: BTreeMap<NodeId, SimLog>,
 }
 
 fn members(nodes: u64) -> BTreeMap<NodeId, PeerNode> {
@@ -148,6 +150,7 @@ fn add_node(
     checker: &Arc<Mutex<Checker>>,
 ) {
     let disk = SimLog::default();
+    lock(registry).disks.insert(id, disk.clone());
     let registry = registry.clone();
     let checker = checker.clone();
     sim.host(host_name(id), move || {
@@ -246,19 +249,17 @@ fn current_leader(registry: &Mutex<Registry>) -> Option<NodeId> {
         .map(|(id, _)| *id)
 }
 
-/// Records every leader, for the report and the trace.
+/// Records every leader, for the report and the trace, and checks each new one's log.
 fn observe_leaders(registry: &Mutex<Registry>, checker: &Mutex<Checker>) {
-    let leaders: Vec<(u64, NodeId)> = lock(registry)
-        .rafts
-        .iter()
-        .filter_map(|(id, raft)| {
-            let metrics = raft.metrics().borrow_watched().clone();
-            (metrics.state == ServerState::Leader).then_some((metrics.current_term, *id))
-        })
-        .collect();
+    let registry = lock(registry);
+    let leaders = registry.rafts.iter().filter_map(|(id, raft)| {
+        let metrics = raft.metrics().borrow_watched().clone();
+        let log = registry.disks.get(id)?;
+        (metrics.state == ServerState::Leader).then_some((metrics.current_term, *id, log))
+    });
     let mut checker = lock(checker);
-    for (term, id) in leaders {
-        checker.observe_leader(term, id);
+    for (term, id, log) in leaders {
+        checker.observe_leader(term, id, log);
     }
 }
 

@@ -13,8 +13,10 @@ use std::sync::MutexGuard;
 
 use haven_node::types::Entry;
 use haven_node::types::LogId;
+use haven_node::types::RequestTag;
 use haven_node::types::TypeConfig;
 use haven_node::types::Vote;
+use openraft::EntryPayload;
 use openraft::LogState;
 use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
@@ -44,6 +46,14 @@ impl SimLog {
     pub fn is_empty(&self) -> bool {
         let disk = self.disk();
         disk.log.is_empty() && disk.vote.is_none()
+    }
+
+    /// The tag of the client request stored at `index`, if the log holds one there.
+    pub fn tag_at(&self, index: u64) -> Option<RequestTag> {
+        match &self.disk().log.get(&index)?.payload {
+            EntryPayload::Normal(request) => Some(request.tag),
+            _ => None,
+        }
     }
 }
 
