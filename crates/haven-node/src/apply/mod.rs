@@ -36,6 +36,8 @@ use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use serde::Deserialize;
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
@@ -69,9 +71,11 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Most entries delivered to the app in one pipelined window. Bounds the memory a window
 /// holds and how long the first waiter of a window waits for the last answer.
 const APPLY_WINDOW: usize = 64;
-/// Most entries handed over and not yet delivered; `apply` waits beyond it, which bounds
-/// the memory a slow app can make the node hold.
+/// Most entries, and most request bytes, handed over and not yet delivered; `apply` waits
+/// beyond either, which bounds the memory an app that is slow or down makes a node hold
+/// (4096 one-MiB bodies would otherwise be 4 GiB).
 const APPLY_QUEUE: usize = 4096;
+const APPLY_QUEUE_BYTES: usize = 64 << 20;
 
 /// What the local replica answered for one entry.
 #[derive(Debug, Clone)]
@@ -215,12 +219,18 @@ struct Replica {
 /// up while the app was busy as one window.
 #[derive(Clone)]
 struct Handover {
-    queue: mpsc::Sender<EntryResponder<TypeConfig>>,
+    queue: mpsc::Sender<HandedOver>,
+    /// Permits for [`APPLY_QUEUE_BYTES`]; each queued entry holds its size in them.
+    bytes: Arc<Semaphore>,
     /// Highest index handed over: what a drain waits for.
     queued_upto: Arc<AtomicU64>,
     /// Why the delivery task stopped, once it has.
     failure: Arc<OnceLock<String>>,
 }
+
+/// A committed entry on its way to the replica, holding its share of the byte budget
+/// until it is delivered.
+type HandedOver = (EntryResponder<TypeConfig>, OwnedSemaphorePermit);
 
 /// openraft's handle on the state machine; cheap to clone.
 ///
@@ -279,6 +289,7 @@ impl StateMachine {
         let (queue, handed_over) = mpsc::channel(APPLY_QUEUE);
         let handover = Handover {
             queue,
+            bytes: Arc::new(Semaphore::new(APPLY_QUEUE_BYTES)),
             queued_upto: Arc::new(AtomicU64::new(applied_index)),
             failure: Arc::new(OnceLock::new()),
         };
@@ -328,9 +339,30 @@ impl Handover {
 
     async fn hand_over(&self, item: EntryResponder<TypeConfig>) -> io::Result<()> {
         let index = item.0.log_id.index;
-        self.queue.send(item).await.map_err(|_| self.stopped())?;
+        let cost = queued_bytes(&item.0).clamp(1, APPLY_QUEUE_BYTES) as u32;
+        let permit = self.bytes.clone().acquire_many_owned(cost).await;
+        let permit = permit.map_err(|_| self.stopped())?;
+        self.queue
+            .send((item, permit))
+            .await
+            .map_err(|_| self.stopped())?;
         self.queued_upto.store(index, Ordering::Release);
         Ok(())
+    }
+}
+
+/// What a queued entry costs in memory, near enough: its request's variable parts.
+fn queued_bytes(entry: &crate::types::Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(request) => {
+            let headers: usize = request
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum();
+            request.body.len() + request.uri.len() + headers
+        }
+        _ => 0,
     }
 }
 
@@ -340,13 +372,15 @@ impl Replica {
     /// stops the Raft node as an error in `apply` always did.
     async fn deliver_handed_over(
         self,
-        mut handed_over: mpsc::Receiver<EntryResponder<TypeConfig>>,
+        mut handed_over: mpsc::Receiver<HandedOver>,
         failure: Arc<OnceLock<String>>,
     ) {
-        let mut window = Vec::with_capacity(APPLY_WINDOW);
-        while handed_over.recv_many(&mut window, APPLY_WINDOW).await > 0 {
+        let mut received = Vec::with_capacity(APPLY_WINDOW);
+        while handed_over.recv_many(&mut received, APPLY_WINDOW).await > 0 {
+            // The permits go back once the window is delivered.
+            let (window, _permits): (Vec<_>, Vec<_>) = received.drain(..).unzip();
             let mut inner = self.inner.lock().await;
-            let applied = self.apply_window(&mut inner, std::mem::take(&mut window));
+            let applied = self.apply_window(&mut inner, window);
             if let Err(e) = applied.await.and_then(|()| inner.persist_if_due()) {
                 tracing::error!(error = %e, "applying committed entries stopped");
                 let _ = failure.set(e.to_string());
@@ -915,7 +949,7 @@ mod tests {
         (url, handle)
     }
 
-    fn committed(index: u64) -> EntryResponder<TypeConfig> {
+    fn committed(index: u64, body: bytes::Bytes) -> EntryResponder<TypeConfig> {
         let request = OrderedRequest {
             tag: RequestTag {
                 origin: 1,
@@ -924,7 +958,7 @@ mod tests {
             method: "POST".into(),
             uri: format!("/r/{index}"),
             headers: vec![],
-            body: bytes::Bytes::new(),
+            body,
             idempotency_key: None,
             time_unix_us: 0,
             seed: 0,
@@ -957,7 +991,7 @@ mod tests {
         let shared = machine.shared();
         let mut first = shared.register(RequestTag { origin: 1, seq: 0 });
         for call in 0..3u64 {
-            let entries = (2 * call..2 * call + 2).map(|i| Ok(committed(i)));
+            let entries = (2 * call..2 * call + 2).map(|i| Ok(committed(i, bytes::Bytes::new())));
             let handed_over = machine.apply(futures::stream::iter(entries));
             tokio::time::timeout(Duration::from_secs(2), handed_over)
                 .await
@@ -979,6 +1013,37 @@ mod tests {
         drop(machine);
         let expected: Vec<String> = (0..6).map(|i| format!("/r/{i}")).collect();
         assert_eq!(app.await.unwrap(), expected);
+    }
+
+    /// Entries the app has not taken hold at most [`APPLY_QUEUE_BYTES`] of requests:
+    /// beyond that `apply` waits instead of queueing more.
+    #[tokio::test]
+    async fn handed_over_bytes_are_bounded_while_the_app_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _app) = gated_app(Arc::new(tokio::sync::Notify::new())).await;
+        let (_stop, shutdown) = watch::channel(false);
+        let limits = IdempotencyLimits {
+            max_keys: 10,
+            retention_us: 10,
+        };
+        let connection = OrderedConnection::new(&url, Duration::from_secs(60));
+        let metrics = Metrics::new().unwrap();
+        let mut machine =
+            StateMachine::open(dir.path(), connection, limits, metrics, shutdown, None).unwrap();
+        // One shared buffer: the entries count 20 MiB each but the test holds 20 MiB.
+        let body = bytes::Bytes::from(vec![b'x'; 20 << 20]);
+        let fits = (0..3).map(|i| Ok(committed(i, body.clone())));
+        let handed_over = machine.apply(futures::stream::iter(fits));
+        tokio::time::timeout(Duration::from_secs(2), handed_over)
+            .await
+            .expect("60 MiB fit in the queue")
+            .unwrap();
+        let beyond = machine.apply(futures::stream::iter([Ok(committed(3, body))]));
+        let waited = tokio::time::timeout(Duration::from_millis(500), beyond).await;
+        assert!(
+            waited.is_err(),
+            "a fourth 20 MiB entry must wait for delivery"
+        );
     }
 
     #[test]
