@@ -972,6 +972,20 @@ mod tests {
         (entry, None)
     }
 
+    /// A state machine over `dir` delivering to the app at `url`; keep the sender, or
+    /// the machine shuts down.
+    fn machine_for(dir: &Path, url: &str) -> (watch::Sender<bool>, StateMachine) {
+        let (stop, shutdown) = watch::channel(false);
+        let limits = IdempotencyLimits {
+            max_keys: 10,
+            retention_us: 10,
+        };
+        let connection = OrderedConnection::new(url, Duration::from_secs(60));
+        let metrics = Metrics::new().unwrap();
+        let machine = StateMachine::open(dir, connection, limits, metrics, shutdown, None).unwrap();
+        (stop, machine)
+    }
+
     /// openraft's `apply` returns once entries are handed over, even while the app has
     /// not answered; the replica's applied index moves only with the answers, in order.
     #[tokio::test]
@@ -979,15 +993,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gate = Arc::new(tokio::sync::Notify::new());
         let (url, app) = gated_app(gate.clone()).await;
-        let (_stop, shutdown) = watch::channel(false);
-        let limits = IdempotencyLimits {
-            max_keys: 10,
-            retention_us: 10,
-        };
-        let connection = OrderedConnection::new(&url, Duration::from_secs(5));
-        let metrics = Metrics::new().unwrap();
-        let mut machine =
-            StateMachine::open(dir.path(), connection, limits, metrics, shutdown, None).unwrap();
+        let (_stop, mut machine) = machine_for(dir.path(), &url);
         let shared = machine.shared();
         let mut first = shared.register(RequestTag { origin: 1, seq: 0 });
         for call in 0..3u64 {
@@ -1021,15 +1027,7 @@ mod tests {
     async fn handed_over_bytes_are_bounded_while_the_app_does_not_answer() {
         let dir = tempfile::tempdir().unwrap();
         let (url, _app) = gated_app(Arc::new(tokio::sync::Notify::new())).await;
-        let (_stop, shutdown) = watch::channel(false);
-        let limits = IdempotencyLimits {
-            max_keys: 10,
-            retention_us: 10,
-        };
-        let connection = OrderedConnection::new(&url, Duration::from_secs(60));
-        let metrics = Metrics::new().unwrap();
-        let mut machine =
-            StateMachine::open(dir.path(), connection, limits, metrics, shutdown, None).unwrap();
+        let (_stop, mut machine) = machine_for(dir.path(), &url);
         // One shared buffer: the entries count 20 MiB each but the test holds 20 MiB.
         let body = bytes::Bytes::from(vec![b'x'; 20 << 20]);
         let fits = (0..3).map(|i| Ok(committed(i, body.clone())));
