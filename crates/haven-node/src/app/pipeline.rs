@@ -244,15 +244,16 @@ fn refused(reason: &str) -> AppResponse {
     }
 }
 
+/// Test apps shared with the apply tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::types::RequestTag;
     use tokio::io::AsyncBufReadExt;
     use tokio::io::BufReader;
     use tokio::net::TcpListener;
 
-    fn request(i: u64) -> OrderedRequest {
+    pub(crate) fn request(i: u64) -> OrderedRequest {
         OrderedRequest {
             tag: RequestTag { origin: 1, seq: i },
             method: "POST".into(),
@@ -280,9 +281,18 @@ mod tests {
             .collect()
     }
 
-    /// A server that answers each request with its path as the body; with `close_every`
-    /// it closes the connection after that many answers (saying so in the last one).
     async fn server(close_every: Option<usize>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        path_echo_app(close_every, None).await
+    }
+
+    /// A server that answers each request with its path as the body, and returns the paths
+    /// once no connection came for 500 ms. With `close_every` it closes the connection
+    /// after that many answers (saying so in the last one); with `gate` it reads nothing
+    /// until the gate opens.
+    pub(crate) async fn path_echo_app(
+        close_every: Option<usize>,
+        gate: Option<std::sync::Arc<tokio::sync::Notify>>,
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let handle = tokio::spawn(async move {
@@ -293,6 +303,9 @@ mod tests {
                 else {
                     return seen;
                 };
+                if let Some(gate) = &gate {
+                    gate.notified().await;
+                }
                 let (read, mut write) = stream.into_split();
                 let mut lines = BufReader::new(read).lines();
                 let mut answered = 0;

@@ -843,6 +843,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::pipeline::tests::path_echo_app;
 
     fn outcome(index: u64, time_us: i64) -> StoredOutcome {
         StoredOutcome {
@@ -913,55 +914,10 @@ mod tests {
         assert_eq!(loaded.idempotency.get("k").map(|o| o.index), Some(7));
     }
 
-    /// An app that answers each request with its path, but only once `gate` opens.
-    async fn gated_app(
-        gate: Arc<tokio::sync::Notify>,
-    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
-        use tokio::io::AsyncBufReadExt;
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let handle = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            gate.notified().await;
-            let (read, mut write) = stream.into_split();
-            let mut lines = tokio::io::BufReader::new(read).lines();
-            let mut seen = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let Some(rest) = line.strip_prefix("POST ") else {
-                    continue;
-                };
-                let path = rest.trim_end_matches(" HTTP/1.1").to_string();
-                while let Ok(Some(header)) = lines.next_line().await {
-                    if header.is_empty() {
-                        break;
-                    }
-                }
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
-                    path.len()
-                );
-                write.write_all(reply.as_bytes()).await.unwrap();
-                seen.push(path);
-            }
-            seen
-        });
-        (url, handle)
-    }
-
     fn committed(index: u64, body: bytes::Bytes) -> EntryResponder<TypeConfig> {
         let request = OrderedRequest {
-            tag: RequestTag {
-                origin: 1,
-                seq: index,
-            },
-            method: "POST".into(),
-            uri: format!("/r/{index}"),
-            headers: vec![],
             body,
-            idempotency_key: None,
-            time_unix_us: 0,
-            seed: 0,
+            ..crate::app::pipeline::tests::request(index)
         };
         use openraft::vote::RaftLeaderIdExt;
         let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1);
@@ -992,7 +948,7 @@ mod tests {
     async fn apply_hands_over_and_the_replica_catches_up_in_log_order() {
         let dir = tempfile::tempdir().unwrap();
         let gate = Arc::new(tokio::sync::Notify::new());
-        let (url, app) = gated_app(gate.clone()).await;
+        let (url, app) = path_echo_app(None, Some(gate.clone())).await;
         let (_stop, mut machine) = machine_for(dir.path(), &url);
         let shared = machine.shared();
         let mut first = shared.register(RequestTag { origin: 1, seq: 0 });
@@ -1026,7 +982,8 @@ mod tests {
     #[tokio::test]
     async fn handed_over_bytes_are_bounded_while_the_app_does_not_answer() {
         let dir = tempfile::tempdir().unwrap();
-        let (url, _app) = gated_app(Arc::new(tokio::sync::Notify::new())).await;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (url, _app) = path_echo_app(None, Some(gate)).await;
         let (_stop, mut machine) = machine_for(dir.path(), &url);
         // One shared buffer: the entries count 20 MiB each but the test holds 20 MiB.
         let body = bytes::Bytes::from(vec![b'x'; 20 << 20]);
