@@ -86,7 +86,7 @@ pub struct Ingress {
     pub metrics: Metrics,
     inflight: Arc<Semaphore>,
     next_seq: AtomicU64,
-    reads: ReadBatcher<Fetched>,
+    reads: ReadBatcher,
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -388,10 +388,10 @@ impl Ingress {
             self.unavailable("read-index-failed", &reason)
         };
         match tokio::time::timeout_at(deadline, self.reads.read_index()).await {
-            Ok(Some(Ok(index))) => Ok(index),
-            Ok(Some(Err(ReadIndexFailure::NoLeader))) => Err(self.no_leader()),
-            Ok(Some(Err(ReadIndexFailure::Failed(reason)))) => Err(failed(&reason)),
-            Ok(None) => Err(failed("the node is shutting down")),
+            Ok(Ok(index)) => Ok(index),
+            Ok(Err(ReadIndexFailure::NoLeader)) => Err(self.no_leader()),
+            Ok(Err(ReadIndexFailure::Failed(reason))) => Err(failed(&reason)),
+            Ok(Err(ReadIndexFailure::Stopped)) => Err(failed("the node is shutting down")),
             Err(_) => Err(failed("no read index within the request timeout")),
         }
     }

@@ -34,43 +34,45 @@ pub enum ReadIndexFailure {
     NoLeader,
     /// The leader could not confirm its leadership.
     Failed(String),
+    /// The node is shutting down; no more fetches.
+    Stopped,
 }
 
 pub type Fetched = Result<u64, ReadIndexFailure>;
 
-/// Hands reads to the fetching task; `T` is what one fetch yields (a read index or why
-/// there is none).
-pub struct ReadBatcher<T> {
-    queue: mpsc::Sender<oneshot::Sender<T>>,
+/// Hands reads to the fetching task.
+pub struct ReadBatcher {
+    queue: mpsc::Sender<oneshot::Sender<Fetched>>,
 }
 
-impl<T: Clone + Send + 'static> ReadBatcher<T> {
+impl ReadBatcher {
     /// Starts the fetching task; it ends when the batcher is dropped or when `fetch`
     /// returns `None` (its owner is gone).
     pub fn spawn<F, Fut>(fetch: F) -> Self
     where
         F: Fn() -> Fut + Send + 'static,
-        Fut: Future<Output = Option<T>> + Send + 'static,
+        Fut: Future<Output = Option<Fetched>> + Send + 'static,
     {
         let (queue, waiting) = mpsc::channel(MAX_QUEUED);
         tokio::spawn(fetch_for_batches(waiting, fetch));
         Self { queue }
     }
 
-    /// What a fetch begun after this call yielded; `None` once the batcher has stopped.
-    pub async fn read_index(&self) -> Option<T> {
+    /// What a fetch begun after this call yielded.
+    pub async fn read_index(&self) -> Fetched {
         let (tx, rx) = oneshot::channel();
-        self.queue.send(tx).await.ok()?;
-        rx.await.ok()
+        self.queue
+            .send(tx)
+            .await
+            .map_err(|_| ReadIndexFailure::Stopped)?;
+        rx.await.unwrap_or(Err(ReadIndexFailure::Stopped))
     }
 }
 
-async fn fetch_for_batches<T: Clone, F, Fut>(
-    mut waiting: mpsc::Receiver<oneshot::Sender<T>>,
-    fetch: F,
-) where
+async fn fetch_for_batches<F, Fut>(mut waiting: mpsc::Receiver<oneshot::Sender<Fetched>>, fetch: F)
+where
     F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: Future<Output = Option<Fetched>>,
 {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -95,7 +97,7 @@ mod tests {
 
     /// A fetch that takes 50 ms and returns how many fetches began before it, so a read
     /// can tell which fetch answered it.
-    fn counting_batcher() -> (Arc<ReadBatcher<Fetched>>, Arc<AtomicU64>) {
+    fn counting_batcher() -> (Arc<ReadBatcher>, Arc<AtomicU64>) {
         let started = Arc::new(AtomicU64::new(0));
         let counter = started.clone();
         let batcher = ReadBatcher::spawn(move || {
@@ -123,11 +125,11 @@ mod tests {
         assert_eq!(started.load(Ordering::SeqCst), 1);
         let during = batcher.read_index().await;
         for read in first {
-            assert_eq!(read.await.unwrap(), Some(Ok(1)));
+            assert_eq!(read.await.unwrap(), Ok(1));
         }
         assert_eq!(
             during,
-            Some(Ok(2)),
+            Ok(2),
             "a read never reuses a fetch that began before it"
         );
         assert_eq!(started.load(Ordering::SeqCst), 2);
@@ -135,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_reaches_every_read_of_its_batch() {
-        let batcher = Arc::new(ReadBatcher::<Fetched>::spawn(|| async {
+        let batcher = Arc::new(ReadBatcher::spawn(|| async {
             Some(Err(ReadIndexFailure::NoLeader))
         }));
         let reads: Vec<_> = (0..10)
@@ -145,14 +147,14 @@ mod tests {
             })
             .collect();
         for read in reads {
-            assert_eq!(read.await.unwrap(), Some(Err(ReadIndexFailure::NoLeader)));
+            assert_eq!(read.await.unwrap(), Err(ReadIndexFailure::NoLeader));
         }
     }
 
     #[tokio::test]
     async fn reads_after_the_owner_is_gone_fail_instead_of_hanging() {
-        let batcher = ReadBatcher::<Fetched>::spawn(|| async { None });
+        let batcher = ReadBatcher::spawn(|| async { None });
         let read = tokio::time::timeout(Duration::from_secs(1), batcher.read_index()).await;
-        assert_eq!(read, Ok(None));
+        assert_eq!(read, Ok(Err(ReadIndexFailure::Stopped)));
     }
 }
