@@ -42,6 +42,7 @@ use crate::app::header_map;
 use crate::apply::ApplyShared;
 use crate::apply::Delivered;
 use crate::config::Limits;
+use crate::config::ReadConfirmation;
 use crate::config::RouteMode;
 use crate::consensus::client::Lane;
 use crate::consensus::client::RpcError;
@@ -84,6 +85,8 @@ pub struct Ingress {
     pub routes: RouteTable,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// How this node, when it leads, confirms leadership for reads.
+    reads_confirmed_by: ReadConfirmation,
     inflight: Arc<Semaphore>,
     next_seq: AtomicU64,
     reads: ReadBatcher,
@@ -102,6 +105,7 @@ impl Ingress {
         routes: RouteTable,
         limits: Limits,
         metrics: Metrics,
+        reads_confirmed_by: ReadConfirmation,
     ) -> Arc<Self> {
         let boot_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
         Arc::new_cyclic(|ingress: &std::sync::Weak<Self>| {
@@ -120,6 +124,7 @@ impl Ingress {
                 inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
                 limits,
                 metrics,
+                reads_confirmed_by,
                 next_seq: AtomicU64::new(boot_ns),
                 reads,
             }
@@ -405,7 +410,7 @@ impl Ingress {
                 return Err(ReadIndexFailure::NoLeader);
             };
             let outcome = if leader_id == self.id {
-                propose::read_index(&self.raft).await
+                propose::read_index(&self.raft, self.reads_confirmed_by).await
             } else {
                 let link = self.transport.link(&leader.raft_addr, Lane::Client);
                 let timeout = deadline.saturating_duration_since(Instant::now());

@@ -160,6 +160,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         raft_listener,
         raft.clone(),
         inbox,
+        config.raft.reads,
         stop_rx.clone(),
     ));
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
@@ -191,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         RouteTable::new(config.routes.clone()),
         config.limits.clone(),
         metrics,
+        config.raft.reads,
     );
     tokio::spawn(ingress::serve(
         client_listener,

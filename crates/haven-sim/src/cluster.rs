@@ -9,6 +9,7 @@ use std::time::Duration;
 use std::time::UNIX_EPOCH;
 
 use haven_node::config::RaftTiming;
+use haven_node::config::ReadConfirmation;
 use haven_node::consensus::client::Transport;
 use haven_node::consensus::raft_config;
 use haven_node::consensus::runtime;
@@ -64,6 +65,7 @@ impl Default for Options {
 pub struct Report {
     pub seed: u64,
     pub nodes: u64,
+    pub reads_confirmed_by: ReadConfirmation,
     pub timeline: Vec<String>,
     pub acknowledged: usize,
     pub unknown: u64,
@@ -88,8 +90,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "seed {} ({} nodes), {:?} simulated",
-            self.seed, self.nodes, self.simulated
+            "seed {} ({} nodes, reads confirmed by {:?}), {:?} simulated",
+            self.seed, self.nodes, self.reads_confirmed_by, self.simulated
         )?;
         for line in &self.timeline {
             writeln!(f, "  {line}")?;
@@ -146,6 +148,7 @@ fn add_node(
     sim: &mut Sim,
     id: NodeId,
     nodes: u64,
+    reads: ReadConfirmation,
     registry: &Arc<Mutex<Registry>>,
     checker: &Arc<Mutex<Checker>>,
 ) {
@@ -176,7 +179,7 @@ fn add_node(
                 metrics: Metrics::new()?,
             };
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
-            server::serve(listener, raft, inbox, shutdown).await;
+            server::serve(listener, raft, inbox, reads, shutdown).await;
             Ok(())
         }
     });
@@ -263,6 +266,16 @@ fn observe_leaders(registry: &Mutex<Registry>, checker: &Mutex<Checker>) {
     }
 }
 
+/// Even seeds run with lease reads (the default), odd ones with a quorum round per read,
+/// so the seed table covers both.
+fn reads_confirmed_by(seed: u64) -> ReadConfirmation {
+    if seed.is_multiple_of(2) {
+        ReadConfirmation::Lease
+    } else {
+        ReadConfirmation::Quorum
+    }
+}
+
 /// Runs one seed to the end and checks it.
 pub fn run(seed: u64, options: &Options) -> Report {
     runtime::seed_this_thread(seed);
@@ -285,8 +298,9 @@ fn simulate(seed: u64, options: &Options) -> Report {
     let mut checker = Checker::default();
     checker.trace_lines = options.trace.then(Vec::new);
     let checker = Arc::new(Mutex::new(checker));
+    let reads = reads_confirmed_by(seed);
     for id in 1..=options.nodes {
-        add_node(&mut sim, id, options.nodes, &registry, &checker);
+        add_node(&mut sim, id, options.nodes, reads, &registry, &checker);
     }
     let mut clients = Vec::new();
     for c in 1..=options.clients {
@@ -364,6 +378,7 @@ fn simulate(seed: u64, options: &Options) -> Report {
     Report {
         seed,
         nodes: options.nodes,
+        reads_confirmed_by: reads,
         timeline,
         acknowledged: checker.acks.len(),
         unknown: checker.unknown_writes,

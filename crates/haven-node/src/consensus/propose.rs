@@ -1,12 +1,14 @@
 //! Leader-side entry points shared by local clients and forwarded ones: proposing an
 //! ordered request and producing a read index.
 
+use openraft::LinearizerOption;
 use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
 use openraft::impls::ProgressResponder;
 
 use super::wire::ForwardOutcome;
 use super::wire::ReadIndexOutcome;
+use crate::config::ReadConfirmation;
 use crate::types::HavenStateMachine;
 use crate::types::OrderedRequest;
 use crate::types::RaftOf;
@@ -36,10 +38,19 @@ pub async fn propose<SM: HavenStateMachine>(
     }
 }
 
-/// Confirms leadership with a quorum (read index) and returns the index a linearizable
-/// read must wait for.
-pub async fn read_index<SM: HavenStateMachine>(raft: &RaftOf<SM>) -> ReadIndexOutcome {
-    match raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+/// Confirms leadership (by lease or by a quorum round, see [`ReadConfirmation`]) and
+/// returns the index a linearizable read must wait for.
+pub async fn read_index<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    reads: ReadConfirmation,
+) -> ReadIndexOutcome {
+    let option = match reads {
+        // A lease too old sends a heartbeat round and waits for it (up to one lease)
+        // instead of failing the read, as openraft's plain `LeaseRead` would.
+        ReadConfirmation::Lease => LinearizerOption::new(None, true),
+        ReadConfirmation::Quorum => ReadPolicy::ReadIndex.into(),
+    };
+    match raft.get_read_linearizer(option).await {
         Ok(linearizer) => ReadIndexOutcome::Ready {
             index: linearizer.read_log_id().index(),
         },

@@ -23,6 +23,7 @@ use super::wire;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::checkpoint::Checkpoints;
+use crate::config::ReadConfirmation;
 use crate::metrics::Metrics;
 use crate::types::HavenStateMachine;
 use crate::types::RaftOf;
@@ -37,6 +38,7 @@ pub async fn serve<SM: HavenStateMachine>(
     mut listener: impl Accept,
     raft: RaftOf<SM>,
     inbox: InboxFactory,
+    reads: ReadConfirmation,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -50,7 +52,7 @@ pub async fn serve<SM: HavenStateMachine>(
                 let raft = raft.clone();
                 let inbox = inbox.open();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(reader, writer, raft, inbox).await {
+                    if let Err(e) = serve_connection(reader, writer, raft, inbox, reads).await {
                         tracing::warn!(%peer, error = %e, "raft connection dropped");
                     }
                 });
@@ -87,6 +89,7 @@ async fn serve_connection<SM: HavenStateMachine>(
     writer: Writer,
     raft: RaftOf<SM>,
     mut inbox: Inbox,
+    reads: ReadConfirmation,
 ) -> Result<(), wire::WireError> {
     wire::read_hello(&mut reader).await?;
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
@@ -131,7 +134,7 @@ async fn serve_connection<SM: HavenStateMachine>(
                 let raft = raft.clone();
                 let replies = replies.clone();
                 tokio::spawn(async move {
-                    let reply = answer(&raft, other).await;
+                    let reply = answer(&raft, other, reads).await;
                     send_reply(&replies, id, &reply).await;
                 });
             }
@@ -197,14 +200,18 @@ fn start_stream<SM: HavenStateMachine>(
     tx
 }
 
-async fn answer<SM: HavenStateMachine>(raft: &RaftOf<SM>, request: RpcRequest) -> RpcReply {
+async fn answer<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    request: RpcRequest,
+    reads: ReadConfirmation,
+) -> RpcReply {
     match request {
         RpcRequest::Vote(req) => RpcReply::Vote(raft.vote(req).await.map_err(|e| e.to_string())),
         RpcRequest::PreVote(req) => {
             RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| e.to_string()))
         }
         RpcRequest::Forward(req) => RpcReply::Forward(propose::propose(raft, req).await),
-        RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft).await),
+        RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft, reads).await),
         RpcRequest::Append { .. }
         | RpcRequest::EndStream { .. }
         | RpcRequest::SnapshotChunk { .. }
