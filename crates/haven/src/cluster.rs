@@ -25,6 +25,18 @@ use crate::http_client::Http;
 /// Lines the log app starts with, as in the reference workload.
 pub const PREPOPULATED_LINES: u64 = 1000;
 
+/// Runtime worker threads for each of `copies` processes of one kind sharing this machine:
+/// its cores split between them, at least one each. A local cluster runs every node (and
+/// every replica) on the same cores; with a worker per core in each, 3 nodes on 2 cores
+/// spent their time waking each other's threads across cores, and one worker each gave
+/// 15% more writes/s and a p99 at 9,000 writes/s of 8 ms instead of 21 to 56 ms
+/// (`docs/PERFORMANCE.md`). Nodes on machines of their own keep the default, a worker per
+/// core.
+pub fn threads_per_copy(copies: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / copies.max(1)).max(1)
+}
+
 /// What to launch.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
@@ -312,6 +324,8 @@ impl LocalCluster {
         };
         command
             .args(args)
+            .arg("--threads")
+            .arg(threads_per_copy(self.slots.len()).to_string())
             .env(
                 "RUST_LOG",
                 std::env::var("HAVEN_CHILD_LOG").unwrap_or_else(|_| "info".to_string()),

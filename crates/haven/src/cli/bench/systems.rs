@@ -19,6 +19,7 @@ use crate::cluster::ClusterSpec;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
 use crate::cluster::free_addr;
+use crate::cluster::threads_per_copy;
 use crate::http_client::Http;
 
 /// Bytes per request body, as in the reference workload.
@@ -121,7 +122,7 @@ async fn launch_app_alone(exe: &Path, dir: &Path) -> anyhow::Result<RunningSyste
         "--prepopulate".to_string(),
         PREPOPULATED_LINES.to_string(),
     ];
-    let child = spawn(exe, &args, &dir.join("app.log"))?;
+    let child = spawn(exe, &args, &[], &dir.join("app.log"))?;
     let url = format!("http://{addr}");
     wait_until_ok(&format!("{url}/count")).await?;
     Ok(RunningSystem {
@@ -186,7 +187,9 @@ async fn launch_etcd(dir: &Path) -> anyhow::Result<RunningSystem> {
             "--logger=zap".to_string(),
         ];
         let log = dir.join(format!("{name}.log"));
-        children.push(spawn(Path::new("etcd"), &args, &log).context(
+        // Go's counterpart of Haven's worker threads: the members split the cores alike.
+        let procs = [("GOMAXPROCS", threads_per_copy(members.len()).to_string())];
+        children.push(spawn(Path::new("etcd"), &args, &procs, &log).context(
             "cannot start etcd; install it with `apt-get install etcd-server` or run without --peer etcd",
         )?);
     }
@@ -199,10 +202,16 @@ async fn launch_etcd(dir: &Path) -> anyhow::Result<RunningSystem> {
     })
 }
 
-fn spawn(program: &Path, args: &[String], log: &PathBuf) -> anyhow::Result<ChildGuard> {
+fn spawn(
+    program: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+    log: &PathBuf,
+) -> anyhow::Result<ChildGuard> {
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let child = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
