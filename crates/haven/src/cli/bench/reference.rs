@@ -254,8 +254,7 @@ async fn curve(
     progress: &Progress,
 ) -> anyhow::Result<Curve> {
     let mut points = Vec::new();
-    for fraction in timing.fractions {
-        let rate = step_rate(saturation, *fraction);
+    for rate in step_rates(saturation, timing) {
         progress.set_stage(format!("{label} · {} · {rate:.0} req/s: ", mix.name));
         let step = LoadSpec {
             mode: Mode::Open { rate },
@@ -274,6 +273,26 @@ async fn curve(
         saturated_at: points.iter().find(|p| p.saturated).map(|p| p.intended_rate),
         points,
     })
+}
+
+/// The write rate the throughput target names. Every curve also gets a step at exactly this
+/// rate (when it is below the highest fraction's), so the target is judged where it is set
+/// rather than at whichever fractions of saturation fall around it.
+const TARGET_RATE: f64 = 10_000.0;
+
+/// Every open-loop step of one curve, in increasing rate.
+fn step_rates(saturation: f64, timing: &Timing) -> Vec<f64> {
+    let mut rates: Vec<f64> = timing
+        .fractions
+        .iter()
+        .map(|f| step_rate(saturation, *f))
+        .collect();
+    if rates.last().is_some_and(|highest| *highest > TARGET_RATE) && !rates.contains(&TARGET_RATE)
+    {
+        rates.push(TARGET_RATE);
+    }
+    rates.sort_by(f64::total_cmp);
+    rates
 }
 
 /// An open-loop step's rate: a fraction of saturation, but never below 10 req/s.
@@ -418,6 +437,14 @@ pub fn render(report: &ReferenceReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curves_get_a_step_at_the_target_rate_only_when_they_reach_past_it() {
+        let rates = step_rates(12_000.0, &QUICK);
+        assert_eq!(rates, vec![3_000.0, 6_000.0, 9_000.0, 10_000.0, 12_000.0]);
+        assert_eq!(step_rates(8_000.0, &QUICK), vec![2_000.0, 4_000.0, 6_000.0, 8_000.0]);
+        assert_eq!(step_rates(20_000.0, &QUICK).len(), 4);
+    }
 
     fn curve_at(saturation: f64) -> Curve {
         let points = FULL
