@@ -287,8 +287,7 @@ fn step_rates(saturation: f64, timing: &Timing) -> Vec<f64> {
         .iter()
         .map(|f| step_rate(saturation, *f))
         .collect();
-    if rates.last().is_some_and(|highest| *highest > TARGET_RATE) && !rates.contains(&TARGET_RATE)
-    {
+    if rates.last().is_some_and(|highest| *highest > TARGET_RATE) && !rates.contains(&TARGET_RATE) {
         rates.push(TARGET_RATE);
     }
     rates.sort_by(f64::total_cmp);
@@ -442,7 +441,10 @@ mod tests {
     fn curves_get_a_step_at_the_target_rate_only_when_they_reach_past_it() {
         let rates = step_rates(12_000.0, &QUICK);
         assert_eq!(rates, vec![3_000.0, 6_000.0, 9_000.0, 10_000.0, 12_000.0]);
-        assert_eq!(step_rates(8_000.0, &QUICK), vec![2_000.0, 4_000.0, 6_000.0, 8_000.0]);
+        assert_eq!(
+            step_rates(8_000.0, &QUICK),
+            vec![2_000.0, 4_000.0, 6_000.0, 8_000.0]
+        );
         assert_eq!(step_rates(20_000.0, &QUICK).len(), 4);
     }
 
