@@ -39,6 +39,9 @@ pub struct Metrics {
     pub checkpoints_installed: IntCounter,
     /// Checkpoints that failed (app down, disk full); each is retried later.
     pub checkpoint_failures: IntCounter,
+    /// Times this node, leading while its replica failed to take entries, handed
+    /// leadership to a follower.
+    pub leadership_handoffs: IntCounter,
 }
 
 impl Metrics {
@@ -113,7 +116,12 @@ impl Metrics {
             "haven_checkpoint_failures_total",
             "Checkpoints that failed and will be retried",
         )?;
+        let leadership_handoffs = IntCounter::new(
+            "haven_leadership_handoffs_total",
+            "Times this node handed leadership over because its replica failed to take entries",
+        )?;
         for metric in [
+            &leadership_handoffs,
             &checkpoints_written,
             &checkpoint_pause_us,
             &checkpoints_installed,
@@ -141,6 +149,7 @@ impl Metrics {
             checkpoint_receive_total_bytes,
             checkpoints_installed,
             checkpoint_failures,
+            leadership_handoffs,
         })
     }
 

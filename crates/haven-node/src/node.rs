@@ -164,6 +164,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
     ));
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
+    tokio::spawn(consensus::step_aside::run(
+        raft.clone(),
+        config.node.id,
+        shared.delivery_failing(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     if !config.node.join {
         initialize_once(&raft, &config).await?;
     }

@@ -950,7 +950,8 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
         elapsed < Duration::from_secs(4),
         "answered after {elapsed:?}"
     );
-    // The node itself is fine: it answers its admin port at once and still leads.
+    // The node itself is fine: it answers its admin port at once, and it has handed
+    // leadership to a node whose replica works (`consensus::step_aside`).
     let started = Instant::now();
     let health = c
         .http
@@ -960,8 +961,23 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
     assert_eq!((health.status, health.text().as_str()), (200, "ok\n"));
     assert!(started.elapsed() < Duration::from_secs(1));
     let status = c.status(leader).await.unwrap();
-    assert_eq!(status.role, "leader");
+    assert_eq!(status.role, "follower");
+    assert!(
+        others
+            .iter()
+            .any(|i| status.leader_id == Some(c.slots[*i].id))
+    );
     assert!(!status.app_up);
+    assert!(metric(&c, leader, "haven_leadership_handoffs_total").await >= 1);
+    assert!(c.slots[leader].node_running());
+
+    // More writes than the dead replica's queue holds: before the hand-over existed, the
+    // old leader froze once its queue was full, went on calling itself leader, and the
+    // cluster lost writes for an election. Now they just go on.
+    let burst_ok = burst(&c, &others, 64, 100).await;
+    assert_eq!(burst_ok, 6400);
+    let status = c.status(leader).await.unwrap();
+    assert_ne!(status.role, "leader");
     assert!(c.slots[leader].node_running());
 
     c.start_app(leader).unwrap();
@@ -974,9 +990,36 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
         1,
         "the committed write is applied exactly once when the app is back"
     );
+    let bursts = lines.iter().filter(|l| l.starts_with("burst ")).count();
+    assert_eq!(
+        bursts, burst_ok,
+        "every acknowledged burst write applied once"
+    );
     assert!(c.status(leader).await.unwrap().app_up);
     write_ok(&c, leader, "after the app is back".to_string(), &mut acked).await;
     assert_acked_present_once(&c, &acked).await;
+}
+
+/// `writers` concurrent writers, `each` appends apiece, spread over `nodes`; returns how
+/// many were acknowledged with 201.
+async fn burst(c: &TestCluster, nodes: &[usize], writers: usize, each: usize) -> usize {
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|i| format!("{}/append", c.slots[*i].client_url()))
+        .collect();
+    let acked = futures_join_all((0..writers).map(|w| {
+        let (http, url) = (c.http.clone(), urls[w % urls.len()].clone());
+        async move {
+            let mut ok = 0;
+            for n in 0..each {
+                let reply = http.post(&url, format!("burst {w} {n}")).await;
+                ok += usize::from(reply.is_ok_and(|r| r.status == 201));
+            }
+            ok
+        }
+    }))
+    .await;
+    acked.into_iter().sum()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ pub struct IdempotencyLimits {
 pub struct ApplyShared {
     waiters: Mutex<HashMap<RequestTag, oneshot::Sender<Delivered>>>,
     applied: watch::Sender<u64>,
+    /// True from a failed delivery to the next one that succeeds: entries are waiting and
+    /// the replica is not taking them (`consensus::step_aside` watches it).
+    delivery_failing: watch::Sender<bool>,
     metrics: Metrics,
 }
 
@@ -117,6 +120,19 @@ impl ApplyShared {
 
     pub fn applied_index(&self) -> u64 {
         *self.applied.borrow()
+    }
+
+    pub fn delivery_failing(&self) -> watch::Receiver<bool> {
+        self.delivery_failing.subscribe()
+    }
+
+    fn set_delivery_failing(&self, failing: bool) {
+        self.delivery_failing.send_if_modified(|was| {
+            let changed = *was != failing;
+            *was = failing;
+            changed
+        });
+        self.metrics.app_up.set(i64::from(!failing));
     }
 
     /// Waits until the local replica has applied `index`; false on timeout.
@@ -272,6 +288,7 @@ impl StateMachine {
         let shared = Arc::new(ApplyShared {
             waiters: Mutex::new(HashMap::new()),
             applied,
+            delivery_failing: watch::channel(false).0,
             metrics,
         });
         let inner = Inner {
@@ -476,11 +493,11 @@ impl Replica {
             let outcome = app.deliver(&deliveries[answered.len()..]).await;
             answered.extend(outcome.responses);
             let Some(e) = outcome.error else {
-                metrics.app_up.set(1);
+                self.shared.set_delivery_failing(false);
                 continue;
             };
             metrics.app_delivery_failures.inc();
-            metrics.app_up.set(0);
+            self.shared.set_delivery_failing(true);
             let index = deliveries.get(answered.len()).map(|d| d.stamp.index);
             tracing::warn!(index, attempt, error = %e, "delivery to app failed; retrying, entries are never skipped");
             retry.wait("while the app was unreachable").await?;

@@ -29,6 +29,8 @@ use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
 use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use tokio::io::AsyncWriteExt;
@@ -384,25 +386,32 @@ fn to_rpc_error(e: RpcError) -> RPCError<TypeConfig> {
 }
 
 impl PeerClient {
-    async fn vote_rpc(
+    /// One request and its reply; `expect` takes the kind of reply the request calls for.
+    async fn call<T>(
         &self,
         request: RpcRequest,
         option: &RPCOption,
-    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
+        expect: fn(RpcReply) -> Option<Result<T, String>>,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        let reply = self
             .link
             .call(&request, option.hard_ttl())
             .await
-            .map_err(to_rpc_error)?
-        {
-            RpcReply::Vote(Ok(resp)) => Ok(resp),
-            RpcReply::Vote(Err(remote)) => {
-                Err(RPCError::Network(NetworkError::from_string(remote)))
-            }
-            _ => Err(to_rpc_error(RpcError::UnexpectedReply {
+            .map_err(to_rpc_error)?;
+        match expect(reply) {
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(remote)) => Err(RPCError::Network(NetworkError::from_string(remote))),
+            None => Err(to_rpc_error(RpcError::UnexpectedReply {
                 addr: self.link.addr.clone(),
             })),
         }
+    }
+}
+
+fn vote_reply(reply: RpcReply) -> Option<Result<VoteResponse<TypeConfig>, String>> {
+    match reply {
+        RpcReply::Vote(vote) => Some(vote),
+        _ => None,
     }
 }
 
@@ -494,7 +503,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.vote_rpc(RpcRequest::Vote(rpc), &option).await
+        self.call(RpcRequest::Vote(rpc), &option, vote_reply).await
     }
 
     async fn pre_vote(
@@ -502,7 +511,22 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.vote_rpc(RpcRequest::PreVote(rpc), &option).await
+        self.call(RpcRequest::PreVote(rpc), &option, vote_reply)
+            .await
+    }
+
+    /// Asked by a leader handing over (`super::step_aside`): the target campaigns at once.
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let expect = |reply| match reply {
+            RpcReply::TransferLeader(answer) => Some(answer),
+            _ => None,
+        };
+        self.call(RpcRequest::TransferLeader(req), &option, expect)
+            .await
     }
 
     async fn full_snapshot(

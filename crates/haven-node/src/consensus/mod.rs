@@ -8,6 +8,7 @@ pub mod read_batch;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod step_aside;
 pub mod wire;
 
 use crate::config::RaftTiming;

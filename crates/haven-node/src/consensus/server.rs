@@ -212,6 +212,11 @@ async fn answer<SM: HavenStateMachine>(
         }
         RpcRequest::Forward(req) => RpcReply::Forward(propose::propose(raft, req).await),
         RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft, reads).await),
+        RpcRequest::TransferLeader(req) => RpcReply::TransferLeader(
+            raft.handle_transfer_leader(req)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
         RpcRequest::Append { .. }
         | RpcRequest::EndStream { .. }
         | RpcRequest::SnapshotChunk { .. }

@@ -8,6 +8,8 @@ use std::time::Duration;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::SnapshotResponse;
 use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::Deserialize;
@@ -55,6 +57,8 @@ pub enum RpcRequest {
     Forward(OrderedRequest),
     /// A follower asks the leader for a read index (linearizable reads).
     ReadIndex,
+    /// A leader hands leadership to the receiver, which campaigns at once.
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// Part of a checkpoint file sent to a follower, in order ([`super::snapshot`]).
     SnapshotChunk {
         transfer: u64,
@@ -78,6 +82,7 @@ pub enum RpcReply {
     ReadIndex(ReadIndexOutcome),
     SnapshotChunk(Result<(), String>),
     Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
+    TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
 }
 
 /// What the leader says about a forwarded write.
