@@ -902,9 +902,11 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
 // Dead app
 // ---------------------------------------------------------------------------------------
 
-/// The *leader's* replica dies (cluster.rs covers a follower's): commits go on, the other
-/// nodes answer writes, the leader answers its own clients 504 after the budget and its
-/// admin port keeps answering; once the app is back it catches up without diverging.
+/// The *leader's* replica dies (cluster.rs covers a follower's): the leader hands
+/// leadership over, commits go on, the other nodes answer writes, the dead replica's node
+/// answers its own clients 504 after the budget and its admin port keeps answering, also
+/// after more writes than its replica's queue holds; once the app is back it catches up
+/// without diverging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
     let config = format!("{STEADY_RAFT}[limits]\nrequest_timeout_ms = 2000\n");
