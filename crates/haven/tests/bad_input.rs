@@ -1067,7 +1067,7 @@ fn bad_config_file_exits_non_zero_naming_the_key_and_line() {
 
 #[test]
 fn a_runtime_without_workers_is_refused_with_the_range() {
-    for threads in ["0", "many"] {
+    for (threads, reason) in [("0", "0 is not in 1..=1024"), ("many", "invalid digit")] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
             .args(["--threads", threads, "status", "--admin", "127.0.0.1:1"])
             .output()
@@ -1076,7 +1076,7 @@ fn a_runtime_without_workers_is_refused_with_the_range() {
         assert_eq!(output.status.code(), Some(2), "{stderr}");
         assert!(
             stderr.contains(&format!(
-                "invalid value '{threads}' for '--threads <THREADS>'"
+                "invalid value '{threads}' for '--threads <THREADS>': {reason}"
             )),
             "{stderr}"
         );
