@@ -28,6 +28,7 @@ use haven_node::consensus::wire;
 use haven_node::consensus::wire::ForwardOutcome;
 use haven_node::consensus::wire::RpcReply;
 use haven_node::consensus::wire::RpcRequest;
+use haven_node::metrics::Metrics;
 use tokio::io::BufWriter;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
@@ -122,7 +123,7 @@ fn loopback(c: &mut Criterion) {
         tokio::spawn(echo_server(listener));
         addr
     });
-    let link = Transport::default().link(&addr, Lane::Client);
+    let link = Transport::tcp(Metrics::new().unwrap()).link(&addr, Lane::Client);
     let message = RpcRequest::Forward(request(1));
     // Connect outside the measurement.
     rt.block_on(async { assert_committed(link.call(&message, CALL_TIMEOUT).await.unwrap()) });

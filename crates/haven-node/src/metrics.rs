@@ -5,6 +5,7 @@ use prometheus::Encoder;
 use prometheus::IntCounter;
 use prometheus::IntCounterVec;
 use prometheus::IntGauge;
+use prometheus::IntGaugeVec;
 use prometheus::Opts;
 use prometheus::Registry;
 
@@ -42,6 +43,11 @@ pub struct Metrics {
     /// Times this node, leading while its replica failed to take entries, handed
     /// leadership to a follower.
     pub leadership_handoffs: IntCounter,
+    /// Dials of a peer's raft address, and those that failed, by peer address.
+    pub peer_connect_attempts: IntCounterVec,
+    pub peer_connect_failures: IntCounterVec,
+    /// 0 while the last dial of a peer failed, by peer address.
+    pub peer_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -120,6 +126,30 @@ impl Metrics {
             "haven_leadership_handoffs_total",
             "Times this node handed leadership over because its replica failed to take entries",
         )?;
+        let peer_connect_attempts = IntCounterVec::new(
+            Opts::new(
+                "haven_peer_connect_attempts_total",
+                "Dials of a peer's raft address",
+            ),
+            &["peer"],
+        )?;
+        let peer_connect_failures = IntCounterVec::new(
+            Opts::new(
+                "haven_peer_connect_failures_total",
+                "Dials of a peer's raft address that failed (each followed by a backoff)",
+            ),
+            &["peer"],
+        )?;
+        let peer_up = IntGaugeVec::new(
+            Opts::new(
+                "haven_peer_up",
+                "0 while the last dial of a peer failed, 1 otherwise",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(peer_connect_attempts.clone()))?;
+        registry.register(Box::new(peer_connect_failures.clone()))?;
+        registry.register(Box::new(peer_up.clone()))?;
         for metric in [
             &leadership_handoffs,
             &checkpoints_written,
@@ -150,6 +180,9 @@ impl Metrics {
             checkpoints_installed,
             checkpoint_failures,
             leadership_handoffs,
+            peer_connect_attempts,
+            peer_connect_failures,
+            peer_up,
         })
     }
 

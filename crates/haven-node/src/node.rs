@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use haven_log::LogOptions;
@@ -32,6 +33,8 @@ use crate::config::CheckpointMode;
 use crate::config::Config;
 use crate::consensus;
 use crate::consensus::client::Transport;
+use crate::consensus::first_answers::PeerAddrs;
+use crate::consensus::first_answers::PeerAnswers;
 use crate::consensus::server::InboxFactory;
 use crate::ingress;
 use crate::ingress::Ingress;
@@ -89,9 +92,38 @@ pub enum NodeError {
 }
 
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+    warn_if_ephemeral(what, addr);
     TcpListener::bind(addr)
         .await
         .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// Where the kernel picks source ports for outgoing connections.
+const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// A listen port inside the ephemeral range can be taken, while this node is down, by
+/// any outgoing connection on the host, including a peer's dial to this very port
+/// (`consensus::net::refuse_self_connection`); the node then cannot listen on it again.
+fn warn_if_ephemeral(what: &str, addr: std::net::SocketAddr) {
+    let Some((low, high)) = std::fs::read_to_string(EPHEMERAL_RANGE_FILE)
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+    else {
+        return;
+    };
+    if (low..=high).contains(&addr.port()) {
+        tracing::warn!(
+            %addr,
+            "the {what} port lies inside the ephemeral port range {low}-{high} ({EPHEMERAL_RANGE_FILE}): an outgoing connection may hold it while this node is down, and the node could not listen there again; choose a port below {low}"
+        );
+    }
+}
+
+/// `"32768\t60999\n"` → `(32768, 60999)`.
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (low, high) = (ports.next()??, ports.next()??);
+    (ports.next().is_none() && low <= high).then_some((low, high))
 }
 
 /// Runs a node until `shutdown` resolves, or until Raft stops by itself (a storage error,
@@ -141,7 +173,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
 
-    let transport = Transport::default();
+    let transport = Transport::tcp(metrics.clone());
+    // Before Raft starts: it may deliver entries again at once, which may need the peers.
+    let raft_cell = Arc::new(OnceLock::new());
+    state_machine.set_peers(Arc::new(PeerAnswers {
+        transport: transport.clone(),
+        peers: other_members(raft_cell.clone(), &config),
+    }));
     let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
     let raft: Raft = openraft::Raft::new(
         config.node.id,
@@ -152,9 +190,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let _ = raft_cell.set(raft.clone());
     let inbox = InboxFactory {
         checkpoints: checkpoints.clone(),
         metrics: metrics.clone(),
+        answers: Some(state_machine.clone()),
     };
     tokio::spawn(consensus::server::serve(
         raft_listener,
@@ -235,6 +275,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => Ok(()),
         Some(reason) => Err(NodeError::Raft(reason)),
     }
+}
+
+/// The raft addresses of the other members, as the membership stands when called; the
+/// configured peers until Raft is up.
+fn other_members(raft: Arc<OnceLock<Raft>>, config: &Config) -> PeerAddrs {
+    let me = config.node.id;
+    let configured: Vec<String> = config
+        .peers
+        .iter()
+        .filter(|p| p.id != me)
+        .map(|p| p.raft_addr.to_string())
+        .collect();
+    Arc::new(move || {
+        let Some(raft) = raft.get() else {
+            return configured.clone();
+        };
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .nodes()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, node)| node.raft_addr.clone())
+            .collect()
+    })
 }
 
 /// Resolves with the reason once the Raft core has stopped.
@@ -383,5 +447,20 @@ fn log_options() -> LogOptions {
     LogOptions {
         cache_bytes: 8 << 20,
         ..LogOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ephemeral_range_is_read_as_the_kernel_writes_it() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("32768"), None);
+        assert_eq!(parse_port_range("a b"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
     }
 }

@@ -563,16 +563,30 @@ impl AppInstance {
     }
 }
 
-/// Runs the recorded command with `out` as its data directory on a free loopback port:
-/// the recorded address is replaced wherever it appears in the arguments, so a restore can
-/// run beside a live cluster.
+/// Runs the recorded command with `out` as its data directory on a free loopback port, so
+/// a restore can run beside a live cluster: the address placeholders (`{listen}`,
+/// `{host}`, `{port}`) follow the new url, and the recorded `host:port` written out in an
+/// argument or environment value is replaced. A command that names its address in
+/// neither form is refused at once: it would start on the recorded port and never
+/// answer on the new one.
 async fn start_fresh(
     settings: &AppSettings,
     argv: &[String],
     out: &Path,
     scratch: &Path,
 ) -> Result<(String, ManagedApp), RestoreError> {
-    let recorded = settings
+    let recorded = AppCommand {
+        argv: argv.to_vec(),
+        env: settings.env.clone(),
+        data_dir: out.to_path_buf(),
+        url: settings.url.clone(),
+    };
+    if !recorded.names_its_address() {
+        return Err(refused(format!(
+            "the app command {argv:?} does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {{listen}} (host:port), or {{host}} and {{port}} (e.g. \"-h\", \"{{host}}\", \"-p\", \"{{port}}\"), in [app] command or env"
+        )));
+    }
+    let written_out = settings
         .url
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -581,11 +595,15 @@ async fn start_fresh(
         .and_then(|l| l.local_addr())
         .map_err(io("cannot find a free port"))?;
     let fresh = port.to_string();
-    let argv = argv.iter().map(|a| a.replace(&recorded, &fresh)).collect();
+    let moved = |text: &String| text.replace(&written_out, &fresh);
     let url = format!("http://{fresh}");
     let command = AppCommand {
-        argv,
-        env: settings.env.clone(),
+        argv: recorded.argv.iter().map(moved).collect(),
+        env: recorded
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), moved(v)))
+            .collect(),
         data_dir: out.to_path_buf(),
         url: url.clone(),
     };
@@ -595,4 +613,73 @@ async fn start_fresh(
         .await
         .map_err(|e| refused(format!("cannot start a fresh app: {e}")))?;
     Ok((url, app))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(argv: &[&str]) -> (AppSettings, Vec<String>) {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let settings = AppSettings {
+            cluster: "app".into(),
+            url: "http://127.0.0.1:6001".into(),
+            command: Some(argv.clone()),
+            env: Vec::new(),
+            mode: Some("managed".into()),
+            snapshot_path: DEFAULT_SNAPSHOT_PATH.into(),
+            restore_path: DEFAULT_RESTORE_PATH.into(),
+            timeout_ms: 1000,
+            start_timeout_ms: 10_000,
+            idempotency_keys_max: 10,
+            idempotency_retention_s: 10,
+        };
+        (settings, argv)
+    }
+
+    /// Python's own HTTP server takes its host and port as two separate arguments.
+    #[tokio::test]
+    async fn an_app_given_host_and_port_apart_runs_on_a_port_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, argv) = settings(&[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "{host}",
+            "--directory",
+            "{data_dir}",
+            "{port}",
+        ]);
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let (url, app) = start_fresh(&settings, &argv, &out, dir.path())
+            .await
+            .unwrap();
+        assert_ne!(url, settings.url);
+        let pid = app.pid().unwrap();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        let port = url.rsplit(':').next().unwrap();
+        assert!(
+            cmdline.ends_with(&format!("\0{port}\0")),
+            "{cmdline:?} does not end with port {port}"
+        );
+        app.stop(Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_app_whose_address_cannot_be_moved_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, argv) =
+            settings(&["python3", "-m", "http.server", "-b", "127.0.0.1", "6001"]);
+        let started = std::time::Instant::now();
+        let Err(e) = start_fresh(&settings, &argv, dir.path(), dir.path()).await else {
+            panic!("a command with a fixed address was started");
+        };
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            e.to_string(),
+            r#"the app command ["python3", "-m", "http.server", "-b", "127.0.0.1", "6001"] does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {listen} (host:port), or {host} and {port} (e.g. "-h", "{host}", "-p", "{port}"), in [app] command or env"#
+        );
+    }
 }

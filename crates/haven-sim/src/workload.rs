@@ -13,6 +13,7 @@ use haven_node::consensus::wire::ForwardOutcome;
 use haven_node::consensus::wire::ReadIndexOutcome;
 use haven_node::consensus::wire::RpcReply;
 use haven_node::consensus::wire::RpcRequest;
+use haven_node::metrics::Metrics;
 use haven_node::types::NodeId;
 use haven_node::types::OrderedRequest;
 use haven_node::types::RequestTag;
@@ -52,7 +53,10 @@ impl Session {
         Self {
             id,
             nodes,
-            transport: Transport::with_dialer(Arc::new(SimDial)),
+            transport: Transport::with_dialer(
+                Arc::new(SimDial),
+                Metrics::new().expect("metric names are unique"),
+            ),
             leader: None,
             next_seq: 0,
             rng: StdRng::seed_from_u64(seed),

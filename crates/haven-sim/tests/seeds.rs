@@ -52,8 +52,27 @@ fn a_seed_replays_exactly() {
     let second = haven_sim::run(42, &options);
     assert!(first.passed(), "{first}");
     assert!(first.acknowledged > 100, "{first}");
-    assert_eq!(first.trace, second.trace);
+    assert_same_history(&first.trace, &second.trace);
     assert_eq!(first.fingerprint, second.fingerprint);
     let other = haven_sim::run(43, &options);
     assert_ne!(first.fingerprint, other.fingerprint);
+}
+
+/// Names the first event where two runs of a seed parted, instead of printing both
+/// histories whole (thousands of lines that hide the one that matters).
+fn assert_same_history(first: &[String], second: &[String]) {
+    let parted = first.iter().zip(second).position(|(a, b)| a != b);
+    if let Some(at) = parted {
+        let from = at.saturating_sub(5);
+        panic!(
+            "the runs parted at event {at}:\n first: {:#?}\nsecond: {:#?}",
+            &first[from..(at + 5).min(first.len())],
+            &second[from..(at + 5).min(second.len())]
+        );
+    }
+    assert_eq!(
+        first.len(),
+        second.len(),
+        "one run's history is a prefix of the other's"
+    );
 }

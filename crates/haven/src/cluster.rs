@@ -53,12 +53,16 @@ pub struct ClusterSpec {
 }
 
 /// Which example app every node replicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppKind {
     /// The reference log app, starting with this many 128-byte lines.
     LogApp { prepopulate: u64 },
     /// The ZooKeeper-model tree app.
     TreeApp,
+    /// Any program, started by each node (managed clusters only): `argv` takes the node
+    /// config's placeholders (`{host}`, `{port}`, `{listen}`, `{data_dir}`), and `file`
+    /// names the replica's file in its data directory.
+    Command { argv: Vec<String>, file: String },
 }
 
 /// One node's addresses, files and processes.
@@ -201,7 +205,10 @@ impl LocalCluster {
             app_addr: free_addr_on(host.ip)?,
             config_path: node_dir.join("haven.toml"),
             app_dir: node_dir.join("app"),
-            app_file: node_dir.join("app").join("log.txt"),
+            app_file: node_dir.join("app").join(match &self.spec.app {
+                AppKind::Command { file, .. } => file.as_str(),
+                _ => "log.txt",
+            }),
             node: None,
             app: None,
             launcher: host.launcher,
@@ -270,10 +277,16 @@ impl LocalCluster {
             slot.app_url()
         );
         if self.spec.managed {
-            let argv: Vec<String> = std::iter::once(self.spec.exe.display().to_string())
-                .chain(self.app_args(i, Path::new("{data_dir}")))
-                .map(|a| format!("{a:?}"))
-                .collect();
+            let argv: Vec<String> = match self.app_args(i, Path::new("{data_dir}")) {
+                Some(args) => std::iter::once(self.spec.exe.display().to_string())
+                    .chain(args)
+                    .collect(),
+                None => match &self.spec.app {
+                    AppKind::Command { argv, .. } => argv.clone(),
+                    _ => Vec::new(),
+                },
+            };
+            let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
             let _ = write!(
                 toml,
                 "command = [{}]\ndata_dir = \"{}\"\nstart_timeout_ms = {}\n\n",
@@ -299,7 +312,7 @@ impl LocalCluster {
     fn app_start_timeout_ms(&self) -> u64 {
         match self.spec.app {
             AppKind::LogApp { prepopulate } => (prepopulate / 100).max(10_000),
-            AppKind::TreeApp => 10_000,
+            AppKind::TreeApp | AppKind::Command { .. } => 10_000,
         }
     }
 
@@ -355,16 +368,19 @@ impl LocalCluster {
             return Ok(());
         }
         let slot = &self.slots[i];
-        let args = self.app_args(i, &slot.app_dir);
+        let Some(args) = self.app_args(i, &slot.app_dir) else {
+            bail!("a command app runs only in a managed cluster (ClusterSpec::managed)");
+        };
         let child = self.spawn(&slot.launcher, &args, &format!("app{}.log", slot.id))?;
         self.slots[i].app = Some(child);
         Ok(())
     }
 
-    /// The `haven` arguments that run node `i`'s replica with its state in `dir`.
-    fn app_args(&self, i: usize, dir: &Path) -> Vec<String> {
+    /// The `haven` arguments that run node `i`'s replica with its state in `dir`; `None`
+    /// for an app that is not one of Haven's own.
+    fn app_args(&self, i: usize, dir: &Path) -> Option<Vec<String>> {
         let listen = self.slots[i].app_addr.to_string();
-        match self.spec.app {
+        let args = match &self.spec.app {
             AppKind::LogApp { prepopulate } => vec![
                 "logapp".to_string(),
                 "--listen".to_string(),
@@ -381,7 +397,9 @@ impl LocalCluster {
                 "--dir".to_string(),
                 dir.display().to_string(),
             ],
-        }
+            AppKind::Command { .. } => return None,
+        };
+        Some(args)
     }
 
     /// Every running node and app process, for CPU accounting.

@@ -92,17 +92,26 @@ enum Command {
     },
 }
 
-/// openraft warns each time a write's completion nobody waits for is dropped; Haven answers
-/// writes at commit and from its own waiters, so that warning would fire on every request.
-const QUIET_OPENRAFT: &str = "openraft::raft::responder::impls::progress_responder=error";
+/// openraft warnings that would flood the log:
+/// - a write's completion nobody waits for is dropped: Haven answers writes at commit and
+///   from its own waiters, so that warning would fire on every request;
+/// - every failed replication or heartbeat RPC to a peer that is down (20 heartbeats a
+///   second each): the transport reports a peer going down and coming back itself, once
+///   (`consensus::reconnect`).
+const QUIET_OPENRAFT: [&str; 4] = [
+    "openraft::raft::responder::impls::progress_responder=error",
+    "openraft::replication=error",
+    "openraft::core::heartbeat=error",
+    "openraft::engine::handler::replication_handler=error",
+];
 
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let filter = match QUIET_OPENRAFT.parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    };
+    let filter = QUIET_OPENRAFT
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |filter, directive| filter.add_directive(directive));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1082,3 +1082,63 @@ fn a_runtime_without_workers_is_refused_with_the_range() {
         );
     }
 }
+
+/// A listen port the kernel may hand out as a source port gets a warning naming the range.
+#[test]
+fn a_listen_port_inside_the_ephemeral_range_is_warned_about_at_start() {
+    use std::io::BufRead;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut bounds = range.split_whitespace();
+    let (low, high) = (bounds.next().unwrap(), bounds.next().unwrap());
+    // Port 0 binds a free port from the ephemeral range itself.
+    let inside = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (raft, admin) = (
+        haven::cluster::free_addr().unwrap(),
+        haven::cluster::free_addr().unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[node]\nid = 1\nzone = \"a\"\nclient_addr = \"{inside}\"\nraft_addr = \"{raft}\"\nadmin_addr = \"{admin}\"\ndata_dir = \"{}\"\n\n[app]\nurl = \"http://127.0.0.1:4\"\n\n[[peers]]\nid = 1\nraft_addr = \"{raft}\"\nclient_addr = \"{inside}\"\n",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["node", "--config", &path.display().to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = node.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wanted = format!(
+        "the client port lies inside the ephemeral port range {low}-{high} (/proc/sys/net/ipv4/ip_local_port_range)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let warned = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(&wanted) => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    node.kill().unwrap();
+    node.wait().unwrap();
+    assert!(warned, "no warning for port {inside}:\n{}", seen.join("\n"));
+    assert!(
+        !seen.iter().any(|l| l.contains("the raft port lies inside")),
+        "the raft port {raft} is below the range: {seen:?}"
+    );
+}

@@ -124,6 +124,40 @@ fn failover_kills_the_leader_and_reports_the_window() {
     assert!((50.0..10_000.0).contains(&window), "{report}");
 }
 
+/// A short run of both phases: the peer-down phase must still commit writes, dial the dead
+/// peer at a backed-off pace, and log about it a handful of times, not per dial.
+#[test]
+fn peer_down_compares_both_phases_and_counts_dials() {
+    let report = json_of(haven().args([
+        "bench",
+        "peer-down",
+        "--seconds",
+        "4",
+        "--rate",
+        "200",
+        "--json",
+    ]));
+    for phase in ["all_up", "peer_down"] {
+        assert!(
+            report[phase]["writes_ok"].as_u64().unwrap() > 100,
+            "{report}"
+        );
+        assert!(
+            report[phase]["survivors_cpu_s"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
+    let dials = report["dials_of_peer"].as_u64().unwrap();
+    // At most one dial per half of the 800 ms cap over the phase and its 2 s warm-up, plus
+    // the doubling steps to reach the cap.
+    assert!((1..=(4_000 + 2_000) / 400 + 8).contains(&dials), "{report}");
+    assert!(
+        report["log_lines_about_peer"].as_u64().unwrap() <= 6,
+        "{report}"
+    );
+    assert!(report["cpu_ratio"].as_f64().unwrap() > 0.0, "{report}");
+}
+
 #[test]
 fn checkpoint_bench_measures_checkpoint_catch_up_restore_and_latency() {
     let dir = tempfile::tempdir().unwrap();

@@ -44,21 +44,23 @@ fn haven(args: &[&str]) -> std::process::Output {
     Command::new(HAVEN).args(args).output().unwrap()
 }
 
-fn listed_indexes(data_dir: &Path) -> Vec<u64> {
-    let out = haven(&[
-        "checkpoints",
-        "list",
-        "--json",
-        "--data-dir",
-        &data_dir.display().to_string(),
-    ]);
+fn listed(data_dir: &Path, verify: bool) -> Vec<serde_json::Value> {
+    let data_dir = data_dir.display().to_string();
+    let mut args = vec!["checkpoints", "list", "--json", "--data-dir", &data_dir];
+    if verify {
+        args.push("--verify");
+    }
+    let out = haven(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    listed
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn listed_indexes(data_dir: &Path) -> Vec<u64> {
+    listed(data_dir, false)
         .iter()
         .map(|c| c["index"].as_u64().unwrap())
         .collect()
@@ -223,6 +225,16 @@ async fn a_corrupt_checkpoint_is_detected_and_never_restored() {
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[20] ^= 0x40;
     std::fs::write(&file, bytes).unwrap();
+    let verified = listed(&data_dir, true);
+    let damaged: Vec<_> = verified.iter().filter(|c| c["index"].is_null()).collect();
+    assert_eq!(damaged.len(), 1, "{verified:?}");
+    assert_eq!(damaged[0]["file"].as_str(), Some(&*file.to_string_lossy()));
+    let reason = damaged[0]["unreadable"].as_str().unwrap();
+    assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(
+        verified.len() > 1,
+        "the readable ones are listed too: {verified:?}"
+    );
     let out = cluster.dir().join("restore-corrupt");
     let output = haven(&[
         "restore",

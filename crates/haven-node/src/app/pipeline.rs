@@ -293,6 +293,15 @@ pub(crate) mod tests {
         close_every: Option<usize>,
         gate: Option<std::sync::Arc<tokio::sync::Notify>>,
     ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        answering_app(close_every, gate, |path| ("200 OK", path.to_string())).await
+    }
+
+    /// [`path_echo_app`] with the status line and body `answer` makes of each path.
+    pub(crate) async fn answering_app(
+        close_every: Option<usize>,
+        gate: Option<std::sync::Arc<tokio::sync::Notify>>,
+        answer: fn(&str) -> (&'static str, String),
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let handle = tokio::spawn(async move {
@@ -324,9 +333,10 @@ pub(crate) mod tests {
                     answered += 1;
                     let closing = close_every.is_some_and(|n| answered == n);
                     let connection = if closing { "connection: close\r\n" } else { "" };
+                    let (status, body) = answer(&path);
                     let reply = format!(
-                        "HTTP/1.1 200 OK\r\n{connection}content-length: {}\r\n\r\n{path}",
-                        path.len()
+                        "HTTP/1.1 {status}\r\n{connection}content-length: {}\r\n\r\n{body}",
+                        body.len()
                     );
                     write.write_all(reply.as_bytes()).await.unwrap();
                     if closing {

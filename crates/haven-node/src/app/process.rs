@@ -57,6 +57,10 @@ use crate::metrics::Metrics;
 
 /// Placeholder replaced by the data directory in arguments and environment values.
 pub const DATA_DIR_PLACEHOLDER: &str = "{data_dir}";
+/// Placeholders replaced by where the app listens (from its url): `host:port`, the host
+/// alone, the port alone. A restore or drill runs the app on an address of its own
+/// through them.
+pub const ADDRESS_PLACEHOLDERS: [&str; 3] = ["{listen}", "{host}", "{port}"];
 /// How often a starting app is probed.
 const HEALTH_POLL: Duration = Duration::from_millis(20);
 /// First restart delay after an unexpected exit; doubles up to [`BACKOFF_MAX`].
@@ -75,9 +79,10 @@ const TAIL_BYTES: u64 = 64 * 1024;
 /// How to start the app (from the `[app]` config table).
 #[derive(Debug, Clone)]
 pub struct AppCommand {
-    /// Program and arguments; `{data_dir}` anywhere in an argument becomes `data_dir`.
+    /// Program and arguments; `{data_dir}` anywhere in an argument becomes `data_dir`,
+    /// and `{listen}`, `{host}`, `{port}` the address of `url`.
     pub argv: Vec<String>,
-    /// Extra environment; `{data_dir}` in a value becomes `data_dir`.
+    /// Extra environment; placeholders in values are replaced as in `argv`.
     pub env: Vec<(String, String)>,
     /// The app's own state; created if missing, replaced by restores.
     pub data_dir: PathBuf,
@@ -98,7 +103,26 @@ impl AppCommand {
     }
 
     fn resolve(&self, text: &str) -> String {
-        text.replace(DATA_DIR_PLACEHOLDER, &self.data_dir.to_string_lossy())
+        let text = text.replace(DATA_DIR_PLACEHOLDER, &self.data_dir.to_string_lossy());
+        let Some((host, port)) = host_and_port(&self.url) else {
+            return text;
+        };
+        let [listen, host_placeholder, port_placeholder] = ADDRESS_PLACEHOLDERS;
+        text.replace(listen, &format!("{host}:{port}"))
+            .replace(host_placeholder, &host)
+            .replace(port_placeholder, &port.to_string())
+    }
+
+    /// Whether the command says where the app listens in a form that can be changed: an
+    /// address placeholder, or the url's own `host:port` written out, in an argument or
+    /// an environment value.
+    pub fn names_its_address(&self) -> bool {
+        let literal = host_port(&self.url);
+        let names = |text: &str| {
+            ADDRESS_PLACEHOLDERS.iter().any(|p| text.contains(p))
+                || literal.as_deref().is_some_and(|l| text.contains(l))
+        };
+        self.argv.iter().any(|a| names(a)) || self.env.iter().any(|(_, v)| names(v))
     }
 }
 
@@ -793,9 +817,14 @@ async fn probe(addr: &str, deadline: Instant) -> bool {
 
 /// `host:port` of an `http://` url (port 80 when absent).
 fn host_port(url: &str) -> Option<String> {
+    let (host, port) = host_and_port(url)?;
+    Some(format!("{host}:{port}"))
+}
+
+fn host_and_port(url: &str) -> Option<(String, u16)> {
     let uri: http::Uri = url.parse().ok()?;
     let host = uri.host().filter(|h| !h.is_empty())?;
-    Some(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+    Some((host.to_string(), uri.port_u16().unwrap_or(80)))
 }
 
 type LaunchJob = Box<dyn FnOnce() + Send>;
@@ -992,9 +1021,8 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     }
 
     fn command(argv: &[&str], dir: &Path, port: u16) -> AppCommand {
-        let port = port.to_string();
         AppCommand {
-            argv: argv.iter().map(|a| a.replace("{port}", &port)).collect(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
             env: vec![("STATE_FILE".into(), "{data_dir}/state.txt".into())],
             data_dir: dir.join("app"),
             url: format!("http://127.0.0.1:{port}"),
@@ -1201,6 +1229,56 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
             cmd.resolved_env(),
             [("DIR".to_string(), "x:/var/haven/1:/var/haven/1".to_string())]
         );
+    }
+
+    #[test]
+    fn the_address_is_substituted_whole_or_in_parts() {
+        let cmd = AppCommand {
+            argv: vec![
+                "app".into(),
+                "--listen={listen}".into(),
+                "-h".into(),
+                "{host}".into(),
+                "-p".into(),
+                "{port}".into(),
+            ],
+            env: vec![("PORT".into(), "{port}".into())],
+            data_dir: PathBuf::from("/d"),
+            url: "http://127.0.0.2:6001".into(),
+        };
+        assert_eq!(
+            cmd.resolved_argv(),
+            [
+                "app",
+                "--listen=127.0.0.2:6001",
+                "-h",
+                "127.0.0.2",
+                "-p",
+                "6001"
+            ]
+        );
+        assert_eq!(
+            cmd.resolved_env(),
+            [("PORT".to_string(), "6001".to_string())]
+        );
+        assert!(cmd.names_its_address());
+    }
+
+    #[test]
+    fn an_address_in_separate_literal_arguments_cannot_be_moved() {
+        let with = |argv: &[&str], env: &[(&str, &str)]| AppCommand {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            data_dir: PathBuf::from("/d"),
+            url: "http://127.0.0.1:6001".into(),
+        };
+        assert!(!with(&["app", "-h", "127.0.0.1", "-p", "6001"], &[]).names_its_address());
+        assert!(with(&["app", "--bind=127.0.0.1:6001"], &[]).names_its_address());
+        assert!(with(&["app"], &[("ADDR", "127.0.0.1:6001")]).names_its_address());
+        assert!(with(&["app", "-p", "{port}"], &[]).names_its_address());
     }
 
     #[tokio::test]

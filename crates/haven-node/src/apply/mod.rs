@@ -52,6 +52,7 @@ use crate::checkpoint::Position;
 use crate::checkpoint::format::CheckpointInfo;
 use crate::metrics::Metrics;
 
+mod outcomes;
 mod slots;
 use crate::types::Applied;
 use crate::types::LogId;
@@ -60,6 +61,8 @@ use crate::types::RequestTag;
 use crate::types::SnapshotMeta;
 use crate::types::StoredMembership;
 use crate::types::TypeConfig;
+use outcomes::OutcomeJournal;
+use outcomes::Recovered;
 pub use slots::ApplyStateError;
 use slots::StateSlots;
 
@@ -94,6 +97,22 @@ pub struct IdempotencyLimits {
     pub max_keys: usize,
     pub retention_us: i64,
 }
+
+/// How a node recovering from a crash learns the first answer to a keyed entry its app
+/// answered before the crash without a record of it ([`outcomes`]): from the peers, which
+/// applied the entry too. Implemented over the node-to-node transport.
+pub trait AskPeers: Send + Sync + 'static {
+    /// The peers' recorded answers to the entries `(index, key)`, by index; entries no
+    /// peer could answer are missing.
+    fn first_answers(
+        &self,
+        asked: Vec<(u64, String)>,
+    ) -> futures::future::BoxFuture<'static, HashMap<u64, AppResponse>>;
+}
+
+/// How long a peer asked for first answers waits for its own replica to apply them, and
+/// for the state machine to be free.
+pub const FIRST_ANSWERS_WAIT: Duration = Duration::from_secs(1);
 
 /// Shared between the state machine and the ingress: waiters and applied progress.
 pub struct ApplyShared {
@@ -162,10 +181,10 @@ impl ApplyShared {
 
 /// A remembered first answer to an idempotency key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredOutcome {
-    index: u64,
-    time_us: i64,
-    response: AppResponse,
+pub struct StoredOutcome {
+    pub index: u64,
+    pub time_us: i64,
+    pub response: AppResponse,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -212,6 +231,11 @@ struct ApplyState {
 struct Inner {
     state: ApplyState,
     slots: StateSlots,
+    /// First answers to keyed entries since the last save, written before clients see
+    /// them ([`outcomes`]).
+    journal: OutcomeJournal,
+    /// First answers the journal held at start, for entries delivered again after a crash.
+    recovered: Recovered,
     app: OrderedConnection,
     limits: IdempotencyLimits,
     last_persist: Instant,
@@ -224,6 +248,8 @@ struct Replica {
     inner: Arc<tokio::sync::Mutex<Inner>>,
     shared: Arc<ApplyShared>,
     shutdown: watch::Receiver<bool>,
+    /// Set once Raft is up; until then no peer is asked.
+    peers: Arc<OnceLock<Arc<dyn AskPeers>>>,
 }
 
 /// Committed entries on their way from openraft to the delivery task.
@@ -283,6 +309,7 @@ impl StateMachine {
             None => ApplyState::default(),
         };
         let applied_index = state.last_applied.as_ref().map_or(0, |l| l.index);
+        let (journal, recovered) = OutcomeJournal::open(dir, applied_index).map_err(io_err)?;
         metrics.applied_index.set(applied_index as i64);
         let (applied, _) = watch::channel(applied_index);
         let shared = Arc::new(ApplyShared {
@@ -294,6 +321,8 @@ impl StateMachine {
         let inner = Inner {
             state,
             slots,
+            journal,
+            recovered,
             app,
             limits,
             last_persist: Instant::now(),
@@ -302,6 +331,7 @@ impl StateMachine {
             inner: Arc::new(tokio::sync::Mutex::new(inner)),
             shared,
             shutdown,
+            peers: Arc::default(),
         };
         let (queue, handed_over) = mpsc::channel(APPLY_QUEUE);
         let handover = Handover {
@@ -324,6 +354,33 @@ impl StateMachine {
 
     pub fn shared(&self) -> Arc<ApplyShared> {
         self.replica.shared.clone()
+    }
+
+    /// Where to ask for first answers after a crash; set once, when the node's transport
+    /// and membership exist.
+    pub fn set_peers(&self, peers: Arc<dyn AskPeers>) {
+        let _ = self.replica.peers.set(peers);
+    }
+
+    /// This replica's recorded answers to the entries `(index, key)`, for a peer that
+    /// lost its own; `None` where this node has not applied the entry (within
+    /// [`FIRST_ANSWERS_WAIT`]) or no longer holds the key.
+    pub async fn first_answers(&self, asked: &[(u64, String)]) -> Vec<Option<AppResponse>> {
+        let highest = asked.iter().map(|(index, _)| *index).max().unwrap_or(0);
+        self.replica
+            .shared
+            .wait_applied(highest, FIRST_ANSWERS_WAIT)
+            .await;
+        let inner = self.replica.inner.lock();
+        let Ok(inner) = tokio::time::timeout(FIRST_ANSWERS_WAIT, inner).await else {
+            return vec![None; asked.len()];
+        };
+        let table = &inner.state.idempotency;
+        let answer = |(index, key): &(u64, String)| {
+            let stored = table.get(key).filter(|o| o.index == *index)?;
+            Some(stored.response.clone())
+        };
+        asked.iter().map(answer).collect()
     }
 
     /// Writes the state now; called on clean shutdown.
@@ -414,6 +471,14 @@ impl Replica {
         window: Vec<EntryResponder<TypeConfig>>,
     ) -> io::Result<()> {
         let plan = plan_window(&inner.state, &window);
+        let keyed = keyed_deliveries(&plan, &window);
+        if let (Some((first, _)), Some((last, _))) = (keyed.first(), keyed.last()) {
+            let delivering = outcomes::Record::Delivering {
+                first: *first,
+                last: *last,
+            };
+            inner.journal.append(&[delivering])?;
+        }
         let deliveries: Vec<Delivery<'_>> = plan
             .iter()
             .zip(&window)
@@ -429,8 +494,16 @@ impl Replica {
             .deliver_until_answered(&mut inner.app, &deliveries)
             .await?;
         drop(deliveries);
+        let uncertain: Vec<(u64, String)> = keyed
+            .into_iter()
+            .filter(|(index, _)| inner.recovered.uncertain(*index))
+            .collect();
+        let from_peers = self.ask_peers(uncertain).await;
         let mut responses = responses.into_iter();
         let mut answers: Vec<Option<Delivered>> = Vec::with_capacity(window.len());
+        // Waiters hear their answers only once the window's keyed answers are journaled.
+        let mut resolved = Vec::with_capacity(window.len());
+        let mut journaled = Vec::new();
         for (step, (entry, responder)) in plan.into_iter().zip(window) {
             let index = entry.log_id.index;
             let expected = inner.state.last_applied.as_ref().map_or(0, |l| l.index + 1);
@@ -441,8 +514,10 @@ impl Replica {
                         io::Error::other("the app answered fewer entries than were sent")
                     })?;
                     inner.state.last_time_us = time_us;
-                    let answer = inner.record(&req, stamp.index, time_us, response);
-                    self.shared.resolve(&req.tag, answer.clone());
+                    let response = inner.first_answer(stamp.index, &req, response, &from_peers);
+                    let (answer, first) = inner.record(&req, stamp.index, time_us, response);
+                    journaled.extend(first);
+                    resolved.push((req.tag, answer.clone()));
                     Some(answer)
                 }
                 (Step::Replay { answer, time_us }, EntryPayload::Normal(req)) => {
@@ -457,7 +532,7 @@ impl Replica {
                         ..answer
                     };
                     self.shared.metrics.idempotent_replays.inc();
-                    self.shared.resolve(&req.tag, answer.clone());
+                    resolved.push((req.tag, answer.clone()));
                     Some(answer)
                 }
                 (_, EntryPayload::Membership(membership)) => {
@@ -474,7 +549,30 @@ impl Replica {
                 responder.send(Applied);
             }
         }
+        inner.journal.append(&journaled)?;
+        for (tag, answer) in resolved {
+            self.shared.resolve(&tag, answer);
+        }
         Ok(())
+    }
+
+    /// The peers' first answers to entries this replica may have answered before a crash
+    /// without a record of it. Nothing to ask, or nobody to ask, is an empty map.
+    async fn ask_peers(&self, uncertain: Vec<(u64, String)>) -> HashMap<u64, AppResponse> {
+        if uncertain.is_empty() {
+            return HashMap::new();
+        }
+        let Some(peers) = self.peers.get() else {
+            return HashMap::new();
+        };
+        let asked = uncertain.len();
+        let found = peers.first_answers(uncertain).await;
+        tracing::info!(
+            asked,
+            found = found.len(),
+            "asked the peers for first answers the crash left unrecorded"
+        );
+        found
     }
 
     /// Retries until the replica has answered every delivery: skipping an entry would make
@@ -614,35 +712,103 @@ fn plan_window(state: &ApplyState, window: &[EntryResponder<TypeConfig>]) -> Vec
     plan
 }
 
+/// The `(index, key)` of each keyed entry of a window that goes to the app.
+fn keyed_deliveries(plan: &[Step], window: &[EntryResponder<TypeConfig>]) -> Vec<(u64, String)> {
+    let keyed = |(step, (entry, _)): (&Step, &EntryResponder<TypeConfig>)| {
+        let (Step::Deliver { .. }, EntryPayload::Normal(req)) = (step, &entry.payload) else {
+            return None;
+        };
+        Some((entry.log_id.index, req.idempotency_key.clone()?))
+    };
+    plan.iter().zip(window).filter_map(keyed).collect()
+}
+
 impl Inner {
-    /// Records a fresh answer in the idempotency table when the request carries a key.
+    /// Records an answer in the idempotency table when the request carries a key, and
+    /// returns it with the journal record to write before anyone sees it.
     fn record(
         &mut self,
         req: &OrderedRequest,
         index: u64,
         time_us: i64,
         response: AppResponse,
-    ) -> Delivered {
-        if let Some(key) = &req.idempotency_key {
-            let outcome = StoredOutcome {
+    ) -> (Delivered, Option<outcomes::Record>) {
+        let Some(key) = &req.idempotency_key else {
+            let answer = Delivered {
                 index,
-                time_us,
-                response: response.clone(),
+                response,
+                replayed: false,
             };
-            self.state
-                .idempotency
-                .insert(key.clone(), outcome, self.limits);
-        }
-        Delivered {
+            return (answer, None);
+        };
+        let outcome = StoredOutcome {
+            index,
+            time_us,
+            response: response.clone(),
+        };
+        self.state
+            .idempotency
+            .insert(key.clone(), outcome.clone(), self.limits);
+        let record = outcomes::Record::Answer(outcomes::Answer {
+            key: key.clone(),
+            outcome,
+        });
+        let answer = Delivered {
             index,
             response,
             replayed: false,
-        }
+        };
+        (answer, Some(record))
     }
 
+    /// The first answer to keyed entry `index` when the app may have answered it before a
+    /// crash: from the journal, else from a peer, else (with a warning) the app's answer
+    /// now. Unkeyed entries and fresh deliveries keep the app's answer.
+    fn first_answer(
+        &mut self,
+        index: u64,
+        req: &OrderedRequest,
+        response: AppResponse,
+        from_peers: &HashMap<u64, AppResponse>,
+    ) -> AppResponse {
+        let Some(key) = req.idempotency_key.as_deref() else {
+            return response;
+        };
+        let journaled = self.recovered.answers.remove(&index);
+        let first = match (journaled, from_peers.get(&index)) {
+            (Some(journaled), _) if journaled.key == key => journaled.outcome.response,
+            (Some(journaled), _) => {
+                tracing::error!(index, journaled = %journaled.key, entry = %key, "the outcome journal names another key for this entry; keeping the app's answer");
+                return response;
+            }
+            (None, Some(peer)) => peer.clone(),
+            (None, None) if self.recovered.uncertain(index) => {
+                tracing::warn!(
+                    index,
+                    "no peer holds the first answer to an entry the app may have answered before the crash; recording the app's answer now, which may differ from the other nodes' if the app does not honour Haven-Index"
+                );
+                return response;
+            }
+            (None, None) => return response,
+        };
+        if (first.status, &first.body) != (response.status, &response.body) {
+            tracing::warn!(
+                index,
+                first = first.status,
+                again = response.status,
+                "the app answered an entry delivered again after a crash differently from its first delivery (does it honour Haven-Index?); the idempotency table keeps the first answer"
+            );
+        }
+        first
+    }
+
+    /// Saves the state; the journal's records are then in it.
     fn persist(&mut self) -> io::Result<()> {
         let payload = postcard::to_allocvec(&self.state).map_err(io::Error::other)?;
         self.slots.save(&payload)?;
+        self.journal.reset()?;
+        let applied = self.state.last_applied.as_ref().map_or(0, |l| l.index);
+        self.recovered.covered_upto(applied);
         self.last_persist = Instant::now();
         Ok(())
     }
@@ -860,6 +1026,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::pipeline::tests::answering_app;
     use crate::app::pipeline::tests::path_echo_app;
 
     fn outcome(index: u64, time_us: i64) -> StoredOutcome {
@@ -917,9 +1084,12 @@ mod tests {
         state.idempotency.insert("k".into(), outcome(7, 42), limits);
         let (slots, saved) = StateSlots::open(dir.path()).unwrap();
         assert!(saved.is_none());
+        let (journal, recovered) = OutcomeJournal::open(dir.path(), 0).unwrap();
         let mut inner = Inner {
             state,
             slots,
+            journal,
+            recovered,
             app: OrderedConnection::new("http://127.0.0.1:1", Duration::from_millis(10)),
             limits,
             last_persist: Instant::now(),
@@ -992,6 +1162,148 @@ mod tests {
         drop(machine);
         let expected: Vec<String> = (0..6).map(|i| format!("/r/{i}")).collect();
         assert_eq!(app.await.unwrap(), expected);
+    }
+
+    fn keyed(index: u64, key: &str) -> EntryResponder<TypeConfig> {
+        let (mut entry, responder) = committed(index, bytes::Bytes::new());
+        if let EntryPayload::Normal(request) = &mut entry.payload {
+            request.idempotency_key = Some(key.to_string());
+        }
+        (entry, responder)
+    }
+
+    /// Applies a retry of `key` at `index` and returns the answer its client gets.
+    async fn retry(machine: &mut StateMachine, index: u64, key: &str) -> Delivered {
+        let retry = keyed(index, key);
+        let EntryPayload::Normal(request) = &retry.0.payload else {
+            unreachable!()
+        };
+        let mut answer = machine.shared().register(request.tag);
+        apply_all(machine, vec![retry]).await;
+        answer.try_recv().unwrap()
+    }
+
+    async fn apply_all(machine: &mut StateMachine, entries: Vec<EntryResponder<TypeConfig>>) {
+        let entries = futures::stream::iter(entries.into_iter().map(Ok));
+        machine.apply(entries).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), machine.drain())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A node killed before saving its state delivers the last entries again; an app that
+    /// does not honour `Haven-Index` answers them differently (a duplicate rejected). The
+    /// idempotency table must keep the first answer, which every other node holds and
+    /// which the client was given.
+    #[tokio::test]
+    async fn a_redelivery_after_a_crash_keeps_the_first_answer_of_each_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first_url, _first_app) = path_echo_app(None, None).await;
+        let (stop, mut machine) = machine_for(dir.path(), &first_url);
+        apply_all(
+            &mut machine,
+            (0..4).map(|i| keyed(i, &format!("k{i}"))).collect(),
+        )
+        .await;
+        drop((machine, stop));
+        // The crash came before the 100 ms save: no saved state, only the journal.
+        for slot in ["state.0", "state.1"] {
+            let _ = std::fs::remove_file(dir.path().join(slot));
+        }
+
+        let rejecting = |_: &str| ("400 Bad Request", "UNIQUE constraint failed".to_string());
+        let (again_url, again_app) = answering_app(None, None, rejecting).await;
+        let (_stop, mut machine) = machine_for(dir.path(), &again_url);
+        assert_eq!(machine.shared().applied_index(), 0, "nothing was saved");
+        apply_all(
+            &mut machine,
+            (0..4).map(|i| keyed(i, &format!("k{i}"))).collect(),
+        )
+        .await;
+        let answer = retry(&mut machine, 4, "k2").await;
+        assert!(answer.replayed);
+        assert_eq!(
+            (
+                answer.index,
+                answer.response.status,
+                &answer.response.body[..]
+            ),
+            (2, 200, &b"/r/2"[..]),
+            "the retry got the redelivery's answer, not the first one"
+        );
+        drop(machine);
+        assert_eq!(
+            again_app.await.unwrap().len(),
+            4,
+            "the app saw each entry again"
+        );
+    }
+
+    /// Answers every entry it is asked about as the path-echo app did the first time.
+    struct EchoingPeers {
+        asked: Mutex<Vec<u64>>,
+    }
+
+    impl AskPeers for EchoingPeers {
+        fn first_answers(
+            &self,
+            asked: Vec<(u64, String)>,
+        ) -> futures::future::BoxFuture<'static, HashMap<u64, AppResponse>> {
+            let mut seen = self.asked.lock().unwrap();
+            seen.extend(asked.iter().map(|(index, _)| *index));
+            let answer = |(index, _)| {
+                let body = bytes::Bytes::from(format!("/r/{index}"));
+                let response = AppResponse {
+                    status: 200,
+                    headers: Vec::new(),
+                    body,
+                };
+                (index, response)
+            };
+            let found = asked.into_iter().map(answer).collect();
+            Box::pin(async move { found })
+        }
+    }
+
+    /// A node killed while its app was answering a window has no record of those answers:
+    /// they come from the peers, and only for the keyed entries of that window.
+    #[tokio::test]
+    async fn answers_a_crash_left_unrecorded_come_from_the_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = OutcomeJournal::open(dir.path(), 0).unwrap();
+        let cut_short = outcomes::Record::Delivering { first: 0, last: 2 };
+        journal.append(&[cut_short]).unwrap();
+        drop(journal);
+
+        let rejecting = |_: &str| ("400 Bad Request", "UNIQUE constraint failed".to_string());
+        let (url, _app) = answering_app(None, None, rejecting).await;
+        let (_stop, mut machine) = machine_for(dir.path(), &url);
+        let peers = Arc::new(EchoingPeers {
+            asked: Mutex::new(Vec::new()),
+        });
+        machine.set_peers(peers.clone());
+        apply_all(
+            &mut machine,
+            (0..4).map(|i| keyed(i, &format!("k{i}"))).collect(),
+        )
+        .await;
+        assert_eq!(
+            *peers.asked.lock().unwrap(),
+            [0, 1, 2],
+            "3 never reached the app"
+        );
+        let answer = retry(&mut machine, 4, "k1").await;
+        assert_eq!(
+            (answer.response.status, &answer.response.body[..]),
+            (200, &b"/r/1"[..])
+        );
+        let fresh = machine.first_answers(&[(3, "k3".to_string())]).await;
+        assert_eq!(
+            fresh[0].as_ref().map(|r| r.status),
+            Some(400),
+            "a fresh delivery keeps the app's answer"
+        );
     }
 
     /// Entries the app has not taken hold at most [`APPLY_QUEUE_BYTES`] of requests:

@@ -2,7 +2,7 @@
 //! reconnected on demand. Appends are pipelined: a stream's requests go out as openraft
 //! produces them, and the replies, which the peer returns in order, are matched by id.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -41,10 +41,12 @@ use tokio::sync::oneshot;
 use super::net::Dial;
 use super::net::Tcp;
 use super::net::Writer;
+use super::reconnect::PeerHealth;
 use super::wire;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::apply::SnapshotData;
+use crate::metrics::Metrics;
 use crate::types::NodeId;
 use crate::types::PeerNode;
 use crate::types::TypeConfig;
@@ -79,7 +81,7 @@ pub enum RpcError {
 
 /// Separate connections keep heartbeats and client forwards from queueing behind large
 /// append batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Lane {
     Replication,
     Heartbeat,
@@ -91,7 +93,7 @@ pub enum Lane {
 /// The replies a connection owes, and since when it has owed them without delivering any.
 #[derive(Default)]
 struct Pending {
-    waiters: HashMap<u64, oneshot::Sender<RpcReply>>,
+    waiters: BTreeMap<u64, oneshot::Sender<RpcReply>>,
     silent_since: Option<tokio::time::Instant>,
 }
 
@@ -251,28 +253,52 @@ async fn write_loop(
 pub struct PeerLink {
     addr: String,
     dialer: Arc<dyn Dial>,
+    /// Shared by every lane to the same address: one failed dial pauses them all.
+    health: Arc<PeerHealth>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_stream: AtomicU64,
 }
 
 impl PeerLink {
-    fn new(addr: String, dialer: Arc<dyn Dial>) -> Self {
+    fn new(addr: String, dialer: Arc<dyn Dial>, health: Arc<PeerHealth>) -> Self {
         Self {
             addr,
             dialer,
+            health,
             conn: tokio::sync::Mutex::new(None),
             next_stream: AtomicU64::new(1),
         }
     }
 
-    async fn connection(&self) -> Result<Arc<Connection>, RpcError> {
+    /// The live connection, or a new one once the peer's backoff allows a dial. A caller
+    /// with a `deadline` that the backoff outlasts fails at once with `Unreachable`.
+    async fn connection(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Arc<Connection>, RpcError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(self.dialer.as_ref(), &self.addr).await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        if let Err(next) = self.health.wait_turn(deadline).await {
+            let next_in = next.saturating_duration_since(tokio::time::Instant::now());
+            return Err(RpcError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("peer is down; next dial in {next_in:?}"),
+            });
+        }
+        self.health.attempting();
+        match Connection::open(self.dialer.as_ref(), &self.addr).await {
+            Ok(conn) => {
+                self.health.connected();
+                *slot = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                self.health.failed(&e.to_string());
+                Err(e)
+            }
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -284,7 +310,19 @@ impl PeerLink {
         &self,
         request: &RpcRequest,
     ) -> Result<oneshot::Receiver<RpcReply>, RpcError> {
-        self.connection().await?.send(request).await
+        self.connection(None).await?.send(request).await
+    }
+
+    /// Like [`Self::send`], but fails at once with `Unreachable` while the peer is backing
+    /// off instead of waiting for its turn. For checkpoint transfers: openraft then
+    /// retries later with the newest checkpoint, rather than this one holding on to the
+    /// checkpoint it had when the peer went down.
+    pub async fn send_or_fail_fast(
+        &self,
+        request: &RpcRequest,
+    ) -> Result<oneshot::Receiver<RpcReply>, RpcError> {
+        let now = tokio::time::Instant::now();
+        self.connection(Some(now)).await?.send(request).await
     }
 
     /// One request, one reply, bounded by `timeout`.
@@ -299,7 +337,7 @@ impl PeerLink {
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let sent = async {
-            let conn = self.connection().await?;
+            let conn = self.connection(Some(deadline)).await?;
             Ok::<_, RpcError>((conn.send(request).await?, conn))
         };
         let (rx, conn) = tokio::time::timeout_at(deadline, sent)
@@ -318,36 +356,48 @@ impl PeerLink {
     }
 }
 
-/// Links by peer address and lane.
-type LinkMap = HashMap<(String, Lane), Arc<PeerLink>>;
+/// Links by peer address and lane, and each address's dial history.
+#[derive(Default)]
+struct LinkMap {
+    links: BTreeMap<(String, Lane), Arc<PeerLink>>,
+    health: BTreeMap<String, Arc<PeerHealth>>,
+}
 
 /// Every link this node holds, shared by openraft's clients and the ingress.
 #[derive(Clone)]
 pub struct Transport {
     links: Arc<Mutex<LinkMap>>,
     dialer: Arc<dyn Dial>,
-}
-
-impl Default for Transport {
-    fn default() -> Self {
-        Self::with_dialer(Arc::new(Tcp))
-    }
+    metrics: Metrics,
 }
 
 impl Transport {
-    pub fn with_dialer(dialer: Arc<dyn Dial>) -> Self {
+    /// Plain TCP to peers.
+    pub fn tcp(metrics: Metrics) -> Self {
+        Self::with_dialer(Arc::new(Tcp), metrics)
+    }
+
+    pub fn with_dialer(dialer: Arc<dyn Dial>, metrics: Metrics) -> Self {
         Self {
             links: Arc::default(),
             dialer,
+            metrics,
         }
     }
 
     pub fn link(&self, addr: &str, lane: Lane) -> Arc<PeerLink> {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links
-            .entry((addr.to_string(), lane))
-            .or_insert_with(|| Arc::new(PeerLink::new(addr.to_string(), self.dialer.clone())))
-            .clone()
+        let mut map = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = map.links.get(&(addr.to_string(), lane)) {
+            return link.clone();
+        }
+        let health = map
+            .health
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(PeerHealth::new(addr.to_string(), self.metrics.clone())))
+            .clone();
+        let link = Arc::new(PeerLink::new(addr.to_string(), self.dialer.clone(), health));
+        map.links.insert((addr.to_string(), lane), link.clone());
+        link
     }
 }
 
@@ -385,6 +435,13 @@ fn to_rpc_error(e: RpcError) -> RPCError<TypeConfig> {
     }
 }
 
+/// An error the peer's Raft returned. openraft's own warning for it is filtered out with
+/// the flood of unreachable-peer warnings, so the transport logs it.
+fn remote_error(addr: &str, remote: String) -> RPCError<TypeConfig> {
+    tracing::warn!(peer = addr, error = %remote, "peer's raft refused a request");
+    RPCError::Network(NetworkError::from_string(remote))
+}
+
 impl PeerClient {
     /// One request and its reply; `expect` takes the kind of reply the request calls for.
     async fn call<T>(
@@ -400,7 +457,7 @@ impl PeerClient {
             .map_err(to_rpc_error)?;
         match expect(reply) {
             Some(Ok(resp)) => Ok(resp),
-            Some(Err(remote)) => Err(RPCError::Network(NetworkError::from_string(remote))),
+            Some(Err(remote)) => Err(remote_error(&self.link.addr, remote)),
             None => Err(to_rpc_error(RpcError::UnexpectedReply {
                 addr: self.link.addr.clone(),
             })),
@@ -426,9 +483,7 @@ fn append_result(
         Err(_) => Err(to_rpc_error(RpcError::Timeout { addr, timeout })),
         Ok(Err(_)) => Err(to_rpc_error(RpcError::ConnectionLost { addr })),
         Ok(Ok(RpcReply::Append(Ok(result)))) => Ok(result),
-        Ok(Ok(RpcReply::Append(Err(remote)))) => {
-            Err(RPCError::Network(NetworkError::from_string(remote)))
-        }
+        Ok(Ok(RpcReply::Append(Err(remote)))) => Err(remote_error(&addr, remote)),
         Ok(Ok(_)) => Err(to_rpc_error(RpcError::UnexpectedReply { addr })),
     }
 }
@@ -471,7 +526,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         async move {
-            let conn = self.link.connection().await.map_err(to_rpc_error)?;
+            let conn = self.link.connection(None).await.map_err(to_rpc_error)?;
             let stream = self.link.next_stream.fetch_add(1, Ordering::Relaxed);
             let (replies_tx, replies_rx) = mpsc::channel(PIPELINE_DEPTH);
             tokio::spawn(pump_appends(conn.clone(), stream, input, replies_tx));
@@ -668,7 +723,8 @@ mod silence_tests {
     }
 
     fn link(hole: &Arc<BlackHole>) -> Arc<PeerLink> {
-        Transport::with_dialer(Arc::new(hole.clone())).link("10.0.0.1:7000", Lane::Heartbeat)
+        Transport::with_dialer(Arc::new(hole.clone()), Metrics::new().unwrap())
+            .link("10.0.0.1:7000", Lane::Heartbeat)
     }
 
     #[tokio::test(start_paused = true)]

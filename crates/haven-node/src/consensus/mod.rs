@@ -2,9 +2,11 @@
 //! path. Only this module knows the raft wire format.
 
 pub mod client;
+pub mod first_answers;
 pub mod net;
 pub mod propose;
 pub mod read_batch;
+pub mod reconnect;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;

@@ -30,7 +30,7 @@ pub fn unseed_this_thread() {
     SIMULATION_SEED.with(|cell| cell.set(None));
 }
 
-fn next_seed() -> u64 {
+pub(crate) fn next_seed() -> u64 {
     SIMULATION_SEED.with(|cell| match cell.get() {
         Some(seed) => {
             // SplitMix64's increment: consecutive draws get well-mixed, distinct seeds.

@@ -3,7 +3,7 @@
 //! openraft `stream_append`, which overlaps their log writes (group commit on followers);
 //! every other request runs as its own task.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -22,6 +22,7 @@ use super::snapshot::Inbox;
 use super::wire;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
+use crate::apply::StateMachine;
 use crate::checkpoint::Checkpoints;
 use crate::config::ReadConfirmation;
 use crate::metrics::Metrics;
@@ -50,9 +51,11 @@ pub async fn serve<SM: HavenStateMachine>(
         match accepted {
             Ok((reader, writer, peer)) => {
                 let raft = raft.clone();
+                let answers = inbox.answers.clone();
                 let inbox = inbox.open();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(reader, writer, raft, inbox, reads).await {
+                    let served = serve_connection(reader, writer, raft, inbox, answers, reads);
+                    if let Err(e) = served.await {
                         tracing::warn!(%peer, error = %e, "raft connection dropped");
                     }
                 });
@@ -71,11 +74,13 @@ enum StreamLane {
     Closed,
 }
 
-/// What each connection needs to receive checkpoints.
+/// What each connection needs besides Raft: where checkpoints go, and the replica whose
+/// recorded answers peers back from a crash ask for (none in the simulation).
 #[derive(Clone)]
 pub struct InboxFactory {
     pub checkpoints: Option<Arc<Checkpoints>>,
     pub metrics: Metrics,
+    pub answers: Option<StateMachine>,
 }
 
 impl InboxFactory {
@@ -89,12 +94,13 @@ async fn serve_connection<SM: HavenStateMachine>(
     writer: Writer,
     raft: RaftOf<SM>,
     mut inbox: Inbox,
+    answers: Option<StateMachine>,
     reads: ReadConfirmation,
 ) -> Result<(), wire::WireError> {
     wire::read_hello(&mut reader).await?;
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
     tokio::spawn(write_replies(BufWriter::new(writer), replies_rx));
-    let mut streams: HashMap<u64, StreamLane> = HashMap::new();
+    let mut streams: BTreeMap<u64, StreamLane> = BTreeMap::new();
     let mut buf = Vec::new();
     loop {
         let (id, request) = match wire::read_frame::<_, RpcRequest>(&mut reader, &mut buf).await {
@@ -129,6 +135,16 @@ async fn serve_connection<SM: HavenStateMachine>(
             } => {
                 let reply = inbox.done(&raft, transfer, vote, meta).await;
                 send_reply(&replies, id, &reply).await;
+            }
+            RpcRequest::FirstAnswers(asked) => {
+                let (answers, replies) = (answers.clone(), replies.clone());
+                tokio::spawn(async move {
+                    let found = match &answers {
+                        Some(machine) => machine.first_answers(&asked).await,
+                        None => vec![None; asked.len()],
+                    };
+                    send_reply(&replies, id, &RpcReply::FirstAnswers(found)).await;
+                });
             }
             other => {
                 let raft = raft.clone();
@@ -220,7 +236,8 @@ async fn answer<SM: HavenStateMachine>(
         RpcRequest::Append { .. }
         | RpcRequest::EndStream { .. }
         | RpcRequest::SnapshotChunk { .. }
-        | RpcRequest::SnapshotDone { .. } => {
+        | RpcRequest::SnapshotDone { .. }
+        | RpcRequest::FirstAnswers(_) => {
             RpcReply::Append(Err("handled on the connection's own task".to_string()))
         }
     }

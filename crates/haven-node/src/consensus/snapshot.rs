@@ -6,7 +6,7 @@
 //! order; at the end it verifies the whole file against its checksum, files it under its
 //! name, and only then hands it to openraft to install.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,7 +102,13 @@ async fn send_file(
             total,
             data: Bytes::from(data),
         };
-        acks.push_back(link.send(&chunk).await.map_err(network_error)?);
+        let sent = link.send_or_fail_fast(&chunk).await.map_err(|e| match e {
+            RpcError::Unreachable { .. } => {
+                StreamingError::Unreachable(openraft::errors::Unreachable::from_string(e))
+            }
+            _ => network_error(e),
+        })?;
+        acks.push_back(sent);
         offset += n as u64;
         let last = n < CHUNK_BYTES;
         while acks.len() >= CHUNKS_IN_FLIGHT || (last && !acks.is_empty()) {
@@ -160,7 +166,7 @@ struct Receiving {
 pub struct Inbox {
     checkpoints: Option<Arc<Checkpoints>>,
     metrics: Metrics,
-    transfers: HashMap<u64, Receiving>,
+    transfers: BTreeMap<u64, Receiving>,
 }
 
 impl Inbox {
@@ -168,7 +174,7 @@ impl Inbox {
         Self {
             checkpoints,
             metrics,
-            transfers: HashMap::new(),
+            transfers: BTreeMap::new(),
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::app::AppResponse;
 use crate::types::NodeId;
 use crate::types::OrderedRequest;
 use crate::types::SnapshotMeta;
@@ -72,6 +73,9 @@ pub enum RpcRequest {
         vote: Vote,
         meta: SnapshotMeta,
     },
+    /// A node back from a crash asks for the recorded answers to keyed entries
+    /// `(index, key)` its app may have answered unrecorded (`apply::AskPeers`).
+    FirstAnswers(Vec<(u64, String)>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +87,8 @@ pub enum RpcReply {
     SnapshotChunk(Result<(), String>),
     Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
     TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
+    /// One per entry asked, in order; `None` where this node holds no answer.
+    FirstAnswers(Vec<Option<AppResponse>>),
 }
 
 /// What the leader says about a forwarded write.

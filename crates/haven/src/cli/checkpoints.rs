@@ -62,9 +62,16 @@ pub struct RestoreArgs {
     json: bool,
 }
 
-/// One checkpoint as `list --json` prints it.
+/// One checkpoint as `list --json` prints it: its details, or why it cannot be read.
 #[derive(Serialize)]
-struct ListedJson {
+#[serde(untagged)]
+enum ListedJson {
+    Readable(CheckpointJson),
+    Unreadable { file: PathBuf, unreadable: String },
+}
+
+#[derive(Serialize)]
+struct CheckpointJson {
     index: u64,
     term: u64,
     time: String,
@@ -89,15 +96,23 @@ pub fn list(command: CheckpointsCommand) -> anyhow::Result<String> {
         }
     }
     if json {
-        let valid: Vec<ListedJson> = listed.iter().filter_map(to_json).collect();
-        return Ok(format!("{}\n", serde_json::to_string(&valid)?));
+        let all: Vec<ListedJson> = listed.iter().map(to_json).collect();
+        return Ok(format!("{}\n", serde_json::to_string(&all)?));
     }
     Ok(table(&listed))
 }
 
-fn to_json(listed: &Listed) -> Option<ListedJson> {
-    let info = listed.info.as_ref().ok()?;
-    Some(ListedJson {
+fn to_json(listed: &Listed) -> ListedJson {
+    let info = match &listed.info {
+        Ok(info) => info,
+        Err(e) => {
+            return ListedJson::Unreadable {
+                file: listed.path.clone(),
+                unreadable: e.to_string(),
+            };
+        }
+    };
+    ListedJson::Readable(CheckpointJson {
         index: info.index,
         term: info.term,
         time: rfc3339(info.entry_time_us),

@@ -35,6 +35,19 @@ impl std::ops::DerefMut for TestCluster {
 
 /// Starts `nodes` nodes replicating the log app; `managed`: each node runs its own app.
 pub async fn start(nodes: usize, managed: bool, extra_config: &str) -> TestCluster {
+    let app = AppKind::LogApp {
+        prepopulate: PREPOPULATE,
+    };
+    start_with(nodes, managed, extra_config, app).await
+}
+
+/// [`start`] with another app.
+pub async fn start_with(
+    nodes: usize,
+    managed: bool,
+    extra_config: &str,
+    app: AppKind,
+) -> TestCluster {
     let mut dir = tempfile::Builder::new()
         .prefix("haven-test-")
         .tempdir()
@@ -48,9 +61,7 @@ pub async fn start(nodes: usize, managed: bool, extra_config: &str) -> TestClust
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),
         extra_config: extra_config.to_string(),
-        app: AppKind::LogApp {
-            prepopulate: PREPOPULATE,
-        },
+        app,
         managed,
     };
     let cluster = LocalCluster::start(spec).unwrap();

@@ -4,6 +4,8 @@
 //! - `reference` launches the log app alone, Haven with 1 and 3 nodes and optionally etcd,
 //!   and measures each on the reference workload ([`reference`]);
 //! - `failover` kills leaders under write load and times the unavailability ([`failover`]);
+//! - `peer-down` compares the surviving nodes' CPU and log with a peer up and down
+//!   ([`peer_down`]);
 //! - `checkpoint` measures what app-state checkpoints cost: taking one, a fresh node's
 //!   catch-up, restore, and write latency while they are taken ([`checkpoint`]).
 //!
@@ -12,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod failover;
+pub mod peer_down;
 pub mod reference;
 mod systems;
 
@@ -40,6 +43,9 @@ pub enum BenchCommand {
     /// Checkpoint time and size, a fresh node's catch-up, restore, and write latency with
     /// and without checkpoints, on a 3-node managed log-app cluster.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// The same write load with every peer up, then with a follower killed: the surviving
+    /// nodes' CPU and the lines they log about the dead peer.
+    PeerDown(peer_down::PeerDownArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -81,6 +87,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Failover { args, json } => {
             let report = failover::run(&args, exe).await?;
             output(json, &report, failover::render)
+        }
+        BenchCommand::PeerDown(args) => {
+            let report = peer_down::run(&args, exe).await?;
+            output(args.json, &report, peer_down::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;
