@@ -6,7 +6,9 @@
 //! estimate of text width is only used to leave room for labels.
 
 use std::error::Error;
+use std::fs;
 use std::path::Path;
+use std::path::PathBuf;
 
 use plotters::prelude::*;
 
@@ -14,6 +16,22 @@ use crate::BenchError;
 use crate::sweep::Curve;
 
 const SIZE: (u32, u32) = (960, 600);
+
+/// Writes `sweep.json` (the curves) and `sweep.svg` (their chart) into `dir`,
+/// creating it if needed, and returns both paths.
+pub fn save(dir: &Path, title: &str, curves: &[Curve]) -> Result<(PathBuf, PathBuf), BenchError> {
+    let write_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BenchError::Write { path, source }
+    };
+    fs::create_dir_all(dir).map_err(write_error(dir))?;
+    let json_path = dir.join("sweep.json");
+    let json = serde_json::to_vec_pretty(curves)?;
+    fs::write(&json_path, json).map_err(write_error(&json_path))?;
+    let svg_path = dir.join("sweep.svg");
+    write_svg(&svg_path, title, curves)?;
+    Ok((json_path, svg_path))
+}
 
 /// Draws p90 latency (y, ms) against achieved throughput (x, requests/s), one
 /// coloured line with dots per curve, with a legend of the curves' labels.
@@ -154,5 +172,25 @@ mod tests {
             panic!("writing into a missing directory succeeded")
         };
         assert!(message.contains("missing-dir"), "{message}");
+    }
+
+    #[test]
+    fn save_writes_json_and_svg() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        let curve = Curve {
+            label: "haven".into(),
+            points: vec![curve("haven", 1.0).points.remove(0)],
+            saturated_at: None,
+        };
+        let (json, svg) = save(&out, "title", std::slice::from_ref(&curve)).expect("saved");
+        let text = fs::read_to_string(json).expect("json written");
+        let back: Vec<Curve> = serde_json::from_str(&text).expect("json parses");
+        assert_eq!(back, [curve]);
+        assert!(
+            fs::read_to_string(svg)
+                .expect("svg written")
+                .starts_with("<svg")
+        );
     }
 }

@@ -7,21 +7,19 @@
 //! (this machine also runs that system). [`saturation_throughput`] then gives
 //! the one number to compare systems by.
 
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use crate::BenchError;
 use crate::error::{
     ensure_at_least_one, ensure_fraction, ensure_greater_than_one, ensure_positive,
 };
 use crate::load::{self, LoadReport, LoadSpec, Mode};
 use crate::progress::Progress;
 use crate::workload::Workload;
-use crate::{BenchError, chart};
 
 /// A step that achieves less than this share of its intended rate is
 /// saturated: requests are piling up (or the generator cannot keep up).
@@ -177,22 +175,6 @@ pub async fn sweep(
     Ok(curve)
 }
 
-/// Writes `sweep.json` (the curves) and `sweep.svg` (their chart) into `dir`,
-/// creating it if needed, and returns both paths.
-pub fn save(dir: &Path, title: &str, curves: &[Curve]) -> Result<(PathBuf, PathBuf), BenchError> {
-    let write_error = |path: &Path| {
-        let path = path.to_owned();
-        move |source| BenchError::Write { path, source }
-    };
-    fs::create_dir_all(dir).map_err(write_error(dir))?;
-    let json_path = dir.join("sweep.json");
-    let json = serde_json::to_vec_pretty(curves)?;
-    fs::write(&json_path, json).map_err(write_error(&json_path))?;
-    let svg_path = dir.join("sweep.svg");
-    chart::write_svg(&svg_path, title, curves)?;
-    Ok((json_path, svg_path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,26 +295,6 @@ mod tests {
                 ..spec()
             }),
             Err("--error-ratio-bound must be between 0 and 1, got 1.5".into())
-        );
-    }
-
-    #[test]
-    fn save_writes_json_and_svg() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("out");
-        let curve = Curve {
-            label: "haven".into(),
-            points: vec![point(100.0, 99.0, Some(1.0), 0)],
-            saturated_at: None,
-        };
-        let (json, svg) = save(&out, "title", std::slice::from_ref(&curve)).expect("saved");
-        let text = fs::read_to_string(json).expect("json written");
-        let back: Vec<Curve> = serde_json::from_str(&text).expect("json parses");
-        assert_eq!(back, [curve]);
-        assert!(
-            fs::read_to_string(svg)
-                .expect("svg written")
-                .starts_with("<svg")
         );
     }
 }

@@ -41,12 +41,13 @@ use crate::app::end_to_end_headers;
 use crate::app::header_map;
 use crate::apply::ApplyShared;
 use crate::apply::Delivered;
+use crate::apply::Raft;
 use crate::config::Limits;
 use crate::config::ReadConfirmation;
 use crate::config::RouteMode;
-use crate::consensus::client::Lane;
-use crate::consensus::client::RpcError;
-use crate::consensus::client::Transport;
+use crate::consensus::link::Lane;
+use crate::consensus::link::RpcError;
+use crate::consensus::link::Transport;
 use crate::consensus::propose;
 use crate::consensus::read_batch::Fetched;
 use crate::consensus::read_batch::ReadBatcher;
@@ -60,7 +61,6 @@ use crate::routes::RouteTable;
 use crate::types::NodeId;
 use crate::types::OrderedRequest;
 use crate::types::PeerNode;
-use crate::types::Raft;
 use crate::types::RequestTag;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.

@@ -23,6 +23,7 @@ use crate::app::process::AppCommand;
 use crate::app::process::AppFiles;
 use crate::app::process::ManagedApp;
 use crate::apply::IdempotencyLimits;
+use crate::apply::Raft;
 use crate::apply::StateMachine;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
@@ -32,9 +33,9 @@ use crate::checkpoint::policy::Policy;
 use crate::config::CheckpointMode;
 use crate::config::Config;
 use crate::consensus;
-use crate::consensus::client::Transport;
 use crate::consensus::first_answers::PeerAddrs;
 use crate::consensus::first_answers::PeerAnswers;
+use crate::consensus::link::Transport;
 use crate::consensus::server::InboxFactory;
 use crate::ingress;
 use crate::ingress::Ingress;
@@ -42,7 +43,6 @@ use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::restore::AppSettings;
 use crate::routes::RouteTable;
-use crate::types::Raft;
 use crate::types::TypeConfig;
 
 #[derive(Debug, thiserror::Error)]

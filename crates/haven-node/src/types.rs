@@ -83,7 +83,7 @@ openraft::declare_raft_types!(
 );
 
 /// A state machine Haven's transport can serve: checkpoints travel as files. Haven's own
-/// is [`crate::apply::StateMachine`]; the simulation brings an in-memory one.
+/// is `apply::StateMachine`; the simulation brings an in-memory one.
 pub trait HavenStateMachine:
     openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = crate::checkpoint::CheckpointFile>
 {
@@ -98,7 +98,6 @@ impl<T> HavenStateMachine for T where
 }
 
 pub type RaftOf<SM> = openraft::Raft<TypeConfig, SM>;
-pub type Raft = RaftOf<crate::apply::StateMachine>;
 pub type Entry = <TypeConfig as openraft::RaftTypeConfig>::Entry;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;

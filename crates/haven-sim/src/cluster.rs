@@ -10,7 +10,7 @@ use std::time::UNIX_EPOCH;
 
 use haven_node::config::RaftTiming;
 use haven_node::config::ReadConfirmation;
-use haven_node::consensus::client::Transport;
+use haven_node::consensus::link::Transport;
 use haven_node::consensus::raft_config;
 use haven_node::consensus::runtime;
 use haven_node::consensus::server;

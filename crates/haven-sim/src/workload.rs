@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use haven_node::consensus::client::Lane;
-use haven_node::consensus::client::Transport;
+use haven_node::consensus::link::Lane;
+use haven_node::consensus::link::Transport;
 use haven_node::consensus::wire::ForwardOutcome;
 use haven_node::consensus::wire::ReadIndexOutcome;
 use haven_node::consensus::wire::RpcReply;

@@ -20,9 +20,9 @@ use openraft::rt::WatchReceiver;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::apply::Raft;
 use crate::types::NodeId;
 use crate::types::PeerNode;
-use crate::types::Raft;
 
 /// A follower further behind the leader's log than this is not counted as healthy.
 pub const HEALTHY_LAG_ENTRIES: u64 = 1_000;

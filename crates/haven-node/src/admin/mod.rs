@@ -23,10 +23,10 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::apply::Raft;
 use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
 use crate::types::NodeId;
-use crate::types::Raft;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

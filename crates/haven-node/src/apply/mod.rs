@@ -836,6 +836,8 @@ pub fn rfc3339(time_us: i64) -> String {
 /// A checkpoint is what openraft calls a snapshot; it moves as a file, never whole in
 /// memory.
 pub type SnapshotData = CheckpointFile;
+/// The Raft node of a service: Haven's state machine over the replica.
+pub type Raft = crate::types::RaftOf<StateMachine>;
 type Snapshot = SnapshotOf<TypeConfig, SnapshotData>;
 
 fn checkpoints_off() -> io::Error {

@@ -12,7 +12,8 @@ use openraft::rt::WatchReceiver;
 use tokio::sync::watch;
 
 use super::Summary;
-use crate::types::Raft;
+use crate::types::HavenStateMachine;
+use crate::types::RaftOf;
 
 /// Checkpoint triggers from `[checkpoints]`; a zero turns one off.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +45,8 @@ pub fn due(policy: Policy, applied: u64, summary: &Summary, now_us: i64, started
 }
 
 /// Asks openraft for a checkpoint whenever [`due`] says so, until `shutdown`.
-pub async fn run_triggers(
-    raft: Raft,
+pub async fn run_triggers<SM: HavenStateMachine>(
+    raft: RaftOf<SM>,
     policy: Policy,
     mut applied: watch::Receiver<u64>,
     summary: watch::Receiver<Summary>,
@@ -77,8 +78,8 @@ pub async fn run_triggers(
 }
 
 /// Purges the log up to the oldest retained checkpoint whenever retention moves it.
-pub async fn run_compaction(
-    raft: Raft,
+pub async fn run_compaction<SM: HavenStateMachine>(
+    raft: RaftOf<SM>,
     mut summary: watch::Receiver<Summary>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -107,7 +108,11 @@ pub async fn run_compaction(
 /// catalog moves before `build_snapshot` returns to openraft, and openraft ignores a purge
 /// past the snapshot it knows ("no snapshot, cannot purge"): sent at once, the purge was
 /// lost until the oldest checkpoint moved again, and the log stayed a checkpoint longer.
-async fn registered(raft: &Raft, upto: u64, shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn registered<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    upto: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     let mut metrics = raft.metrics();
     loop {
         let snapshot = metrics.borrow_watched().snapshot.map(|s| s.index);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::client::Lane;
-use super::client::Transport;
+use super::link::Lane;
+use super::link::Transport;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::app::AppResponse;

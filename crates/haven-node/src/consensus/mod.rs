@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod first_answers;
+pub mod link;
 pub mod net;
 pub mod propose;
 pub mod read_batch;

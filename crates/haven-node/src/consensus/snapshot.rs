@@ -23,11 +23,10 @@ use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
-use super::client::PeerLink;
-use super::client::RpcError;
+use super::link::PeerLink;
+use super::link::RpcError;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-use crate::apply::SnapshotData;
 use crate::checkpoint::CheckpointFile;
 use crate::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
@@ -57,7 +56,7 @@ fn network_error(e: impl std::fmt::Display) -> StreamingError<TypeConfig> {
 pub async fn send(
     link: &PeerLink,
     vote: VoteOf<TypeConfig>,
-    snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+    snapshot: SnapshotOf<TypeConfig, CheckpointFile>,
     cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
 ) -> StreamResult {
     let transfer = rand::random::<u64>();
@@ -267,7 +266,7 @@ impl Inbox {
             ));
         }
         tracing::info!(index = info.index, bytes = info.size, "checkpoint received");
-        let snapshot = SnapshotOf::<TypeConfig, SnapshotData> {
+        let snapshot = SnapshotOf::<TypeConfig, CheckpointFile> {
             meta,
             snapshot: CheckpointFile { path: info.path },
         };

@@ -16,8 +16,9 @@ use openraft::rt::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::types::HavenStateMachine;
 use crate::types::NodeId;
-use crate::types::Raft;
+use crate::types::RaftOf;
 
 /// How long deliveries must keep failing before the leader hands over. Long enough that a
 /// replica restarting (seen in tests: tens of milliseconds) costs no election; short
@@ -29,8 +30,8 @@ const AFTER_HANDOVER: Duration = Duration::from_millis(500);
 /// Runs until `shutdown`: whenever deliveries to the local replica have failed for
 /// [`FAILING_FOR`] while this node leads, transfers leadership to the most up-to-date
 /// other voter.
-pub async fn run(
-    raft: Raft,
+pub async fn run<SM: HavenStateMachine>(
+    raft: RaftOf<SM>,
     id: NodeId,
     mut failing: watch::Receiver<bool>,
     metrics: Metrics,
@@ -79,7 +80,7 @@ async fn sleep_unless_shutdown(pause: Duration, shutdown: &mut watch::Receiver<b
 }
 
 /// The other voter whose log matches this leader's furthest, if this node leads.
-fn successor(raft: &Raft, id: NodeId) -> Option<NodeId> {
+fn successor<SM: HavenStateMachine>(raft: &RaftOf<SM>, id: NodeId) -> Option<NodeId> {
     let metrics = raft.metrics();
     let m = metrics.borrow_watched();
     if m.state != ServerState::Leader {

@@ -67,7 +67,7 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
             let mut text = String::new();
             if let Some(out) = &args.out {
                 let (json, svg) =
-                    haven_bench::sweep::save(out, &sweep.label, std::slice::from_ref(&curve))?;
+                    haven_bench::chart::save(out, &sweep.label, std::slice::from_ref(&curve))?;
                 text = format!("wrote {} and {}\n", json.display(), svg.display());
             }
             let summary = format!(
