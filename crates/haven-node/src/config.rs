@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::types::NodeId;
-use crate::types::PeerNode;
+use haven_contract::NodeId;
+use haven_contract::PeerNode;
 
 /// Largest accepted request body unless configured otherwise (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -264,10 +264,10 @@ fn default_keep() -> usize {
     64
 }
 fn default_snapshot_path() -> String {
-    crate::app::hooks::DEFAULT_SNAPSHOT_PATH.to_string()
+    haven_contract::paths::SNAPSHOT.to_string()
 }
 fn default_restore_path() -> String {
-    crate::app::hooks::DEFAULT_RESTORE_PATH.to_string()
+    haven_contract::paths::RESTORE.to_string()
 }
 fn default_path_prefix() -> String {
     "/".to_string()

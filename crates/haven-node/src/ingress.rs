@@ -36,7 +36,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::app::AppClient;
-use crate::app::AppResponse;
 use crate::app::end_to_end_headers;
 use crate::app::header_map;
 use crate::apply::ApplyShared;
@@ -58,10 +57,11 @@ use crate::consensus::wire::RpcReply;
 use crate::consensus::wire::RpcRequest;
 use crate::metrics::Metrics;
 use crate::routes::RouteTable;
-use crate::types::NodeId;
-use crate::types::OrderedRequest;
-use crate::types::PeerNode;
-use crate::types::RequestTag;
+use haven_contract::AppResponse;
+use haven_contract::NodeId;
+use haven_contract::OrderedRequest;
+use haven_contract::PeerNode;
+use haven_contract::RequestTag;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -71,7 +71,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Seconds suggested in `Retry-After`.
 const RETRY_AFTER_S: &str = "1";
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
@@ -238,7 +237,7 @@ impl Ingress {
     }
 
     fn ordered_request(&self, parts: &Parts, body: Bytes) -> Result<OrderedRequest, HttpResponse> {
-        let idempotency_key = match parts.headers.get(IDEMPOTENCY_HEADER) {
+        let idempotency_key = match parts.headers.get(haven_contract::headers::IDEMPOTENCY_KEY) {
             None => None,
             Some(v) if v.len() > MAX_IDEMPOTENCY_KEY_BYTES || v.is_empty() => {
                 let reason =
@@ -469,7 +468,7 @@ impl Ingress {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if let Ok(code) = HeaderValue::from_str(code) {
-            headers.insert("haven-error", code);
+            headers.insert(haven_contract::headers::ERROR, code);
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(
@@ -503,9 +502,12 @@ fn delivered_response(delivered: Delivered) -> HttpResponse {
     let replayed = delivered.replayed;
     let mut response = app_response(delivered.response);
     let headers = response.headers_mut();
-    headers.insert("haven-index", HeaderValue::from(index));
+    headers.insert(haven_contract::headers::INDEX, HeaderValue::from(index));
     if replayed {
-        headers.insert("haven-replayed", HeaderValue::from_static("true"));
+        headers.insert(
+            haven_contract::headers::REPLAYED,
+            HeaderValue::from_static("true"),
+        );
     }
     response
 }

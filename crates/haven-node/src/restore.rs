@@ -20,8 +20,6 @@ use serde::Deserialize;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::app::hooks::DEFAULT_RESTORE_PATH;
-use crate::app::hooks::DEFAULT_SNAPSHOT_PATH;
 use crate::app::hooks::Hooks;
 use crate::app::pipeline::OrderedConnection;
 use crate::app::process::AppCommand;
@@ -42,6 +40,7 @@ use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::types::Entry;
 use crate::types::TypeConfig;
+use haven_contract::paths;
 
 /// Entries read from the log and applied per step.
 const REPLAY_BATCH: u64 = 1024;
@@ -99,8 +98,8 @@ impl AppSettings {
             command: config.app.command.clone(),
             env: config.app.env.clone().into_iter().collect(),
             mode,
-            snapshot_path: c.map_or(DEFAULT_SNAPSHOT_PATH.into(), |c| c.snapshot_path.clone()),
-            restore_path: c.map_or(DEFAULT_RESTORE_PATH.into(), |c| c.restore_path.clone()),
+            snapshot_path: c.map_or(paths::SNAPSHOT.into(), |c| c.snapshot_path.clone()),
+            restore_path: c.map_or(paths::RESTORE.into(), |c| c.restore_path.clone()),
             timeout_ms: config.app.timeout_ms,
             start_timeout_ms: config.app.start_timeout_ms,
             idempotency_keys_max: config.limits.idempotency_keys_max,
@@ -627,8 +626,8 @@ mod tests {
             command: Some(argv.clone()),
             env: Vec::new(),
             mode: Some("managed".into()),
-            snapshot_path: DEFAULT_SNAPSHOT_PATH.into(),
-            restore_path: DEFAULT_RESTORE_PATH.into(),
+            snapshot_path: paths::SNAPSHOT.into(),
+            restore_path: paths::RESTORE.into(),
             timeout_ms: 1000,
             start_timeout_ms: 10_000,
             idempotency_keys_max: 10,

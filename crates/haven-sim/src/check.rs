@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use haven_contract::NodeId;
+use haven_contract::RequestTag;
 use haven_node::types::LogId;
-use haven_node::types::NodeId;
-use haven_node::types::RequestTag;
 
 use crate::store::SimLog;
 

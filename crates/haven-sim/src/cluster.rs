@@ -8,6 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::UNIX_EPOCH;
 
+use haven_contract::NodeId;
+use haven_contract::PeerNode;
 use haven_node::config::RaftTiming;
 use haven_node::config::ReadConfirmation;
 use haven_node::consensus::link::Transport;
@@ -16,8 +18,6 @@ use haven_node::consensus::runtime;
 use haven_node::consensus::server;
 use haven_node::consensus::server::InboxFactory;
 use haven_node::metrics::Metrics;
-use haven_node::types::NodeId;
-use haven_node::types::PeerNode;
 use haven_node::types::RaftOf;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use haven_node::types::NodeId;
+use haven_contract::NodeId;
 use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;

@@ -8,12 +8,12 @@ use std::sync::Mutex;
 
 use futures::Stream;
 use futures::TryStreamExt;
+use haven_contract::NodeId;
+use haven_contract::RequestTag;
 use haven_node::checkpoint::CheckpointFile;
 use haven_node::types::Applied;
 use haven_node::types::Entry;
 use haven_node::types::LogId;
-use haven_node::types::NodeId;
-use haven_node::types::RequestTag;
 use haven_node::types::SnapshotMeta;
 use haven_node::types::StoredMembership;
 use haven_node::types::TypeConfig;

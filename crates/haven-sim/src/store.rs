@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 
+use haven_contract::RequestTag;
 use haven_node::types::Entry;
 use haven_node::types::LogId;
-use haven_node::types::RequestTag;
 use haven_node::types::TypeConfig;
 use haven_node::types::Vote;
 use openraft::EntryPayload;

@@ -268,7 +268,7 @@ pub use checkpoint::{
 };
 
 /// Name of the header carrying the log index of a request delivered by Haven.
-pub const HAVEN_INDEX_HEADER: &str = "haven-index";
+pub const HAVEN_INDEX_HEADER: &str = haven_contract::headers::INDEX;
 
 /// Suffix appended to the log file's name to form the sidecar's name.
 pub const SIDECAR_SUFFIX: &str = ".haven-index";
@@ -881,8 +881,8 @@ pub fn router(app: LogApp) -> Router {
         .route("/append", post(append))
         .route("/line/{n}", get(line))
         .route("/count", get(count))
-        .route("/_haven/snapshot", get(checkpoint::snapshot))
-        .route("/_haven/restore", put(checkpoint::restore))
+        .route(haven_contract::paths::SNAPSHOT, get(checkpoint::snapshot))
+        .route(haven_contract::paths::RESTORE, put(checkpoint::restore))
         .with_state(app)
 }
 

@@ -18,7 +18,7 @@ use crate::tree::{Done, MAX_DATA_LEN, Op, Outcome, TreeError};
 use crate::{TreeApp, TreeAppError};
 
 /// Name of the header carrying the log index of a request delivered by Haven.
-pub const HAVEN_INDEX_HEADER: &str = "haven-index";
+pub const HAVEN_INDEX_HEADER: &str = haven_contract::headers::INDEX;
 
 /// Name of the request header that makes a set or delete a compare-and-set.
 pub const IF_VERSION_HEADER: &str = "if-version";
@@ -47,9 +47,9 @@ pub fn router(app: Arc<TreeApp>) -> Router {
         .route("/sync", post(sync))
         .route("/digest", get(digest))
         .route("/dump", get(dump))
-        .route("/_haven/snapshot", get(snapshot))
+        .route(haven_contract::paths::SNAPSHOT, get(snapshot))
         // Streamed; the body limit applies only to the extractors that buffer.
-        .route("/_haven/restore", put(restore))
+        .route(haven_contract::paths::RESTORE, put(restore))
         .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
         .with_state(app)
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::Criterion;
-use haven_node::types::OrderedRequest;
-use haven_node::types::RequestTag;
+use haven_contract::OrderedRequest;
+use haven_contract::RequestTag;
 
 pub const BODY_BYTES: usize = 128;
 

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use crate::apply::Raft;
-use crate::types::NodeId;
-use crate::types::PeerNode;
+use haven_contract::NodeId;
+use haven_contract::PeerNode;
 
 /// A follower further behind the leader's log than this is not counted as healthy.
 pub const HEALTHY_LAG_ENTRIES: u64 = 1_000;

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::apply::Raft;
 use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
-use crate::types::NodeId;
+use haven_contract::NodeId;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

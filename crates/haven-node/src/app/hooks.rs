@@ -40,10 +40,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::HEADER_INDEX;
+use haven_contract::headers;
+use haven_contract::paths;
 
-pub const DEFAULT_SNAPSHOT_PATH: &str = "/_haven/snapshot";
-pub const DEFAULT_RESTORE_PATH: &str = "/_haven/restore";
 /// Size of the pieces a restore body is read and sent in.
 const CHUNK_BYTES: usize = 256 * 1024;
 /// How much of an error answer's body is quoted as its reason.
@@ -101,8 +100,8 @@ impl Hooks {
     pub fn new(url: &str, timeout: Duration) -> Self {
         Self {
             url: url.to_string(),
-            snapshot_path: DEFAULT_SNAPSHOT_PATH.to_string(),
-            restore_path: DEFAULT_RESTORE_PATH.to_string(),
+            snapshot_path: paths::SNAPSHOT.to_string(),
+            restore_path: paths::RESTORE.to_string(),
             timeout,
         }
     }
@@ -139,7 +138,7 @@ impl Hooks {
         let (mut sender, _connection) = call.open::<UploadBody>().await?;
         let request = call
             .request(http::Method::PUT)
-            .header(HEADER_INDEX, index)
+            .header(headers::INDEX, index)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(upload.into_body());
         let request = request.map_err(|e| call.transfer(&e))?;
@@ -455,7 +454,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_streams_into_the_destination() {
-        let app = Router::new().route(DEFAULT_SNAPSHOT_PATH, get(|| async { snapshot_body(20) }));
+        let app = Router::new().route(paths::SNAPSHOT, get(|| async { snapshot_body(20) }));
         let hooks = Hooks::new(&serve(app).await, TIMEOUT);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot");
@@ -486,7 +485,7 @@ mod tests {
     #[tokio::test]
     async fn only_the_first_kib_of_a_reason_is_kept() {
         let refuse = || async { (StatusCode::INTERNAL_SERVER_ERROR, "x".repeat(100_000)) };
-        let app = Router::new().route(DEFAULT_SNAPSHOT_PATH, get(refuse));
+        let app = Router::new().route(paths::SNAPSHOT, get(refuse));
         let hooks = Hooks::new(&serve(app).await, TIMEOUT);
         let err = hooks.snapshot_to(&mut Vec::new()).await.unwrap_err();
         let HooksError::Status { status, reason, .. } = err else {
@@ -498,7 +497,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_that_stops_mid_body_times_out() {
-        let app = Router::new().route(DEFAULT_SNAPSHOT_PATH, get(|| async { snapshot_body(3) }));
+        let app = Router::new().route(paths::SNAPSHOT, get(|| async { snapshot_body(3) }));
         let base = serve(app).await;
         let hooks = Hooks::new(&base, Duration::from_millis(300));
         let mut received = Vec::new();
@@ -552,7 +551,7 @@ mod tests {
             *record.lock().unwrap() = Some((index.unwrap_or_default(), intact.then_some(len)));
             (status, answer)
         };
-        let app = Router::new().route(DEFAULT_RESTORE_PATH, put(handler));
+        let app = Router::new().route(paths::RESTORE, put(handler));
         (serve(app).await, seen)
     }
 
@@ -635,7 +634,7 @@ mod tests {
             futures::future::pending::<()>().await;
             StatusCode::NO_CONTENT
         };
-        let app = Router::new().route(DEFAULT_RESTORE_PATH, put(stuck));
+        let app = Router::new().route(paths::RESTORE, put(stuck));
         let base = serve(app).await;
         let hooks = Hooks::new(&base, Duration::from_millis(300));
         let err = hooks.restore_from(1, state(64 * MIB)).await.unwrap_err();
@@ -651,7 +650,7 @@ mod tests {
             let _ = body.collect().await;
             futures::future::pending::<()>().await;
         };
-        let app = Router::new().route(DEFAULT_RESTORE_PATH, put(swallow));
+        let app = Router::new().route(paths::RESTORE, put(swallow));
         let base = serve(app).await;
         let hooks = Hooks::new(&base, Duration::from_millis(300));
         let err = hooks.restore_from(1, state(MIB)).await.unwrap_err();
@@ -670,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn a_restore_refused_before_the_body_is_read_quotes_the_reason() {
         let refuse = || async { (StatusCode::UNPROCESSABLE_ENTITY, "unknown format") };
-        let app = Router::new().route(DEFAULT_RESTORE_PATH, put(refuse));
+        let app = Router::new().route(paths::RESTORE, put(refuse));
         let base = serve(app).await;
         let hooks = Hooks::new(&base, TIMEOUT);
         let err = hooks.restore_from(3, state(64 * MIB)).await.unwrap_err();

@@ -15,12 +15,12 @@ use http::HeaderMap;
 use http::HeaderName;
 use http::HeaderValue;
 
-use super::AppResponse;
 use super::MAX_APP_RESPONSE_BYTES;
 use super::Stamp;
 use super::end_to_end_headers;
-use super::is_reserved;
-use crate::types::OrderedRequest;
+use haven_contract::AppResponse;
+use haven_contract::OrderedRequest;
+use haven_contract::headers::is_delivery_header;
 
 /// Most response headers Haven accepts from the app in one response.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -45,7 +45,11 @@ pub fn encode_request(
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in req.headers.iter().filter(|(name, _)| !is_reserved(name)) {
+    for (name, value) in req
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_delivery_header(name))
+    {
         if name == "host" {
             continue;
         }
@@ -55,17 +59,17 @@ pub fn encode_request(
     }
     push_header(
         out,
-        super::HEADER_INDEX.as_bytes(),
+        haven_contract::headers::INDEX.as_bytes(),
         stamp.index.to_string().as_bytes(),
     );
     push_header(
         out,
-        super::HEADER_TIME.as_bytes(),
+        haven_contract::headers::TIME.as_bytes(),
         stamp.time_rfc3339.as_bytes(),
     );
     push_header(
         out,
-        super::HEADER_SEED.as_bytes(),
+        haven_contract::headers::SEED.as_bytes(),
         stamp.seed.to_string().as_bytes(),
     );
     push_header(
@@ -282,7 +286,7 @@ fn skip_trailers(rest: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::RequestTag;
+    use haven_contract::RequestTag;
 
     fn request(headers: Vec<(&str, &str)>) -> OrderedRequest {
         OrderedRequest {

@@ -12,6 +12,7 @@ pub mod process;
 use std::time::Duration;
 
 use bytes::Bytes;
+use haven_contract::AppResponse;
 use http::HeaderMap;
 use http::HeaderName;
 use http::HeaderValue;
@@ -22,26 +23,10 @@ use http_body_util::Limited;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
-use serde::Serialize;
 
 /// Largest response body Haven will carry back from the app (64 MiB). Bigger responses
 /// are a 502 to the client rather than unbounded memory.
 pub const MAX_APP_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Request headers Haven sets on every ordered delivery.
-pub const HEADER_INDEX: &str = "haven-index";
-pub const HEADER_TIME: &str = "haven-time";
-pub const HEADER_SEED: &str = "haven-seed";
-
-/// A replica's answer, kept whole: it is what the client receives and what the idempotency
-/// table stores.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppResponse {
-    pub status: u16,
-    pub headers: Vec<(String, Bytes)>,
-    pub body: Bytes,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -115,7 +100,10 @@ impl AppClient {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base_url, path_and_query));
-        for (name, value) in headers.iter().filter(|(name, _)| !is_reserved(name)) {
+        for (name, value) in headers
+            .iter()
+            .filter(|(name, _)| !haven_contract::headers::is_delivery_header(name))
+        {
             builder = builder.header(name.as_str(), value.as_ref());
         }
         builder
@@ -154,10 +142,6 @@ impl AppClient {
             }),
         }
     }
-}
-
-fn is_reserved(name: &str) -> bool {
-    [HEADER_INDEX, HEADER_TIME, HEADER_SEED].contains(&name)
 }
 
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {

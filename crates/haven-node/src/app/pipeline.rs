@@ -15,10 +15,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::AppError;
-use super::AppResponse;
 use super::Stamp;
 use super::http1;
-use crate::types::OrderedRequest;
+use haven_contract::AppResponse;
+use haven_contract::OrderedRequest;
 
 /// Read buffer growth step; responses of the log app are a few hundred bytes each.
 const READ_CHUNK: usize = 64 * 1024;
@@ -248,7 +248,7 @@ fn refused(reason: &str) -> AppResponse {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::types::RequestTag;
+    use haven_contract::RequestTag;
     use tokio::io::AsyncBufReadExt;
     use tokio::io::BufReader;
     use tokio::net::TcpListener;

@@ -42,7 +42,6 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
-use crate::app::AppResponse;
 use crate::app::Stamp;
 use crate::app::pipeline::Delivery;
 use crate::app::pipeline::OrderedConnection;
@@ -51,16 +50,17 @@ use crate::checkpoint::Checkpoints;
 use crate::checkpoint::Position;
 use crate::checkpoint::format::CheckpointInfo;
 use crate::metrics::Metrics;
+use haven_contract::AppResponse;
 
 mod outcomes;
 mod slots;
 use crate::types::Applied;
 use crate::types::LogId;
-use crate::types::OrderedRequest;
-use crate::types::RequestTag;
 use crate::types::SnapshotMeta;
 use crate::types::StoredMembership;
 use crate::types::TypeConfig;
+use haven_contract::OrderedRequest;
+use haven_contract::RequestTag;
 use outcomes::OutcomeJournal;
 use outcomes::Recovered;
 pub use slots::ApplyStateError;

@@ -173,7 +173,7 @@ fn decode(bytes: &[u8]) -> (Vec<Record>, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::AppResponse;
+    use haven_contract::AppResponse;
 
     fn record(index: u64, status: u16) -> Record {
         Record::Answer(Answer {

@@ -36,9 +36,9 @@ use tokio::sync::oneshot;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::checkpoint::CheckpointFile;
-use crate::types::NodeId;
-use crate::types::PeerNode;
 use crate::types::TypeConfig;
+use haven_contract::NodeId;
+use haven_contract::PeerNode;
 
 use super::link::Connection;
 use super::link::Lane;

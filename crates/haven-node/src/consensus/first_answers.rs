@@ -12,9 +12,9 @@ use super::link::Lane;
 use super::link::Transport;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-use crate::app::AppResponse;
 use crate::apply::AskPeers;
 use crate::apply::FIRST_ANSWERS_WAIT;
+use haven_contract::AppResponse;
 
 /// A peer waits up to [`FIRST_ANSWERS_WAIT`] twice (to apply, then for its state
 /// machine); past this it is skipped.

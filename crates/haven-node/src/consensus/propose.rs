@@ -10,8 +10,8 @@ use super::wire::ForwardOutcome;
 use super::wire::ReadIndexOutcome;
 use crate::config::ReadConfirmation;
 use crate::types::HavenStateMachine;
-use crate::types::OrderedRequest;
 use crate::types::RaftOf;
+use haven_contract::OrderedRequest;
 
 /// Stamps the determinism aids and proposes `req`; answers as soon as the entry is
 /// committed on a quorum, without waiting for the leader's own replica to apply it.

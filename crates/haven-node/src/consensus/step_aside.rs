@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::types::HavenStateMachine;
-use crate::types::NodeId;
 use crate::types::RaftOf;
+use haven_contract::NodeId;
 
 /// How long deliveries must keep failing before the leader hands over. Long enough that a
 /// replica restarting (seen in tests: tens of milliseconds) costs no election; short

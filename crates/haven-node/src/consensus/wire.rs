@@ -21,12 +21,12 @@ use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::app::AppResponse;
-use crate::types::NodeId;
-use crate::types::OrderedRequest;
 use crate::types::SnapshotMeta;
 use crate::types::TypeConfig;
 use crate::types::Vote;
+use haven_contract::AppResponse;
+use haven_contract::NodeId;
+use haven_contract::OrderedRequest;
 
 pub const HELLO: &[u8; 8] = b"HVNRAFT1";
 /// A connection must deliver its hello within this time: a peer sends it right after

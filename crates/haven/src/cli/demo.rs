@@ -199,7 +199,7 @@ async fn append_with_retries(
     let key = format!("demo-c{client}-s{seq}");
     for _ in 0..APPEND_ATTEMPTS {
         let url = format!("{}/append", urls[*turn % urls.len()]);
-        let headers = [("idempotency-key", key.as_str())];
+        let headers = [(haven_contract::headers::IDEMPOTENCY_KEY, key.as_str())];
         match http.send("POST", &url, &headers, line.clone().into()).await {
             Ok(reply) if reply.status == 201 => {
                 let line_no = reply.text().trim().parse().unwrap_or(u64::MAX);

@@ -30,7 +30,7 @@ use crate::http_client::Reply;
 
 /// The header carrying a node's version on `GET /tree/...`.
 const TREE_VERSION: &str = "tree-version";
-const HAVEN_ERROR: &str = "haven-error";
+const HAVEN_ERROR: &str = haven_contract::headers::ERROR;
 
 /// What an operation does to one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -111,7 +111,7 @@ pub fn classify(kind: &OpKind, reply: Result<&Reply, &anyhow::Error>) -> Outcome
             return Outcome::Failed(format!("read answered {status}: {}", brief(reply)));
         }
         (_, 200) => written(reply),
-        (_, 409) if reply.header("haven-index").is_some() => bad_version(reply),
+        (_, 409) if reply.header(haven_contract::headers::INDEX).is_some() => bad_version(reply),
         (_, 503) if refused_at_the_door(reply) => {
             return Outcome::Failed(format!("{status}: {}", brief(reply)));
         }

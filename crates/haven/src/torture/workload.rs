@@ -201,7 +201,7 @@ impl Client {
     async fn send(&self, node: usize, key: usize, kind: &OpKind, idempotency_key: &str) -> Outcome {
         let url = format!("{}/tree{}", self.shared.workload.urls[node], key_path(key));
         let expected;
-        let mut headers = vec![("idempotency-key", idempotency_key)];
+        let mut headers = vec![(haven_contract::headers::IDEMPOTENCY_KEY, idempotency_key)];
         let (method, body) = match kind {
             OpKind::Read => {
                 headers.clear();
