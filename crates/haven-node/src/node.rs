@@ -27,7 +27,6 @@ use crate::apply::Raft;
 use crate::apply::StateMachine;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
-use crate::checkpoint::catalog::Retention;
 use crate::checkpoint::policy;
 use crate::checkpoint::policy::Policy;
 use crate::config::CheckpointMode;
@@ -44,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::restore::AppSettings;
 use crate::routes::RouteTable;
 use crate::types::TypeConfig;
+use haven_checkpoint::catalog::Retention;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -27,19 +27,19 @@ use crate::app::process::AppFiles;
 use crate::app::process::ManagedApp;
 use crate::apply::IdempotencyLimits;
 use crate::apply::StateMachine;
-use crate::checkpoint::CheckpointFile;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
-use crate::checkpoint::catalog;
-use crate::checkpoint::catalog::Retention;
-use crate::checkpoint::format;
-use crate::checkpoint::format::CheckpointInfo;
 use crate::config::CheckpointMode;
 use crate::config::Config;
 use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::types::Entry;
 use crate::types::TypeConfig;
+use haven_checkpoint::CheckpointFile;
+use haven_checkpoint::catalog;
+use haven_checkpoint::catalog::Retention;
+use haven_checkpoint::format;
+use haven_checkpoint::format::CheckpointInfo;
 use haven_contract::paths;
 
 /// Entries read from the log and applied per step.

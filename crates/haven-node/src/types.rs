@@ -26,14 +26,14 @@ openraft::declare_raft_types!(
 /// A state machine Haven's transport can serve: checkpoints travel as files. Haven's own
 /// is `apply::StateMachine`; the simulation brings an in-memory one.
 pub trait HavenStateMachine:
-    openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = crate::checkpoint::CheckpointFile>
+    openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = haven_checkpoint::CheckpointFile>
 {
 }
 
 impl<T> HavenStateMachine for T where
     T: openraft::storage::RaftStateMachine<
             TypeConfig,
-            SnapshotData = crate::checkpoint::CheckpointFile,
+            SnapshotData = haven_checkpoint::CheckpointFile,
         >
 {
 }

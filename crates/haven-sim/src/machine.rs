@@ -8,9 +8,9 @@ use std::sync::Mutex;
 
 use futures::Stream;
 use futures::TryStreamExt;
+use haven_checkpoint::CheckpointFile;
 use haven_contract::NodeId;
 use haven_contract::RequestTag;
-use haven_node::checkpoint::CheckpointFile;
 use haven_node::types::Applied;
 use haven_node::types::Entry;
 use haven_node::types::LogId;

@@ -94,18 +94,7 @@ async fn catch_up_through_a_checkpoint(managed: bool, mode: &str) {
         .unwrap();
     cluster.kill_node(down);
     cluster.append_many(leader, 20, 200).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = cluster.status(leader).await.unwrap();
-        if status.purged_index.unwrap_or(0) > 40 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leader never compacted: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_purged_past(&cluster, leader, 40).await;
     cluster.start_node(down).unwrap();
     cluster.assert_replicas_identical().await;
     assert!(
@@ -264,8 +253,12 @@ async fn kill_9_during_checkpoints_and_installs_leaves_every_node_recoverable() 
     let victim = cluster.follower_of(leader);
     let mut acknowledged = Vec::new();
     for round in 0..6u64 {
+        let reached = cluster.status(leader).await.unwrap().last_log_index;
         cluster.kill_node(victim);
         acknowledged.extend(append_acknowledged(&cluster, leader, round, 40).await);
+        // The leader keeps log entries a replication stream still reads; once they are
+        // gone, the victim can only come back through a checkpoint.
+        wait_purged_past(&cluster, leader, reached.unwrap_or(0)).await;
         cluster.start_node(victim).unwrap();
         // Somewhere in the install of a checkpoint, or in the victim's own checkpointing.
         tokio::time::sleep(Duration::from_millis(round * 37 % 150)).await;
@@ -282,6 +275,22 @@ async fn kill_9_during_checkpoints_and_installs_leaves_every_node_recoverable() 
     let log = std::fs::read_to_string(cluster.log_path(victim, Process::Node)).unwrap();
     let installs = log.matches("replica restored from checkpoint").count();
     assert!(installs >= 1, "the victim never installed a checkpoint");
+}
+
+/// Waits until `node` has purged its log beyond `index`.
+async fn wait_purged_past(cluster: &TestCluster, node: usize, index: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster.status(node).await.unwrap();
+        if status.purged_index.unwrap_or(0) > index {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {node} never compacted past {index}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Appends `count` lines while checkpoints run; returns the acknowledged ones.

@@ -45,11 +45,11 @@ use tokio::sync::watch;
 use crate::app::Stamp;
 use crate::app::pipeline::Delivery;
 use crate::app::pipeline::OrderedConnection;
-use crate::checkpoint::CheckpointFile;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::Position;
-use crate::checkpoint::format::CheckpointInfo;
 use crate::metrics::Metrics;
+use haven_checkpoint::CheckpointFile;
+use haven_checkpoint::format::CheckpointInfo;
 use haven_contract::AppResponse;
 
 mod outcomes;

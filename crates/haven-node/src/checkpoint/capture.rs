@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::archive;
-use super::format;
-use super::format::CaptureMode;
-use super::format::PayloadSource;
 use crate::app::hooks::Hooks;
 use crate::app::process::ManagedApp;
+use haven_checkpoint::dirtar;
+use haven_checkpoint::format;
+use haven_checkpoint::format::CaptureMode;
+use haven_checkpoint::format::PayloadSource;
 
 /// How long a managed app has to exit on SIGTERM before a restore kills it.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -44,7 +44,7 @@ impl Staged {
     }
 
     pub fn remove(&self) -> io::Result<()> {
-        archive::remove_tree(&self.path)
+        dirtar::remove_tree(&self.path)
     }
 }
 
@@ -60,7 +60,7 @@ impl Capture {
     /// hold deliveries back until this returns.
     pub async fn stage(&self, dir: &Path, index: u64) -> io::Result<Staged> {
         let path = dir.join(format!(".tmp-stage-{index}"));
-        archive::remove_tree(&path)?;
+        dirtar::remove_tree(&path)?;
         match self {
             Capture::Hooks(hooks) => {
                 let mut file = tokio::fs::File::create(&path).await?;
@@ -73,7 +73,7 @@ impl Capture {
             Capture::Managed(app) => {
                 let src = app.data_dir().to_path_buf();
                 let dst = path.clone();
-                blocking(move || archive::copy_tree(&src, &dst)).await?;
+                blocking(move || dirtar::copy_tree(&src, &dst)).await?;
             }
         }
         Ok(Staged {
@@ -127,9 +127,9 @@ async fn restore_through_hook(
 /// directory, or none (the app starts empty and Haven installs the checkpoint again).
 fn replace_dir(checkpoint: &Path, data_dir: &Path) -> io::Result<()> {
     let unpacked = sibling(data_dir, "haven-restore");
-    archive::remove_tree(&unpacked)?;
+    dirtar::remove_tree(&unpacked)?;
     format::extract(checkpoint, &unpacked).map_err(io::Error::other)?;
-    archive::remove_tree(data_dir)?;
+    dirtar::remove_tree(data_dir)?;
     std::fs::rename(&unpacked, data_dir)?;
     std::fs::File::open(data_dir.parent().unwrap_or(Path::new(".")))?.sync_all()
 }

@@ -1,21 +1,12 @@
-//! Checkpoints: the replica's state at one log index, kept as files in
-//! `<service dir>/checkpoints/`, so the log can be compacted, a lagging or new node can be
-//! brought up from a copy instead of all history, and any retained index can be restored.
+//! Checkpoints of this node's replica: the replica's state at one log index, kept as
+//! files in `<service dir>/checkpoints/` (the files themselves: `haven_checkpoint`), so
+//! the log can be compacted, a lagging or new node can be brought up from a copy instead
+//! of all history, and any retained index can be restored.
 //!
-//! - [`format`]: one checkpoint file (compressed payload, checksum, metadata trailer).
-//! - [`archive`]: directory copies and tar streams for managed mode.
-//! - [`catalog`]: listing, retention and lookup by index.
 //! - [`capture`]: getting the state out of the replica and back in (hooks or managed).
 //! - [`policy`]: when to checkpoint, and compacting the log behind the oldest checkpoint.
-//!
-//! Invariant: a checkpoint file exists under its final name only once it is complete,
-//! fsynced and checksummed; everything else in the directory starts with `.tmp-` and is
-//! debris after a crash.
 
-pub mod archive;
 pub mod capture;
-pub mod catalog;
-pub mod format;
 pub mod policy;
 
 use std::io;
@@ -27,16 +18,11 @@ use tokio::sync::watch;
 use capture::Capture;
 use capture::Staged;
 use capture::blocking;
-use catalog::Retention;
-use format::CheckpointInfo;
-use format::CheckpointSpec;
-
-/// openraft's handle on one checkpoint: a path, so a checkpoint of any size moves as a
-/// stream.
-#[derive(Debug, Clone)]
-pub struct CheckpointFile {
-    pub path: PathBuf,
-}
+use haven_checkpoint::catalog;
+use haven_checkpoint::catalog::Retention;
+use haven_checkpoint::format;
+use haven_checkpoint::format::CheckpointInfo;
+use haven_checkpoint::format::CheckpointSpec;
 
 /// What the rest of the node needs to know about the catalog, republished after every
 /// change.
@@ -243,16 +229,16 @@ mod tests {
     #[tokio::test]
     async fn newest_verified_skips_a_damaged_checkpoint() {
         let tmp = tempfile::tempdir().unwrap();
-        let older = format::tests::tiny(tmp.path(), 10, 1);
-        let newer = format::tests::tiny(tmp.path(), 20, 2);
+        let older = haven_checkpoint::testing::tiny(tmp.path(), 10, 1);
+        let newer = haven_checkpoint::testing::tiny(tmp.path(), 20, 2);
         let checkpoints = open(tmp.path());
         let newest = checkpoints.newest_verified().await.unwrap().unwrap();
         assert_eq!(newest.index, 20);
-        format::tests::flip(&newer.path, format::MAGIC.len() as u64);
+        haven_checkpoint::testing::flip(&newer.path, format::MAGIC.len() as u64);
         assert_eq!(checkpoints.newest().await.unwrap().unwrap().index, 20);
         let newest = checkpoints.newest_verified().await.unwrap().unwrap();
         assert_eq!(newest.path, older.path);
-        format::tests::flip(&older.path, format::MAGIC.len() as u64);
+        haven_checkpoint::testing::flip(&older.path, format::MAGIC.len() as u64);
         assert!(checkpoints.newest_verified().await.unwrap().is_none());
     }
 
@@ -263,11 +249,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let source = tmp.path().join("leader");
         std::fs::create_dir_all(&source).unwrap();
-        let sent = format::tests::tiny(&source, 7, 1);
+        let sent = haven_checkpoint::testing::tiny(&source, 7, 1);
         let checkpoints = open(&tmp.path().join("follower"));
         let received = checkpoints.receiving_path(1);
         std::fs::copy(&sent.path, &received).unwrap();
-        format::tests::flip(&received, format::MAGIC.len() as u64);
+        haven_checkpoint::testing::flip(&received, format::MAGIC.len() as u64);
         let err = checkpoints.adopt(&received).await.unwrap_err().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
         assert!(!received.exists());

@@ -35,8 +35,8 @@ use tokio::sync::oneshot;
 
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-use crate::checkpoint::CheckpointFile;
 use crate::types::TypeConfig;
+use haven_checkpoint::CheckpointFile;
 use haven_contract::NodeId;
 use haven_contract::PeerNode;
 

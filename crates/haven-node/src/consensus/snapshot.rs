@@ -27,13 +27,13 @@ use super::link::PeerLink;
 use super::link::RpcError;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-use crate::checkpoint::CheckpointFile;
 use crate::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
 use crate::types::HavenStateMachine;
 use crate::types::RaftOf;
 use crate::types::SnapshotMeta;
 use crate::types::TypeConfig;
+use haven_checkpoint::CheckpointFile;
 
 /// Bytes per chunk frame.
 pub const CHUNK_BYTES: usize = 1024 * 1024;

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::archive;
-use super::format;
-use super::format::CheckpointError;
-use super::format::CheckpointInfo;
+use crate::dirtar;
+use crate::format;
+use crate::format::CheckpointError;
+use crate::format::CheckpointInfo;
 
 /// One checkpoint file and what reading its trailer gave.
 #[derive(Debug)]
@@ -93,12 +93,12 @@ pub fn remove_debris(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
     for name in file_names(dir)? {
         if name.to_string_lossy().starts_with(format::TEMP_PREFIX) {
-            archive::remove_tree(&dir.join(name))?;
+            dirtar::remove_tree(&dir.join(name))?;
             removed += 1;
         }
     }
     if removed > 0 {
-        archive::sync_path(dir)?;
+        dirtar::sync_path(dir)?;
     }
     Ok(removed)
 }
@@ -127,7 +127,7 @@ pub fn apply_retention(
         }
     }
     if !doomed.is_empty() {
-        archive::sync_path(dir).map_err(|source| CheckpointError::Io {
+        dirtar::sync_path(dir).map_err(|source| CheckpointError::Io {
             path: dir.to_path_buf(),
             action: "fsync directory",
             source,
@@ -185,9 +185,9 @@ pub fn newest(dir: &Path) -> Result<Option<CheckpointInfo>, CheckpointError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::tests::flip;
-    use super::super::format::tests::tiny;
     use super::*;
+    use crate::testing::flip;
+    use crate::testing::tiny;
 
     const HOUR_US: i64 = 3_600_000_000;
     const NOW: i64 = 1_000 * HOUR_US;

@@ -33,9 +33,9 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde::Serialize;
 
-use super::archive;
-use super::archive::CopyFailure;
-use super::archive::UnpackError;
+use crate::dirtar;
+use crate::dirtar::CopyFailure;
+use crate::dirtar::UnpackError;
 
 /// First bytes of every checkpoint file.
 pub const MAGIC: &[u8; 8] = b"HVNCKPT1";
@@ -236,7 +236,7 @@ pub(super) fn write_created_at(
 ) -> Result<CheckpointInfo, CheckpointError> {
     match (spec.mode, source) {
         (CaptureMode::Managed, PayloadSource::Directory(root)) => {
-            let fill = |out: &mut Chain| archive::tar_directory(root, out).map(drop);
+            let fill = |out: &mut Chain| dirtar::tar_directory(root, out).map(drop);
             write_with(dir, spec, created_us, (root, "archive"), fill)
         }
         (CaptureMode::Hooks, PayloadSource::File(file)) => {
@@ -419,13 +419,13 @@ impl TempPath {
 impl Drop for TempPath {
     fn drop(&mut self) {
         if self.armed {
-            let _ = archive::remove_tree(&self.path);
+            let _ = dirtar::remove_tree(&self.path);
         }
     }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    archive::sync_path(dir).map_err(io_err(dir, "fsync directory"))
+    dirtar::sync_path(dir).map_err(io_err(dir, "fsync directory"))
 }
 
 /// An open checkpoint whose trailer checked out.
@@ -663,7 +663,7 @@ fn check_target(target: &Path, mode: CaptureMode) -> Result<(), CheckpointError>
 
 fn unpack_tree(path: &Path, reader: &mut PayloadReader, tmp: &Path) -> Result<(), CheckpointError> {
     fs::create_dir(tmp).map_err(io_err(tmp, "create directory"))?;
-    archive::untar(&mut *reader, tmp).map_err(|e| match e {
+    dirtar::untar(&mut *reader, tmp).map_err(|e| match e {
         UnpackError::Archive(reason) => corrupt(path, reason),
         UnpackError::Io { path, source } => io_err(&path, "write")(source),
     })?;
@@ -679,7 +679,7 @@ fn unpack_file(path: &Path, reader: &mut PayloadReader, tmp: &Path) -> Result<()
         .create_new(true)
         .open(tmp)
         .map_err(io_err(tmp, "create"))?;
-    match archive::copy_split(reader, &mut file, &mut vec![0; BUF]) {
+    match dirtar::copy_split(reader, &mut file, &mut vec![0; BUF]) {
         Err(CopyFailure::Read(e)) => return Err(corrupt(path, e.to_string())),
         Err(CopyFailure::Write(e)) => return Err(io_err(tmp, "write")(e)),
         Ok(_) => {}
@@ -692,7 +692,7 @@ fn unpack_file(path: &Path, reader: &mut PayloadReader, tmp: &Path) -> Result<()
 /// canonical name (copying when `received` is on another file system) and fsyncs `dir`.
 /// On error `received` stays where it is.
 pub fn adopt(dir: &Path, received: &Path) -> Result<CheckpointInfo, CheckpointError> {
-    archive::sync_path(received).map_err(io_err(received, "fsync"))?;
+    dirtar::sync_path(received).map_err(io_err(received, "fsync"))?;
     let mut info = verify(received)?;
     fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
     let path = dir.join(file_name(info.index, info.term));
@@ -710,7 +710,7 @@ pub fn adopt(dir: &Path, received: &Path) -> Result<CheckpointInfo, CheckpointEr
 fn copy_in(dir: &Path, received: &Path, path: &Path) -> Result<(), CheckpointError> {
     let tmp = TempPath::new(dir.join(format!("{TEMP_PREFIX}adopt-{:016x}", rand::random::<u64>())));
     fs::copy(received, &tmp.path).map_err(io_err(received, "copy"))?;
-    archive::sync_path(&tmp.path).map_err(io_err(&tmp.path, "fsync"))?;
+    dirtar::sync_path(&tmp.path).map_err(io_err(&tmp.path, "fsync"))?;
     fs::rename(&tmp.path, path).map_err(io_err(path, "rename into place"))?;
     tmp.disarm();
     if let Err(e) = fs::remove_file(received) {
@@ -721,48 +721,12 @@ fn copy_in(dir: &Path, received: &Path, path: &Path) -> Result<(), CheckpointErr
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::super::archive::tests::assert_same_tree;
-    use super::super::archive::tests::pseudo_random;
-    use super::super::archive::tests::sample_tree;
     use super::*;
-
-    pub(crate) fn spec(index: u64, term: u64, mode: CaptureMode) -> CheckpointSpec {
-        CheckpointSpec {
-            cluster: "c1".into(),
-            index,
-            term,
-            entry_time_us: 1_700_000_000_000_000 + index as i64,
-            mode,
-            haven_state: vec![1, 2, 3, index as u8],
-        }
-    }
-
-    /// A small hooks checkpoint in `dir`, created at `created_us`.
-    pub(crate) fn tiny(dir: &Path, index: u64, created_us: i64) -> CheckpointInfo {
-        let src = dir.join(format!("{TEMP_PREFIX}src-{index}"));
-        fs::write(&src, index.to_le_bytes()).unwrap();
-        let info = write_created_at(
-            dir,
-            spec(index, 2, CaptureMode::Hooks),
-            PayloadSource::File(&src),
-            created_us,
-        )
-        .unwrap();
-        fs::remove_file(&src).unwrap();
-        info
-    }
-
-    /// Flips one bit of the byte at `offset`.
-    pub(crate) fn flip(path: &Path, offset: u64) {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut byte = [0];
-        file.read_exact_at(&mut byte, offset).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
-    }
+    use crate::dirtar::tests::assert_same_tree;
+    use crate::dirtar::tests::pseudo_random;
+    use crate::dirtar::tests::sample_tree;
+    use crate::testing::flip;
+    use crate::testing::spec;
 
     fn trailer_len(path: &Path) -> u64 {
         let bytes = fs::read(path).unwrap();
