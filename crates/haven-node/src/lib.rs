@@ -9,7 +9,7 @@
 //! - [`app`]: the HTTP client toward this node's replica.
 //! - [`admin`] and [`metrics`]: status and Prometheus metrics on the admin port.
 //! - [`config`]: the TOML file; [`types`]: values shared by the above.
-//! - [`node`]: assembly, start order and shutdown.
+//! - [`node`]: assembly, start order and shutdown; [`workers`]: its named background tasks.
 
 pub mod admin;
 pub mod app;
@@ -24,3 +24,4 @@ pub mod node;
 pub mod restore;
 pub mod routes;
 pub mod types;
+pub mod workers;

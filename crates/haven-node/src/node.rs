@@ -43,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::restore::AppSettings;
 use crate::routes::RouteTable;
 use crate::types::TypeConfig;
+use crate::workers::Workers;
 use haven_checkpoint::catalog::Retention;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +150,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             source,
         })?;
     let metrics = Metrics::new()?;
-    let managed = start_managed_app(&config, &service_dir, &metrics).await?;
+    let workers = Workers::new();
+    let service_workers = workers.scoped(&config.app.name);
+    let managed = start_managed_app(&config, &service_dir, &metrics, &service_workers).await?;
     let checkpoints = open_checkpoints(&config, &service_dir, managed.clone())?;
     let app = AppClient::new(&config.app.url, config.app_timeout());
     let limits = IdempotencyLimits {
@@ -163,6 +166,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics.clone(),
         stop_rx.clone(),
         checkpoints.clone(),
+        &service_workers,
     )?;
     let shared = state_machine.shared();
     check_log_covers_applied(
@@ -196,21 +200,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics: metrics.clone(),
         answers: Some(state_machine.clone()),
     };
-    tokio::spawn(consensus::server::serve(
-        raft_listener,
-        raft.clone(),
-        inbox,
-        config.raft.reads,
-        stop_rx.clone(),
-    ));
+    workers.spawn(
+        "raft-server",
+        consensus::server::serve(
+            raft_listener,
+            raft.clone(),
+            inbox,
+            config.raft.reads,
+            stop_rx.clone(),
+        ),
+    );
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
-    tokio::spawn(consensus::step_aside::run(
-        raft.clone(),
-        config.node.id,
-        shared.delivery_failing(),
-        metrics.clone(),
-        stop_rx.clone(),
-    ));
+    service_workers.spawn(
+        "step-aside",
+        consensus::step_aside::run(
+            raft.clone(),
+            config.node.id,
+            shared.delivery_failing(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ),
+    );
     if !config.node.join {
         initialize_once(&raft, &config).await?;
     }
@@ -222,12 +232,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         let applied = state_machine.applied();
         let (r, s) = (raft.clone(), stop_rx.clone());
-        tokio::spawn(policy::run_triggers(r, policy, applied, summary.clone(), s));
-        tokio::spawn(policy::run_compaction(
-            raft.clone(),
-            summary,
-            stop_rx.clone(),
-        ));
+        service_workers.spawn(
+            "checkpoint-trigger",
+            policy::run_triggers(r, policy, applied, summary.clone(), s),
+        );
+        service_workers.spawn(
+            "log-compaction",
+            policy::run_compaction(raft.clone(), summary, stop_rx.clone()),
+        );
     }
 
     let ingress = Ingress::new(
@@ -241,14 +253,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         config.raft.reads,
     );
-    tokio::spawn(ingress::serve(
-        client_listener,
-        ingress.clone(),
-        stop_rx.clone(),
-    ));
+    workers.spawn(
+        "client-server",
+        ingress::serve(client_listener, ingress.clone(), stop_rx.clone()),
+    );
     tracing::info!(addr = %config.node.client_addr, "client port open");
-    let router = admin::router(ingress, config.node.zone.clone(), checkpoints);
-    tokio::spawn(admin::serve(admin_listener, router, stop_rx.clone()));
+    let router = admin::router(
+        ingress,
+        config.node.zone.clone(),
+        checkpoints,
+        workers.clone(),
+    );
+    workers.spawn(
+        "admin-server",
+        admin::serve(admin_listener, router, stop_rx.clone()),
+    );
     tracing::info!(addr = %config.node.admin_addr, id = config.node.id, "node ready");
 
     let fatal = tokio::select! {
@@ -271,6 +290,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     {
         tracing::warn!(error = %e, "cannot stop the managed app");
     }
+    drop(state_machine);
+    workers.stop_all(WORKER_STOP_GRACE).await;
     match fatal {
         None => Ok(()),
         Some(reason) => Err(NodeError::Raft(reason)),
@@ -316,6 +337,8 @@ async fn raft_stopped(raft: &Raft) -> String {
 
 /// How long the managed app has to exit on SIGTERM at shutdown.
 const APP_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the workers have to end once the node has shut Raft and the app down.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Starts the app when the config manages it; it must answer before Raft starts, since
 /// openraft may install a checkpoint into it while opening.
@@ -323,6 +346,7 @@ async fn start_managed_app(
     config: &Config,
     service_dir: &Path,
     metrics: &Metrics,
+    workers: &Workers,
 ) -> Result<Option<Arc<ManagedApp>>, NodeError> {
     let (Some(argv), Some(data_dir)) = (&config.app.command, &config.app.data_dir) else {
         return Ok(None);
@@ -335,7 +359,7 @@ async fn start_managed_app(
     };
     let start_timeout = Duration::from_millis(config.app.start_timeout_ms);
     let files = AppFiles::in_dir(service_dir);
-    let app = ManagedApp::start(command, files, start_timeout, metrics.clone())
+    let app = ManagedApp::start(command, files, start_timeout, metrics.clone(), workers)
         .await
         .map_err(|e| NodeError::App(Box::new(e)))?;
     tracing::info!(pid = app.pid(), "managed app started");

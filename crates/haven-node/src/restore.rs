@@ -35,6 +35,7 @@ use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::types::Entry;
 use crate::types::TypeConfig;
+use crate::workers::Workers;
 use haven_checkpoint::CheckpointFile;
 use haven_checkpoint::catalog;
 use haven_checkpoint::catalog::Retention;
@@ -534,6 +535,7 @@ impl AppInstance {
             metrics,
             self.stop.clone(),
             Some(Arc::new(checkpoints)),
+            &Workers::new(),
         )
         .map_err(|e| refused(e.to_string()))
     }
@@ -608,9 +610,15 @@ async fn start_fresh(
     };
     let start_timeout = Duration::from_millis(settings.start_timeout_ms);
     let metrics = Metrics::new().map_err(|e| refused(e.to_string()))?;
-    let app = ManagedApp::start(command, AppFiles::in_dir(scratch), start_timeout, metrics)
-        .await
-        .map_err(|e| refused(format!("cannot start a fresh app: {e}")))?;
+    let app = ManagedApp::start(
+        command,
+        AppFiles::in_dir(scratch),
+        start_timeout,
+        metrics,
+        &Workers::new(),
+    )
+    .await
+    .map_err(|e| refused(format!("cannot start a fresh app: {e}")))?;
     Ok((url, app))
 }
 

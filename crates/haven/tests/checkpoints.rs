@@ -334,3 +334,65 @@ async fn back_to_back_checkpoint_requests_are_all_answered() {
         last = index;
     }
 }
+
+/// Every background task of a node is a named worker on `GET /workers`, all running, and a
+/// node asked to stop (SIGTERM) ends every one of them within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lists_its_workers_and_stops_them_all() {
+    use haven_node::workers::WorkerInfo;
+    use haven_node::workers::WorkerState;
+    let mut cluster = common::start(1, true, &checkpoints("managed", 30, 2)).await;
+    cluster
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let url = format!("{}/workers", cluster.slots[0].admin_url());
+    let reply = haven::http_client::Http::new(Duration::from_secs(5))
+        .get(&url)
+        .await
+        .unwrap();
+    let workers: Vec<WorkerInfo> = serde_json::from_slice(&reply.body).unwrap();
+    let mut names: Vec<&str> = workers.iter().map(|w| w.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "admin-server",
+            "app/app-supervisor",
+            "app/apply-delivery",
+            "app/checkpoint-trigger",
+            "app/log-compaction",
+            "app/step-aside",
+            "client-server",
+            "raft-server",
+        ]
+    );
+    assert!(
+        workers.iter().all(|w| w.state == WorkerState::Running),
+        "{workers:?}"
+    );
+    let pid = cluster.slots[0].node_pid().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        let exited = cluster.reap_exited();
+        if let Some(node) = exited.into_iter().find(|e| e.process == Process::Node) {
+            break node;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.status.success(), "{:?}", exited.status);
+    let log = std::fs::read_to_string(cluster.log_path(0, Process::Node)).unwrap();
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(!log.contains("did not stop in time"), "{log}");
+}

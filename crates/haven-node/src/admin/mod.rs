@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use crate::apply::Raft;
 use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
+use crate::workers::Workers;
 use haven_contract::NodeId;
 
 /// A node's view of itself and the cluster.
@@ -69,6 +70,7 @@ struct AdminState {
     ingress: Arc<Ingress>,
     zone: String,
     checkpoints: Option<Arc<Checkpoints>>,
+    workers: Workers,
 }
 
 /// The answer to `POST /checkpoints`.
@@ -171,11 +173,13 @@ pub fn router(
     ingress: Arc<Ingress>,
     zone: String,
     checkpoints: Option<Arc<Checkpoints>>,
+    workers: Workers,
 ) -> Router {
     let state = Arc::new(AdminState {
         ingress,
         zone,
         checkpoints,
+        workers,
     });
     Router::new()
         .route(
@@ -187,6 +191,10 @@ pub fn router(
             get(|State(s): State<Arc<AdminState>>| async move { s.ingress.metrics.render() }),
         )
         .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/workers",
+            get(|State(s): State<Arc<AdminState>>| async move { Json(s.workers.list()) }),
+        )
         .route(
             "/checkpoints",
             post(|State(s): State<Arc<AdminState>>| async move { checkpoint_now(&s).await }),

@@ -54,6 +54,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::workers::Workers;
 
 /// Placeholder replaced by the data directory in arguments and environment values.
 pub const DATA_DIR_PLACEHOLDER: &str = "{data_dir}";
@@ -263,6 +264,7 @@ impl ManagedApp {
         files: AppFiles,
         start_timeout: Duration,
         metrics: Metrics,
+        workers: &Workers,
     ) -> Result<ManagedApp, ProcessError> {
         let spec = Arc::new(Spec::new(cmd, files, start_timeout, metrics)?);
         spec.kill_stale().await?;
@@ -277,7 +279,7 @@ impl ManagedApp {
             backoff: BACKOFF_START,
         };
         supervisor.set_pid(Some(running.pid));
-        tokio::spawn(supervisor.run(running));
+        workers.spawn("app-supervisor", supervisor.run(running));
         Ok(ManagedApp { spec, control, pid })
     }
 
@@ -1034,7 +1036,14 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     }
 
     async fn start(f: &Fixture) -> Result<ManagedApp, ProcessError> {
-        ManagedApp::start(f.cmd.clone(), f.files.clone(), START, f.metrics.clone()).await
+        ManagedApp::start(
+            f.cmd.clone(),
+            f.files.clone(),
+            START,
+            f.metrics.clone(),
+            &Workers::new(),
+        )
+        .await
     }
 
     /// The app's answer to `GET /`, or `None` if it does not answer.
@@ -1191,11 +1200,13 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     #[tokio::test]
     async fn an_app_that_never_answers_times_out_and_is_killed() {
         let f = fixture(&["sleep", "30"]);
+        let workers = Workers::new();
         let started = ManagedApp::start(
             f.cmd.clone(),
             f.files.clone(),
             Duration::from_millis(300),
             f.metrics.clone(),
+            &workers,
         );
         let err = started.await.err().unwrap();
         assert_eq!(
@@ -1380,7 +1391,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
             port.parse().unwrap(),
         );
         let files = AppFiles::in_dir(Path::new(&dir));
-        let app = ManagedApp::start(cmd, files, START, Metrics::new().unwrap())
+        let app = ManagedApp::start(cmd, files, START, Metrics::new().unwrap(), &Workers::new())
             .await
             .unwrap();
         println!("app pid={}", app.pid().unwrap());

@@ -48,6 +48,7 @@ use crate::app::pipeline::OrderedConnection;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::Position;
 use crate::metrics::Metrics;
+use crate::workers::Workers;
 use haven_checkpoint::CheckpointFile;
 use haven_checkpoint::format::CheckpointInfo;
 use haven_contract::AppResponse;
@@ -297,6 +298,7 @@ impl StateMachine {
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
         checkpoints: Option<Arc<Checkpoints>>,
+        workers: &Workers,
     ) -> Result<Self, ApplyStateError> {
         let io_err = |source| ApplyStateError::Io {
             path: dir.to_path_buf(),
@@ -340,7 +342,8 @@ impl StateMachine {
             queued_upto: Arc::new(AtomicU64::new(applied_index)),
             failure: Arc::new(OnceLock::new()),
         };
-        tokio::spawn(
+        workers.spawn(
+            "apply-delivery",
             replica
                 .clone()
                 .deliver_handed_over(handed_over, handover.failure.clone()),
@@ -1127,7 +1130,16 @@ mod tests {
         };
         let connection = OrderedConnection::new(url, Duration::from_secs(60));
         let metrics = Metrics::new().unwrap();
-        let machine = StateMachine::open(dir, connection, limits, metrics, shutdown, None).unwrap();
+        let machine = StateMachine::open(
+            dir,
+            connection,
+            limits,
+            metrics,
+            shutdown,
+            None,
+            &Workers::new(),
+        )
+        .unwrap();
         (stop, machine)
     }
 
