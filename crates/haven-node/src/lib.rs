@@ -9,6 +9,8 @@
 //! - [`app`]: the HTTP client toward this node's replica.
 //! - [`admin`] and [`metrics`]: status and Prometheus metrics on the admin port.
 //! - [`config`]: the TOML file; [`types`]: values shared by the above.
+//! - [`service`]: one protected app: its Raft group, log, apply state, replica and
+//!   checkpoints.
 //! - [`node`]: assembly, start order and shutdown; [`workers`]: its named background tasks.
 
 pub mod admin;
@@ -23,5 +25,6 @@ pub mod metrics;
 pub mod node;
 pub mod restore;
 pub mod routes;
+pub mod service;
 pub mod types;
 pub mod workers;
