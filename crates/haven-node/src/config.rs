@@ -93,6 +93,12 @@ pub struct AppSection {
     /// How long a (re)started managed replica has to answer HTTP (default 10000).
     #[serde(default = "default_app_start_timeout_ms")]
     pub start_timeout_ms: u64,
+    /// The app recognises an entry delivered again by its `Haven-Index` and does not
+    /// apply it twice (as the log app does). Otherwise (default false), after a crash a
+    /// replica that may have applied entries without their answers being recorded is
+    /// rebuilt from its newest checkpoint instead of being sent them again.
+    #[serde(default)]
+    pub honours_haven_index: bool,
 }
 
 /// How the replica's state is captured.
@@ -492,6 +498,18 @@ impl Config {
 
     pub fn app_timeout(&self) -> Duration {
         Duration::from_millis(self.app.timeout_ms)
+    }
+
+    /// How entries the app may have applied before a crash are kept from being applied
+    /// twice, as status reports it.
+    pub fn exactly_once_after_crash(&self) -> &'static str {
+        match (self.app.honours_haven_index, &self.checkpoints) {
+            (true, _) => "the app recognises redelivered entries by Haven-Index",
+            (false, Some(_)) => "the replica is rebuilt from its newest checkpoint",
+            (false, None) => {
+                "not assured: no checkpoints are configured and the app does not honour Haven-Index, so entries may reach it twice after a crash"
+            }
+        }
     }
 }
 

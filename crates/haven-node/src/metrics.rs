@@ -38,6 +38,8 @@ pub struct Metrics {
     pub checkpoint_receive_total_bytes: IntGauge,
     /// Checkpoints installed into the local replica (from the leader or at restart).
     pub checkpoints_installed: IntCounter,
+    /// Replicas rebuilt from a checkpoint after a crash instead of redelivering entries.
+    pub replica_rebuilds: IntCounter,
     /// Checkpoints that failed (app down, disk full); each is retried later.
     pub checkpoint_failures: IntCounter,
     /// Times this node, leading while its replica failed to take entries, handed
@@ -118,6 +120,10 @@ impl Metrics {
             "haven_checkpoints_installed_total",
             "Checkpoints installed into the local replica",
         )?;
+        let replica_rebuilds = IntCounter::new(
+            "haven_replica_rebuilds_total",
+            "Replicas rebuilt from a checkpoint after a crash, so entries the app may have applied are not delivered twice",
+        )?;
         let checkpoint_failures = IntCounter::new(
             "haven_checkpoint_failures_total",
             "Checkpoints that failed and will be retried",
@@ -155,6 +161,7 @@ impl Metrics {
             &checkpoints_written,
             &checkpoint_pause_us,
             &checkpoints_installed,
+            &replica_rebuilds,
             &checkpoint_failures,
         ] {
             registry.register(Box::new(metric.clone()))?;
@@ -178,6 +185,7 @@ impl Metrics {
             checkpoint_receive_bytes,
             checkpoint_receive_total_bytes,
             checkpoints_installed,
+            replica_rebuilds,
             checkpoint_failures,
             leadership_handoffs,
             peer_connect_attempts,

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin;
+use crate::admin::AdminState;
 use crate::app::AppClient;
 use crate::config::Config;
 use crate::consensus;
@@ -116,12 +117,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ingress::serve(client_listener, ingress.clone(), stop_rx.clone()),
     );
     tracing::info!(addr = %config.node.client_addr, "client port open");
-    let router = admin::router(
+    let router = admin::router(AdminState {
         ingress,
-        config.node.zone.clone(),
-        service.checkpoints.clone(),
-        shared.workers.clone(),
-    );
+        zone: config.node.zone.clone(),
+        checkpoints: service.checkpoints.clone(),
+        workers: shared.workers.clone(),
+        exactly_once_after_crash: config.exactly_once_after_crash(),
+    });
     shared.workers.spawn(
         "admin-server",
         admin::serve(admin_listener, router, stop_rx.clone()),

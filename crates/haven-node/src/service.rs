@@ -75,6 +75,11 @@ pub enum ServiceError {
         apply_dir: std::path::PathBuf,
         applied: u64,
     },
+    #[error("cannot rebuild the replica of {dir} from a checkpoint after a crash: {source}")]
+    Rebuild {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open checkpoints in {dir}: {source}")]
     Checkpoints {
         dir: std::path::PathBuf,
@@ -133,6 +138,13 @@ impl Service {
             &dir,
         )
         .await?;
+        state_machine
+            .recover_from_crash(config.app.honours_haven_index)
+            .await
+            .map_err(|source| ServiceError::Rebuild {
+                dir: dir.clone(),
+                source,
+            })?;
         // Before Raft starts: it may deliver entries again at once, which may need the peers.
         let raft_cell = Arc::new(OnceLock::new());
         state_machine.set_peers(Arc::new(PeerAnswers {

@@ -58,6 +58,10 @@ pub struct Status {
     /// A checkpoint arriving from the leader: bytes received of the total (0 of 0: none yet).
     #[serde(default)]
     pub checkpoint_receive: TransferProgress,
+    /// How entries the app may have applied before a crash are kept from being applied
+    /// twice (`Config::exactly_once_after_crash`).
+    #[serde(default)]
+    pub exactly_once_after_crash: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,11 +70,13 @@ pub struct TransferProgress {
     pub total: u64,
 }
 
-struct AdminState {
-    ingress: Arc<Ingress>,
-    zone: String,
-    checkpoints: Option<Arc<Checkpoints>>,
-    workers: Workers,
+/// What the admin port serves from.
+pub struct AdminState {
+    pub ingress: Arc<Ingress>,
+    pub zone: String,
+    pub checkpoints: Option<Arc<Checkpoints>>,
+    pub workers: Workers,
+    pub exactly_once_after_crash: &'static str,
 }
 
 /// The answer to `POST /checkpoints`.
@@ -166,21 +172,12 @@ fn status(state: &AdminState) -> Status {
             bytes: ingress.metrics.checkpoint_receive_bytes.get() as u64,
             total: ingress.metrics.checkpoint_receive_total_bytes.get() as u64,
         },
+        exactly_once_after_crash: state.exactly_once_after_crash.to_string(),
     }
 }
 
-pub fn router(
-    ingress: Arc<Ingress>,
-    zone: String,
-    checkpoints: Option<Arc<Checkpoints>>,
-    workers: Workers,
-) -> Router {
-    let state = Arc::new(AdminState {
-        ingress,
-        zone,
-        checkpoints,
-        workers,
-    });
+pub fn router(state: AdminState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route(
             "/status",

@@ -242,6 +242,21 @@ struct Inner {
     last_persist: Instant,
 }
 
+/// What [`StateMachine::recover_from_crash`] found and did. `uncertain` is the range of
+/// entries that went to the app after the last save of the apply state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterCrash {
+    /// Nothing went to the app after the last save.
+    Clean,
+    /// The replica was rebuilt from the checkpoint at this index.
+    Rebuilt {
+        checkpoint: u64,
+        uncertain: (u64, u64),
+    },
+    /// The entries go to the app again.
+    Redelivered { uncertain: (u64, u64) },
+}
+
 /// The replica's side of the state machine: what the delivery task needs to apply a
 /// window, and all it holds, so that the hand-over queue closes when openraft lets go.
 #[derive(Clone)]
@@ -387,6 +402,63 @@ impl StateMachine {
     }
 
     /// Writes the state now; called on clean shutdown.
+    /// Decides, before Raft starts, how the entries a crash may have left applied but
+    /// unrecorded are made good.
+    ///
+    /// The apply state is saved every [`PERSIST_INTERVAL`]; entries delivered after the
+    /// last save went to the app (the journal says which) and may have been applied by
+    /// it without their answers being recorded. Delivered again, an app that does not
+    /// recognise `Haven-Index` applies them twice (a counter counts twice). So unless
+    /// the app honours `Haven-Index`, the replica is rebuilt from its newest checkpoint,
+    /// with Haven's own state at that index, and the log replays from there: each entry
+    /// reaches the rebuilt state once. Without a checkpoint the entries are delivered
+    /// again, with a warning: exactly-once then needs the app's help.
+    pub async fn recover_from_crash(&self, app_honours_index: bool) -> io::Result<AfterCrash> {
+        let mut inner = self.replica.inner.lock().await;
+        let applied = inner.state.last_applied.as_ref().map_or(0, |l| l.index);
+        let delivered = inner.recovered.delivered_upto;
+        if delivered <= applied {
+            return Ok(AfterCrash::Clean);
+        }
+        let uncertain = (applied + 1, delivered);
+        if app_honours_index {
+            tracing::info!(
+                ?uncertain,
+                "entries the app may have applied before the crash go to it again; it recognises them by Haven-Index"
+            );
+            return Ok(AfterCrash::Redelivered { uncertain });
+        }
+        let newest = match &self.checkpoints {
+            Some(checkpoints) => checkpoints.newest_verified().await?,
+            None => None,
+        };
+        let (Some(checkpoints), Some(info)) = (&self.checkpoints, newest) else {
+            tracing::warn!(
+                ?uncertain,
+                "entries the app may have applied before the crash go to it again, and no checkpoint exists to rebuild the replica from: an app that does not honour Haven-Index may apply them twice"
+            );
+            return Ok(AfterCrash::Redelivered { uncertain });
+        };
+        self.replica
+            .restore_until_done(checkpoints, &info.path, info.index)
+            .await?;
+        inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
+        inner.persist()?;
+        let shared = &self.replica.shared;
+        shared.applied.send_replace(info.index);
+        shared.metrics.applied_index.set(info.index as i64);
+        shared.metrics.replica_rebuilds.inc();
+        tracing::warn!(
+            checkpoint = info.index,
+            ?uncertain,
+            "replica rebuilt from its newest checkpoint after a crash: the app may have applied entries whose answers were not recorded; the log replays from the checkpoint"
+        );
+        Ok(AfterCrash::Rebuilt {
+            checkpoint: info.index,
+            uncertain,
+        })
+    }
+
     pub async fn persist(&self) -> io::Result<()> {
         let mut inner = self.replica.inner.lock().await;
         inner.persist()
@@ -475,13 +547,6 @@ impl Replica {
     ) -> io::Result<()> {
         let plan = plan_window(&inner.state, &window);
         let keyed = keyed_deliveries(&plan, &window);
-        if let (Some((first, _)), Some((last, _))) = (keyed.first(), keyed.last()) {
-            let delivering = outcomes::Record::Delivering {
-                first: *first,
-                last: *last,
-            };
-            inner.journal.append(&[delivering])?;
-        }
         let deliveries: Vec<Delivery<'_>> = plan
             .iter()
             .zip(&window)
@@ -493,6 +558,15 @@ impl Replica {
                 _ => None,
             })
             .collect();
+        if let (Some(first), Some(last)) = (deliveries.first(), deliveries.last()) {
+            // Before the app sees any of it: after a crash these entries may have been
+            // applied with no answer recorded (`StateMachine::recover_from_crash`).
+            let delivering = outcomes::Record::Delivering {
+                first: first.stamp.index,
+                last: last.stamp.index,
+            };
+            inner.journal.append(&[delivering])?;
+        }
         let responses = self
             .deliver_until_answered(&mut inner.app, &deliveries)
             .await?;

@@ -55,6 +55,7 @@ pub fn render(status: &Status) -> String {
                 if status.app_up { "up" } else { "down" }
             ),
         ),
+        ("after_a_crash", status.exactly_once_after_crash.clone()),
     ];
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
 }

@@ -1,0 +1,58 @@
+"""A counter that knows nothing of Haven: every POST adds one, and the count is kept in a
+file. Delivered twice, a request counts twice, which is what exactly-once must prevent.
+
+    python3 counter.py HOST PORT FILE
+    POST /count  -> 201, the new count
+    GET  /count  -> 200, the count
+"""
+import http.server
+import os
+import sys
+import threading
+
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lock = threading.Lock()
+count = int(open(path).read() or 0) if os.path.exists(path) else 0
+
+
+def save(value):
+    # Whole or not at all, so a kill mid-write loses nothing the app answered.
+    with open(path + ".tmp", "w") as f:
+        f.write(str(value))
+    os.replace(path + ".tmp", path)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status, body):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        global count
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path != "/count":
+            return self.answer(404, "no such path")
+        with lock:
+            count += 1
+            save(count)
+            value = count
+        self.answer(201, str(value))
+
+    def do_GET(self):
+        if self.path != "/count":
+            return self.answer(404, "no such path")
+        with lock:
+            value = count
+        self.answer(200, str(value))
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer((host, port), Handler).serve_forever()
