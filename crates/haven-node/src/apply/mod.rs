@@ -440,14 +440,9 @@ impl StateMachine {
             return Ok(AfterCrash::Redelivered { uncertain });
         };
         self.replica
-            .restore_until_done(checkpoints, &info.path, info.index)
+            .reset_to(&mut inner, checkpoints, &info.path, &info)
             .await?;
-        inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
-        inner.persist()?;
-        let shared = &self.replica.shared;
-        shared.applied.send_replace(info.index);
-        shared.metrics.applied_index.set(info.index as i64);
-        shared.metrics.replica_rebuilds.inc();
+        self.replica.shared.metrics.replica_rebuilds.inc();
         tracing::warn!(
             checkpoint = info.index,
             ?uncertain,
@@ -683,6 +678,24 @@ impl Replica {
 
     /// Retries until the replica took the checkpoint, as deliveries do: a replica that is
     /// down must cost a metric and retries, not the node. Only shutdown ends it early.
+    /// Puts the replica, and Haven's own state, back to the checkpoint at `path`: the app
+    /// first, so a crash in between leaves the old applied index on disk.
+    async fn reset_to(
+        &self,
+        inner: &mut Inner,
+        checkpoints: &Checkpoints,
+        path: &Path,
+        info: &CheckpointInfo,
+    ) -> io::Result<()> {
+        self.restore_until_done(checkpoints, path, info.index)
+            .await?;
+        inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
+        inner.persist()?;
+        self.shared.applied.send_replace(info.index);
+        self.shared.metrics.applied_index.set(info.index as i64);
+        Ok(())
+    }
+
     async fn restore_until_done(
         &self,
         checkpoints: &Checkpoints,
@@ -1076,12 +1089,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let replica = &self.replica;
         let mut inner = replica.inner.lock().await;
         replica
-            .restore_until_done(&checkpoints, &snapshot.path, info.index)
+            .reset_to(&mut inner, &checkpoints, &snapshot.path, &info)
             .await?;
-        inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
-        inner.persist()?;
-        replica.shared.applied.send_replace(info.index);
-        replica.shared.metrics.applied_index.set(info.index as i64);
         replica.shared.metrics.checkpoints_installed.inc();
         tracing::info!(index = info.index, "replica restored from checkpoint");
         Ok(())
