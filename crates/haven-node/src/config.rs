@@ -37,21 +37,74 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A node's configuration: what the node shares (identity, addresses, peers, Raft timing)
+/// and the services it protects.
+#[derive(Debug, Clone)]
 pub struct Config {
     pub node: NodeSection,
-    pub app: AppSection,
     pub peers: Vec<PeerSection>,
-    #[serde(default)]
-    pub routes: Vec<RouteRule>,
-    #[serde(default)]
-    pub limits: Limits,
-    #[serde(default)]
     pub raft: RaftTiming,
+    /// One per protected app; never empty.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One protected app: its replica, routes, limits and checkpoints.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Names the service; its data lives under `data_dir/<name>/`.
+    pub name: String,
+    pub app: AppSection,
+    pub routes: Vec<RouteRule>,
+    pub limits: Limits,
     /// Absent: no checkpoints, and the log is never compacted.
     pub checkpoints: Option<CheckpointSection>,
+    /// Where its keys are in the file, for errors.
+    written: Written,
 }
+
+/// Where a service's settings are in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// The single-service layout: `[app]`, `[[routes]]`, `[limits]`, `[checkpoints]` at the
+    /// top of the file.
+    AtTop,
+    /// The `i`-th `[[service]]` table (0-based).
+    InService(usize),
+}
+
+/// The file as written: the single-service layout or `[[service]]` tables, not both.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    node: NodeSection,
+    peers: Vec<PeerSection>,
+    #[serde(default)]
+    raft: RaftTiming,
+    app: Option<AppSection>,
+    #[serde(default)]
+    routes: Vec<RouteRule>,
+    limits: Option<Limits>,
+    checkpoints: Option<CheckpointSection>,
+    #[serde(default)]
+    service: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: String,
+    app: AppSection,
+    #[serde(default)]
+    routes: Vec<RouteRule>,
+    #[serde(default)]
+    limits: Limits,
+    checkpoints: Option<CheckpointSection>,
+}
+
+/// The service name of a file in the single-service layout without `app.name`.
+pub const DEFAULT_SERVICE_NAME: &str = "app";
+/// Longest service name: it names a directory, a metric label and a URL path prefix.
+pub const MAX_SERVICE_NAME: usize = 32;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,9 +129,9 @@ pub struct NodeSection {
 pub struct AppSection {
     /// Base URL of this node's replica, e.g. `http://127.0.0.1:6001`.
     pub url: String,
-    /// Names the protected service; its data lives under `data_dir/<name>/`.
-    #[serde(default = "default_service_name")]
-    pub name: String,
+    /// Single-service layout only: names the service (default `app`); its data lives
+    /// under `data_dir/<name>/`. In a `[[service]]` table the name is `service.name`.
+    pub name: Option<String>,
     /// How long one delivery to the replica may take before it is retried (default 5000).
     #[serde(default = "default_app_timeout_ms")]
     pub timeout_ms: u64,
@@ -251,9 +304,6 @@ impl Default for RaftTiming {
 fn default_zone() -> String {
     "default".to_string()
 }
-fn default_service_name() -> String {
-    "app".to_string()
-}
 fn default_app_timeout_ms() -> u64 {
     5_000
 }
@@ -290,41 +340,236 @@ impl Config {
 
     /// Parses and validates; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|bad| ConfigError::Invalid {
+        let invalid = |bad: BadKey| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: locate(text, &bad.table, bad.occurrence, &bad.key),
+            line: locate(text, &bad),
             key: bad.qualified_key(),
             reason: bad.reason,
-        })?;
+        };
+        let config = Config::from_file(file).map_err(invalid)?;
+        config.validate().map_err(invalid)?;
         Ok(config)
     }
 
+    fn from_file(file: ConfigFile) -> Result<Config, BadKey> {
+        let at_top = file.app.is_some()
+            || !file.routes.is_empty()
+            || file.limits.is_some()
+            || file.checkpoints.is_some();
+        let services = match (at_top, file.service.is_empty()) {
+            (true, false) => {
+                let reason = "the single-service layout ([app], [[routes]], [limits], [checkpoints] at the top) and [[service]] tables cannot be mixed: move them into a [[service]]";
+                return Err(BadKey {
+                    service: Some(0),
+                    ..BadKey::top("service", 0, "name", reason)
+                });
+            }
+            (_, true) => {
+                let Some(app) = file.app else {
+                    let reason = "no service: write an [app] table, or [[service]] tables";
+                    return Err(BadKey::top("node", 0, "id", reason));
+                };
+                vec![ServiceConfig {
+                    name: app
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
+                    app,
+                    routes: file.routes,
+                    limits: file.limits.unwrap_or_default(),
+                    checkpoints: file.checkpoints,
+                    written: Written::AtTop,
+                }]
+            }
+            (false, false) => file
+                .service
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| ServiceConfig {
+                    name: s.name,
+                    app: s.app,
+                    routes: s.routes,
+                    limits: s.limits,
+                    checkpoints: s.checkpoints,
+                    written: Written::InService(i),
+                })
+                .collect(),
+        };
+        Ok(Config {
+            node: file.node,
+            peers: file.peers,
+            raft: file.raft,
+            services,
+        })
+    }
+
     fn validate(&self) -> Result<(), BadKey> {
-        self.validate_node()?;
         self.validate_peers()?;
+        self.validate_raft()?;
+        let mut names = BTreeSet::new();
+        for service in &self.services {
+            service.validate()?;
+            if !names.insert(service.name.as_str()) {
+                return Err(service.bad("", 0, "name", "another service has this name"));
+            }
+        }
+        if let [_, second, ..] = self.services.as_slice() {
+            let reason = "a node runs one service for now; several services per node are the next step of issue 12";
+            return Err(second.bad("", 0, "name", reason));
+        }
+        Ok(())
+    }
+
+    fn validate_peers(&self) -> Result<(), BadKey> {
+        let mut seen = BTreeSet::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            if !seen.insert(peer.id) {
+                return Err(BadKey::top("peers", i, "id", "duplicate peer id"));
+            }
+        }
+        let Some(me) = self.peers.iter().find(|p| p.id == self.node.id) else {
+            return Err(BadKey::top(
+                "node",
+                0,
+                "id",
+                "this node's id must be listed in [[peers]]",
+            ));
+        };
+        if me.raft_addr != self.node.raft_addr {
+            return Err(BadKey::top(
+                "node",
+                0,
+                "raft_addr",
+                "differs from this node's [[peers]] entry",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_raft(&self) -> Result<(), BadKey> {
+        let r = &self.raft;
+        if r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            let reason = "must exceed twice raft.heartbeat_ms so a healthy leader is not deposed";
+            return Err(BadKey::top("raft", 0, "election_timeout_min_ms", reason));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            let reason = "must exceed raft.election_timeout_min_ms";
+            return Err(BadKey::top("raft", 0, "election_timeout_max_ms", reason));
+        }
+        Ok(())
+    }
+
+    /// Every voter as openraft membership wants it.
+    pub fn voters(&self) -> std::collections::BTreeMap<NodeId, PeerNode> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let node = PeerNode {
+                    raft_addr: p.raft_addr.to_string(),
+                    client_addr: p.client_addr.to_string(),
+                };
+                (p.id, node)
+            })
+            .collect()
+    }
+
+    /// The service a node runs today: the first (and, for now, only) one.
+    pub fn service(&self) -> &ServiceConfig {
+        &self.services[0]
+    }
+
+    /// Where a service's state lives: `data_dir/<service>/`.
+    pub fn service_dir(&self, service: &ServiceConfig) -> PathBuf {
+        self.node.data_dir.join(&service.name)
+    }
+}
+
+impl ServiceConfig {
+    /// A problem with key `key` of this service's `section` (`app`, `routes`, ...; empty
+    /// for the `[[service]]` table itself), in its `occurrence`-th table of that name.
+    fn bad(&self, section: &str, occurrence: usize, key: &str, reason: &str) -> BadKey {
+        let (table, service) = match self.written {
+            Written::AtTop => (section.to_string(), None),
+            Written::InService(i) if section.is_empty() => ("service".to_string(), Some(i)),
+            Written::InService(i) => (format!("service.{section}"), Some(i)),
+        };
+        BadKey {
+            table,
+            service,
+            occurrence,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), BadKey> {
+        self.validate_name()?;
+        self.validate_app()?;
         self.validate_routes()?;
         self.validate_limits()?;
         self.validate_managed_app()?;
         self.validate_checkpoints()
     }
 
+    fn validate_name(&self) -> Result<(), BadKey> {
+        match self.written {
+            // Kept as it was before services, so existing data directories stay valid.
+            Written::AtTop => {
+                let name_ok = !self.name.is_empty()
+                    && self
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !name_ok {
+                    return Err(self.bad("app", 0, "name", "must be non-empty [A-Za-z0-9_-]"));
+                }
+            }
+            Written::InService(_) => {
+                let name_ok = (1..=MAX_SERVICE_NAME).contains(&self.name.len())
+                    && self
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                if !name_ok {
+                    let reason = format!("must be 1 to {MAX_SERVICE_NAME} of [a-z0-9-]");
+                    return Err(self.bad("", 0, "name", &reason));
+                }
+                if self.app.name.is_some() {
+                    let reason = "a service is named by its `name`, not by app.name";
+                    return Err(self.bad("app", 0, "name", reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_app(&self) -> Result<(), BadKey> {
+        if !self.app.url.starts_with("http://") {
+            return Err(self.bad("app", 0, "url", "must start with http://"));
+        }
+        if self.app.timeout_ms == 0 {
+            return Err(self.bad("app", 0, "timeout_ms", "must be greater than 0"));
+        }
+        Ok(())
+    }
+
     fn validate_managed_app(&self) -> Result<(), BadKey> {
         let app = &self.app;
         match (&app.command, &app.data_dir) {
             (Some(argv), _) if argv.is_empty() => {
-                Err(BadKey::new("app", 0, "command", "must name a program"))
+                Err(self.bad("app", 0, "command", "must name a program"))
             }
-            (Some(_), None) => Err(BadKey::new(
+            (Some(_), None) => Err(self.bad(
                 "app",
                 0,
                 "command",
                 "needs app.data_dir (the managed app's directory)",
             )),
-            (None, Some(_)) => Err(BadKey::new(
+            (None, Some(_)) => Err(self.bad(
                 "app",
                 0,
                 "data_dir",
@@ -338,7 +583,7 @@ impl Config {
         let Some(c) = &self.checkpoints else {
             return Ok(());
         };
-        let bad = |key, reason: &str| Err(BadKey::new("checkpoints", 0, key, reason));
+        let bad = |key, reason: &str| Err(self.bad("checkpoints", 0, key, reason));
         if c.mode == CheckpointMode::Managed && self.app.command.is_none() {
             return bad("mode", "managed needs app.command and app.data_dir");
         }
@@ -359,77 +604,18 @@ impl Config {
         Ok(())
     }
 
-    fn validate_node(&self) -> Result<(), BadKey> {
-        if !self.app.url.starts_with("http://") {
-            return Err(BadKey::new("app", 0, "url", "must start with http://"));
-        }
-        if self.app.timeout_ms == 0 {
-            return Err(BadKey::new(
-                "app",
-                0,
-                "timeout_ms",
-                "must be greater than 0",
-            ));
-        }
-        let name_ok = !self.app.name.is_empty()
-            && self
-                .app
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !name_ok {
-            return Err(BadKey::new(
-                "app",
-                0,
-                "name",
-                "must be non-empty [A-Za-z0-9_-]",
-            ));
-        }
-        Ok(())
-    }
-
-    fn validate_peers(&self) -> Result<(), BadKey> {
-        let mut seen = BTreeSet::new();
-        for (i, peer) in self.peers.iter().enumerate() {
-            if !seen.insert(peer.id) {
-                return Err(BadKey::new("peers", i, "id", "duplicate peer id"));
-            }
-        }
-        let Some(me) = self.peers.iter().find(|p| p.id == self.node.id) else {
-            return Err(BadKey::new(
-                "node",
-                0,
-                "id",
-                "this node's id must be listed in [[peers]]",
-            ));
-        };
-        if me.raft_addr != self.node.raft_addr {
-            return Err(BadKey::new(
-                "node",
-                0,
-                "raft_addr",
-                "differs from this node's [[peers]] entry",
-            ));
-        }
-        Ok(())
-    }
-
     fn validate_routes(&self) -> Result<(), BadKey> {
         for (i, route) in self.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {
-                return Err(BadKey::new("routes", i, "path_prefix", "must start with /"));
+                return Err(self.bad("routes", i, "path_prefix", "must start with /"));
             }
             if let Some(m) = route
                 .methods
                 .iter()
                 .find(|m| http::Method::from_bytes(m.as_bytes()).is_err())
             {
-                return Err(BadKey::new(
-                    "routes",
-                    i,
-                    "methods",
-                    &format!("`{m}` is not an HTTP method"),
-                ));
+                let reason = format!("`{m}` is not an HTTP method");
+                return Err(self.bad("routes", i, "methods", &reason));
             }
         }
         Ok(())
@@ -437,55 +623,20 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), BadKey> {
         let l = &self.limits;
+        let bad = |key, reason: &str| Err(self.bad("limits", 0, key, reason));
         if l.max_body_bytes == 0 || l.max_body_bytes > MAX_BODY_BYTES_CEILING {
-            let reason = format!("must be between 1 and {MAX_BODY_BYTES_CEILING}");
-            return Err(BadKey::new("limits", 0, "max_body_bytes", &reason));
+            return bad(
+                "max_body_bytes",
+                &format!("must be between 1 and {MAX_BODY_BYTES_CEILING}"),
+            );
         }
         if l.request_timeout_ms == 0 {
-            return Err(BadKey::new(
-                "limits",
-                0,
-                "request_timeout_ms",
-                "must be greater than 0",
-            ));
+            return bad("request_timeout_ms", "must be greater than 0");
         }
         if l.max_inflight_requests == 0 {
-            return Err(BadKey::new(
-                "limits",
-                0,
-                "max_inflight_requests",
-                "must be greater than 0",
-            ));
-        }
-        let r = &self.raft;
-        if r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
-            let reason = "must exceed twice raft.heartbeat_ms so a healthy leader is not deposed";
-            return Err(BadKey::new("raft", 0, "election_timeout_min_ms", reason));
-        }
-        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
-            let reason = "must exceed raft.election_timeout_min_ms";
-            return Err(BadKey::new("raft", 0, "election_timeout_max_ms", reason));
+            return bad("max_inflight_requests", "must be greater than 0");
         }
         Ok(())
-    }
-
-    /// Every voter as openraft membership wants it.
-    pub fn voters(&self) -> std::collections::BTreeMap<NodeId, PeerNode> {
-        self.peers
-            .iter()
-            .map(|p| {
-                let node = PeerNode {
-                    raft_addr: p.raft_addr.to_string(),
-                    client_addr: p.client_addr.to_string(),
-                };
-                (p.id, node)
-            })
-            .collect()
-    }
-
-    /// Where this service's state lives: `data_dir/<service>/`.
-    pub fn service_dir(&self) -> PathBuf {
-        self.node.data_dir.join(&self.app.name)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -515,48 +666,74 @@ impl Config {
 
 /// A validation failure before the line is known.
 struct BadKey {
+    /// The table's name as its header spells it (`app`, `service.app`, `routes`).
     table: String,
+    /// Inside the `i`-th `[[service]]` table.
+    service: Option<usize>,
+    /// Which table of that name (arrays of tables), counted inside the service.
     occurrence: usize,
     key: String,
     reason: String,
 }
 
 impl BadKey {
-    fn new(table: &str, occurrence: usize, key: &str, reason: &str) -> Self {
+    /// A key outside every `[[service]]` table.
+    fn top(table: &str, occurrence: usize, key: &str, reason: &str) -> Self {
         Self {
             table: table.to_string(),
+            service: None,
             occurrence,
             key: key.to_string(),
             reason: reason.to_string(),
         }
     }
 
+    /// `app.url`, or `service[1].app.url` inside the second service.
     fn qualified_key(&self) -> String {
-        format!("{}.{}", self.table, self.key)
+        match self.service {
+            None => format!("{}.{}", self.table, self.key),
+            Some(i) => {
+                let within = self.table.strip_prefix("service").unwrap_or(&self.table);
+                format!("service[{i}]{within}.{}", self.key)
+            }
+        }
     }
 }
 
-/// Finds the 1-based line of `key` inside the `occurrence`-th `[table]` or `[[table]]`
-/// header; falls back to the header line, then to line 1.
-fn locate(text: &str, table: &str, occurrence: usize, key: &str) -> usize {
-    let mut seen = 0usize;
+/// Finds the 1-based line of the key `bad` names: inside the `occurrence`-th header of its
+/// table (counted inside its `[[service]]` table, if any); falls back to the header line,
+/// then to line 1.
+fn locate(text: &str, bad: &BadKey) -> usize {
+    let mut service: Option<usize> = None;
+    // Headers seen so far: outside every service, and inside the current one.
+    let mut seen_at_top: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut seen_in_service: std::collections::BTreeMap<String, usize> = Default::default();
     let mut inside = false;
     let mut header_line = None;
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.starts_with('[') {
             let name = line.trim_matches(|c| c == '[' || c == ']').trim();
-            inside = name == table && {
-                seen += 1;
-                seen == occurrence + 1
+            if name == "service" && line.starts_with("[[") {
+                service = Some(service.map_or(0, |s| s + 1));
+                seen_in_service.clear();
+            }
+            let in_service = name == "service" || name.starts_with("service.");
+            let (scope, seen) = if in_service {
+                (service, &mut seen_in_service)
+            } else {
+                (None, &mut seen_at_top)
             };
+            let count = seen.entry(name.to_string()).or_insert(0);
+            inside = name == bad.table && scope == bad.service && *count == bad.occurrence;
+            *count += 1;
             if inside {
                 header_line = Some(n + 1);
             }
             continue;
         }
         let is_key = line
-            .strip_prefix(key)
+            .strip_prefix(bad.key.as_str())
             .is_some_and(|rest| rest.trim_start().starts_with('='));
         if inside && is_key {
             return n + 1;
@@ -606,9 +783,14 @@ mode = "linearizable"
         let config = parse(GOOD).unwrap();
         assert_eq!(config.node.id, 1);
         assert_eq!(config.peers.len(), 2);
-        assert_eq!(config.routes[0].mode, RouteMode::Linearizable);
-        assert_eq!(config.limits.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
-        assert_eq!(config.service_dir(), PathBuf::from("/tmp/haven/1/app"));
+        let service = config.service();
+        assert_eq!(service.name, DEFAULT_SERVICE_NAME);
+        assert_eq!(service.routes[0].mode, RouteMode::Linearizable);
+        assert_eq!(service.limits.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            config.service_dir(service),
+            PathBuf::from("/tmp/haven/1/app")
+        );
     }
 
     #[test]
@@ -674,15 +856,19 @@ data_dir = "/tmp/haven/1/app"
             GOOD.replace("[app]\n", &format!("[app]{MANAGED}"))
         );
         let config = parse(&text).unwrap();
-        let c = config.checkpoints.unwrap();
+        let service = config.service();
+        let c = service.checkpoints.clone().unwrap();
         assert_eq!(c.mode, CheckpointMode::Managed);
         assert_eq!(
             (c.every_entries, c.every_seconds, c.keep),
             (10_000, 300, 64)
         );
         assert_eq!(c.keep_seconds, None);
-        assert_eq!(config.app.data_dir, Some(PathBuf::from("/tmp/haven/1/app")));
-        assert!(parse(GOOD).unwrap().checkpoints.is_none());
+        assert_eq!(
+            service.app.data_dir,
+            Some(PathBuf::from("/tmp/haven/1/app"))
+        );
+        assert!(parse(GOOD).unwrap().service().checkpoints.is_none());
     }
 
     #[test]
@@ -730,6 +916,84 @@ data_dir = "/tmp/haven/1/app"
         let err = parse(&text).unwrap_err();
         assert!(
             err.contains("key `limits.max_body_bytes` (line 29)"),
+            "{err}"
+        );
+    }
+
+    /// GOOD's node and peers with its single-service tables moved into `[[service]]`s.
+    fn with_services(services: &str) -> String {
+        let node_and_peers = GOOD
+            .replace("[app]\nurl = \"http://127.0.0.1:6001\"\n", "")
+            .replace(
+                "[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/\"\nmode = \"linearizable\"\n",
+                "",
+            );
+        format!("{node_and_peers}{services}")
+    }
+
+    const ORDERS: &str = r#"
+[[service]]
+name = "orders"
+[service.app]
+url = "http://127.0.0.1:6001"
+[[service.routes]]
+methods = ["GET"]
+mode = "local"
+[service.limits]
+max_body_bytes = 4096
+"#;
+
+    #[test]
+    fn a_service_table_describes_the_same_service_as_the_single_service_layout() {
+        let config = parse(&with_services(ORDERS)).unwrap();
+        let service = config.service();
+        assert_eq!(service.name, "orders");
+        assert_eq!(service.app.url, "http://127.0.0.1:6001");
+        assert_eq!(service.routes[0].mode, RouteMode::Local);
+        assert_eq!(service.limits.max_body_bytes, 4096);
+        assert_eq!(
+            config.service_dir(service),
+            PathBuf::from("/tmp/haven/1/orders")
+        );
+        let named = GOOD.replace("[app]\n", "[app]\nname = \"billing\"\n");
+        assert_eq!(parse(&named).unwrap().service().name, "billing");
+    }
+
+    #[test]
+    fn errors_inside_a_service_name_the_service_and_the_line() {
+        let second = ORDERS.replace("orders", "stock").replace("6001", "6002");
+        let text = with_services(&format!("{ORDERS}{}", second.replace("http://", "ftp://")));
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `service[1].app.url` (line 35): must start with http://"
+        );
+        let text = with_services(&ORDERS.replace("\"orders\"", "\"Orders\""));
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            format!(
+                "invalid config n1.toml: key `service[0].name` (line 23): must be 1 to {MAX_SERVICE_NAME} of [a-z0-9-]"
+            )
+        );
+        let text = with_services(&format!("{ORDERS}{ORDERS}"));
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `service[1].name` (line 33): another service has this name"
+        );
+        let text =
+            with_services(&ORDERS.replace("[service.app]\n", "[service.app]\nname = \"x\"\n"));
+        assert_eq!(
+            parse(&text).unwrap_err(),
+            "invalid config n1.toml: key `service[0].app.name` (line 25): a service is named by its `name`, not by app.name"
+        );
+    }
+
+    #[test]
+    fn the_two_layouts_cannot_be_mixed() {
+        let err = parse(&format!("{GOOD}{ORDERS}")).unwrap_err();
+        assert!(
+            err.starts_with(
+                "invalid config n1.toml: key `service[0].name` (line 29): the single-service layout"
+            ),
             "{err}"
         );
     }

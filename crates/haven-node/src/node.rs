@@ -87,7 +87,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         workers: Workers::new(),
         stop: stop_rx.clone(),
     };
-    let service = Service::open(&config, &shared).await?;
+    let service_config = config.service();
+    let service = Service::open(&config, service_config, &shared).await?;
     shared.workers.spawn(
         "raft-server",
         consensus::server::serve(
@@ -99,16 +100,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
     );
     tracing::info!(addr = %config.node.raft_addr, "raft port open");
-    service.start(&config, &shared).await?;
+    service.start(&config, service_config, &shared).await?;
 
     let ingress = Ingress::new(
         config.node.id,
         service.raft.clone(),
         service.state_machine.shared(),
-        AppClient::new(&config.app.url, config.app_timeout()),
+        AppClient::new(&service_config.app.url, service_config.app_timeout()),
         shared.transport.clone(),
-        RouteTable::new(config.routes.clone()),
-        config.limits.clone(),
+        RouteTable::new(service_config.routes.clone()),
+        service_config.limits.clone(),
         shared.metrics.clone(),
         config.raft.reads,
     );
@@ -122,7 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         zone: config.node.zone.clone(),
         checkpoints: service.checkpoints.clone(),
         workers: shared.workers.clone(),
-        exactly_once_after_crash: config.exactly_once_after_crash(),
+        exactly_once_after_crash: service_config.exactly_once_after_crash(),
     });
     shared.workers.spawn(
         "admin-server",

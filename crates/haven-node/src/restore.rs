@@ -30,7 +30,7 @@ use crate::apply::StateMachine;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
 use crate::config::CheckpointMode;
-use crate::config::Config;
+use crate::config::ServiceConfig;
 use crate::lock::DirLock;
 use crate::metrics::Metrics;
 use crate::types::Entry;
@@ -87,14 +87,14 @@ pub struct AppSettings {
 }
 
 impl AppSettings {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &ServiceConfig) -> Self {
         let c = config.checkpoints.as_ref();
         let mode = c.map(|c| match c.mode {
             CheckpointMode::Hooks => "hooks".to_string(),
             CheckpointMode::Managed => "managed".to_string(),
         });
         Self {
-            cluster: config.app.name.clone(),
+            cluster: config.name.clone(),
             url: config.app.url.clone(),
             command: config.app.command.clone(),
             env: config.app.env.clone().into_iter().collect(),

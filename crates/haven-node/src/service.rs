@@ -33,6 +33,7 @@ use crate::checkpoint::policy;
 use crate::checkpoint::policy::Policy;
 use crate::config::CheckpointMode;
 use crate::config::Config;
+use crate::config::ServiceConfig;
 use crate::consensus;
 use crate::consensus::first_answers::PeerAddrs;
 use crate::consensus::first_answers::PeerAnswers;
@@ -112,25 +113,29 @@ impl Service {
     /// Opens the service's data, starts its app and its Raft node. Raft is not
     /// initialized and no worker runs until [`Self::start`]: the node first opens the
     /// raft port that serves it.
-    pub async fn open(config: &Config, shared: &NodeShared) -> Result<Self, ServiceError> {
-        let name = config.app.name.clone();
-        let dir = config.service_dir();
+    pub async fn open(
+        config: &Config,
+        service: &ServiceConfig,
+        shared: &NodeShared,
+    ) -> Result<Self, ServiceError> {
+        let name = service.name.clone();
+        let dir = config.service_dir(service);
         let lock = DirLock::acquire(&dir).map_err(|source| ServiceError::Locked {
             dir: dir.clone(),
             source,
         })?;
         let log_store: LogStore<TypeConfig> = LogStore::open(&dir.join("log"), log_options())?;
         tracing::info!(dir = %dir.display(), "log opened");
-        AppSettings::from_config(config)
+        AppSettings::from_config(service)
             .save(&dir)
             .map_err(|source| ServiceError::Settings {
                 dir: dir.clone(),
                 source,
             })?;
         let workers = shared.workers.scoped(&name);
-        let managed = start_managed_app(config, &dir, &shared.metrics, &workers).await?;
-        let checkpoints = open_checkpoints(config, &dir, managed.clone())?;
-        let state_machine = open_state_machine(config, &dir, shared, &workers, &checkpoints)?;
+        let managed = start_managed_app(service, &dir, &shared.metrics, &workers).await?;
+        let checkpoints = open_checkpoints(service, &dir, managed.clone())?;
+        let state_machine = open_state_machine(service, &dir, shared, &workers, &checkpoints)?;
         check_log_covers_applied(
             &log_store,
             state_machine.shared().applied_index(),
@@ -139,7 +144,7 @@ impl Service {
         )
         .await?;
         state_machine
-            .recover_from_crash(config.app.honours_haven_index)
+            .recover_from_crash(service.app.honours_haven_index)
             .await
             .map_err(|source| ServiceError::Rebuild {
                 dir: dir.clone(),
@@ -183,7 +188,12 @@ impl Service {
     }
 
     /// Forms the cluster on first start (unless joining) and starts the service's workers.
-    pub async fn start(&self, config: &Config, shared: &NodeShared) -> Result<(), ServiceError> {
+    pub async fn start(
+        &self,
+        config: &Config,
+        service: &ServiceConfig,
+        shared: &NodeShared,
+    ) -> Result<(), ServiceError> {
         self.workers.spawn(
             "step-aside",
             consensus::step_aside::run(
@@ -197,7 +207,7 @@ impl Service {
         if !config.node.join {
             initialize_once(&self.raft, config).await?;
         }
-        if let (Some(section), Some(checkpoints)) = (&config.checkpoints, &self.checkpoints) {
+        if let (Some(section), Some(checkpoints)) = (&service.checkpoints, &self.checkpoints) {
             let summary = checkpoints.summary();
             let policy = Policy {
                 every_entries: section.every_entries,
@@ -246,7 +256,7 @@ impl Service {
 }
 
 fn open_state_machine(
-    config: &Config,
+    config: &ServiceConfig,
     dir: &Path,
     shared: &NodeShared,
     workers: &Workers,
@@ -310,7 +320,7 @@ const APP_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Starts the app when the config manages it; it must answer before Raft starts, since
 /// openraft may install a checkpoint into it while opening.
 async fn start_managed_app(
-    config: &Config,
+    config: &ServiceConfig,
     service_dir: &Path,
     metrics: &Metrics,
     workers: &Workers,
@@ -334,7 +344,7 @@ async fn start_managed_app(
 }
 
 fn open_checkpoints(
-    config: &Config,
+    config: &ServiceConfig,
     service_dir: &Path,
     managed: Option<Arc<ManagedApp>>,
 ) -> Result<Option<Arc<Checkpoints>>, ServiceError> {
@@ -361,7 +371,7 @@ fn open_checkpoints(
         max_age: section.keep_seconds.map(Duration::from_secs),
     };
     let dir = service_dir.join("checkpoints");
-    let checkpoints = Checkpoints::open(&dir, &config.app.name, capture, retention)
+    let checkpoints = Checkpoints::open(&dir, &config.name, capture, retention)
         .map_err(|source| ServiceError::Checkpoints { dir, source })?;
     Ok(Some(Arc::new(checkpoints)))
 }
