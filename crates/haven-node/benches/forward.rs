@@ -123,7 +123,11 @@ fn loopback(c: &mut Criterion) {
         tokio::spawn(echo_server(listener));
         addr
     });
-    let link = Transport::tcp(Metrics::new().unwrap()).link(&addr, Lane::Client);
+    let hello = wire::Hello {
+        cluster: "bench".into(),
+        service: "app".into(),
+    };
+    let link = Transport::tcp(Metrics::new().unwrap().node.peers, hello).link(&addr, Lane::Client);
     let message = RpcRequest::Forward(request(1));
     // Connect outside the measurement.
     rt.block_on(async { assert_committed(link.call(&message, CALL_TIMEOUT).await.unwrap()) });

@@ -58,8 +58,31 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Absent: no checkpoints, and the log is never compacted.
     pub checkpoints: Option<CheckpointSection>,
+    /// Which client requests are for this service.
+    pub matcher: Matcher,
     /// Where its keys are in the file, for errors.
     written: Written,
+}
+
+/// Which client requests belong to a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// Every request: the single-service layout, where the node serves one app.
+    Everything,
+    /// Requests whose `Host` is `host`, or whose path starts with `path_prefix` (which is
+    /// stripped before the app sees the request).
+    By {
+        host: Option<String>,
+        path_prefix: Option<String>,
+    },
+}
+
+/// `match = { host = "orders.example" }` or `match = { path_prefix = "/orders" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchSection {
+    host: Option<String>,
+    path_prefix: Option<String>,
 }
 
 /// Where a service's settings are in the file.
@@ -93,6 +116,9 @@ struct ConfigFile {
 #[serde(deny_unknown_fields)]
 struct ServiceSection {
     name: String,
+    /// Default: `path_prefix = "/<name>"`.
+    #[serde(rename = "match")]
+    matcher: Option<MatchSection>,
     app: AppSection,
     #[serde(default)]
     routes: Vec<RouteRule>,
@@ -110,6 +136,10 @@ pub const MAX_SERVICE_NAME: usize = 32;
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
     pub id: NodeId,
+    /// Names the cluster: a node refuses raft connections from another cluster's nodes
+    /// (default `haven`). Every node of a cluster must use the same name.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
     /// Failure-domain label; reported in status, used for placement checks later.
     #[serde(default = "default_zone")]
     pub zone: String,
@@ -301,6 +331,9 @@ impl Default for RaftTiming {
     }
 }
 
+fn default_cluster() -> String {
+    "haven".to_string()
+}
 fn default_zone() -> String {
     "default".to_string()
 }
@@ -382,6 +415,7 @@ impl Config {
                     routes: file.routes,
                     limits: file.limits.unwrap_or_default(),
                     checkpoints: file.checkpoints,
+                    matcher: Matcher::Everything,
                     written: Written::AtTop,
                 }]
             }
@@ -390,6 +424,16 @@ impl Config {
                 .into_iter()
                 .enumerate()
                 .map(|(i, s)| ServiceConfig {
+                    matcher: match s.matcher {
+                        Some(m) => Matcher::By {
+                            host: m.host,
+                            path_prefix: m.path_prefix,
+                        },
+                        None => Matcher::By {
+                            host: None,
+                            path_prefix: Some(format!("/{}", s.name)),
+                        },
+                    },
                     name: s.name,
                     app: s.app,
                     routes: s.routes,
@@ -410,16 +454,31 @@ impl Config {
     fn validate(&self) -> Result<(), BadKey> {
         self.validate_peers()?;
         self.validate_raft()?;
+        if !self.node.cluster.chars().all(name_char) || self.node.cluster.is_empty() {
+            let reason = "must be non-empty [a-z0-9-]";
+            return Err(BadKey::top("node", 0, "cluster", reason));
+        }
         let mut names = BTreeSet::new();
+        let mut hosts = BTreeSet::new();
+        let mut prefixes = BTreeSet::new();
         for service in &self.services {
             service.validate()?;
             if !names.insert(service.name.as_str()) {
                 return Err(service.bad("", 0, "name", "another service has this name"));
             }
-        }
-        if let [_, second, ..] = self.services.as_slice() {
-            let reason = "a node runs one service for now; several services per node are the next step of issue 12";
-            return Err(second.bad("", 0, "name", reason));
+            let Matcher::By { host, path_prefix } = &service.matcher else {
+                continue;
+            };
+            if host.as_ref().is_some_and(|h| !hosts.insert(h.as_str())) {
+                return Err(service.bad("", 0, "match", "another service matches this host"));
+            }
+            if path_prefix
+                .as_ref()
+                .is_some_and(|p| !prefixes.insert(p.as_str()))
+            {
+                let reason = "another service matches this path_prefix";
+                return Err(service.bad("", 0, "match", reason));
+            }
         }
         Ok(())
     }
@@ -477,7 +536,7 @@ impl Config {
             .collect()
     }
 
-    /// The service a node runs today: the first (and, for now, only) one.
+    /// The node's first service: its only one in the single-service layout.
     pub fn service(&self) -> &ServiceConfig {
         &self.services[0]
     }
@@ -508,6 +567,7 @@ impl ServiceConfig {
 
     fn validate(&self) -> Result<(), BadKey> {
         self.validate_name()?;
+        self.validate_matcher()?;
         self.validate_app()?;
         self.validate_routes()?;
         self.validate_limits()?;
@@ -530,10 +590,7 @@ impl ServiceConfig {
             }
             Written::InService(_) => {
                 let name_ok = (1..=MAX_SERVICE_NAME).contains(&self.name.len())
-                    && self
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                    && self.name.chars().all(name_char);
                 if !name_ok {
                     let reason = format!("must be 1 to {MAX_SERVICE_NAME} of [a-z0-9-]");
                     return Err(self.bad("", 0, "name", &reason));
@@ -545,6 +602,25 @@ impl ServiceConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_matcher(&self) -> Result<(), BadKey> {
+        let Matcher::By { host, path_prefix } = &self.matcher else {
+            return Ok(());
+        };
+        let bad = |reason: &str| Err(self.bad("", 0, "match", reason));
+        match (host, path_prefix) {
+            (None, None) => bad("needs host or path_prefix"),
+            (Some(h), _)
+                if h.is_empty() || h.contains(['/', ' ', ':']) || h.to_ascii_lowercase() != *h =>
+            {
+                bad("host must be a lower-case host name without port")
+            }
+            (_, Some(p)) if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') => bad(
+                "path_prefix must start with / and name at least one segment, without a trailing /",
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn validate_app(&self) -> Result<(), BadKey> {
@@ -662,6 +738,11 @@ impl ServiceConfig {
             }
         }
     }
+}
+
+/// Service and cluster names: they name directories, metric labels and URL paths.
+fn name_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
 }
 
 /// A validation failure before the line is known.

@@ -1,5 +1,7 @@
 //! Every metric a node exports, in one place, registered in the node's own registry (no
-//! process-wide default registry: one process will host several services).
+//! process-wide default registry). A node hosts several services, so every per-service
+//! metric carries a `service` label: each service holds a [`Metrics`] whose counters and
+//! gauges are already bound to its name, and the code that counts never names it.
 
 use prometheus::Encoder;
 use prometheus::IntCounter;
@@ -9,192 +11,248 @@ use prometheus::IntGaugeVec;
 use prometheus::Opts;
 use prometheus::Registry;
 
-#[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
-    /// Client requests by how they were served (write, linearizable, ordered, local).
-    pub requests: IntCounterVec,
-    /// Client requests answered with an error Haven produced itself, by reason.
-    pub request_errors: IntCounterVec,
-    /// Writes this node sent to the leader for ordering.
-    pub forwarded: IntCounter,
-    /// Failed deliveries of an entry to the local replica (each is retried; none is skipped).
-    pub app_delivery_failures: IntCounter,
-    /// 1 while the last delivery to the local replica succeeded.
-    pub app_up: IntGauge,
-    /// Last entry applied to the local replica.
-    pub applied_index: IntGauge,
-    /// Retries answered from the idempotency table instead of the app.
-    pub idempotent_replays: IntCounter,
-    /// Restarts of the managed app after it exited on its own.
-    pub app_restarts: IntCounter,
-    /// Pid of the managed app process; 0 while it is not running.
-    pub app_managed_pid: IntGauge,
-    /// Checkpoints this node wrote, and how long the pause of deliveries lasted in all.
-    pub checkpoints_written: IntCounter,
-    pub checkpoint_pause_us: IntCounter,
-    /// A checkpoint arriving from the leader: bytes so far, and of how many.
-    pub checkpoint_receive_bytes: IntGauge,
-    pub checkpoint_receive_total_bytes: IntGauge,
-    /// Checkpoints installed into the local replica (from the leader or at restart).
-    pub checkpoints_installed: IntCounter,
-    /// Replicas rebuilt from a checkpoint after a crash instead of redelivering entries.
-    pub replica_rebuilds: IntCounter,
-    /// Checkpoints that failed (app down, disk full); each is retried later.
-    pub checkpoint_failures: IntCounter,
-    /// Times this node, leading while its replica failed to take entries, handed
-    /// leadership to a follower.
-    pub leadership_handoffs: IntCounter,
-    /// Dials of a peer's raft address, and those that failed, by peer address.
-    pub peer_connect_attempts: IntCounterVec,
-    pub peer_connect_failures: IntCounterVec,
-    /// 0 while the last dial of a peer failed, by peer address.
-    pub peer_up: IntGaugeVec,
+/// The label every per-service metric carries.
+pub const SERVICE_LABEL: &str = "service";
+
+/// What registering a metric can fail with (a name registered twice).
+pub use prometheus::Error as MetricsError;
+
+/// Declares the per-service counters and gauges once: the families registered in a node's
+/// registry, and the fields of [`Metrics`] bound to one service.
+macro_rules! service_metrics {
+    (
+        counters { $( $(#[$cdoc:meta])* $counter:ident: $cname:literal, $chelp:literal; )* }
+        gauges { $( $(#[$gdoc:meta])* $gauge:ident: $gname:literal, $ghelp:literal; )* }
+    ) => {
+        /// The per-service families, each labelled by service.
+        struct Families {
+            $( $counter: IntCounterVec, )*
+            $( $gauge: IntGaugeVec, )*
+            requests: IntCounterVec,
+            request_errors: IntCounterVec,
+        }
+
+        impl Families {
+            fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+                Ok(Self {
+                    $( $counter: register(registry, IntCounterVec::new(
+                        Opts::new($cname, $chelp), &[SERVICE_LABEL])?)?, )*
+                    $( $gauge: register(registry, IntGaugeVec::new(
+                        Opts::new($gname, $ghelp), &[SERVICE_LABEL])?)?, )*
+                    requests: register(registry, IntCounterVec::new(
+                        Opts::new("haven_requests_total", "Client requests by route mode"),
+                        &[SERVICE_LABEL, "mode"],
+                    )?)?,
+                    request_errors: register(registry, IntCounterVec::new(
+                        Opts::new(
+                            "haven_request_errors_total",
+                            "Client requests Haven answered with an error, by reason",
+                        ),
+                        &[SERVICE_LABEL, "reason"],
+                    )?)?,
+                })
+            }
+
+            fn bind(&self, service: &str) -> ServiceFields {
+                ServiceFields {
+                    $( $counter: self.$counter.with_label_values(&[service]), )*
+                    $( $gauge: self.$gauge.with_label_values(&[service]), )*
+                }
+            }
+
+            /// Drops a removed service's series, so a scrape no longer reports them.
+            fn unbind(&self, service: &str) {
+                $( let _ = self.$counter.remove_label_values(&[service]); )*
+                $( let _ = self.$gauge.remove_label_values(&[service]); )*
+            }
+        }
+
+        /// One service's counters and gauges.
+        #[derive(Clone)]
+        pub struct ServiceFields {
+            $( $(#[$cdoc])* pub $counter: IntCounter, )*
+            $( $(#[$gdoc])* pub $gauge: IntGauge, )*
+        }
+    };
 }
 
-impl Metrics {
+service_metrics! {
+    counters {
+        /// Writes this node sent to the leader for ordering.
+        forwarded: "haven_forwarded_total", "Writes forwarded to the leader";
+        /// Failed deliveries of an entry to the local replica (each is retried; none is
+        /// skipped).
+        app_delivery_failures: "haven_app_delivery_failures_total",
+            "Failed deliveries of an entry to the local app replica (retried, never skipped)";
+        /// Retries answered from the idempotency table instead of the app.
+        idempotent_replays: "haven_idempotent_replays_total",
+            "Requests answered from the idempotency table instead of the app";
+        /// Restarts of the managed app after it exited on its own.
+        app_restarts: "haven_app_restarts_total",
+            "Restarts of the managed app after it exited on its own";
+        /// Checkpoints this node wrote, and how long the pause of deliveries lasted in all.
+        checkpoints_written: "haven_checkpoints_written_total", "Checkpoints this node wrote";
+        checkpoint_pause_us: "haven_checkpoint_pause_microseconds_total",
+            "Time deliveries to the app were paused to stage checkpoints";
+        /// Checkpoints installed into the local replica (from the leader or at restart).
+        checkpoints_installed: "haven_checkpoints_installed_total",
+            "Checkpoints installed into the local replica";
+        /// Replicas rebuilt from a checkpoint after a crash instead of redelivering entries.
+        replica_rebuilds: "haven_replica_rebuilds_total",
+            "Replicas rebuilt from a checkpoint after a crash, so entries the app may have applied are not delivered twice";
+        /// Checkpoints that failed (app down, disk full); each is retried later.
+        checkpoint_failures: "haven_checkpoint_failures_total",
+            "Checkpoints that failed and will be retried";
+        /// Times this node, leading while its replica failed to take entries, handed
+        /// leadership to a follower.
+        leadership_handoffs: "haven_leadership_handoffs_total",
+            "Times this node handed leadership over because its replica failed to take entries";
+    }
+    gauges {
+        /// 1 while the last delivery to the local replica succeeded.
+        app_up: "haven_app_up", "1 if the last delivery to the local app replica succeeded";
+        /// Last entry applied to the local replica.
+        applied_index: "haven_applied_index", "Last log index applied to the local replica";
+        /// Pid of the managed app process; 0 while it is not running.
+        app_managed_pid: "haven_app_managed_pid",
+            "Pid of the managed app process (0 while it is not running)";
+        /// A checkpoint arriving from the leader: bytes so far, and of how many.
+        checkpoint_receive_bytes: "haven_checkpoint_receive_bytes",
+            "Bytes received of the checkpoint arriving from the leader";
+        checkpoint_receive_total_bytes: "haven_checkpoint_receive_total_bytes",
+            "Size of the checkpoint arriving from the leader";
+    }
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// A family with one more label than `service`, bound to one service.
+#[derive(Clone)]
+pub struct ServiceVec {
+    family: IntCounterVec,
+    service: String,
+}
+
+impl ServiceVec {
+    /// The counter for these values of the family's own labels.
+    pub fn with_label_values(&self, values: &[&str]) -> IntCounter {
+        let mut all = Vec::with_capacity(values.len() + 1);
+        all.push(self.service.as_str());
+        all.extend_from_slice(values);
+        self.family.with_label_values(&all)
+    }
+}
+
+/// What the node's peer links report, shared by every service: peers are the node's.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    /// Dials of a peer's raft address, and those that failed, by peer address.
+    pub connect_attempts: IntCounterVec,
+    pub connect_failures: IntCounterVec,
+    /// 0 while the last dial of a peer failed, by peer address.
+    pub up: IntGaugeVec,
+    /// Connections a peer refused, by peer address and service.
+    pub refusals: IntCounterVec,
+}
+
+impl PeerMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let peer_family =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["peer"]);
+        Ok(Self {
+            connect_attempts: register(
+                registry,
+                peer_family(
+                    "haven_peer_connect_attempts_total",
+                    "Dials of a peer's raft address",
+                )?,
+            )?,
+            connect_failures: register(
+                registry,
+                peer_family(
+                    "haven_peer_connect_failures_total",
+                    "Dials of a peer's raft address that failed (each followed by a backoff)",
+                )?,
+            )?,
+            up: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "haven_peer_up",
+                        "0 while the last dial of a peer failed, 1 otherwise",
+                    ),
+                    &["peer"],
+                )?,
+            )?,
+            refusals: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "haven_peer_refusals_total",
+                        "Connections a peer refused: its cluster differs, or it does not run the service",
+                    ),
+                    &["peer", SERVICE_LABEL],
+                )?,
+            )?,
+        })
+    }
+}
+
+/// A node's registry: every service's metrics and the peers'.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    registry: Registry,
+    families: std::sync::Arc<Families>,
+    pub peers: PeerMetrics,
+}
+
+impl NodeMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("haven_requests_total", "Client requests by route mode"),
-            &["mode"],
-        )?;
-        let request_errors = IntCounterVec::new(
-            Opts::new(
-                "haven_request_errors_total",
-                "Client requests Haven answered with an error, by reason",
-            ),
-            &["reason"],
-        )?;
-        let forwarded = IntCounter::new("haven_forwarded_total", "Writes forwarded to the leader")?;
-        let app_delivery_failures = IntCounter::new(
-            "haven_app_delivery_failures_total",
-            "Failed deliveries of an entry to the local app replica (retried, never skipped)",
-        )?;
-        let app_up = IntGauge::new(
-            "haven_app_up",
-            "1 if the last delivery to the local app replica succeeded",
-        )?;
-        let applied_index = IntGauge::new(
-            "haven_applied_index",
-            "Last log index applied to the local replica",
-        )?;
-        let idempotent_replays = IntCounter::new(
-            "haven_idempotent_replays_total",
-            "Requests answered from the idempotency table instead of the app",
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_errors.clone()))?;
-        registry.register(Box::new(forwarded.clone()))?;
-        registry.register(Box::new(app_delivery_failures.clone()))?;
-        registry.register(Box::new(app_up.clone()))?;
-        registry.register(Box::new(applied_index.clone()))?;
-        registry.register(Box::new(idempotent_replays.clone()))?;
-        let app_restarts = IntCounter::new(
-            "haven_app_restarts_total",
-            "Restarts of the managed app after it exited on its own",
-        )?;
-        let app_managed_pid = IntGauge::new(
-            "haven_app_managed_pid",
-            "Pid of the managed app process (0 while it is not running)",
-        )?;
-        registry.register(Box::new(app_restarts.clone()))?;
-        registry.register(Box::new(app_managed_pid.clone()))?;
-        let checkpoints_written = IntCounter::new(
-            "haven_checkpoints_written_total",
-            "Checkpoints this node wrote",
-        )?;
-        let checkpoint_pause_us = IntCounter::new(
-            "haven_checkpoint_pause_microseconds_total",
-            "Time deliveries to the app were paused to stage checkpoints",
-        )?;
-        let checkpoint_receive_bytes = IntGauge::new(
-            "haven_checkpoint_receive_bytes",
-            "Bytes received of the checkpoint arriving from the leader",
-        )?;
-        let checkpoint_receive_total_bytes = IntGauge::new(
-            "haven_checkpoint_receive_total_bytes",
-            "Size of the checkpoint arriving from the leader",
-        )?;
-        let checkpoints_installed = IntCounter::new(
-            "haven_checkpoints_installed_total",
-            "Checkpoints installed into the local replica",
-        )?;
-        let replica_rebuilds = IntCounter::new(
-            "haven_replica_rebuilds_total",
-            "Replicas rebuilt from a checkpoint after a crash, so entries the app may have applied are not delivered twice",
-        )?;
-        let checkpoint_failures = IntCounter::new(
-            "haven_checkpoint_failures_total",
-            "Checkpoints that failed and will be retried",
-        )?;
-        let leadership_handoffs = IntCounter::new(
-            "haven_leadership_handoffs_total",
-            "Times this node handed leadership over because its replica failed to take entries",
-        )?;
-        let peer_connect_attempts = IntCounterVec::new(
-            Opts::new(
-                "haven_peer_connect_attempts_total",
-                "Dials of a peer's raft address",
-            ),
-            &["peer"],
-        )?;
-        let peer_connect_failures = IntCounterVec::new(
-            Opts::new(
-                "haven_peer_connect_failures_total",
-                "Dials of a peer's raft address that failed (each followed by a backoff)",
-            ),
-            &["peer"],
-        )?;
-        let peer_up = IntGaugeVec::new(
-            Opts::new(
-                "haven_peer_up",
-                "0 while the last dial of a peer failed, 1 otherwise",
-            ),
-            &["peer"],
-        )?;
-        registry.register(Box::new(peer_connect_attempts.clone()))?;
-        registry.register(Box::new(peer_connect_failures.clone()))?;
-        registry.register(Box::new(peer_up.clone()))?;
-        for metric in [
-            &leadership_handoffs,
-            &checkpoints_written,
-            &checkpoint_pause_us,
-            &checkpoints_installed,
-            &replica_rebuilds,
-            &checkpoint_failures,
-        ] {
-            registry.register(Box::new(metric.clone()))?;
-        }
-        for metric in [&checkpoint_receive_bytes, &checkpoint_receive_total_bytes] {
-            registry.register(Box::new(metric.clone()))?;
-        }
         Ok(Self {
+            families: std::sync::Arc::new(Families::register(&registry)?),
+            peers: PeerMetrics::register(&registry)?,
             registry,
-            requests,
-            request_errors,
-            forwarded,
-            app_delivery_failures,
-            app_up,
-            applied_index,
-            idempotent_replays,
-            app_restarts,
-            app_managed_pid,
-            checkpoints_written,
-            checkpoint_pause_us,
-            checkpoint_receive_bytes,
-            checkpoint_receive_total_bytes,
-            checkpoints_installed,
-            replica_rebuilds,
-            checkpoint_failures,
-            leadership_handoffs,
-            peer_connect_attempts,
-            peer_connect_failures,
-            peer_up,
         })
     }
 
-    /// Prometheus text exposition of every metric.
+    /// The metrics of one service, labelled with its name.
+    pub fn service(&self, name: &str) -> Metrics {
+        Metrics {
+            fields: self.families.bind(name),
+            requests: ServiceVec {
+                family: self.families.requests.clone(),
+                service: name.to_string(),
+            },
+            request_errors: ServiceVec {
+                family: self.families.request_errors.clone(),
+                service: name.to_string(),
+            },
+            node: self.clone(),
+        }
+    }
+
+    /// Forgets a removed service's series.
+    pub fn remove_service(&self, name: &str) {
+        self.families.unbind(name);
+        for family in [&self.families.requests, &self.families.request_errors] {
+            for labels in series_of(family, name) {
+                let labels: std::collections::HashMap<&str, &str> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let _ = family.remove(&labels);
+            }
+        }
+    }
+
+    /// Prometheus text exposition of every metric of every service.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         let encoder = prometheus::TextEncoder::new();
@@ -202,5 +260,88 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The label sets of `family`'s series that belong to `service`.
+fn series_of(
+    family: &IntCounterVec,
+    service: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    use prometheus::core::Collector;
+    family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| {
+            m.get_label()
+                .iter()
+                .map(|l| (l.name().to_string(), l.value().to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        })
+        .filter(|labels| labels.get(SERVICE_LABEL).is_some_and(|s| s == service))
+        .collect()
+}
+
+/// One service's metrics (and, through [`Metrics::node`], its node's).
+#[derive(Clone)]
+pub struct Metrics {
+    fields: ServiceFields,
+    /// Client requests by how they were served (write, linearizable, ordered, local).
+    pub requests: ServiceVec,
+    /// Client requests answered with an error Haven produced itself, by reason.
+    pub request_errors: ServiceVec,
+    pub node: NodeMetrics,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = ServiceFields;
+
+    fn deref(&self) -> &ServiceFields {
+        &self.fields
+    }
+}
+
+impl Metrics {
+    /// A fresh registry holding one service, for tools and tests that run a single one.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        Ok(NodeMetrics::new()?.service(crate::config::DEFAULT_SERVICE_NAME))
+    }
+
+    /// Prometheus text exposition of every metric of the node.
+    pub fn render(&self) -> String {
+        self.node.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_counts_under_its_own_label_and_a_removed_one_disappears() {
+        let node = NodeMetrics::new().unwrap();
+        let (orders, stock) = (node.service("orders"), node.service("stock"));
+        orders.forwarded.inc();
+        orders.requests.with_label_values(&["write"]).inc();
+        stock.app_up.set(1);
+        let text = node.render();
+        assert!(
+            text.contains("haven_forwarded_total{service=\"orders\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("haven_forwarded_total{service=\"stock\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("haven_requests_total{mode=\"write\",service=\"orders\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("haven_app_up{service=\"stock\"} 1"), "{text}");
+        node.remove_service("orders");
+        let text = node.render();
+        assert!(!text.contains("service=\"orders\""), "{text}");
+        assert!(text.contains("haven_app_up{service=\"stock\"} 1"), "{text}");
     }
 }

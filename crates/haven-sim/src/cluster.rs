@@ -12,10 +12,11 @@ use haven_contract::NodeId;
 use haven_contract::PeerNode;
 use haven_node::config::RaftTiming;
 use haven_node::config::ReadConfirmation;
-use haven_node::consensus::link::Transport;
 use haven_node::consensus::raft_config;
 use haven_node::consensus::runtime;
 use haven_node::consensus::server;
+use haven_node::consensus::server::Group;
+use haven_node::consensus::server::Groups;
 use haven_node::consensus::server::InboxFactory;
 use haven_node::metrics::Metrics;
 use haven_node::types::RaftOf;
@@ -30,8 +31,10 @@ use crate::faults::Window;
 use crate::lock;
 use crate::machine::Replica;
 use crate::net::RAFT_PORT;
-use crate::net::SimDial;
+use crate::net::SIM_CLUSTER;
+use crate::net::SIM_SERVICE;
 use crate::net::SimListener;
+use crate::net::sim_transport;
 use crate::store::SimLog;
 use crate::workload;
 use crate::workload::RECOVERY_DEADLINE;
@@ -163,7 +166,7 @@ fn add_node(
         async move {
             let first_boot = disk.is_empty();
             let config = Arc::new(raft_config(&RaftTiming::default())?);
-            let network = Transport::with_dialer(Arc::new(SimDial), Metrics::new()?);
+            let network = sim_transport()?;
             let raft = SimRaft::new(id, config, network, disk, replica.clone()).await?;
             let listener = SimListener::bind().await?;
             {
@@ -179,8 +182,10 @@ fn add_node(
                 metrics: Metrics::new()?,
                 answers: None,
             };
+            let groups = Groups::new(SIM_CLUSTER);
+            groups.insert(SIM_SERVICE, Group { raft, inbox });
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
-            server::serve(listener, raft, inbox, reads, shutdown).await;
+            server::serve(listener, groups, reads, shutdown).await;
             Ok(())
         }
     });

@@ -5,13 +5,34 @@ use std::io;
 use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
+use haven_node::consensus::link::Transport;
 use haven_node::consensus::net::Accept;
 use haven_node::consensus::net::Dial;
 use haven_node::consensus::net::Reader;
 use haven_node::consensus::net::Writer;
+use haven_node::consensus::wire::Hello;
+use haven_node::metrics::Metrics;
+use haven_node::metrics::MetricsError;
 
 /// Port every simulated node listens on for raft traffic.
 pub const RAFT_PORT: u16 = 7000;
+
+/// The cluster and service every simulated node and client speaks for.
+pub const SIM_CLUSTER: &str = "sim";
+pub const SIM_SERVICE: &str = "app";
+
+/// Peer links over simulated TCP, for the simulated service.
+pub fn sim_transport() -> Result<Transport, MetricsError> {
+    let hello = Hello {
+        cluster: SIM_CLUSTER.to_string(),
+        service: SIM_SERVICE.to_string(),
+    };
+    Ok(Transport::with_dialer(
+        std::sync::Arc::new(SimDial),
+        Metrics::new()?.node.peers,
+        hello,
+    ))
+}
 
 pub struct SimDial;
 

@@ -16,7 +16,6 @@ use haven_node::consensus::wire::ForwardOutcome;
 use haven_node::consensus::wire::ReadIndexOutcome;
 use haven_node::consensus::wire::RpcReply;
 use haven_node::consensus::wire::RpcRequest;
-use haven_node::metrics::Metrics;
 use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -26,7 +25,7 @@ use crate::check::Checker;
 use crate::check::ReadGrant;
 use crate::lock;
 use crate::net::RAFT_PORT;
-use crate::net::SimDial;
+use crate::net::sim_transport;
 
 /// How long a client waits for an answer before it counts the outcome as unknown.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,10 +52,7 @@ impl Session {
         Self {
             id,
             nodes,
-            transport: Transport::with_dialer(
-                Arc::new(SimDial),
-                Metrics::new().expect("metric names are unique"),
-            ),
+            transport: sim_transport().expect("metric names are unique"),
             leader: None,
             next_seq: 0,
             rng: StdRng::seed_from_u64(seed),

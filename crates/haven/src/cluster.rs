@@ -50,6 +50,35 @@ pub struct ClusterSpec {
     /// Each node starts and supervises its own replica (`[app] command`) instead of the
     /// cluster starting it.
     pub managed: bool,
+    /// Several services on every node (`[[service]]` tables; managed clusters only); empty:
+    /// the single-service layout with `app`.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One of several services every node of a cluster runs.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub app: AppKind,
+    /// The `match` value as TOML (e.g. `{ host = "orders.test" }`); none: the path prefix
+    /// `/<name>`.
+    pub matcher: Option<String>,
+}
+
+impl ServiceSpec {
+    /// A service reached by the path prefix `/<name>`.
+    pub fn new(name: &str, app: AppKind) -> Self {
+        Self {
+            name: name.to_string(),
+            app,
+            matcher: None,
+        }
+    }
+
+    /// The name of the replica's file in its directory.
+    fn file(&self) -> &str {
+        self.app.file()
+    }
 }
 
 /// Which example app every node replicates.
@@ -65,6 +94,16 @@ pub enum AppKind {
     Command { argv: Vec<String>, file: String },
 }
 
+impl AppKind {
+    /// The replica's file in its directory, the one replicas are compared by.
+    fn file(&self) -> &str {
+        match self {
+            AppKind::Command { file, .. } => file,
+            AppKind::LogApp { .. } | AppKind::TreeApp => "log.txt",
+        }
+    }
+}
+
 /// One node's addresses, files and processes.
 #[derive(Debug)]
 pub struct Slot {
@@ -73,6 +112,8 @@ pub struct Slot {
     pub raft_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub app_addr: SocketAddr,
+    /// Where each of `ClusterSpec::services` listens on this node, in their order.
+    pub service_app_addrs: Vec<SocketAddr>,
     pub config_path: PathBuf,
     /// The app replica's directory; the log app keeps `log.txt` in it.
     pub app_dir: PathBuf,
@@ -173,6 +214,9 @@ impl LocalCluster {
     /// (nodes past the end of `hosts` run here, on 127.0.0.1): what partition tests need,
     /// since a network namespace per node is the only way to cut one node off from another.
     pub fn start_on_hosts(spec: ClusterSpec, hosts: &[Host]) -> anyhow::Result<Self> {
+        if !spec.services.is_empty() && !spec.managed {
+            bail!("several services run only in a managed cluster (ClusterSpec::managed)");
+        }
         let mut cluster = Self {
             spec,
             slots: Vec::new(),
@@ -203,12 +247,12 @@ impl LocalCluster {
             raft_addr: free_addr_on(host.ip)?,
             admin_addr: free_addr_on(host.ip)?,
             app_addr: free_addr_on(host.ip)?,
+            service_app_addrs: (self.spec.services.iter())
+                .map(|_| free_addr_on(host.ip))
+                .collect::<anyhow::Result<_>>()?,
             config_path: node_dir.join("haven.toml"),
             app_dir: node_dir.join("app"),
-            app_file: node_dir.join("app").join(match &self.spec.app {
-                AppKind::Command { file, .. } => file.as_str(),
-                _ => "log.txt",
-            }),
+            app_file: node_dir.join("app").join(self.spec.app.file()),
             node: None,
             app: None,
             launcher: host.launcher,
@@ -267,33 +311,24 @@ impl LocalCluster {
     fn node_config(&self, i: usize) -> String {
         let slot = &self.slots[i];
         let mut toml = format!(
-            "[node]\nid = {}\nzone = \"zone-{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n[app]\nurl = \"{}\"\n\n",
+            "[node]\nid = {}\nzone = \"zone-{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n",
             slot.id,
             slot.id,
             slot.client_addr,
             slot.raft_addr,
             slot.admin_addr,
             self.data_dir(i).display(),
-            slot.app_url()
         );
-        if self.spec.managed {
-            let argv: Vec<String> = match self.app_args(i, Path::new("{data_dir}")) {
-                Some(args) => std::iter::once(self.spec.exe.display().to_string())
-                    .chain(args)
-                    .collect(),
-                None => match &self.spec.app {
-                    AppKind::Command { argv, .. } => argv.clone(),
-                    _ => Vec::new(),
-                },
-            };
-            let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-            let _ = write!(
-                toml,
-                "command = [{}]\ndata_dir = \"{}\"\nstart_timeout_ms = {}\n\n",
-                argv.join(", "),
-                slot.app_dir.display(),
-                self.app_start_timeout_ms()
-            );
+        if self.spec.services.is_empty() {
+            toml.push_str(&self.app_table("[app]", &self.spec.app, slot.app_addr, &slot.app_dir));
+        }
+        for (service, addr) in self.spec.services.iter().zip(&slot.service_app_addrs) {
+            let _ = writeln!(toml, "[[service]]\nname = \"{}\"", service.name);
+            if let Some(matcher) = &service.matcher {
+                let _ = writeln!(toml, "match = {matcher}");
+            }
+            let dir = slot.app_dir.join(&service.name);
+            toml.push_str(&self.app_table("[service.app]", &service.app, *addr, &dir));
         }
         for peer in &self.slots {
             let _ = write!(
@@ -306,14 +341,31 @@ impl LocalCluster {
         toml
     }
 
-    /// How long a managed replica has to answer after a start: the node's default, 10 s,
-    /// or more for a large pre-population (1 GB is 7 million lines, written and synced
-    /// by every replica at once; measured 12.5 s for three on a busy 2-core machine).
-    fn app_start_timeout_ms(&self) -> u64 {
-        match self.spec.app {
-            AppKind::LogApp { prepopulate } => (prepopulate / 100).max(10_000),
-            AppKind::TreeApp | AppKind::Command { .. } => 10_000,
+    /// The app table (`header`) for a replica of `app` listening on `addr`, keeping its
+    /// state in `dir` when the node manages it.
+    fn app_table(&self, header: &str, app: &AppKind, addr: SocketAddr, dir: &Path) -> String {
+        let mut toml = format!("{header}\nurl = \"http://{addr}\"\n");
+        if self.spec.managed {
+            let argv: Vec<String> = match app_args(app, addr, Path::new("{data_dir}")) {
+                Some(args) => std::iter::once(self.spec.exe.display().to_string())
+                    .chain(args)
+                    .collect(),
+                None => match app {
+                    AppKind::Command { argv, .. } => argv.clone(),
+                    _ => Vec::new(),
+                },
+            };
+            let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+            let _ = write!(
+                toml,
+                "command = [{}]\ndata_dir = \"{}\"\nstart_timeout_ms = {}\n",
+                argv.join(", "),
+                dir.display(),
+                app_start_timeout_ms(app)
+            );
         }
+        toml.push('\n');
+        toml
     }
 
     fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {
@@ -368,38 +420,12 @@ impl LocalCluster {
             return Ok(());
         }
         let slot = &self.slots[i];
-        let Some(args) = self.app_args(i, &slot.app_dir) else {
+        let Some(args) = app_args(&self.spec.app, slot.app_addr, &slot.app_dir) else {
             bail!("a command app runs only in a managed cluster (ClusterSpec::managed)");
         };
         let child = self.spawn(&slot.launcher, &args, &format!("app{}.log", slot.id))?;
         self.slots[i].app = Some(child);
         Ok(())
-    }
-
-    /// The `haven` arguments that run node `i`'s replica with its state in `dir`; `None`
-    /// for an app that is not one of Haven's own.
-    fn app_args(&self, i: usize, dir: &Path) -> Option<Vec<String>> {
-        let listen = self.slots[i].app_addr.to_string();
-        let args = match &self.spec.app {
-            AppKind::LogApp { prepopulate } => vec![
-                "logapp".to_string(),
-                "--listen".to_string(),
-                listen,
-                "--file".to_string(),
-                dir.join("log.txt").display().to_string(),
-                "--prepopulate".to_string(),
-                prepopulate.to_string(),
-            ],
-            AppKind::TreeApp => vec![
-                "treeapp".to_string(),
-                "--listen".to_string(),
-                listen,
-                "--dir".to_string(),
-                dir.display().to_string(),
-            ],
-            AppKind::Command { .. } => return None,
-        };
-        Some(args)
     }
 
     /// Every running node and app process, for CPU accounting.
@@ -420,20 +446,59 @@ impl LocalCluster {
         kill(&mut self.slots[i].app);
     }
 
+    /// Node `i`'s status (of its only service).
     pub async fn status(&self, i: usize) -> anyhow::Result<Status> {
+        self.status_of(i, None).await
+    }
+
+    /// Node `i`'s status of `service` (its only one when `None`).
+    pub async fn status_of(&self, i: usize, service: Option<&str>) -> anyhow::Result<Status> {
+        let query = service.map_or_else(String::new, |name| format!("?service={name}"));
         let reply = self
             .http
-            .get(&format!("{}/status", self.slots[i].admin_url()))
+            .get(&format!("{}/status{query}", self.slots[i].admin_url()))
             .await?;
+        if reply.status != 200 {
+            bail!(
+                "node {} answered {} to /status{query}: {}",
+                self.slots[i].id,
+                reply.status,
+                reply.text()
+            );
+        }
         serde_json::from_slice(&reply.body)
             .with_context(|| format!("parsing status of node {}", self.slots[i].id))
     }
 
+    /// The sum of node `i`'s series of metric `name` with these labels (0 when it has none).
+    pub async fn metric(
+        &self,
+        i: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<f64> {
+        let page = self
+            .http
+            .get(&format!("{}/metrics", self.slots[i].admin_url()))
+            .await?
+            .text();
+        Ok(crate::metrics_text::sum(&page, name, labels).unwrap_or(0.0))
+    }
+
     /// Waits until a running node reports a leader that another running node agrees on.
     pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        self.wait_for_leader_of(None, timeout).await
+    }
+
+    /// [`LocalCluster::wait_for_leader`] of `service` (the only one when `None`).
+    pub async fn wait_for_leader_of(
+        &self,
+        service: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(i) = self.agreed_leader().await {
+            if let Some(i) = self.agreed_leader(service).await {
                 return Ok(i);
             }
             if Instant::now() > deadline {
@@ -467,14 +532,14 @@ impl LocalCluster {
         Ok(())
     }
 
-    async fn agreed_leader(&self) -> Option<usize> {
+    async fn agreed_leader(&self, service: Option<&str>) -> Option<usize> {
         for (i, slot) in self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.node_running())
         {
-            let Ok(status) = self.status(i).await else {
+            let Ok(status) = self.status_of(i, service).await else {
                 continue;
             };
             if status.role == "leader" && status.leader_id == Some(slot.id) {
@@ -486,12 +551,21 @@ impl LocalCluster {
 
     /// Waits until every running node has applied everything the leader committed.
     pub async fn wait_converged(&self, timeout: Duration) -> anyhow::Result<u64> {
+        self.wait_converged_of(None, timeout).await
+    }
+
+    /// [`LocalCluster::wait_converged`] for `service` (the only one when `None`).
+    pub async fn wait_converged_of(
+        &self,
+        service: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut applied = Vec::new();
             let mut committed = 0;
             for i in (0..self.slots.len()).filter(|i| self.slots[*i].node_running()) {
-                if let Ok(status) = self.status(i).await {
+                if let Ok(status) = self.status_of(i, service).await {
                     committed = committed.max(status.commit_index.unwrap_or(0));
                     applied.push(status.applied_index.unwrap_or(0));
                 }
@@ -515,8 +589,53 @@ impl LocalCluster {
         std::fs::read(path).with_context(|| format!("reading replica {}", path.display()))
     }
 
+    /// The bytes of node `i`'s replica of `service` (one of `ClusterSpec::services`).
+    pub fn service_replica_bytes(&self, i: usize, service: &str) -> anyhow::Result<Vec<u8>> {
+        let Some(spec) = self.spec.services.iter().find(|s| s.name == service) else {
+            bail!("the cluster runs no service `{service}`");
+        };
+        let path = self.slots[i].app_dir.join(service).join(spec.file());
+        std::fs::read(&path).with_context(|| format!("reading replica {}", path.display()))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.spec.dir
+    }
+}
+
+/// The `haven` arguments that run a replica of `app` listening on `listen` with its state
+/// in `dir`; `None` for an app that is not one of Haven's own.
+fn app_args(app: &AppKind, listen: SocketAddr, dir: &Path) -> Option<Vec<String>> {
+    let listen = listen.to_string();
+    let args = match app {
+        AppKind::LogApp { prepopulate } => vec![
+            "logapp".to_string(),
+            "--listen".to_string(),
+            listen,
+            "--file".to_string(),
+            dir.join("log.txt").display().to_string(),
+            "--prepopulate".to_string(),
+            prepopulate.to_string(),
+        ],
+        AppKind::TreeApp => vec![
+            "treeapp".to_string(),
+            "--listen".to_string(),
+            listen,
+            "--dir".to_string(),
+            dir.display().to_string(),
+        ],
+        AppKind::Command { .. } => return None,
+    };
+    Some(args)
+}
+
+/// How long a managed replica has to answer after a start: the node's default, 10 s,
+/// or more for a large pre-population (1 GB is 7 million lines, written and synced
+/// by every replica at once; measured 12.5 s for three on a busy 2-core machine).
+fn app_start_timeout_ms(app: &AppKind) -> u64 {
+    match app {
+        AppKind::LogApp { prepopulate } => (prepopulate / 100).max(10_000),
+        AppKind::TreeApp | AppKind::Command { .. } => 10_000,
     }
 }
 

@@ -4,4 +4,5 @@
 pub mod cli;
 pub mod cluster;
 pub mod http_client;
+pub mod metrics_text;
 pub mod torture;

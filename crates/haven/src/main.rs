@@ -82,11 +82,10 @@ enum Command {
     /// Point-in-time restore from a node's data directory: newest checkpoint at or before
     /// the target, then the log replayed up to it, into a fresh app.
     Restore(cli::checkpoints::RestoreArgs),
-    /// Show a node's status.
+    /// Show a node's status: one service in full, or a line per service.
     Status {
-        /// The node's admin address, e.g. 127.0.0.1:7001.
-        #[arg(long)]
-        admin: String,
+        #[command(flatten)]
+        target: cli::AdminTarget,
         #[arg(long)]
         json: bool,
     },
@@ -219,14 +218,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let exe = std::env::current_exe().context("locating the haven executable")?;
             return haven::torture::execute(exe, args, print).await;
         }
-        Command::Status { admin, json } => {
+        Command::Status { target, json } => {
             init_tracing("warn");
-            let status = cli::status::fetch(&admin).await?;
-            if json {
-                print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
-            } else {
-                print(&cli::status::render(&status))?;
-            }
+            print(&cli::status::show(&target, json).await?)?;
         }
     }
     Ok(ExitCode::SUCCESS)

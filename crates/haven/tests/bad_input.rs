@@ -147,19 +147,6 @@ async fn write_ok(c: &TestCluster, node: usize, body: String, acked: &mut Vec<St
     acked.push(body);
 }
 
-async fn metric(c: &TestCluster, node: usize, name: &str) -> u64 {
-    let text = c
-        .http
-        .get(&format!("{}/metrics", c.slots[node].admin_url()))
-        .await
-        .unwrap()
-        .text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-}
-
 /// Raises this process's open-file limit (inherited by the nodes it starts) to what the
 /// half-open connection case needs: CI machines often default to a soft limit of 1024.
 fn raise_fd_limit(wanted: u64) {
@@ -239,13 +226,14 @@ async fn oversized_bodies_get_413_with_the_reason_however_they_are_framed() {
     write_ok(&c, 2, "after".to_string(), &mut acked).await;
 
     assert!(
-        metric(
-            &c,
+        c.metric(
             1,
-            "haven_request_errors_total{reason=\"body-too-large\"}"
+            "haven_request_errors_total",
+            &[("reason", "body-too-large")]
         )
         .await
-            >= 4
+        .unwrap()
+            >= 4.0
     );
     let lines = assert_acked_present_once(&c, &acked).await;
     assert_eq!(
@@ -598,10 +586,37 @@ async fn raft_refuses(addr: SocketAddr, bytes: &[u8]) {
     );
 }
 
+fn hello(cluster: &str, service: &str) -> Vec<u8> {
+    let hello = wire::Hello {
+        cluster: cluster.into(),
+        service: service.into(),
+    };
+    hello.encode().unwrap()
+}
+
+/// A valid hello for the test cluster's only service, then a frame header claiming `len`.
 fn frame_header(len: u32) -> Vec<u8> {
-    let mut bytes = wire::HELLO.to_vec();
+    let mut bytes = hello("haven", "app");
     bytes.extend_from_slice(&len.to_le_bytes());
     bytes
+}
+
+/// Sends `hello` and returns the reason the raft port gives for refusing it.
+async fn raft_refusal(addr: SocketAddr, hello: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(hello).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(HANG, stream.read_to_end(&mut got))
+        .await
+        .expect("the raft port kept a refused connection open")
+        .unwrap();
+    let (id, reply) = wire::read_frame::<_, wire::RpcReply>(&mut &got[..], &mut Vec::new())
+        .await
+        .unwrap();
+    match (id, reply) {
+        (0, wire::RpcReply::Refused(reason)) => reason,
+        other => panic!("not a refusal: {other:?}"),
+    }
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -650,8 +665,26 @@ async fn raft_port_drops_garbage_and_half_open_connections_and_keeps_committing(
         drop(stream);
         write_ok(&c, target, format!("after garbage to {target}"), &mut acked).await;
     }
+    // A well-formed hello for a service or cluster the node does not have: refused with
+    // the reason, never served by the node's group.
+    let addr = c.slots[follower].raft_addr;
+    assert_eq!(
+        raft_refusal(addr, &hello("haven", "nope")).await,
+        "this node does not run service `nope` (it runs: app)"
+    );
+    assert_eq!(
+        raft_refusal(addr, &hello("other", "app")).await,
+        "the dialer belongs to cluster `other`, this node to cluster `haven`"
+    );
+    write_ok(&c, follower, "after refusals".to_string(), &mut acked).await;
     for target in [leader, follower] {
         let log = std::fs::read_to_string(c.log_path(target, Process::Node)).unwrap();
+        if target == follower {
+            assert!(
+                log.contains("raft connection refused"),
+                "refusal not logged"
+            );
+        }
         for why in [
             "bad hello",
             "undecodable frame",
@@ -917,7 +950,10 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
     for i in 0..3 {
         write_ok(&c, i, format!("before {i}"), &mut acked).await;
     }
-    let failures_before = metric(&c, leader, "haven_app_delivery_failures_total").await;
+    let failures_before = c
+        .metric(leader, "haven_app_delivery_failures_total", &[])
+        .await
+        .unwrap();
     c.kill_app(leader);
     for i in 0..10 {
         write_ok(&c, others[i % 2], format!("app down {i}"), &mut acked).await;
@@ -930,7 +966,12 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(metric(&c, leader, "haven_app_delivery_failures_total").await > failures_before);
+    assert!(
+        c.metric(leader, "haven_app_delivery_failures_total", &[])
+            .await
+            .unwrap()
+            > failures_before
+    );
 
     let started = Instant::now();
     let stalled = c.append(leader, "through the dead app's node").await;
@@ -970,7 +1011,12 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
             .any(|i| status.leader_id == Some(c.slots[*i].id))
     );
     assert!(!status.app_up);
-    assert!(metric(&c, leader, "haven_leadership_handoffs_total").await >= 1);
+    assert!(
+        c.metric(leader, "haven_leadership_handoffs_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
     assert!(c.slots[leader].node_running());
 
     // More writes than the dead replica's queue holds: before the hand-over existed, the

@@ -33,6 +33,7 @@ async fn cluster(dir: &tempfile::TempDir) -> LocalCluster {
         extra_config: String::new(),
         app: AppKind::LogApp { prepopulate: 100 },
         managed: false,
+        services: Vec::new(),
     };
     let cluster = LocalCluster::start(spec).unwrap();
     cluster

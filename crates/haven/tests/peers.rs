@@ -8,19 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use haven::cluster::Process;
+use haven::metrics_text::sum;
 
 mod common;
 
 /// How long the follower stays down; the dial budget below scales with it.
 const DOWN_FOR: Duration = Duration::from_secs(5);
-
-/// The value of one labelled sample in a Prometheus text page.
-fn sample(page: &str, name: &str, label: &str) -> Option<f64> {
-    page.lines()
-        .find(|l| l.starts_with(name) && l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peer_is_dialed_with_backoff_and_reported_once() {
@@ -79,12 +72,12 @@ async fn a_dead_peer_is_dialed_with_backoff_and_reported_once() {
         .await
         .unwrap()
         .text();
-    let label = format!("peer=\"{peer}\"");
-    let attempts = sample(&metrics, "haven_peer_connect_attempts_total", &label).unwrap();
+    let this_peer = [("peer", peer.as_str())];
+    let attempts = sum(&metrics, "haven_peer_connect_attempts_total", &this_peer).unwrap();
     // At most one dial per half of the 800 ms cap, plus the ramp-up from 50 ms.
     let budget = DOWN_FOR.as_secs_f64() / 0.4 + 8.0;
     assert!(attempts <= budget, "{attempts} dials in {DOWN_FOR:?}");
-    assert_eq!(sample(&metrics, "haven_peer_up", &label), Some(0.0));
+    assert_eq!(sum(&metrics, "haven_peer_up", &this_peer), Some(0.0));
 
     c.start_node(follower).unwrap();
     c.wait_converged(Duration::from_secs(20)).await.unwrap();

@@ -70,7 +70,7 @@ pub struct MembershipError {
 
 pub type Answer = Result<Json<MembershipReply>, (StatusCode, Json<MembershipError>)>;
 
-fn refuse(status: StatusCode, error: String, leader_id: Option<NodeId>) -> Answer {
+pub(super) fn refuse(status: StatusCode, error: String, leader_id: Option<NodeId>) -> Answer {
     Err((status, Json(MembershipError { error, leader_id })))
 }
 

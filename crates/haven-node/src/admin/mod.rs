@@ -1,15 +1,22 @@
-//! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text), `GET /health`, `POST /checkpoints` (take one now), and the membership changes of [`members`] (`POST
-//! /members/{learner,promote,remove,replace}`, JSON). Separate from the client port so
-//! operators can reach a node whose client side is saturated.
+//! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /services` (every
+//! service's status), `GET /metrics` (Prometheus text, every service), `GET /health`,
+//! `GET /workers`, `POST /checkpoints` (take one now), and the membership changes of
+//! [`members`] (`POST /members/{learner,promote,remove,replace}`, JSON). Separate from the
+//! client port so operators can reach a node whose client side is saturated.
+//!
+//! A request about one service names it with `?service=NAME`; on a node with a single
+//! service the name may be left out.
 
 pub mod members;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Query;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::MethodRouter;
@@ -26,12 +33,16 @@ use tokio::sync::watch;
 use crate::apply::Raft;
 use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
+use crate::metrics::NodeMetrics;
 use crate::workers::Workers;
 use haven_contract::NodeId;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
+    /// The service this status is about.
+    #[serde(default)]
+    pub service: String,
     pub id: NodeId,
     pub zone: String,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
@@ -70,13 +81,87 @@ pub struct TransferProgress {
     pub total: u64,
 }
 
+/// One service, as the admin port sees it.
+pub struct ServiceAdmin {
+    pub ingress: Arc<Ingress>,
+    pub checkpoints: Option<Arc<Checkpoints>>,
+    pub exactly_once_after_crash: &'static str,
+}
+
 /// What the admin port serves from.
 pub struct AdminState {
-    pub ingress: Arc<Ingress>,
     pub zone: String,
-    pub checkpoints: Option<Arc<Checkpoints>>,
     pub workers: Workers,
-    pub exactly_once_after_crash: &'static str,
+    pub metrics: NodeMetrics,
+    services: RwLock<BTreeMap<String, Arc<ServiceAdmin>>>,
+}
+
+/// `?service=NAME`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Selector {
+    pub service: Option<String>,
+}
+
+type Refusal = (StatusCode, String);
+
+impl AdminState {
+    pub fn new(zone: String, workers: Workers, metrics: NodeMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            zone,
+            workers,
+            metrics,
+            services: RwLock::default(),
+        })
+    }
+
+    pub fn insert(&self, name: &str, service: ServiceAdmin) {
+        let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
+        services.insert(name.to_string(), Arc::new(service));
+    }
+
+    pub fn remove(&self, name: &str) {
+        let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
+        services.remove(name);
+    }
+
+    fn all(&self) -> Vec<(String, Arc<ServiceAdmin>)> {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// The service a request names, or the only one when it names none.
+    fn select(&self, selector: &Selector) -> Result<(String, Arc<ServiceAdmin>), Refusal> {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let names = || services.keys().cloned().collect::<Vec<_>>().join(", ");
+        match &selector.service {
+            Some(name) => match services.get(name) {
+                Some(service) => Ok((name.clone(), service.clone())),
+                None => Err((
+                    StatusCode::NOT_FOUND,
+                    format!("this node runs no service `{name}` (it runs: {})", names()),
+                )),
+            },
+            None if services.len() == 1 => {
+                let (name, service) = services.iter().next().ok_or_else(|| {
+                    (
+                        StatusCode::NOT_FOUND,
+                        "this node runs no service".to_string(),
+                    )
+                })?;
+                Ok((name.clone(), service.clone()))
+            }
+            None => Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "this node runs several services ({}): name one with ?service=NAME",
+                    names()
+                ),
+            )),
+        }
+    }
 }
 
 /// The answer to `POST /checkpoints`.
@@ -91,7 +176,9 @@ const CHECKPOINT_WAIT: Duration = Duration::from_secs(600);
 const RETRIGGER_AFTER: Duration = Duration::from_secs(5);
 
 /// Takes a checkpoint of everything applied so far and answers once it is on disk.
-async fn checkpoint_now(state: &AdminState) -> Result<Json<CheckpointTaken>, (StatusCode, String)> {
+async fn checkpoint_now(
+    state: &ServiceAdmin,
+) -> Result<Json<CheckpointTaken>, (StatusCode, String)> {
     let Some(checkpoints) = &state.checkpoints else {
         let reason = "checkpoints are off ([checkpoints] is not configured)";
         return Err((StatusCode::CONFLICT, reason.to_string()));
@@ -149,12 +236,13 @@ fn role_name(state: ServerState) -> &'static str {
     }
 }
 
-fn status(state: &AdminState) -> Status {
+fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
     let ingress = &state.ingress;
     let m = ingress.raft.metrics().borrow_watched().clone();
     Status {
+        service: name.to_string(),
         id: ingress.id,
-        zone: state.zone.clone(),
+        zone: zone.to_string(),
         role: role_name(m.state).to_string(),
         term: m.current_term,
         leader_id: m.current_leader,
@@ -176,16 +264,31 @@ fn status(state: &AdminState) -> Status {
     }
 }
 
-pub fn router(state: AdminState) -> Router {
-    let state = Arc::new(state);
+pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route(
             "/status",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(status(&s)) }),
+            get(
+                |State(s): State<Arc<AdminState>>, Query(q): Query<Selector>| async move {
+                    let (name, service) = s.select(&q)?;
+                    Ok::<_, Refusal>(Json(status(&s.zone, &name, &service)))
+                },
+            ),
+        )
+        .route(
+            "/services",
+            get(|State(s): State<Arc<AdminState>>| async move {
+                let all = s
+                    .all()
+                    .iter()
+                    .map(|(n, svc)| status(&s.zone, n, svc))
+                    .collect();
+                Json::<Vec<Status>>(all)
+            }),
         )
         .route(
             "/metrics",
-            get(|State(s): State<Arc<AdminState>>| async move { s.ingress.metrics.render() }),
+            get(|State(s): State<Arc<AdminState>>| async move { s.metrics.render() }),
         )
         .route("/health", get(|| async { "ok\n" }))
         .route(
@@ -194,7 +297,11 @@ pub fn router(state: AdminState) -> Router {
         )
         .route(
             "/checkpoints",
-            post(|State(s): State<Arc<AdminState>>| async move { checkpoint_now(&s).await }),
+            post(
+                |State(s): State<Arc<AdminState>>, Query(q): Query<Selector>| async move {
+                    checkpoint_now(&s.select(&q)?.1).await
+                },
+            ),
         )
         .route("/members/learner", membership(members::add_learner))
         .route("/members/promote", membership(members::promote))
@@ -212,9 +319,17 @@ where
     Fut: Future<Output = members::Answer> + Send + 'static,
 {
     post(
-        move |State(s): State<Arc<AdminState>>, Json(request): Json<R>| {
+        move |State(s): State<Arc<AdminState>>,
+              Query(q): Query<Selector>,
+              Json(request): Json<R>| {
             let change = change.clone();
-            async move { change(s.ingress.raft.clone(), s.ingress.id, request).await }
+            async move {
+                let service = match s.select(&q) {
+                    Ok((_, service)) => service,
+                    Err((status, reason)) => return members::refuse(status, reason, None),
+                };
+                change(service.ingress.raft.clone(), service.ingress.id, request).await
+            }
         },
     )
 }

@@ -1,6 +1,6 @@
-//! Connections to peers: one multiplexed TCP connection per peer and lane, reconnected on
-//! demand with the peer's backoff ([`super::reconnect`]), requests matched to replies by
-//! id. Below openraft: [`super::client`] (openraft's view of a peer), checkpoint transfers
+//! Connections to peers: one multiplexed TCP connection per peer, service and lane,
+//! reconnected on demand with the peer's backoff ([`super::reconnect`]), requests matched
+//! to replies by id. Below openraft: [`super::client`] (openraft's view of a peer), checkpoint transfers
 //! ([`super::snapshot`]) and the ingress's forwards all send through a [`PeerLink`].
 
 use std::collections::BTreeMap;
@@ -20,10 +20,12 @@ use super::net::Dial;
 use super::net::Tcp;
 use super::net::Writer;
 use super::reconnect::PeerHealth;
+use super::reconnect::Refusals;
 use super::wire;
+use super::wire::Hello;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-use crate::metrics::Metrics;
+use crate::metrics::PeerMetrics;
 
 /// Frames queued for one connection's writer.
 const WRITE_QUEUE_FRAMES: usize = 1024;
@@ -74,10 +76,17 @@ pub(super) struct Connection {
     closed: AtomicBool,
     /// The reader and writer tasks, stopped on close so a stalled socket is released.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// This service's refusals by the peer, told of each refusal and of the first answer.
+    refusals: Arc<Refusals>,
 }
 
 impl Connection {
-    async fn open(dialer: &dyn Dial, addr: &str) -> Result<Arc<Self>, RpcError> {
+    async fn open(
+        dialer: &dyn Dial,
+        addr: &str,
+        hello: Vec<u8>,
+        refusals: Arc<Refusals>,
+    ) -> Result<Arc<Self>, RpcError> {
         let unreachable = |reason: String| RpcError::Unreachable {
             addr: addr.to_string(),
             reason,
@@ -94,13 +103,18 @@ impl Connection {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            refusals,
         });
-        let writer = tokio::spawn(write_loop(BufWriter::new(writer), rx, conn.clone()));
+        let writer = tokio::spawn(write_loop(BufWriter::new(writer), hello, rx, conn.clone()));
         let reader_conn = conn.clone();
         let reader = tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
                 match wire::read_frame::<_, RpcReply>(&mut reader, &mut buf).await {
+                    Ok((_, RpcReply::Refused(reason))) => {
+                        reader_conn.refusals.refused(&reason);
+                        break;
+                    }
                     Ok((id, reply)) => reader_conn.deliver(id, reply),
                     Err(e) => {
                         tracing::debug!(addr = %reader_conn.addr, error = %e, "raft connection closed");
@@ -121,6 +135,7 @@ impl Connection {
         let waiter = pending.waiters.remove(&id);
         pending.silent_since = (!pending.waiters.is_empty()).then(tokio::time::Instant::now);
         drop(pending);
+        self.refusals.accepted();
         if let Some(tx) = waiter {
             let _ = tx.send(reply);
         }
@@ -206,11 +221,12 @@ impl Connection {
 /// Sends the hello, then every queued frame, until the queue or the socket closes.
 async fn write_loop(
     mut writer: BufWriter<Writer>,
+    hello: Vec<u8>,
     rx: mpsc::Receiver<Vec<u8>>,
     conn: Arc<Connection>,
 ) {
     let result = async {
-        writer.write_all(wire::HELLO).await?;
+        writer.write_all(&hello).await?;
         wire::write_frames(&mut writer, rx).await
     }
     .await;
@@ -220,27 +236,22 @@ async fn write_loop(
     conn.close();
 }
 
-/// A peer address and its current connection, replaced when it breaks.
+/// A peer address and its current connection for one service, replaced when it breaks.
 pub struct PeerLink {
     addr: String,
     dialer: Arc<dyn Dial>,
-    /// Shared by every lane to the same address: one failed dial pauses them all.
+    /// The bytes that open each connection: the version marker and this service's hello.
+    hello: Vec<u8>,
+    /// Shared by every lane and service to the same address: one failed dial pauses them
+    /// all.
     health: Arc<PeerHealth>,
+    /// Shared by every lane of this service to the same address.
+    refusals: Arc<Refusals>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     pub(super) next_stream: AtomicU64,
 }
 
 impl PeerLink {
-    fn new(addr: String, dialer: Arc<dyn Dial>, health: Arc<PeerHealth>) -> Self {
-        Self {
-            addr,
-            dialer,
-            health,
-            conn: tokio::sync::Mutex::new(None),
-            next_stream: AtomicU64::new(1),
-        }
-    }
-
     /// The live connection, or a new one once the peer's backoff allows a dial. A caller
     /// with a `deadline` that the backoff outlasts fails at once with `Unreachable`.
     pub(super) async fn connection(
@@ -251,7 +262,11 @@ impl PeerLink {
         if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(conn.clone());
         }
-        if let Err(next) = self.health.wait_turn(deadline).await {
+        let turn = match self.refusals.wait_turn(deadline).await {
+            Ok(()) => self.health.wait_turn(deadline).await,
+            refused => refused,
+        };
+        if let Err(next) = turn {
             let next_in = next.saturating_duration_since(tokio::time::Instant::now());
             return Err(RpcError::Unreachable {
                 addr: self.addr.clone(),
@@ -259,7 +274,15 @@ impl PeerLink {
             });
         }
         self.health.attempting();
-        match Connection::open(self.dialer.as_ref(), &self.addr).await {
+        let refusals = self.refusals.clone();
+        match Connection::open(
+            self.dialer.as_ref(),
+            &self.addr,
+            self.hello.clone(),
+            refusals,
+        )
+        .await
+        {
             Ok(conn) => {
                 self.health.connected();
                 *slot = Some(conn.clone());
@@ -327,38 +350,57 @@ impl PeerLink {
     }
 }
 
-/// Links by peer address and lane, and each address's dial history.
+/// Links by peer address, service and lane; each address's dial history, and each
+/// address's refusals of each service.
 #[derive(Default)]
 struct LinkMap {
-    links: BTreeMap<(String, Lane), Arc<PeerLink>>,
+    links: BTreeMap<(String, String, Lane), Arc<PeerLink>>,
     health: BTreeMap<String, Arc<PeerHealth>>,
+    refusals: BTreeMap<(String, String), Arc<Refusals>>,
 }
 
-/// Every link this node holds, shared by openraft's clients and the ingress.
+/// Every link this node holds, shared by openraft's clients and the ingress. One
+/// `Transport` speaks for one service ([`Self::for_service`]); all of a node's share
+/// the links and the peers' health.
 #[derive(Clone)]
 pub struct Transport {
     links: Arc<Mutex<LinkMap>>,
     dialer: Arc<dyn Dial>,
-    metrics: Metrics,
+    metrics: PeerMetrics,
+    hello: Arc<Hello>,
 }
 
 impl Transport {
     /// Plain TCP to peers.
-    pub fn tcp(metrics: Metrics) -> Self {
-        Self::with_dialer(Arc::new(Tcp), metrics)
+    pub fn tcp(metrics: PeerMetrics, hello: Hello) -> Self {
+        Self::with_dialer(Arc::new(Tcp), metrics, hello)
     }
 
-    pub fn with_dialer(dialer: Arc<dyn Dial>, metrics: Metrics) -> Self {
+    pub fn with_dialer(dialer: Arc<dyn Dial>, metrics: PeerMetrics, hello: Hello) -> Self {
         Self {
             links: Arc::default(),
             dialer,
             metrics,
+            hello: Arc::new(hello),
+        }
+    }
+
+    /// The same links, speaking for another service of the same cluster.
+    pub fn for_service(&self, service: &str) -> Self {
+        Self {
+            hello: Arc::new(Hello {
+                cluster: self.hello.cluster.clone(),
+                service: service.to_string(),
+            }),
+            ..self.clone()
         }
     }
 
     pub fn link(&self, addr: &str, lane: Lane) -> Arc<PeerLink> {
+        let service = self.hello.service.clone();
         let mut map = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(link) = map.links.get(&(addr.to_string(), lane)) {
+        let key = (addr.to_string(), service.clone(), lane);
+        if let Some(link) = map.links.get(&key) {
             return link.clone();
         }
         let health = map
@@ -366,9 +408,27 @@ impl Transport {
             .entry(addr.to_string())
             .or_insert_with(|| Arc::new(PeerHealth::new(addr.to_string(), self.metrics.clone())))
             .clone();
-        let link = Arc::new(PeerLink::new(addr.to_string(), self.dialer.clone(), health));
-        map.links.insert((addr.to_string(), lane), link.clone());
+        let refusals = map
+            .refusals
+            .entry((addr.to_string(), service.clone()))
+            .or_insert_with(|| Arc::new(Refusals::new(addr, &service, self.metrics.clone())))
+            .clone();
+        let link = Arc::new(PeerLink {
+            addr: addr.to_string(),
+            dialer: self.dialer.clone(),
+            hello: self.hello_bytes(),
+            health,
+            refusals,
+            conn: tokio::sync::Mutex::new(None),
+            next_stream: AtomicU64::new(1),
+        });
+        map.links.insert(key, link.clone());
         link
+    }
+
+    fn hello_bytes(&self) -> Vec<u8> {
+        // Two short names always encode; an empty hello would be refused by the peer.
+        self.hello.encode().unwrap_or_default()
     }
 }
 
@@ -383,6 +443,7 @@ mod silence_tests {
 
     use super::*;
     use crate::consensus::net::Reader;
+    use crate::metrics::Metrics;
 
     /// Accepts every dial with an in-memory pipe whose far end swallows bytes and never
     /// replies, as a connection does whose peer vanished without a reset.
@@ -403,8 +464,16 @@ mod silence_tests {
     }
 
     fn link(hole: &Arc<BlackHole>) -> Arc<PeerLink> {
-        Transport::with_dialer(Arc::new(hole.clone()), Metrics::new().unwrap())
-            .link("10.0.0.1:7000", Lane::Heartbeat)
+        let hello = Hello {
+            cluster: "test".into(),
+            service: "app".into(),
+        };
+        Transport::with_dialer(
+            Arc::new(hole.clone()),
+            Metrics::new().unwrap().node.peers,
+            hello,
+        )
+        .link("10.0.0.1:7000", Lane::Heartbeat)
     }
 
     #[tokio::test(start_paused = true)]

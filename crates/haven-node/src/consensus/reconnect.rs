@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::consensus::runtime::next_seed;
-use crate::metrics::Metrics;
+use crate::metrics::PeerMetrics;
 
 /// Pause after the first failed dial; each further failure doubles it up to
 /// [`BACKOFF_MAX`]. Short enough that a peer that blipped is redialed within a heartbeat
@@ -54,12 +54,12 @@ pub struct PeerHealth {
     health: Mutex<Health>,
     /// Wakes the lanes waiting for their turn once one of them got through.
     reachable: Notify,
-    metrics: Metrics,
+    metrics: PeerMetrics,
 }
 
 impl PeerHealth {
-    pub fn new(addr: String, metrics: Metrics) -> Self {
-        metrics.peer_up.with_label_values(&[&addr]).set(1);
+    pub fn new(addr: String, metrics: PeerMetrics) -> Self {
+        metrics.up.with_label_values(&[&addr]).set(1);
         Self {
             addr,
             health: Mutex::new(Health::default()),
@@ -115,7 +115,7 @@ impl PeerHealth {
     /// Counts a dial about to start.
     pub fn attempting(&self) {
         self.metrics
-            .peer_connect_attempts
+            .connect_attempts
             .with_label_values(&[&self.addr])
             .inc();
     }
@@ -137,10 +137,10 @@ impl PeerHealth {
         let failures = health.failures;
         drop(health);
         self.metrics
-            .peer_connect_failures
+            .connect_failures
             .with_label_values(&[&self.addr])
             .inc();
-        self.metrics.peer_up.with_label_values(&[&self.addr]).set(0);
+        self.metrics.up.with_label_values(&[&self.addr]).set(0);
         if due {
             tracing::warn!(
                 peer = %self.addr,
@@ -158,7 +158,7 @@ impl PeerHealth {
     pub fn connected(&self) {
         let previous = std::mem::take(&mut *self.lock());
         self.reachable.notify_waiters();
-        self.metrics.peer_up.with_label_values(&[&self.addr]).set(1);
+        self.metrics.up.with_label_values(&[&self.addr]).set(1);
         if let Some(since) = previous.down_since {
             tracing::info!(
                 peer = %self.addr,
@@ -167,6 +167,89 @@ impl PeerHealth {
                 "peer reachable again"
             );
         }
+    }
+}
+
+/// A peer that is up but refuses one service's connections: its hello names a service the
+/// peer does not run (yet: a service being added reaches the nodes one by one), or the
+/// peer belongs to another cluster. Spaced like failed dials, reported like them (once,
+/// then every [`REPORT_EVERY`]), and per service, since the peer serves the others.
+pub struct Refusals {
+    addr: String,
+    service: String,
+    state: Mutex<RefusalState>,
+    metrics: PeerMetrics,
+}
+
+#[derive(Default)]
+struct RefusalState {
+    streak: u32,
+    retry_at: Option<Instant>,
+    reported_at: Option<Instant>,
+}
+
+impl Refusals {
+    pub fn new(addr: &str, service: &str, metrics: PeerMetrics) -> Self {
+        Self {
+            addr: addr.to_string(),
+            service: service.to_string(),
+            state: Mutex::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RefusalState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a refusal and schedules the next dial for this service.
+    pub fn refused(&self, reason: &str) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.streak = state.streak.saturating_add(1);
+        let pause = jittered(backoff(state.streak), next_seed());
+        state.retry_at = Some(now + pause);
+        let due = state
+            .reported_at
+            .is_none_or(|at| now.duration_since(at) >= REPORT_EVERY);
+        if due {
+            state.reported_at = Some(now);
+        }
+        drop(state);
+        self.metrics
+            .refusals
+            .with_label_values(&[&self.addr, &self.service])
+            .inc();
+        if due {
+            tracing::warn!(
+                peer = %self.addr,
+                service = %self.service,
+                reason,
+                retry_in = ?pause,
+                "peer refused this service's connection; dialing again with backoff"
+            );
+        }
+    }
+
+    /// The peer answered on this service's connection: the next refusal starts afresh.
+    pub fn accepted(&self) {
+        let mut state = self.lock();
+        if state.streak > 0 {
+            *state = RefusalState::default();
+        }
+    }
+
+    /// Waits until a dial for this service may start; `Err` with that instant when it lies
+    /// after `deadline`.
+    pub async fn wait_turn(&self, deadline: Option<Instant>) -> Result<(), Instant> {
+        let Some(at) = self.lock().retry_at.filter(|at| *at > Instant::now()) else {
+            return Ok(());
+        };
+        if deadline.is_some_and(|d| d < at) {
+            return Err(at);
+        }
+        tokio::time::sleep_until(at).await;
+        Ok(())
     }
 }
 
@@ -189,9 +272,31 @@ fn jittered(pause: Duration, random: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_service_is_dialed_again_with_backoff_until_accepted() {
+        let refusals = Refusals::new("127.0.0.1:1", "orders", Metrics::new().unwrap().node.peers);
+        refusals.wait_turn(None).await.unwrap();
+        refusals.refused("this node does not run service `orders`");
+        let soon = Instant::now() + Duration::from_millis(1);
+        let at = refusals.wait_turn(Some(soon)).await.unwrap_err();
+        assert!(at > soon, "no pause after a refusal");
+        let before = Instant::now();
+        refusals.wait_turn(None).await.unwrap();
+        assert!(Instant::now() >= at && Instant::now() > before);
+        refusals.refused("again");
+        refusals.accepted();
+        assert_eq!(refusals.wait_turn(Some(Instant::now())).await, Ok(()));
+        let counted = refusals
+            .metrics
+            .refusals
+            .with_label_values(&["127.0.0.1:1", "orders"]);
+        assert_eq!(counted.get(), 2);
+    }
 
     fn health() -> PeerHealth {
-        PeerHealth::new("127.0.0.1:1".into(), Metrics::new().unwrap())
+        PeerHealth::new("127.0.0.1:1".into(), Metrics::new().unwrap().node.peers)
     }
 
     #[test]
@@ -268,10 +373,8 @@ mod tests {
         let bound = 60_000 / (BACKOFF_MAX.as_millis() / 2) as u32 + 16;
         assert!(dials <= bound, "{dials} dials in 60 s (bound {bound})");
         let metrics = &peer.metrics;
-        let attempts = metrics
-            .peer_connect_attempts
-            .with_label_values(&["127.0.0.1:1"]);
+        let attempts = metrics.connect_attempts.with_label_values(&["127.0.0.1:1"]);
         assert_eq!(attempts.get(), dials as u64);
-        assert_eq!(metrics.peer_up.with_label_values(&["127.0.0.1:1"]).get(), 0);
+        assert_eq!(metrics.up.with_label_values(&["127.0.0.1:1"]).get(), 0);
     }
 }

@@ -1,5 +1,7 @@
-//! The receiving side of node-to-node RPC: accepts peers on the raft port, checks the
-//! hello, and serves each connection. Appends of one stream go, in arrival order, into one
+//! The receiving side of node-to-node RPC: accepts peers on the raft port, reads the
+//! hello, and serves each connection with the Raft group of the service it names
+//! ([`Groups`]; a cluster or service this node does not have is refused, never served by
+//! another group). Appends of one stream go, in arrival order, into one
 //! openraft `stream_append`, which overlaps their log writes (group commit on followers);
 //! every other request runs as its own task.
 
@@ -7,6 +9,7 @@ use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::RwLock;
 
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
@@ -18,8 +21,10 @@ use super::net::Accept;
 use super::net::Reader;
 use super::net::Writer;
 use super::propose;
+use super::reconnect::REPORT_EVERY;
 use super::snapshot::Inbox;
 use super::wire;
+use super::wire::Hello;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
 use crate::apply::StateMachine;
@@ -34,11 +39,80 @@ use crate::types::TypeConfig;
 const STREAM_QUEUE: usize = 256;
 const REPLY_QUEUE_FRAMES: usize = 1024;
 
+/// What the raft port serves for one service.
+pub struct Group<SM: HavenStateMachine> {
+    pub raft: RaftOf<SM>,
+    pub inbox: InboxFactory,
+}
+
+/// The Raft groups a node's raft port serves, by service. Services come and go while the
+/// port stays open; a connection keeps the group it was admitted to.
+pub struct Groups<SM: HavenStateMachine> {
+    cluster: String,
+    by_service: RwLock<BTreeMap<String, Arc<Group<SM>>>>,
+    /// When a refusal was last logged: a misconfigured peer redials every backoff step.
+    refusal_logged_at: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl<SM: HavenStateMachine> Groups<SM> {
+    pub fn new(cluster: &str) -> Arc<Self> {
+        Arc::new(Self {
+            cluster: cluster.to_string(),
+            by_service: RwLock::default(),
+            refusal_logged_at: Mutex::default(),
+        })
+    }
+
+    pub fn insert(&self, service: &str, group: Group<SM>) {
+        self.write().insert(service.to_string(), Arc::new(group));
+    }
+
+    /// Stops admitting connections for `service`; those open end with its Raft.
+    pub fn remove(&self, service: &str) {
+        self.write().remove(service);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Group<SM>>>> {
+        self.by_service.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The group `hello` asks for, or why the connection is refused.
+    fn admit(&self, hello: &Hello) -> Result<Arc<Group<SM>>, String> {
+        if hello.cluster != self.cluster {
+            return Err(format!(
+                "the dialer belongs to cluster `{}`, this node to cluster `{}`",
+                hello.cluster, self.cluster
+            ));
+        }
+        let groups = self.by_service.read().unwrap_or_else(|p| p.into_inner());
+        groups.get(&hello.service).cloned().ok_or_else(|| {
+            let names: Vec<&str> = groups.keys().map(String::as_str).collect();
+            format!(
+                "this node does not run service `{}` (it runs: {})",
+                hello.service,
+                names.join(", ")
+            )
+        })
+    }
+
+    /// Logs a refusal, at most once per [`REPORT_EVERY`].
+    fn report_refusal(&self, peer: std::net::SocketAddr, hello: &Hello, reason: &str) {
+        let now = tokio::time::Instant::now();
+        let mut logged_at = self
+            .refusal_logged_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged_at.is_none_or(|at| now.duration_since(at) >= REPORT_EVERY) {
+            *logged_at = Some(now);
+            tracing::warn!(%peer, service = %hello.service, cluster = %hello.cluster, reason, "raft connection refused");
+        }
+    }
+}
+
 /// Accepts peer connections until `shutdown` turns true.
 pub async fn serve<SM: HavenStateMachine>(
     mut listener: impl Accept,
-    raft: RaftOf<SM>,
-    inbox: InboxFactory,
+    groups: Arc<Groups<SM>>,
     reads: ReadConfirmation,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -50,12 +124,9 @@ pub async fn serve<SM: HavenStateMachine>(
         };
         match accepted {
             Ok((reader, writer, peer)) => {
-                let raft = raft.clone();
-                let answers = inbox.answers.clone();
-                let inbox = inbox.open();
+                let groups = groups.clone();
                 tokio::spawn(async move {
-                    let served = serve_connection(reader, writer, raft, inbox, answers, reads);
-                    if let Err(e) = served.await {
+                    if let Err(e) = serve_peer(reader, writer, peer, &groups, reads).await {
                         tracing::warn!(%peer, error = %e, "raft connection dropped");
                     }
                 });
@@ -89,6 +160,30 @@ impl InboxFactory {
     }
 }
 
+/// Admits a connection by its hello, then serves it with its service's group.
+async fn serve_peer<SM: HavenStateMachine>(
+    mut reader: Reader,
+    mut writer: Writer,
+    peer: std::net::SocketAddr,
+    groups: &Groups<SM>,
+    reads: ReadConfirmation,
+) -> Result<(), wire::WireError> {
+    let hello = wire::read_hello(&mut reader).await?;
+    let group = match groups.admit(&hello) {
+        Ok(group) => group,
+        Err(reason) => {
+            groups.report_refusal(peer, &hello, &reason);
+            let frame = wire::encode(0, &RpcReply::Refused(reason))?;
+            tokio::io::AsyncWriteExt::write_all(&mut writer, &frame).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut writer).await?;
+            return Ok(());
+        }
+    };
+    let inbox = group.inbox.open();
+    let answers = group.inbox.answers.clone();
+    serve_connection(reader, writer, group.raft.clone(), inbox, answers, reads).await
+}
+
 async fn serve_connection<SM: HavenStateMachine>(
     mut reader: Reader,
     writer: Writer,
@@ -97,7 +192,6 @@ async fn serve_connection<SM: HavenStateMachine>(
     answers: Option<StateMachine>,
     reads: ReadConfirmation,
 ) -> Result<(), wire::WireError> {
-    wire::read_hello(&mut reader).await?;
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
     tokio::spawn(write_replies(BufWriter::new(writer), replies_rx));
     let mut streams: BTreeMap<u64, StreamLane> = BTreeMap::new();

@@ -1,7 +1,9 @@
-//! The node-to-node wire format: after an 8-byte hello (`HVNRAFT1`, the version marker),
-//! each direction carries frames `len: u32 LE | id: u64 LE | postcard message`, where
-//! `len` counts id and message. Requests and replies share the id, so one connection
-//! multiplexes many RPCs and pipelines appends.
+//! The node-to-node wire format: after an 8-byte version marker (`HVNRAFT2`), each
+//! direction carries frames `len: u32 LE | id: u64 LE | postcard message`, where `len`
+//! counts id and message. The dialer's first frame is its [`Hello`]: one raft port
+//! serves every service of a node, and a connection belongs to one service's group for
+//! its whole life. Requests and replies share the id, so one connection multiplexes many
+//! RPCs and pipelines appends.
 
 use std::time::Duration;
 
@@ -28,7 +30,27 @@ use haven_contract::AppResponse;
 use haven_contract::NodeId;
 use haven_contract::OrderedRequest;
 
-pub const HELLO: &[u8; 8] = b"HVNRAFT1";
+pub const HELLO: &[u8; 8] = b"HVNRAFT2";
+/// Largest hello frame: two names.
+const MAX_HELLO_BYTES: usize = 1024;
+
+/// Whom a connection is for: the dialer's cluster and the service whose Raft group it
+/// carries. The receiver refuses a cluster other than its own and a service it does not
+/// run, so a frame can never reach another group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub cluster: String,
+    pub service: String,
+}
+
+impl Hello {
+    /// The bytes a dialer sends first: the version marker and the hello frame.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut bytes = HELLO.to_vec();
+        bytes.extend(encode(0, self)?);
+        Ok(bytes)
+    }
+}
 /// A connection must deliver its hello within this time: a peer sends it right after
 /// connecting, so only a stray or hostile client is ever this slow, and each one it leaves
 /// open costs a file descriptor.
@@ -89,6 +111,9 @@ pub enum RpcReply {
     TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
     /// One per entry asked, in order; `None` where this node holds no answer.
     FirstAnswers(Vec<Option<AppResponse>>),
+    /// The receiver will not serve this connection (its hello names another cluster or
+    /// a service it does not run); sent once, with id 0, before it closes.
+    Refused(String),
 }
 
 /// What the leader says about a forwarded write.
@@ -119,8 +144,8 @@ pub enum WireError {
     BadHello([u8; 8]),
     #[error("no hello within {HELLO_TIMEOUT:?}: not a Haven raft peer")]
     HelloTimeout,
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(usize, usize),
     #[error("undecodable frame: {0}")]
     Decode(String),
 }
@@ -133,7 +158,7 @@ pub fn encode<T: Serialize>(id: u64, message: &T) -> Result<Vec<u8>, WireError> 
         postcard::to_extend(message, frame).map_err(|e| WireError::Decode(e.to_string()))?;
     let len = frame.len() - FRAME_HEADER_BYTES;
     if len > MAX_FRAME_BYTES {
-        return Err(WireError::TooLarge(len));
+        return Err(WireError::TooLarge(len, MAX_FRAME_BYTES));
     }
     frame[..FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(frame)
@@ -145,6 +170,18 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_within(reader, buf, MAX_FRAME_BYTES).await
+}
+
+async fn read_frame_within<R, T>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max_bytes: usize,
+) -> Result<(u64, T), WireError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match reader.read_exact(&mut header).await {
         Ok(_) => {}
@@ -152,8 +189,8 @@ where
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(header) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(WireError::TooLarge(len));
+    if len > max_bytes {
+        return Err(WireError::TooLarge(len, max_bytes));
     }
     if len < 8 {
         return Err(WireError::Decode(format!("frame of {len} bytes has no id")));
@@ -191,16 +228,21 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads and checks the hello, waiting at most [`HELLO_TIMEOUT`] for it.
-pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), WireError> {
-    let mut hello = [0u8; 8];
-    tokio::time::timeout(HELLO_TIMEOUT, reader.read_exact(&mut hello))
+/// Reads the version marker and the hello, waiting at most [`HELLO_TIMEOUT`] for both.
+pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Hello, WireError> {
+    let read = async {
+        let mut marker = [0u8; 8];
+        reader.read_exact(&mut marker).await?;
+        if &marker != HELLO {
+            return Err(WireError::BadHello(marker));
+        }
+        let mut buf = Vec::new();
+        let (_, hello) = read_frame_within(reader, &mut buf, MAX_HELLO_BYTES).await?;
+        Ok(hello)
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, read)
         .await
-        .map_err(|_| WireError::HelloTimeout)??;
-    if &hello != HELLO {
-        return Err(WireError::BadHello(hello));
-    }
-    Ok(())
+        .map_err(|_| WireError::HelloTimeout)?
 }
 
 #[cfg(test)]

@@ -78,6 +78,7 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
             prepopulate: PREPOPULATED_LINES,
         },
         managed: false,
+        services: Vec::new(),
     };
     let mut cluster = LocalCluster::start(spec)?;
     let mut report = drive(&mut cluster).await;

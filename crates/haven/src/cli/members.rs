@@ -12,6 +12,7 @@ use haven_node::admin::members::MembershipReply;
 use haven_node::admin::members::Replace;
 use serde::Serialize;
 
+use super::AdminTarget;
 use crate::http_client::Http;
 
 /// A replacement's `add_learner` waits until it caught up, which may take a checkpoint
@@ -44,9 +45,9 @@ impl NewNode {
 /// One existing member to change.
 #[derive(Args)]
 pub struct ChangeArgs {
-    /// The leader's admin address, e.g. 127.0.0.1:7001.
-    #[arg(long)]
-    admin: String,
+    /// The leader's admin address and the service.
+    #[command(flatten)]
+    target: AdminTarget,
     /// The member's node id.
     #[arg(long)]
     id: u64,
@@ -68,9 +69,9 @@ impl ChangeArgs {
 pub enum MembersCommand {
     /// Add a non-voting member; it catches up from a checkpoint and the log.
     AddLearner {
-        /// The leader's admin address, e.g. 127.0.0.1:7001.
-        #[arg(long)]
-        admin: String,
+        /// The leader's admin address and the service.
+        #[command(flatten)]
+        target: AdminTarget,
         #[command(flatten)]
         node: NewNode,
     },
@@ -80,8 +81,8 @@ pub enum MembersCommand {
     Remove(ChangeArgs),
     /// Replace a dead voter with a fresh node (the same id, or a new one).
     Replace {
-        #[arg(long)]
-        admin: String,
+        #[command(flatten)]
+        target: AdminTarget,
         /// The dead voter's id.
         #[arg(long)]
         old: u64,
@@ -94,15 +95,15 @@ pub enum MembersCommand {
 
 pub async fn run(command: MembersCommand) -> anyhow::Result<String> {
     let reply = match command {
-        MembersCommand::AddLearner { admin, node } => {
-            post(&admin, "learner", &node.request()).await?
+        MembersCommand::AddLearner { target, node } => {
+            post(&target, "learner", &node.request()).await?
         }
         MembersCommand::Promote(change) => {
-            post(&change.admin, "promote", &change.request()).await?
+            post(&change.target, "promote", &change.request()).await?
         }
-        MembersCommand::Remove(change) => post(&change.admin, "remove", &change.request()).await?,
+        MembersCommand::Remove(change) => post(&change.target, "remove", &change.request()).await?,
         MembersCommand::Replace {
-            admin,
+            target,
             old,
             node,
             force,
@@ -112,7 +113,7 @@ pub async fn run(command: MembersCommand) -> anyhow::Result<String> {
                 new: node.request(),
                 force,
             };
-            post(&admin, "replace", &request).await?
+            post(&target, "replace", &request).await?
         }
     };
     Ok(format!(
@@ -122,12 +123,11 @@ pub async fn run(command: MembersCommand) -> anyhow::Result<String> {
 }
 
 async fn post<T: Serialize>(
-    admin: &str,
+    target: &AdminTarget,
     change: &str,
     body: &T,
 ) -> anyhow::Result<MembershipReply> {
-    let base = super::admin_base(admin);
-    let url = format!("{base}/members/{change}");
+    let url = target.url(&format!("/members/{change}"));
     let headers = [("content-type", "application/json")];
     let body = serde_json::to_vec(body)?;
     let reply = Http::new(MEMBERSHIP_TIMEOUT)

@@ -1,21 +1,70 @@
-//! `haven status --admin ADDR`: a node's status as a table (or raw JSON).
+//! `haven status --admin ADDR [--service S]`: a node's status as a table (or raw JSON).
+//! Without `--service`, a node with one service shows it in full, and a node with several
+//! shows one line per service.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use haven_node::admin::Status;
 
+use super::AdminTarget;
 use crate::http_client::Http;
 
-pub async fn fetch(admin: &str) -> anyhow::Result<Status> {
-    let base = super::admin_base(admin);
-    let reply = Http::new(Duration::from_secs(5))
-        .get(&format!("{base}/status"))
-        .await?;
+/// One service's status (the node's only one when `target` names none).
+pub async fn fetch(target: &AdminTarget) -> anyhow::Result<Status> {
+    get_json(&target.url("/status")).await
+}
+
+/// Every service's status.
+pub async fn fetch_all(admin: &str) -> anyhow::Result<Vec<Status>> {
+    get_json(&format!("{}/services", super::admin_base(admin))).await
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
+    let reply = Http::new(Duration::from_secs(5)).get(url).await?;
     if reply.status != 200 {
-        anyhow::bail!("{base}/status answered {}: {}", reply.status, reply.text());
+        anyhow::bail!(
+            "{url} answered {}: {}",
+            reply.status,
+            reply.text().trim_end()
+        );
     }
-    serde_json::from_slice(&reply.body).with_context(|| format!("{base}/status sent invalid JSON"))
+    serde_json::from_slice(&reply.body).with_context(|| format!("{url} sent invalid JSON"))
+}
+
+/// What `haven status` prints: one service in full, or a line per service.
+pub async fn show(target: &AdminTarget, json: bool) -> anyhow::Result<String> {
+    let statuses = match &target.service {
+        Some(_) => vec![fetch(target).await?],
+        None => fetch_all(&target.admin).await?,
+    };
+    Ok(match (statuses.as_slice(), json) {
+        ([one], true) => format!("{}\n", serde_json::to_string_pretty(one)?),
+        ([one], false) => render(one),
+        (all, true) => format!("{}\n", serde_json::to_string_pretty(all)?),
+        (all, false) => render_services(all),
+    })
+}
+
+/// One line per service.
+pub fn render_services(all: &[Status]) -> String {
+    let mut out = format!(
+        "{:<16}{:<10}{:>7}{:>10}{:>10}  {}\n",
+        "service", "role", "leader", "commit", "applied", "app"
+    );
+    for s in all {
+        let app = if s.app_up { "up" } else { "down" };
+        out.push_str(&format!(
+            "{:<16}{:<10}{:>7}{:>10}{:>10}  {} ({app})\n",
+            s.service,
+            s.role,
+            opt(s.leader_id),
+            opt(s.commit_index),
+            opt(s.applied_index),
+            s.app_url
+        ));
+    }
+    out
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -31,6 +80,7 @@ pub fn render(status: &Status) -> String {
     };
     let receive = &status.checkpoint_receive;
     let rows = [
+        ("service", status.service.clone()),
         ("id", status.id.to_string()),
         ("zone", status.zone.clone()),
         ("role", status.role.clone()),

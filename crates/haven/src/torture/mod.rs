@@ -372,6 +372,7 @@ async fn start_cluster(
         extra_config: config.to_string(),
         app: AppKind::TreeApp,
         managed: false,
+        services: Vec::new(),
     };
     let hosts = net.map(NetHosts::node_hosts).unwrap_or_default();
     let cluster = LocalCluster::start_on_hosts(spec, &hosts)?;

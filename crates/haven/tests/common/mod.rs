@@ -63,6 +63,7 @@ pub async fn start_with(
         extra_config: extra_config.to_string(),
         app,
         managed,
+        services: Vec::new(),
     };
     let cluster = LocalCluster::start(spec).unwrap();
     cluster

@@ -325,6 +325,7 @@ impl<'a> SizeBench<'a> {
         let spec = ClusterSpec {
             extra_config: CHECKPOINT_CONFIG.to_string(),
             managed: true,
+            services: Vec::new(),
             ..log_app_cluster(3, exe, work.path(), lines)
         };
         let started = Instant::now();
@@ -752,12 +753,9 @@ impl Admin {
     }
 }
 
-/// A counter's value in Prometheus text (0 when absent).
+/// A counter's value in Prometheus text, over every service (0 when absent).
 fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .find_map(|value| value.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    crate::metrics_text::sum(text, name, &[]).map_or(0, |v| v as u64)
 }
 
 /// One task per node asking for a checkpoint every `every` (back to back when one takes
@@ -975,14 +973,6 @@ fn latency_cells(run: &LatencyRun) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metric_reads_the_named_counter_only() {
-        let text =
-            "# HELP x\nhaven_checkpoints_written_total_x 9\nhaven_checkpoints_written_total 3\n";
-        assert_eq!(metric(text, "haven_checkpoints_written_total"), 3);
-        assert_eq!(metric(text, "absent"), 0);
-    }
 
     #[test]
     fn quick_defaults_give_way_to_explicit_flags() {

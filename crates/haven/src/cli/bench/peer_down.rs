@@ -24,7 +24,6 @@ use serde::Serialize;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
 use crate::cluster::Process;
-use crate::http_client::Http;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PeerDownArgs {
@@ -163,15 +162,8 @@ fn log_lines(cluster: &LocalCluster, i: usize) -> Vec<String> {
 
 /// The leader's count of dials to `peer`, from its metrics.
 async fn dials(cluster: &LocalCluster, leader: usize, peer: &str) -> anyhow::Result<u64> {
-    let url = format!("{}/metrics", cluster.slots[leader].admin_url());
-    let page = Http::new(Duration::from_secs(5)).get(&url).await?.text();
-    let label = format!("peer=\"{peer}\"");
-    let value = page
-        .lines()
-        .find(|l| l.starts_with("haven_peer_connect_attempts_total") && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok());
-    Ok(value.unwrap_or(0.0) as u64)
+    let attempts = "haven_peer_connect_attempts_total";
+    Ok(cluster.metric(leader, attempts, &[("peer", peer)]).await? as u64)
 }
 
 pub fn render(r: &PeerDownReport) -> String {

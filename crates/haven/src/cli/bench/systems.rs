@@ -152,6 +152,7 @@ pub fn log_app_cluster(nodes: usize, exe: &Path, dir: &Path, prepopulate: u64) -
         extra_config: String::new(),
         app: AppKind::LogApp { prepopulate },
         managed: false,
+        services: Vec::new(),
     }
 }
 

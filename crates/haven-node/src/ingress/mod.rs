@@ -10,6 +10,8 @@
 // allocation to every error path.
 #![allow(clippy::result_large_err)]
 
+pub mod select;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -62,6 +64,7 @@ use haven_contract::NodeId;
 use haven_contract::OrderedRequest;
 use haven_contract::PeerNode;
 use haven_contract::RequestTag;
+use select::Directory;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -74,7 +77,7 @@ const RETRY_AFTER_S: &str = "1";
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
-/// Everything a request handler needs; one per node (per service, later).
+/// Everything a request handler of one service needs.
 pub struct Ingress {
     pub id: NodeId,
     pub raft: Raft,
@@ -91,7 +94,7 @@ pub struct Ingress {
     reads: ReadBatcher,
 }
 
-type HttpResponse = Response<Full<Bytes>>;
+pub type HttpResponse = Response<Full<Bytes>>;
 
 impl Ingress {
     #[allow(clippy::too_many_arguments)]
@@ -134,7 +137,7 @@ impl Ingress {
         Duration::from_millis(self.limits.request_timeout_ms)
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
         let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
             return self.error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -460,24 +463,30 @@ impl Ingress {
 
     fn error(&self, status: StatusCode, code: &str, reason: &str) -> HttpResponse {
         self.metrics.request_errors.with_label_values(&[code]).inc();
-        let mut response = Response::new(Full::new(Bytes::from(format!("haven: {reason}\n"))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if let Ok(code) = HeaderValue::from_str(code) {
-            headers.insert(haven_contract::headers::ERROR, code);
-        }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_S),
-            );
-        }
-        response
+        error_response(status, code, reason)
     }
+}
+
+/// One of Haven's own errors: a plain-text reason and its `Haven-Error` code; a 503 says
+/// when to retry.
+pub(crate) fn error_response(status: StatusCode, code: &str, reason: &str) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(format!("haven: {reason}\n"))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(code) = HeaderValue::from_str(code) {
+        headers.insert(haven_contract::headers::ERROR, code);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_S),
+        );
+    }
+    response
 }
 
 fn mode_label(mode: RouteMode) -> &'static str {
@@ -515,7 +524,7 @@ fn delivered_response(delivered: Delivered) -> HttpResponse {
 /// Serves client HTTP on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
-    ingress: Arc<Ingress>,
+    directory: Arc<Directory>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -532,14 +541,18 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(stream, peer, ingress.clone()));
+        tokio::spawn(serve_connection(stream, peer, directory.clone()));
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, ingress: Arc<Ingress>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    directory: Arc<Directory>,
+) {
     let service = service_fn(move |req| {
-        let ingress = ingress.clone();
-        async move { Ok::<_, std::convert::Infallible>(ingress.handle(req).await) }
+        let directory = directory.clone();
+        async move { Ok::<_, std::convert::Infallible>(directory.handle(req).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

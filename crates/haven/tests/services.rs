@@ -1,0 +1,266 @@
+//! Several services on one cluster of real `haven node` processes: each service is its own
+//! Raft group with its own replicas, picked by path prefix or by `Host`, and stays
+//! byte-identical across its replicas through a `kill -9` of its leader under load.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use haven::cluster::AppKind;
+use haven::cluster::ClusterSpec;
+use haven::cluster::LocalCluster;
+use haven::cluster::ServiceSpec;
+use haven::http_client::Http;
+use haven::http_client::Reply;
+use haven_node::admin::Status;
+
+/// The services every node runs, and how a client reaches each.
+const ORDERS: &str = "orders"; // path prefix /orders (the default)
+const BILLING: &str = "billing"; // Host: billing.test
+const AUDIT: &str = "audit"; // path prefix /logs
+const SERVICES: [&str; 3] = [ORDERS, BILLING, AUDIT];
+
+struct Services {
+    cluster: LocalCluster,
+    http: Http,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Services {
+    let mut dir = tempfile::Builder::new()
+        .prefix("haven-services-")
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+    }
+    let app = AppKind::LogApp { prepopulate: 0 };
+    let services = vec![
+        ServiceSpec::new(ORDERS, app.clone()),
+        ServiceSpec {
+            matcher: Some("{ host = \"billing.test\" }".to_string()),
+            ..ServiceSpec::new(BILLING, app.clone())
+        },
+        ServiceSpec {
+            matcher: Some("{ path_prefix = \"/logs\" }".to_string()),
+            ..ServiceSpec::new(AUDIT, app.clone())
+        },
+    ];
+    let spec = ClusterSpec {
+        nodes: 3,
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
+        dir: dir.path().to_path_buf(),
+        extra_config: String::new(),
+        app,
+        managed: true,
+        services,
+    };
+    let cluster = LocalCluster::start(spec).unwrap();
+    for service in SERVICES {
+        cluster
+            .wait_for_leader_of(Some(service), Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    Services {
+        cluster,
+        http: Http::new(Duration::from_secs(10)),
+        _dir: dir,
+    }
+}
+
+/// A client of one node's client port.
+#[derive(Clone)]
+struct Client {
+    http: Http,
+    base: String,
+}
+
+impl Client {
+    /// Appends `line` to `service`'s log, reaching it the way that service is matched.
+    async fn append(&self, service: &str, line: &str) -> anyhow::Result<Reply> {
+        let body = Bytes::from(line.to_string());
+        match service {
+            BILLING => {
+                let url = format!("{}/append", self.base);
+                let headers = [("host", "billing.test")];
+                self.http.send("POST", &url, &headers, body).await
+            }
+            AUDIT => {
+                self.http
+                    .post(&format!("{}/logs/append", self.base), body)
+                    .await
+            }
+            other => {
+                let url = format!("{}/{other}/append", self.base);
+                self.http.post(&url, body).await
+            }
+        }
+    }
+}
+
+impl Services {
+    fn client(&self, node: usize) -> Client {
+        Client {
+            http: self.http.clone(),
+            base: self.cluster.slots[node].client_url(),
+        }
+    }
+
+    /// Converges `service`, asserts its replicas are byte-identical, and returns its lines.
+    async fn identical_lines(&self, service: &str) -> Vec<String> {
+        self.cluster
+            .wait_converged_of(Some(service), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let first = self.cluster.service_replica_bytes(0, service).unwrap();
+        for i in 1..self.cluster.slots.len() {
+            let bytes = self.cluster.service_replica_bytes(i, service).unwrap();
+            assert!(
+                bytes == first,
+                "{service}: replica {} differs from replica 1",
+                i + 1
+            );
+        }
+        String::from_utf8(first)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_keeps_its_own_writes_and_replicas() {
+    let s = start().await;
+    let counts = [(ORDERS, 30), (BILLING, 20), (AUDIT, 10)];
+    for (node, (service, count)) in counts.iter().enumerate() {
+        let client = s.client(node);
+        for n in 0..*count {
+            let reply = client
+                .append(service, &format!("{service}-{n}"))
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 201, "{service}: {}", reply.text());
+        }
+    }
+    for (service, count) in counts {
+        let expected: Vec<String> = (0..count).map(|n| format!("{service}-{n}")).collect();
+        assert_eq!(s.identical_lines(service).await, expected);
+    }
+
+    let unknown = format!("{}/nope/append", s.cluster.slots[0].client_url());
+    let unknown = s.http.get(&unknown).await.unwrap();
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        unknown.header("haven-error").as_deref(),
+        Some("unknown-service")
+    );
+    assert_eq!(
+        unknown.text().trim_end(),
+        "haven: no service here answers host `127.0.0.1` or path `/nope/append`"
+    );
+
+    // Node 1 took the orders writes and none of the audit ones (they went to node 3).
+    let written = |service| [("service", service), ("mode", "write")];
+    assert_eq!(
+        s.cluster
+            .metric(0, "haven_requests_total", &written(ORDERS))
+            .await
+            .unwrap(),
+        30.0
+    );
+    assert_eq!(
+        s.cluster
+            .metric(0, "haven_requests_total", &written(AUDIT))
+            .await
+            .unwrap(),
+        0.0
+    );
+
+    let listed = s
+        .http
+        .get(&format!("{}/services", s.cluster.slots[0].admin_url()))
+        .await
+        .unwrap();
+    let listed: Vec<Status> = serde_json::from_slice(&listed.body).unwrap();
+    let names: BTreeSet<&str> = listed.iter().map(|st| st.service.as_str()).collect();
+    assert_eq!(names, SERVICES.into_iter().collect());
+
+    let ambiguous = s
+        .http
+        .get(&format!("{}/status", s.cluster.slots[0].admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(ambiguous.status, 400);
+    assert_eq!(
+        ambiguous.text().trim_end(),
+        "this node runs several services (audit, billing, orders): name one with ?service=NAME"
+    );
+}
+
+/// Appends to `service` through `client` until `stop`, returning the lines acknowledged.
+async fn write_until(client: Client, service: &'static str, stop: Arc<AtomicBool>) -> Vec<String> {
+    let mut acked = Vec::new();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let line = format!("{service}-{n}");
+        n += 1;
+        if client
+            .append(service, &line)
+            .await
+            .is_ok_and(|r| r.status == 201)
+        {
+            acked.push(line);
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_every_service_stay_identical_after_a_leader_is_killed_mid_load() {
+    let mut s = start().await;
+    let leader = s
+        .cluster
+        .wait_for_leader_of(Some(ORDERS), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let survivor = (leader + 1) % 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = SERVICES
+        .into_iter()
+        .map(|service| tokio::spawn(write_until(s.client(survivor), service, stop.clone())))
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.cluster.kill_node(leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.cluster.start_node(leader).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    for (service, writer) in SERVICES.into_iter().zip(writers) {
+        let acked = writer.await.unwrap();
+        assert!(acked.len() > 10, "{service}: only {} writes", acked.len());
+        let lines = s.identical_lines(service).await;
+        let distinct: BTreeSet<&String> = lines.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            lines.len(),
+            "{service}: a line applied twice"
+        );
+        let missing: Vec<&String> = acked.iter().filter(|l| !distinct.contains(l)).collect();
+        assert!(
+            missing.is_empty(),
+            "{service}: acknowledged but lost: {missing:?}"
+        );
+        assert!(
+            lines.iter().all(|l| l.starts_with(&format!("{service}-"))),
+            "{service}: holds another service's writes"
+        );
+    }
+}
