@@ -39,7 +39,7 @@ pub enum ConfigError {
 
 /// A node's configuration: what the node shares (identity, addresses, peers, Raft timing)
 /// and the services it protects.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub node: NodeSection,
     pub peers: Vec<PeerSection>,
@@ -64,6 +64,31 @@ pub struct ServiceConfig {
     written: Written,
 }
 
+/// Equal settings, wherever in the file they are written: a reload that only moves a
+/// service's table leaves it running.
+impl PartialEq for ServiceConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let Self {
+            name,
+            app,
+            routes,
+            limits,
+            checkpoints,
+            matcher,
+            written: _,
+        } = self;
+        (name, app, routes, limits, checkpoints, matcher)
+            == (
+                &other.name,
+                &other.app,
+                &other.routes,
+                &other.limits,
+                &other.checkpoints,
+                &other.matcher,
+            )
+    }
+}
+
 /// Which client requests belong to a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Matcher {
@@ -78,7 +103,7 @@ pub enum Matcher {
 }
 
 /// `match = { host = "orders.example" }` or `match = { path_prefix = "/orders" }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MatchSection {
     host: Option<String>,
@@ -132,7 +157,7 @@ pub const DEFAULT_SERVICE_NAME: &str = "app";
 /// Longest service name: it names a directory, a metric label and a URL path prefix.
 pub const MAX_SERVICE_NAME: usize = 32;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
     pub id: NodeId,
@@ -154,7 +179,7 @@ pub struct NodeSection {
     pub join: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppSection {
     /// Base URL of this node's replica, e.g. `http://127.0.0.1:6001`.
@@ -194,7 +219,7 @@ pub enum CheckpointMode {
     Managed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
     pub mode: CheckpointMode,
@@ -219,7 +244,7 @@ pub struct CheckpointSection {
 /// The largest retention a node accepts; each checkpoint is one file and one log range.
 pub const MAX_KEEP: usize = 100_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSection {
     pub id: NodeId,
@@ -242,7 +267,7 @@ pub enum RouteMode {
     Local,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRule {
     /// Upper-case HTTP methods; empty means any method.
@@ -253,7 +278,7 @@ pub struct RouteRule {
     pub mode: RouteMode,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest request body; larger gets 413 (default 1 MiB).
@@ -283,7 +308,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTiming {
     /// Leader heartbeat period (default 50).

@@ -241,7 +241,12 @@ impl NodeMetrics {
     /// Forgets a removed service's series.
     pub fn remove_service(&self, name: &str) {
         self.families.unbind(name);
-        for family in [&self.families.requests, &self.families.request_errors] {
+        let families = [
+            &self.families.requests,
+            &self.families.request_errors,
+            &self.peers.refusals,
+        ];
+        for family in families {
             for labels in series_of(family, name) {
                 let labels: std::collections::HashMap<&str, &str> = labels
                     .iter()

@@ -151,11 +151,24 @@ impl Workers {
             .collect()
     }
 
-    /// Waits up to `grace` for every worker to end (the caller has signalled shutdown),
-    /// then aborts the rest; returns their names.
+    /// Whether `worker` was spawned through this handle's scope (every worker, unscoped).
+    fn owns(&self, worker: &Worker) -> bool {
+        self.scope.as_deref().is_none_or(|scope| {
+            (worker.name.strip_prefix(scope)).is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
+    /// Waits up to `grace` for every worker of this handle's scope (every worker,
+    /// unscoped) to end (the caller has signalled shutdown), then aborts the rest; returns
+    /// their names.
     pub async fn stop_all(&self, grace: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + grace;
-        let workers: Vec<Arc<Worker>> = self.lock().clone();
+        let workers: Vec<Arc<Worker>> = self
+            .lock()
+            .iter()
+            .filter(|w| self.owns(w))
+            .cloned()
+            .collect();
         let mut stuck = Vec::new();
         for worker in workers {
             let task = worker.task.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -168,6 +181,15 @@ impl Workers {
                 stuck.push(worker.name.clone());
             }
         }
+        stuck
+    }
+
+    /// [`Self::stop_all`], then drops the scope's workers from the list: what a service
+    /// removed from a running node leaves behind, so a service added later under the same
+    /// name starts with a clean list.
+    pub async fn remove_all(&self, grace: Duration) -> Vec<String> {
+        let stuck = self.stop_all(grace).await;
+        self.lock().retain(|w| !self.owns(w));
         stuck
     }
 }
@@ -214,6 +236,26 @@ mod tests {
         stop.send(true).unwrap();
         assert!(workers.stop_all(Duration::from_secs(5)).await.is_empty());
         assert_eq!(state_of(&workers, "waits"), WorkerState::Ended);
+    }
+
+    #[tokio::test]
+    async fn a_scope_stops_and_removes_only_its_own_workers() {
+        let workers = Workers::new();
+        let (stop, stopping) = watch::channel(false);
+        let orders = workers.scoped("orders");
+        let mut waits = stopping.clone();
+        orders.spawn("waits", async move {
+            let _ = waits.wait_for(|s| *s).await;
+        });
+        workers
+            .scoped("orders-eu")
+            .spawn("runs", std::future::pending());
+        workers.spawn("server", std::future::pending());
+        stop.send(true).unwrap();
+        assert!(orders.remove_all(Duration::from_secs(5)).await.is_empty());
+        let names: Vec<String> = workers.list().into_iter().map(|w| w.name).collect();
+        assert_eq!(names, ["orders-eu/runs", "server"]);
+        assert_eq!(state_of(&workers, "server"), WorkerState::Running);
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 //! end-to-end tests break. Every process is killed
 //! when the cluster is dropped, also on panic.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::net::Ipv4Addr;
@@ -112,8 +113,8 @@ pub struct Slot {
     pub raft_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub app_addr: SocketAddr,
-    /// Where each of `ClusterSpec::services` listens on this node, in their order.
-    pub service_app_addrs: Vec<SocketAddr>,
+    /// Where each service's replica (`ClusterSpec::services`) listens on this node.
+    pub service_app_addrs: BTreeMap<String, SocketAddr>,
     pub config_path: PathBuf,
     /// The app replica's directory; the log app keeps `log.txt` in it.
     pub app_dir: PathBuf,
@@ -248,7 +249,7 @@ impl LocalCluster {
             admin_addr: free_addr_on(host.ip)?,
             app_addr: free_addr_on(host.ip)?,
             service_app_addrs: (self.spec.services.iter())
-                .map(|_| free_addr_on(host.ip))
+                .map(|s| Ok((s.name.clone(), free_addr_on(host.ip)?)))
                 .collect::<anyhow::Result<_>>()?,
             config_path: node_dir.join("haven.toml"),
             app_dir: node_dir.join("app"),
@@ -322,12 +323,13 @@ impl LocalCluster {
         if self.spec.services.is_empty() {
             toml.push_str(&self.app_table("[app]", &self.spec.app, slot.app_addr, &slot.app_dir));
         }
-        for (service, addr) in self.spec.services.iter().zip(&slot.service_app_addrs) {
+        for service in &self.spec.services {
+            let addr = &slot.service_app_addrs[&service.name];
             let _ = writeln!(toml, "[[service]]\nname = \"{}\"", service.name);
             if let Some(matcher) = &service.matcher {
                 let _ = writeln!(toml, "match = {matcher}");
             }
-            let dir = slot.app_dir.join(&service.name);
+            let dir = self.service_app_dir(i, &service.name);
             toml.push_str(&self.app_table("[service.app]", &service.app, *addr, &dir));
         }
         for peer in &self.slots {
@@ -589,12 +591,36 @@ impl LocalCluster {
         std::fs::read(path).with_context(|| format!("reading replica {}", path.display()))
     }
 
+    /// Rewrites every node's config to run `services` (new ones get a port on every node;
+    /// every node as first configured, not joining); the nodes take it on a reload
+    /// (`haven services reload`, or SIGHUP: [`LocalCluster::hang_up_node`]).
+    pub fn set_services(&mut self, services: Vec<ServiceSpec>) -> anyhow::Result<()> {
+        for slot in &mut self.slots {
+            for service in &services {
+                if !slot.service_app_addrs.contains_key(&service.name) {
+                    let addr = free_addr_on(slot.client_addr.ip())?;
+                    slot.service_app_addrs.insert(service.name.clone(), addr);
+                }
+            }
+        }
+        self.spec.services = services;
+        for i in 0..self.slots.len() {
+            self.write_config(i, false)?;
+        }
+        Ok(())
+    }
+
+    /// Where node `i` keeps `service`'s app data (a managed replica's `data_dir`).
+    pub fn service_app_dir(&self, i: usize, service: &str) -> PathBuf {
+        self.slots[i].app_dir.join(service)
+    }
+
     /// The bytes of node `i`'s replica of `service` (one of `ClusterSpec::services`).
     pub fn service_replica_bytes(&self, i: usize, service: &str) -> anyhow::Result<Vec<u8>> {
         let Some(spec) = self.spec.services.iter().find(|s| s.name == service) else {
             bail!("the cluster runs no service `{service}`");
         };
-        let path = self.slots[i].app_dir.join(service).join(spec.file());
+        let path = self.service_app_dir(i, service).join(spec.file());
         std::fs::read(&path).with_context(|| format!("reading replica {}", path.display()))
     }
 
@@ -692,6 +718,11 @@ impl LocalCluster {
     /// SIGCONT after [`LocalCluster::pause_node`].
     pub fn resume_node(&self, i: usize) -> anyhow::Result<()> {
         self.signal_node(i, rustix::process::Signal::CONT)
+    }
+
+    /// SIGHUP: the node reads its config file again.
+    pub fn hang_up_node(&self, i: usize) -> anyhow::Result<()> {
+        self.signal_node(i, rustix::process::Signal::HUP)
     }
 
     fn signal_node(&self, i: usize, signal: rustix::process::Signal) -> anyhow::Result<()> {

@@ -82,6 +82,10 @@ enum Command {
     /// Point-in-time restore from a node's data directory: newest checkpoint at or before
     /// the target, then the log replayed up to it, into a fresh app.
     Restore(cli::checkpoints::RestoreArgs),
+    /// List a node's services, or reload them from the config file on every node
+    /// (add, remove with --wipe, restart changed ones).
+    #[command(subcommand)]
+    Services(cli::services::ServicesCommand),
     /// Show a node's status: one service in full, or a line per service.
     Status {
         #[command(flatten)]
@@ -148,6 +152,26 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// One message per SIGHUP, the usual "read your config again".
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    // A reload already waiting covers this one too.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /services/reload")
+        }
+    }
+    rx
+}
+
 fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
@@ -160,8 +184,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { config } => {
             init_tracing("info");
             abort_on_panic();
-            let config = Config::load(&config)?;
-            haven_node::node::run(config, shutdown_signal()).await?;
+            let loaded = Config::load(&config)?;
+            let reloads = haven_node::node::Reloads {
+                path: config,
+                hangups: hangups(),
+            };
+            haven_node::node::run(loaded, reloads, shutdown_signal()).await?;
         }
         Command::Logapp {
             listen,
@@ -217,6 +245,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
             return haven::torture::execute(exe, args, print).await;
+        }
+        Command::Services(command) => {
+            init_tracing("warn");
+            print(&cli::services::run(command).await?)?;
         }
         Command::Status { target, json } => {
             init_tracing("warn");

@@ -264,3 +264,176 @@ async fn replicas_of_every_service_stay_identical_after_a_leader_is_killed_mid_l
         );
     }
 }
+
+/// `haven services reload --admin ... [--wipe]` on every node.
+fn reload_every_node(s: &Services, wipe: bool) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_haven"));
+    command.args(["services", "reload"]);
+    if wipe {
+        command.arg("--wipe");
+    }
+    for slot in &s.cluster.slots {
+        command.args(["--admin", &slot.admin_addr.to_string()]);
+    }
+    command.output().unwrap()
+}
+
+async fn service_names(s: &Services, node: usize) -> BTreeSet<String> {
+    let url = format!("{}/services", s.cluster.slots[node].admin_url());
+    let listed: Vec<Status> =
+        serde_json::from_slice(&s.http.get(&url).await.unwrap().body).unwrap();
+    listed.into_iter().map(|st| st.service).collect()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|n| n.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_is_added_and_another_removed_with_wipe_on_the_running_cluster() {
+    const INVENTORY: &str = "inventory";
+    let mut s = start().await;
+    for n in 0..5 {
+        let reply = s
+            .client(0)
+            .append(AUDIT, &format!("{AUDIT}-{n}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 201);
+    }
+    assert_eq!(s.identical_lines(AUDIT).await.len(), 5);
+    let audit_dirs: Vec<PathBuf> = (0..3)
+        .flat_map(|i| {
+            [
+                s.cluster.data_dir(i).join(AUDIT),
+                s.cluster.service_app_dir(i, AUDIT),
+            ]
+        })
+        .collect();
+    assert!(audit_dirs.iter().all(|d| d.is_dir()));
+
+    let mut services = s.cluster.spec.services.clone();
+    services.retain(|service| service.name != AUDIT);
+    services.push(ServiceSpec::new(
+        INVENTORY,
+        AppKind::LogApp { prepopulate: 0 },
+    ));
+    s.cluster.set_services(services).unwrap();
+    let output = reload_every_node(&s, true);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for slot in &s.cluster.slots {
+        let line = format!(
+            "node {}: added inventory; removed audit; restarted -; unchanged orders, billing",
+            slot.id
+        );
+        assert!(stdout.contains(&line), "no `{line}` in:\n{stdout}");
+    }
+    for dir in &audit_dirs {
+        assert!(!dir.exists(), "{} survived the wipe", dir.display());
+        let wiped = format!("  wiped {} of audit (", dir.display());
+        assert!(stdout.contains(&wiped), "no `{wiped}` in:\n{stdout}");
+    }
+
+    s.cluster
+        .wait_for_leader_of(Some(INVENTORY), Duration::from_secs(30))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        let reply = s
+            .client(n % 3)
+            .append(INVENTORY, &format!("{INVENTORY}-{n}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    let expected: Vec<String> = (0..10).map(|n| format!("{INVENTORY}-{n}")).collect();
+    assert_eq!(s.identical_lines(INVENTORY).await, expected);
+    let reply = s.client(1).append(ORDERS, "orders-after").await.unwrap();
+    assert_eq!(reply.status, 201);
+
+    let gone = s.client(0).append(AUDIT, "late").await.unwrap();
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        gone.header("haven-error").as_deref(),
+        Some("unknown-service")
+    );
+    for node in 0..3 {
+        assert_eq!(
+            service_names(&s, node).await,
+            names(&[ORDERS, BILLING, INVENTORY])
+        );
+        let admin = s.cluster.slots[node].admin_url();
+        let metrics = s
+            .http
+            .get(&format!("{admin}/metrics"))
+            .await
+            .unwrap()
+            .text();
+        assert!(!metrics.contains("service=\"audit\""), "{metrics}");
+        let workers = s
+            .http
+            .get(&format!("{admin}/workers"))
+            .await
+            .unwrap()
+            .text();
+        assert!(!workers.contains("\"audit/"), "{workers}");
+        assert!(workers.contains("\"inventory/"), "{workers}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_the_node_cannot_take_changes_nothing_and_sighup_reloads() {
+    let s = start().await;
+    let config_path = s.cluster.slots[0].config_path.clone();
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    let reload = format!("{}/services/reload", s.cluster.slots[0].admin_url());
+
+    let bad_name = good.replace("name = \"billing\"", "name = \"Billing\"");
+    std::fs::write(&config_path, &bad_name).unwrap();
+    let refused = s.http.post(&reload, "").await.unwrap();
+    assert_eq!(refused.status, 400);
+    let line = bad_name
+        .lines()
+        .position(|l| l == "name = \"Billing\"")
+        .unwrap()
+        + 1;
+    assert!(
+        refused
+            .text()
+            .contains(&format!("key `service[1].name` (line {line})")),
+        "{}",
+        refused.text()
+    );
+
+    let moved = good.replace("zone = \"zone-1\"", "zone = \"zone-9\"");
+    std::fs::write(&config_path, &moved).unwrap();
+    let refused = s.http.post(&reload, "").await.unwrap();
+    assert_eq!(refused.status, 400);
+    assert_eq!(
+        refused.text(),
+        "the config changes node.zone, which a running node cannot take: restart the node for them (nothing was reloaded)"
+    );
+    assert_eq!(service_names(&s, 0).await, names(&SERVICES));
+
+    // Without the audit table, a hangup stops audit and keeps its data.
+    let start = good.find("[[service]]\nname = \"audit\"").unwrap();
+    let end = start + good[start..].find("[[peers]]").unwrap();
+    std::fs::write(&config_path, format!("{}{}", &good[..start], &good[end..])).unwrap();
+    s.cluster.hang_up_node(0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while service_names(&s, 0).await != names(&[ORDERS, BILLING]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.cluster.data_dir(0).join(AUDIT).is_dir());
+    let reply = s.client(0).append(ORDERS, "orders-0").await.unwrap();
+    assert_eq!(reply.status, 201);
+}

@@ -1,6 +1,7 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /services` (every
 //! service's status), `GET /metrics` (Prometheus text, every service), `GET /health`,
-//! `GET /workers`, `POST /checkpoints` (take one now), and the membership changes of
+//! `GET /workers`, `POST /checkpoints` (take one now), `POST /services/reload` (read the
+//! config again: [`reload`]), and the membership changes of
 //! [`members`] (`POST /members/{learner,promote,remove,replace}`, JSON). Separate from the
 //! client port so operators can reach a node whose client side is saturated.
 //!
@@ -8,6 +9,7 @@
 //! service the name may be left out.
 
 pub mod members;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,6 +96,7 @@ pub struct AdminState {
     pub workers: Workers,
     pub metrics: NodeMetrics,
     services: RwLock<BTreeMap<String, Arc<ServiceAdmin>>>,
+    reloads: reload::Reloads,
 }
 
 /// `?service=NAME`.
@@ -105,12 +108,18 @@ pub struct Selector {
 type Refusal = (StatusCode, String);
 
 impl AdminState {
-    pub fn new(zone: String, workers: Workers, metrics: NodeMetrics) -> Arc<Self> {
+    pub fn new(
+        zone: String,
+        workers: Workers,
+        metrics: NodeMetrics,
+        reloads: reload::Reloads,
+    ) -> Arc<Self> {
         Arc::new(Self {
             zone,
             workers,
             metrics,
             services: RwLock::default(),
+            reloads,
         })
     }
 
@@ -286,6 +295,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 Json::<Vec<Status>>(all)
             }),
         )
+        .route("/services/reload", post(reload::reload))
         .route(
             "/metrics",
             get(|State(s): State<Arc<AdminState>>| async move { s.metrics.render() }),

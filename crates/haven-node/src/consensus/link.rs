@@ -426,6 +426,26 @@ impl Transport {
         link
     }
 
+    /// Drops this service's links and closes their connections: the service was removed
+    /// from the node, and its peers would only refuse it from now on.
+    pub fn close_service(&self) {
+        let service = &self.hello.service;
+        let mut map = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        map.refusals.retain(|(_, s), _| s != service);
+        let (closed, kept) = std::mem::take(&mut map.links)
+            .into_iter()
+            .partition(|((_, s, _), _)| s == service);
+        map.links = kept;
+        drop(map);
+        for link in closed.into_values() {
+            if let Ok(slot) = link.conn.try_lock()
+                && let Some(conn) = slot.as_ref()
+            {
+                conn.close();
+            }
+        }
+    }
+
     fn hello_bytes(&self) -> Vec<u8> {
         // Two short names always encode; an empty hello would be refused by the peer.
         self.hello.encode().unwrap_or_default()

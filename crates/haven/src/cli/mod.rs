@@ -4,9 +4,9 @@ pub mod bench;
 pub mod checkpoints;
 pub mod demo;
 pub mod members;
+pub mod services;
 pub mod status;
 
-/// A node's admin base URL from `--admin`, which may omit the scheme.
 /// A node's admin endpoint and, on a node with several services, which one a command is
 /// about.
 #[derive(clap::Args, Debug, Clone)]
@@ -30,6 +30,7 @@ impl AdminTarget {
     }
 }
 
+/// A node's admin base URL from `--admin`, which may omit the scheme.
 pub fn admin_base(admin: &str) -> String {
     if admin.starts_with("http://") {
         admin.to_string()

@@ -1,0 +1,403 @@
+//! Assembles one node in start order (listeners, what the services share, each service,
+//! the servers that route to them) and tears it down in reverse. Binding every port first makes a misconfigured
+//! node fail before it touches its data.
+
+mod reload;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::admin::AdminState;
+use crate::admin::ServiceAdmin;
+use crate::admin::reload::ReloadReport;
+use crate::app::AppClient;
+use crate::apply::StateMachine;
+use crate::config::Config;
+use crate::config::ServiceConfig;
+use crate::consensus;
+use crate::consensus::link::Transport;
+use crate::consensus::server::Group;
+use crate::consensus::server::Groups;
+use crate::consensus::wire::Hello;
+use crate::ingress;
+use crate::ingress::Ingress;
+use crate::ingress::select::Directory;
+use crate::metrics::NodeMetrics;
+use crate::routes::RouteTable;
+use crate::service::NodeShared;
+use crate::service::Service;
+use crate::service::ServiceError;
+use crate::workers::Workers;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {what} address {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+    warn_if_ephemeral(what, addr);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// Where the kernel picks source ports for outgoing connections.
+const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// A listen port inside the ephemeral range can be taken, while this node is down, by
+/// any outgoing connection on the host, including a peer's dial to this very port
+/// (`consensus::net::refuse_self_connection`); the node then cannot listen on it again.
+fn warn_if_ephemeral(what: &str, addr: std::net::SocketAddr) {
+    let Some((low, high)) = std::fs::read_to_string(EPHEMERAL_RANGE_FILE)
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+    else {
+        return;
+    };
+    if (low..=high).contains(&addr.port()) {
+        tracing::warn!(
+            %addr,
+            "the {what} port lies inside the ephemeral port range {low}-{high} ({EPHEMERAL_RANGE_FILE}): an outgoing connection may hold it while this node is down, and the node could not listen there again; choose a port below {low}"
+        );
+    }
+}
+
+/// `"32768\t60999\n"` → `(32768, 60999)`.
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (low, high) = (ports.next()??, ports.next()??);
+    (ports.next().is_none() && low <= high).then_some((low, high))
+}
+
+/// How a running node learns that its config file changed.
+pub struct Reloads {
+    /// The file the config came from, read again on every reload.
+    pub path: PathBuf,
+    /// One message per SIGHUP: signals belong to the binary, not to this library.
+    pub hangups: mpsc::Receiver<()>,
+}
+
+/// Runs a node until `shutdown` resolves, or until one service's Raft stops by itself (a
+/// storage error, e.g. a full disk, is fatal to openraft): then the node shuts every
+/// service down and returns the error rather than keep serving without Raft. Between
+/// the two it reloads its services on a hangup or a `POST /services/reload`.
+pub async fn run(
+    config: Config,
+    mut reloads: Reloads,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let raft_listener = bind("raft", config.node.raft_addr).await?;
+    let client_listener = bind("client", config.node.client_addr).await?;
+    let admin_listener = bind("admin", config.node.admin_addr).await?;
+    let (admin_reloads, mut reload_requests) = mpsc::channel(RELOAD_QUEUE);
+    let mut node = Node::new(config, admin_reloads)?;
+    let opened = node.open_all().await?;
+    for service in &opened {
+        node.serve_raft(service);
+    }
+    node.workers.spawn(
+        "raft-server",
+        consensus::server::serve(
+            raft_listener,
+            node.groups.clone(),
+            node.config.raft.reads,
+            node.stop.subscribe(),
+        ),
+    );
+    tracing::info!(addr = %node.config.node.raft_addr, "raft port open");
+    for service in opened {
+        if let Err(e) = node.start(service).await {
+            node.shut_down().await;
+            return Err(e.into());
+        }
+    }
+    node.workers.spawn(
+        "client-server",
+        ingress::serve(
+            client_listener,
+            node.directory.clone(),
+            node.stop.subscribe(),
+        ),
+    );
+    tracing::info!(addr = %node.config.node.client_addr, "client port open");
+    node.workers.spawn(
+        "admin-server",
+        admin::serve(
+            admin_listener,
+            admin::router(node.admin.clone()),
+            node.stop.subscribe(),
+        ),
+    );
+    tracing::info!(
+        addr = %node.config.node.admin_addr,
+        id = node.config.node.id,
+        services = node.services.len(),
+        "node ready"
+    );
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let fatal = loop {
+        tokio::select! {
+            () = &mut shutdown => break None,
+            fatal = any_stopped(&node.services) => break Some(fatal),
+            Some(()) = reloads.hangups.recv() => {
+                log_reload(node.reload(&reloads.path, false).await);
+            }
+            Some(request) = reload_requests.recv() => {
+                let report = node.reload(&reloads.path, request.wipe).await;
+                log_reload(report.clone());
+                let _ = request.reply.send(report);
+            }
+        }
+    };
+    match &fatal {
+        None => tracing::info!("shutting down"),
+        Some(reason) => tracing::error!(%reason, "raft stopped; shutting down"),
+    }
+    node.shut_down().await;
+    match fatal {
+        None => Ok(()),
+        Some(reason) => Err(ServiceError::Raft(reason).into()),
+    }
+}
+
+/// Reload requests waiting for the node's main loop; more are refused, not queued.
+const RELOAD_QUEUE: usize = 4;
+
+fn log_reload(outcome: Result<ReloadReport, String>) {
+    match outcome {
+        Ok(report) if report.failed.is_empty() => tracing::info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            restarted = ?report.restarted,
+            wiped = report.wiped.len(),
+            "services reloaded"
+        ),
+        Ok(report) => {
+            tracing::error!(failed = ?report.failed, "services reloaded, some did not start")
+        }
+        Err(reason) => tracing::error!(%reason, "config reload refused; nothing changed"),
+    }
+}
+
+/// A service the node runs, with what it was given.
+struct Running {
+    service: Service,
+    shared: NodeShared,
+    config: ServiceConfig,
+    /// Stops this service's workers; the node's own stop signal stops the rest.
+    stop: watch::Sender<bool>,
+}
+
+/// What a node holds while it runs: the config, what its services share, and the
+/// services, each registered with the raft port, the client port and the admin port.
+struct Node {
+    config: Config,
+    metrics: NodeMetrics,
+    transport: Transport,
+    workers: Workers,
+    groups: Arc<Groups<StateMachine>>,
+    directory: Arc<Directory>,
+    admin: Arc<AdminState>,
+    services: Vec<Running>,
+    /// The node's servers stop on it; each service has its own ([`Running::stop`]).
+    stop: watch::Sender<bool>,
+}
+
+impl Node {
+    fn new(config: Config, reloads: admin::reload::Reloads) -> Result<Self, NodeError> {
+        let metrics = NodeMetrics::new()?;
+        let workers = Workers::new();
+        let hello = Hello {
+            cluster: config.node.cluster.clone(),
+            service: String::new(),
+        };
+        let admin = AdminState::new(
+            config.node.zone.clone(),
+            workers.clone(),
+            metrics.clone(),
+            reloads,
+        );
+        Ok(Self {
+            transport: Transport::tcp(metrics.peers.clone(), hello),
+            groups: Groups::new(&config.node.cluster),
+            directory: Arc::new(Directory::default()),
+            admin,
+            metrics,
+            workers,
+            services: Vec::new(),
+            stop: watch::channel(false).0,
+            config,
+        })
+    }
+
+    /// Opens every configured service in order; if one fails, those already open are
+    /// shut down before the error is returned, so no app or lock outlives a failed start.
+    async fn open_all(&mut self) -> Result<Vec<Running>, NodeError> {
+        let mut opened = Vec::with_capacity(self.config.services.len());
+        for service_config in self.config.services.clone() {
+            match self.open(service_config).await {
+                Ok(running) => opened.push(running),
+                Err(e) => {
+                    for running in opened {
+                        self.stop_service(running).await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(opened)
+    }
+
+    async fn open(&self, config: ServiceConfig) -> Result<Running, ServiceError> {
+        let (stop, stopping) = watch::channel(false);
+        let shared = NodeShared {
+            metrics: self.metrics.service(&config.name),
+            transport: self.transport.for_service(&config.name),
+            workers: self.workers.clone(),
+            stop: stopping,
+        };
+        let service = Service::open(&self.config, &config, &shared).await?;
+        Ok(Running {
+            service,
+            shared,
+            config,
+            stop,
+        })
+    }
+
+    /// Lets the raft port hand the service's group its messages.
+    fn serve_raft(&self, running: &Running) {
+        let group = Group {
+            raft: running.service.raft.clone(),
+            inbox: running.service.inbox(&running.shared.metrics),
+        };
+        self.groups.insert(&running.service.name, group);
+    }
+
+    /// Starts the service's Raft and workers and opens it to clients and the admin port;
+    /// a service that fails to start is shut down.
+    async fn start(&mut self, running: Running) -> Result<(), ServiceError> {
+        let started = (running.service)
+            .start(&self.config, &running.config, &running.shared)
+            .await;
+        if let Err(e) = started {
+            self.stop_service(running).await;
+            return Err(e);
+        }
+        let Running {
+            service,
+            shared,
+            config,
+            ..
+        } = &running;
+        let ingress = ingress_of(&self.config, config, service, shared);
+        self.directory
+            .insert(&service.name, config.matcher.clone(), ingress.clone());
+        let entry = ServiceAdmin {
+            ingress,
+            checkpoints: service.checkpoints.clone(),
+            exactly_once_after_crash: config.exactly_once_after_crash(),
+        };
+        self.admin.insert(&service.name, entry);
+        self.services.push(running);
+        Ok(())
+    }
+
+    /// Closes the service to clients, the admin port and peers, then shuts it down
+    /// (Raft, apply state, app), ends its workers and drops its metrics.
+    async fn stop_service(&self, running: Running) {
+        let name = running.service.name.clone();
+        self.directory.remove(&name);
+        self.admin.remove(&name);
+        self.groups.remove(&name);
+        let _ = running.stop.send(true);
+        running.service.shutdown().await;
+        running.shared.transport.close_service();
+        let stuck = self
+            .workers
+            .scoped(&name)
+            .remove_all(WORKER_STOP_GRACE)
+            .await;
+        if !stuck.is_empty() {
+            tracing::warn!(service = %name, ?stuck, "workers aborted");
+        }
+        self.metrics.remove_service(&name);
+    }
+
+    /// Shuts every service down, then the node's own workers.
+    async fn shut_down(&mut self) {
+        let _ = self.stop.send(true);
+        let services = std::mem::take(&mut self.services);
+        for running in &services {
+            let _ = running.stop.send(true);
+        }
+        futures::future::join_all(services.into_iter().map(|r| r.service.shutdown())).await;
+        self.workers.stop_all(WORKER_STOP_GRACE).await;
+    }
+}
+
+fn ingress_of(
+    config: &Config,
+    service_config: &ServiceConfig,
+    service: &Service,
+    shared: &NodeShared,
+) -> Arc<Ingress> {
+    Ingress::new(
+        config.node.id,
+        service.raft.clone(),
+        service.state_machine.shared(),
+        AppClient::new(&service_config.app.url, service_config.app_timeout()),
+        shared.transport.clone(),
+        RouteTable::new(service_config.routes.clone()),
+        service_config.limits.clone(),
+        shared.metrics.clone(),
+        config.raft.reads,
+    )
+}
+
+/// Resolves with the reason once any service's Raft core has stopped by itself.
+async fn any_stopped(services: &[Running]) -> String {
+    if services.is_empty() {
+        return std::future::pending().await;
+    }
+    let stopped = services.iter().map(|running| {
+        let service = &running.service;
+        Box::pin(async move { format!("service {}: {}", service.name, service.stopped().await) })
+    });
+    futures::future::select_all(stopped).await.0
+}
+
+/// How long the workers have to end once the node has shut Raft and the app down.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ephemeral_range_is_read_as_the_kernel_writes_it() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("32768"), None);
+        assert_eq!(parse_port_range("a b"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+    }
+}
