@@ -152,10 +152,18 @@ pub fn service_dir(data_dir: &Path) -> Result<PathBuf, RestoreError> {
             "{} holds no Haven service (no log/ directory)",
             data_dir.display()
         ))),
-        _ => Err(refused(format!(
-            "{} holds several services; pass one of them: {services:?}",
-            data_dir.display()
-        ))),
+        _ => {
+            let mut names: Vec<String> = services
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            names.sort();
+            Err(refused(format!(
+                "{} holds several services ({}): name one with --service NAME",
+                data_dir.display(),
+                names.join(", ")
+            )))
+        }
     }
 }
 

@@ -182,9 +182,10 @@ fn add_node(
                 metrics: Metrics::new()?,
                 answers: None,
             };
-            let groups = Groups::new(SIM_CLUSTER);
-            groups.insert(SIM_SERVICE, Group { raft, inbox });
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
+            let groups = Groups::new(SIM_CLUSTER);
+            let stop = shutdown.clone();
+            groups.insert(SIM_SERVICE, Group { raft, inbox, stop });
             server::serve(listener, groups, reads, shutdown).await;
             Ok(())
         }

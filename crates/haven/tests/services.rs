@@ -13,6 +13,7 @@ use bytes::Bytes;
 use haven::cluster::AppKind;
 use haven::cluster::ClusterSpec;
 use haven::cluster::LocalCluster;
+use haven::cluster::Process;
 use haven::cluster::ServiceSpec;
 use haven::http_client::Http;
 use haven::http_client::Reply;
@@ -383,6 +384,9 @@ async fn a_service_is_added_and_another_removed_with_wipe_on_the_running_cluster
             .text();
         assert!(!workers.contains("\"audit/"), "{workers}");
         assert!(workers.contains("\"inventory/"), "{workers}");
+        // Every worker of the removed service ended by itself, none had to be aborted.
+        let log = std::fs::read_to_string(s.cluster.log_path(node, Process::Node)).unwrap();
+        assert!(!log.contains("did not stop in time"), "{log}");
     }
 }
 

@@ -43,6 +43,9 @@ const REPLY_QUEUE_FRAMES: usize = 1024;
 pub struct Group<SM: HavenStateMachine> {
     pub raft: RaftOf<SM>,
     pub inbox: InboxFactory,
+    /// Turns true when the service stops: its open connections then close, so none keeps
+    /// its Raft or state machine alive past its removal.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// The Raft groups a node's raft port serves, by service. Services come and go while the
@@ -67,7 +70,8 @@ impl<SM: HavenStateMachine> Groups<SM> {
         self.write().insert(service.to_string(), Arc::new(group));
     }
 
-    /// Stops admitting connections for `service`; those open end with its Raft.
+    /// Stops admitting connections for `service`; those open close when its
+    /// [`Group::stop`] fires.
     pub fn remove(&self, service: &str) {
         self.write().remove(service);
     }
@@ -181,7 +185,15 @@ async fn serve_peer<SM: HavenStateMachine>(
     };
     let inbox = group.inbox.open();
     let answers = group.inbox.answers.clone();
-    serve_connection(reader, writer, group.raft.clone(), inbox, answers, reads).await
+    let raft = group.raft.clone();
+    let mut stop = group.stop.clone();
+    drop(group);
+    let serving = serve_connection(reader, writer, raft, inbox, answers, reads);
+    tokio::select! {
+        served = serving => served,
+        // A dropped sender means the service is gone too.
+        _ = stop.wait_for(|stop| *stop) => Ok(()),
+    }
 }
 
 async fn serve_connection<SM: HavenStateMachine>(

@@ -287,6 +287,7 @@ impl Node {
         let group = Group {
             raft: running.service.raft.clone(),
             inbox: running.service.inbox(&running.shared.metrics),
+            stop: running.stop.subscribe(),
         };
         self.groups.insert(&running.service.name, group);
     }
@@ -324,10 +325,7 @@ impl Node {
     /// (Raft, apply state, app), ends its workers and drops its metrics.
     async fn stop_service(&self, running: Running) {
         let name = running.service.name.clone();
-        self.directory.remove(&name);
-        self.admin.remove(&name);
-        self.groups.remove(&name);
-        let _ = running.stop.send(true);
+        self.unregister(&running);
         running.service.shutdown().await;
         running.shared.transport.close_service();
         let stuck = self
@@ -341,12 +339,23 @@ impl Node {
         self.metrics.remove_service(&name);
     }
 
+    /// Takes the service off every port and signals its workers to stop. Its apply
+    /// delivery ends only once nothing holds its state machine, the raft port's group
+    /// included.
+    fn unregister(&self, running: &Running) {
+        let name = &running.service.name;
+        self.directory.remove(name);
+        self.admin.remove(name);
+        self.groups.remove(name);
+        let _ = running.stop.send(true);
+    }
+
     /// Shuts every service down, then the node's own workers.
     async fn shut_down(&mut self) {
         let _ = self.stop.send(true);
         let services = std::mem::take(&mut self.services);
         for running in &services {
-            let _ = running.stop.send(true);
+            self.unregister(running);
         }
         futures::future::join_all(services.into_iter().map(|r| r.service.shutdown())).await;
         self.workers.stop_all(WORKER_STOP_GRACE).await;

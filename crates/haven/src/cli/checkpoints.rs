@@ -25,6 +25,9 @@ pub enum CheckpointsCommand {
         /// The node's data directory (`[node] data_dir`) or its service directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// The service, when the node runs several (`[[service]] name`).
+        #[arg(long)]
+        service: Option<String>,
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -41,6 +44,9 @@ pub struct RestoreArgs {
     /// The node's data directory (`[node] data_dir`) or its service directory.
     #[arg(long)]
     data_dir: PathBuf,
+    /// The service, when the node runs several (`[[service]] name`).
+    #[arg(long)]
+    service: Option<String>,
     /// Restore the state as of this log index.
     #[arg(long)]
     to_index: Option<u64>,
@@ -83,13 +89,22 @@ struct CheckpointJson {
     file: PathBuf,
 }
 
+/// The service's directory in a node's data directory, when `--service` names one.
+fn in_service(data_dir: PathBuf, service: Option<&str>) -> PathBuf {
+    match service {
+        Some(name) => data_dir.join(name),
+        None => data_dir,
+    }
+}
+
 pub fn list(command: CheckpointsCommand) -> anyhow::Result<String> {
     let CheckpointsCommand::List {
         data_dir,
+        service,
         json,
         verify,
     } = command;
-    let mut listed = restore::list(&data_dir)?;
+    let mut listed = restore::list(&in_service(data_dir, service.as_deref()))?;
     if verify {
         for l in listed.iter_mut().filter(|l| l.info.is_ok()) {
             l.info = format::verify(&l.path);
@@ -174,7 +189,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<String> {
         (None, None) => anyhow::bail!("give --to-index or --to-time"),
     };
     let options = RestoreOptions {
-        data_dir: args.data_dir,
+        data_dir: in_service(args.data_dir, args.service.as_deref()),
         target,
         out: args.out,
         from_scratch: args.from_scratch,
