@@ -356,6 +356,7 @@ async fn a_node_lists_its_workers_and_stops_them_all() {
             "app/log-compaction",
             "app/step-aside",
             "client-server",
+            "leader-balance",
             "raft-server",
         ]
     );

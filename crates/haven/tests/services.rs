@@ -60,18 +60,14 @@ async fn start() -> Services {
         managed: true,
         services,
     };
-    let cluster = LocalCluster::start(spec).unwrap();
-    for service in SERVICES {
-        cluster
-            .wait_for_leader_of(Some(service), Duration::from_secs(30))
-            .await
-            .unwrap();
-    }
-    Services {
-        cluster,
+    let s = Services {
+        cluster: LocalCluster::start(spec).unwrap(),
         http: Http::new(Duration::from_secs(10)),
         _dir: dir,
-    }
+    };
+    // Leaders move until they are spread; tests that count failed writes start after.
+    wait_spread(&s, &SERVICES, Duration::from_secs(30)).await;
+    s
 }
 
 /// A client of one node's client port.
@@ -300,7 +296,7 @@ async fn a_service_is_added_and_another_removed_with_wipe_on_the_running_cluster
             .append(AUDIT, &format!("{AUDIT}-{n}"))
             .await
             .unwrap();
-        assert_eq!(reply.status, 201);
+        assert_eq!(reply.status, 201, "{}", reply.text());
     }
     assert_eq!(s.identical_lines(AUDIT).await.len(), 5);
     let audit_dirs: Vec<PathBuf> = (0..3)
@@ -340,10 +336,7 @@ async fn a_service_is_added_and_another_removed_with_wipe_on_the_running_cluster
         assert!(stdout.contains(&wiped), "no `{wiped}` in:\n{stdout}");
     }
 
-    s.cluster
-        .wait_for_leader_of(Some(INVENTORY), Duration::from_secs(30))
-        .await
-        .unwrap();
+    wait_spread(&s, &[ORDERS, BILLING, INVENTORY], Duration::from_secs(30)).await;
     for n in 0..10 {
         let reply = s
             .client(n % 3)
@@ -440,4 +433,55 @@ async fn a_reload_the_node_cannot_take_changes_nothing_and_sighup_reloads() {
     assert!(s.cluster.data_dir(0).join(AUDIT).is_dir());
     let reply = s.client(0).append(ORDERS, "orders-0").await.unwrap();
     assert_eq!(reply.status, 201);
+}
+
+/// Each service's leader as node 1 (or the first running node) sees it.
+async fn leaders(s: &Services, services: &[&str]) -> Vec<Option<u64>> {
+    let node = (0..3).find(|i| s.cluster.slots[*i].node_running()).unwrap();
+    let mut leaders = Vec::new();
+    for service in services {
+        let status = s.cluster.status_of(node, Some(service)).await;
+        leaders.push(status.ok().and_then(|st| st.leader_id));
+    }
+    leaders
+}
+
+/// Waits until the three `services` are led by three different nodes.
+async fn wait_spread(s: &Services, services: &[&str], within: Duration) -> Vec<Option<u64>> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = leaders(s, services).await;
+        let distinct: BTreeSet<u64> = now.iter().flatten().copied().collect();
+        if now.iter().all(Option::is_some) && distinct.len() == 3 {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leaders not spread: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_over_the_nodes_and_spread_again_after_a_kill() {
+    let mut s = start().await;
+    let spread = leaders(&s, &SERVICES).await;
+    let victim = spread[0].unwrap() as usize - 1;
+    s.cluster.kill_node(victim);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = leaders(&s, &SERVICES).await;
+        let elsewhere = |l: &Option<u64>| l.is_some_and(|id| id as usize - 1 != victim);
+        if now.iter().all(elsewhere) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new leaders: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.cluster.start_node(victim).unwrap();
+    wait_spread(&s, &SERVICES, Duration::from_secs(30)).await;
 }

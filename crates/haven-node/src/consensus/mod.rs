@@ -1,6 +1,7 @@
 //! Consensus: openraft wiring, the node-to-node transport and the leader-side proposal
 //! path. Only this module knows the raft wire format.
 
+pub mod balance;
 pub mod client;
 pub mod first_answers;
 pub mod link;

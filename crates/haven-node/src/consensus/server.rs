@@ -76,6 +76,14 @@ impl<SM: HavenStateMachine> Groups<SM> {
         self.write().remove(service);
     }
 
+    /// Every group's Raft, by service name.
+    pub fn rafts(&self) -> Vec<(String, RaftOf<SM>)> {
+        let groups = self.by_service.read().unwrap_or_else(|p| p.into_inner());
+        (groups.iter())
+            .map(|(name, group)| (name.clone(), group.raft.clone()))
+            .collect()
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Group<SM>>>> {
         self.by_service.write().unwrap_or_else(|p| p.into_inner())
     }

@@ -121,6 +121,14 @@ pub async fn run(
         ),
     );
     tracing::info!(addr = %node.config.node.raft_addr, "raft port open");
+    node.workers.spawn(
+        "leader-balance",
+        consensus::balance::run(
+            node.config.node.id,
+            node.groups.clone(),
+            node.stop.subscribe(),
+        ),
+    );
     for service in opened {
         if let Err(e) = node.start(service).await {
             node.shut_down().await;
