@@ -112,6 +112,19 @@ impl Target {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// The same address, with requests naming `host` in their `Host` header: a virtual
+    /// host, as a server that picks its tenant by `Host` sees one.
+    pub fn with_host(self, host: &str) -> Result<Self, BenchError> {
+        let host_header = HeaderValue::from_str(host).map_err(|_| BenchError::Target {
+            url: self.url.clone(),
+            reason: "invalid host header",
+        })?;
+        Ok(Self {
+            host_header,
+            ..self
+        })
+    }
 }
 
 impl FromStr for Target {

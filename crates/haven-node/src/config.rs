@@ -293,6 +293,12 @@ pub struct Limits {
     pub idempotency_keys_max: usize,
     /// Idempotency keys older than this (by entry time) are forgotten (default 86400).
     pub idempotency_retention_s: u64,
+    /// Requests per second this node takes for the service (a token bucket); beyond it,
+    /// 429 + Retry-After. Absent: no quota.
+    pub rate_per_s: Option<u64>,
+    /// Requests the bucket holds, taken at once after a quiet spell (default: one
+    /// second's worth, `rate_per_s`).
+    pub rate_burst: Option<u64>,
 }
 
 impl Default for Limits {
@@ -304,6 +310,8 @@ impl Default for Limits {
             max_inflight_requests: 4096,
             idempotency_keys_max: 100_000,
             idempotency_retention_s: 86_400,
+            rate_per_s: None,
+            rate_burst: None,
         }
     }
 }
@@ -737,6 +745,18 @@ impl ServiceConfig {
         if l.max_inflight_requests == 0 {
             return bad("max_inflight_requests", "must be greater than 0");
         }
+        if l.rate_per_s == Some(0) {
+            return bad(
+                "rate_per_s",
+                "must be greater than 0 (leave it out for no quota)",
+            );
+        }
+        if l.rate_burst == Some(0) {
+            return bad("rate_burst", "must be greater than 0");
+        }
+        if l.rate_burst.is_some() && l.rate_per_s.is_none() {
+            return bad("rate_burst", "needs rate_per_s");
+        }
         Ok(())
     }
 
@@ -1022,6 +1042,23 @@ data_dir = "/tmp/haven/1/app"
         let err = parse(&text).unwrap_err();
         assert!(
             err.contains("key `limits.max_body_bytes` (line 29)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rate_quota_is_checked() {
+        let quota = |limits: &str| parse(&format!("{GOOD}\n[limits]\n{limits}\n"));
+        let config = quota("rate_per_s = 500").unwrap();
+        assert_eq!(config.service().limits.rate_per_s, Some(500));
+        let err = quota("rate_per_s = 0").unwrap_err();
+        assert!(
+            err.ends_with("key `limits.rate_per_s` (line 29): must be greater than 0 (leave it out for no quota)"),
+            "{err}"
+        );
+        let err = quota("rate_burst = 10").unwrap_err();
+        assert!(
+            err.ends_with("key `limits.rate_burst` (line 29): needs rate_per_s"),
             "{err}"
         );
     }

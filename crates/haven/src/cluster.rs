@@ -64,6 +64,8 @@ pub struct ServiceSpec {
     /// The `match` value as TOML (e.g. `{ host = "orders.test" }`); none: the path prefix
     /// `/<name>`.
     pub matcher: Option<String>,
+    /// More of the service's tables, after its app (e.g. `[service.limits]` and its keys).
+    pub tables: String,
 }
 
 impl ServiceSpec {
@@ -73,6 +75,7 @@ impl ServiceSpec {
             name: name.to_string(),
             app,
             matcher: None,
+            tables: String::new(),
         }
     }
 
@@ -331,6 +334,7 @@ impl LocalCluster {
             }
             let dir = self.service_app_dir(i, &service.name);
             toml.push_str(&self.app_table("[service.app]", &service.app, *addr, &dir));
+            toml.push_str(&service.tables);
         }
         for peer in &self.slots {
             let _ = write!(

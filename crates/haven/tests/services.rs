@@ -485,3 +485,90 @@ async fn leaders_spread_over_the_nodes_and_spread_again_after_a_kill() {
     s.cluster.start_node(victim).unwrap();
     wait_spread(&s, &SERVICES, Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
+    let dir = tempfile::Builder::new()
+        .prefix("haven-quota-")
+        .tempdir()
+        .unwrap();
+    let app = AppKind::LogApp { prepopulate: 0 };
+    let noisy = ServiceSpec {
+        tables: "[service.limits]\nrate_per_s = 20\nrate_burst = 5\n".to_string(),
+        ..ServiceSpec::new("noisy", app.clone())
+    };
+    let spec = ClusterSpec {
+        nodes: 1,
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
+        dir: dir.path().to_path_buf(),
+        extra_config: String::new(),
+        app: app.clone(),
+        managed: true,
+        services: vec![noisy, ServiceSpec::new("quiet", app)],
+    };
+    let cluster = LocalCluster::start(spec).unwrap();
+    for service in ["noisy", "quiet"] {
+        (cluster
+            .wait_for_leader_of(Some(service), Duration::from_secs(20))
+            .await)
+            .unwrap();
+    }
+    let http = Http::new(Duration::from_secs(10));
+    let base = cluster.slots[0].client_url();
+    // 30 at once: the burst of 5 passes, most of the rest is refused, each refusal held
+    // for a second first.
+    let started = std::time::Instant::now();
+    let burst: Vec<_> = (0..30)
+        .map(|n| {
+            let url = format!("{base}/noisy/append");
+            let http = http.clone();
+            tokio::spawn(async move {
+                let reply = http.post(&url, format!("noisy-{n}")).await.unwrap();
+                (reply, started.elapsed())
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for reply in burst {
+        replies.push(reply.await.unwrap());
+    }
+    let (accepted, refused): (Vec<_>, Vec<_>) = replies.iter().partition(|(r, _)| r.status == 201);
+    for (reply, after) in &refused {
+        assert_eq!(reply.status, 429, "{}", reply.text());
+        assert!(
+            *after >= Duration::from_secs(1),
+            "a refusal after {after:?}"
+        );
+        assert_eq!(reply.header("retry-after").as_deref(), Some("1"));
+        assert_eq!(reply.header("haven-error").as_deref(), Some("rate-limited"));
+        assert_eq!(
+            reply.text(),
+            "haven: over this service's quota of 20 requests/s on this node\n"
+        );
+    }
+    // The burst, plus what the rate refilled while the accepted ones arrived.
+    let last_accepted = accepted
+        .iter()
+        .map(|(_, after)| after.as_secs_f64())
+        .fold(0.0, f64::max);
+    let allowed = 5 + (last_accepted * 20.0).ceil() as usize;
+    assert!(
+        accepted.len() >= 5 && accepted.len() <= allowed,
+        "{} accepted within {last_accepted:.2} s",
+        accepted.len()
+    );
+    let refused = refused.len();
+    for n in 0..30 {
+        let reply = http
+            .post(&format!("{base}/quiet/append"), format!("q-{n}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    let labels = [("service", "noisy"), ("reason", "rate-limited")];
+    let counted = cluster
+        .metric(0, "haven_request_errors_total", &labels)
+        .await
+        .unwrap();
+    assert_eq!(counted, refused as f64);
+}

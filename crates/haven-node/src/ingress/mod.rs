@@ -10,6 +10,7 @@
 // allocation to every error path.
 #![allow(clippy::result_large_err)]
 
+pub mod quota;
 pub mod select;
 
 use std::net::SocketAddr;
@@ -90,6 +91,8 @@ pub struct Ingress {
     /// How this node, when it leads, confirms leadership for reads.
     reads_confirmed_by: ReadConfirmation,
     inflight: Arc<Semaphore>,
+    /// `limits.rate_per_s`, when set.
+    quota: Option<quota::TokenBucket>,
     next_seq: AtomicU64,
     reads: ReadBatcher,
 }
@@ -124,6 +127,10 @@ impl Ingress {
                 transport,
                 routes,
                 inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
+                quota: limits.rate_per_s.map(|rate| {
+                    let burst = limits.rate_burst.unwrap_or(rate);
+                    quota::TokenBucket::new(rate, burst, Instant::now())
+                }),
                 limits,
                 metrics,
                 reads_confirmed_by,
@@ -145,6 +152,10 @@ impl Ingress {
                 "too many requests in progress on this node",
             );
         };
+        if let Some(Err(wait)) = self.quota.as_ref().map(|q| q.take(Instant::now())) {
+            tokio::time::sleep(quota::REFUSAL_HOLD).await;
+            return self.over_quota(wait.saturating_sub(quota::REFUSAL_HOLD));
+        }
         let (parts, body) = req.into_parts();
         let declared = parts
             .headers
@@ -194,6 +205,17 @@ impl Ingress {
             RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
             RouteMode::Local => self.local_read(&parts, body).await,
         }
+    }
+
+    fn over_quota(&self, wait: Duration) -> HttpResponse {
+        let rate = self.limits.rate_per_s.unwrap_or_default();
+        let reason = format!("over this service's quota of {rate} requests/s on this node");
+        let mut response = self.error(StatusCode::TOO_MANY_REQUESTS, "rate-limited", &reason);
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(quota::retry_after_s(wait)),
+        );
+        response
     }
 
     fn too_large(&self) -> HttpResponse {

@@ -7,7 +7,9 @@
 //! - `peer-down` compares the surviving nodes' CPU and log with a peer up and down
 //!   ([`peer_down`]);
 //! - `checkpoint` measures what app-state checkpoints cost: taking one, a fresh node's
-//!   catch-up, restore, and write latency while they are taken ([`checkpoint`]).
+//!   catch-up, restore, and write latency while they are taken ([`checkpoint`]);
+//! - `tenants` measures one service's latency while another on the same nodes is
+//!   hammered ([`tenants`]).
 //!
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
@@ -17,6 +19,7 @@ pub mod failover;
 pub mod peer_down;
 pub mod reference;
 mod systems;
+pub mod tenants;
 
 use std::path::Path;
 
@@ -46,6 +49,9 @@ pub enum BenchCommand {
     /// The same write load with every peer up, then with a follower killed: the surviving
     /// nodes' CPU and the lines they log about the dead peer.
     PeerDown(peer_down::PeerDownArgs),
+    /// Two services on 3 nodes: B's latency and throughput at a fixed rate, alone and
+    /// while A is hammered by a closed loop (the noisy-neighbour rule).
+    Tenants(tenants::TenantsArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -91,6 +97,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::PeerDown(args) => {
             let report = peer_down::run(&args, exe).await?;
             output(args.json, &report, peer_down::render)
+        }
+        BenchCommand::Tenants(args) => {
+            let report = tenants::run(&args, exe).await?;
+            output(args.json, &report, tenants::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;
