@@ -58,7 +58,8 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Start a local 3-node cluster with the log app, kill its leader mid-load, verify.
+    /// Start a local 3-node cluster protecting the log app and the tree app, kill the log
+    /// service's leader mid-load, verify both services.
     Demo {
         /// Print one JSON object instead of the summary.
         #[arg(long)]

@@ -293,6 +293,10 @@ async fn demo_passes() {
     assert_eq!(report["passed"], true);
     assert_eq!(report["replicas_identical"], true);
     assert!(report["appends_acknowledged"].as_u64().unwrap() > 0);
+    assert_eq!(report["tree_replicas_identical"], true);
+    assert_eq!(report["tree_acknowledged_present"], true);
+    assert!(report["tree_creates_acknowledged"].as_u64().unwrap() > 0);
+    assert_eq!(report["leaders"].as_object().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,11 @@
-//! `haven demo`: three nodes and three log-app replicas on loopback, a mixed workload
-//! through all three nodes, SIGKILL of the leader mid-load, restart, catch-up, and a
-//! verdict: replicas byte-identical and every acknowledged append present exactly once.
+//! `haven demo`: three nodes on loopback protecting two services, the log app (`/log`)
+//! and the tree app (`/coord`, a small coordination service), each node running a
+//! replica of both. A mixed workload goes through all three nodes to both services; the
+//! log service's leader is killed with SIGKILL mid-load, restarted and caught up. The
+//! verdict: each service's replicas byte-identical, every acknowledged append present
+//! exactly once, every acknowledged tree node present.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -18,7 +22,16 @@ use crate::cluster::AppKind;
 use crate::cluster::ClusterSpec;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
+use crate::cluster::ServiceSpec;
 use crate::http_client::Http;
+use crate::http_client::Reply;
+
+/// The log app's service, reached under `/log`.
+const LOG: &str = "log";
+/// The tree app's service, reached under `/coord`.
+const COORD: &str = "coord";
+/// Clients creating tree nodes, beside the log app's.
+const TREE_CLIENTS: usize = 2;
 
 /// Bytes per appended line, as in the reference workload.
 const LINE_BYTES: usize = 128;
@@ -39,6 +52,8 @@ pub struct DemoOptions {
 pub struct DemoReport {
     /// The cluster directory, when kept (`--keep`, or a failed run).
     pub dir: Option<String>,
+    /// Which node leads each service at the end (leaders spread over the nodes).
+    pub leaders: BTreeMap<String, u64>,
     pub appends_acknowledged: u64,
     pub appends_abandoned: u64,
     pub reads_ok: u64,
@@ -52,6 +67,10 @@ pub struct DemoReport {
     pub replicas_identical: bool,
     pub acknowledged_present_once: bool,
     pub acknowledged_line_numbers_match: bool,
+    pub tree_creates_acknowledged: u64,
+    pub tree_creates_abandoned: u64,
+    pub tree_replicas_identical: bool,
+    pub tree_acknowledged_present: bool,
     pub passed: bool,
 }
 
@@ -62,6 +81,8 @@ struct Tally {
     reads_ok: AtomicU64,
     reads_failed: AtomicU64,
     ack_times: Mutex<Vec<Instant>>,
+    tree_acked: Mutex<Vec<String>>,
+    tree_abandoned: AtomicU64,
 }
 
 pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Result<DemoReport> {
@@ -77,8 +98,16 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         app: AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
         },
-        managed: false,
-        services: Vec::new(),
+        managed: true,
+        services: vec![
+            ServiceSpec::new(
+                LOG,
+                AppKind::LogApp {
+                    prepopulate: PREPOPULATED_LINES,
+                },
+            ),
+            ServiceSpec::new(COORD, AppKind::TreeApp),
+        ],
     };
     let mut cluster = LocalCluster::start(spec)?;
     let mut report = drive(&mut cluster).await;
@@ -94,23 +123,33 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
 }
 
 async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
-    cluster.wait_all_ready(Duration::from_secs(20)).await?;
-    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
-    tracing::info!(leader = cluster.slots[leader].id, "cluster up");
-    let urls: Vec<String> = cluster.slots.iter().map(|s| s.client_url()).collect();
+    for service in [LOG, COORD] {
+        let leader = (cluster.wait_for_leader_of(Some(service), Duration::from_secs(30))).await?;
+        tracing::info!(service, leader = cluster.slots[leader].id, "service up");
+    }
+    let urls = |service: &str| -> Vec<String> {
+        let slots = cluster.slots.iter();
+        slots
+            .map(|s| format!("{}/{service}", s.client_url()))
+            .collect()
+    };
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..CLIENTS)
-        .map(|c| tokio::spawn(client_loop(c, urls.clone(), tally.clone(), stop.clone())))
+    let mut workers: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client_loop(c, urls(LOG), tally.clone(), stop.clone())))
         .collect();
+    workers.extend(
+        (0..TREE_CLIENTS)
+            .map(|c| tokio::spawn(tree_loop(c, urls(COORD), tally.clone(), stop.clone()))),
+    );
 
     tokio::time::sleep(PHASE).await;
-    let victim = cluster.wait_for_leader(Duration::from_secs(10)).await?;
+    let victim = (cluster.wait_for_leader_of(Some(LOG), Duration::from_secs(10))).await?;
     let killed_at = Instant::now();
     cluster.kill_node(victim);
     tracing::info!(
         node = cluster.slots[victim].id,
-        "leader killed with SIGKILL"
+        "leader of the log service killed with SIGKILL"
     );
     tokio::time::sleep(PHASE).await;
     cluster.start_node(victim)?;
@@ -120,15 +159,25 @@ async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
     for worker in workers {
         worker.await.context("workload task")?;
     }
-    let final_commit_index = cluster.wait_converged(Duration::from_secs(30)).await?;
+    let final_commit_index =
+        (cluster.wait_converged_of(Some(LOG), Duration::from_secs(30))).await?;
+    (cluster.wait_converged_of(Some(COORD), Duration::from_secs(30))).await?;
     let failover_ms = longest_gap_after(&tally, killed_at);
-    verify(
+    let mut report = verify(
         cluster,
         &tally,
         cluster.slots[victim].id,
         failover_ms,
         final_commit_index,
-    )
+    )?;
+    verify_tree(cluster, &tally, &mut report).await?;
+    for service in [LOG, COORD] {
+        let leader = (cluster.wait_for_leader_of(Some(service), Duration::from_secs(10))).await?;
+        report
+            .leaders
+            .insert(service.to_string(), cluster.slots[leader].id);
+    }
+    Ok(report)
 }
 
 fn longest_gap_after(tally: &Tally, killed_at: Instant) -> u64 {
@@ -197,32 +246,112 @@ async fn append_with_retries(
     tally: &Tally,
 ) {
     let line = line_for(client, seq);
-    let key = format!("demo-c{client}-s{seq}");
-    for _ in 0..APPEND_ATTEMPTS {
-        let url = format!("{}/append", urls[*turn % urls.len()]);
-        let headers = [(haven_contract::headers::IDEMPOTENCY_KEY, key.as_str())];
-        match http.send("POST", &url, &headers, line.clone().into()).await {
-            Ok(reply) if reply.status == 201 => {
-                let line_no = reply.text().trim().parse().unwrap_or(u64::MAX);
-                tally
-                    .acked
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(line.clone(), line_no);
-                tally
-                    .ack_times
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(Instant::now());
-                return;
+    let write = Write {
+        method: "POST",
+        path: "/append".to_string(),
+        body: line.clone(),
+        key: format!("demo-c{client}-s{seq}"),
+    };
+    let Some(reply) = write.send_with_retries(http, urls, turn).await else {
+        tally.abandoned.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let line_no = reply.text().trim().parse().unwrap_or(u64::MAX);
+    lock(&tally.acked).insert(line, line_no);
+    lock(&tally.ack_times).push(Instant::now());
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A write to one of the services, keyed so a retry on another node is answered once.
+struct Write {
+    method: &'static str,
+    path: String,
+    body: String,
+    key: String,
+}
+
+impl Write {
+    /// Sends it until a node answers 201, to the next node after every failure.
+    async fn send_with_retries(
+        &self,
+        http: &Http,
+        urls: &[String],
+        turn: &mut usize,
+    ) -> Option<Reply> {
+        let headers = [(haven_contract::headers::IDEMPOTENCY_KEY, self.key.as_str())];
+        for _ in 0..APPEND_ATTEMPTS {
+            let url = format!("{}{}", urls[*turn % urls.len()], self.path);
+            match http
+                .send(self.method, &url, &headers, self.body.clone().into())
+                .await
+            {
+                Ok(reply) if reply.status == 201 => return Some(reply),
+                _ => {
+                    *turn += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
-            _ => {
-                *turn += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+/// Creates tree nodes `/demo-c{client}-s{seq}` through every node until `stop`.
+async fn tree_loop(client: usize, urls: Vec<String>, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let http = Http::new(Duration::from_secs(5));
+    let mut turn = client;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        seq += 1;
+        turn += 1;
+        let name = format!("demo-c{client}-s{seq:06}");
+        let write = Write {
+            method: "PUT",
+            path: format!("/tree/{name}"),
+            body: format!("created by client {client}"),
+            key: format!("tree-{name}"),
+        };
+        match write.send_with_retries(&http, &urls, &mut turn).await {
+            Some(_) => lock(&tally.tree_acked).push(name),
+            None => {
+                tally.tree_abandoned.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    tally.abandoned.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Every node's tree replica dumps the same bytes, and holds every acknowledged node.
+async fn verify_tree(
+    cluster: &LocalCluster,
+    tally: &Tally,
+    report: &mut DemoReport,
+) -> anyhow::Result<()> {
+    let http = Http::new(Duration::from_secs(10));
+    let mut dumps = Vec::new();
+    for slot in &cluster.slots {
+        let app = slot
+            .service_app_addrs
+            .get(COORD)
+            .context("no tree replica")?;
+        dumps.push(http.get(&format!("http://{app}/dump")).await?.body);
+    }
+    let app = cluster.slots[0]
+        .service_app_addrs
+        .get(COORD)
+        .context("no tree replica")?;
+    let children = http.get(&format!("http://{app}/children/")).await?;
+    let children: Vec<String> = serde_json::from_slice(&children.body).context("tree children")?;
+    let acked = lock(&tally.tree_acked);
+    report.tree_creates_acknowledged = acked.len() as u64;
+    report.tree_creates_abandoned = tally.tree_abandoned.load(Ordering::Relaxed);
+    report.tree_replicas_identical = dumps.windows(2).all(|w| w[0] == w[1]);
+    report.tree_acknowledged_present = acked.iter().all(|name| children.contains(name));
+    report.passed &=
+        report.tree_replicas_identical && report.tree_acknowledged_present && !acked.is_empty();
+    Ok(())
 }
 
 fn verify(
@@ -233,7 +362,7 @@ fn verify(
     final_commit_index: u64,
 ) -> anyhow::Result<DemoReport> {
     let replicas: Vec<Vec<u8>> = (0..cluster.slots.len())
-        .map(|i| cluster.replica_bytes(i))
+        .map(|i| cluster.service_replica_bytes(i, LOG))
         .collect::<Result<_, _>>()?;
     let replicas_identical = replicas.windows(2).all(|w| w[0] == w[1]);
     let text = String::from_utf8_lossy(&replicas[0]);
@@ -242,7 +371,7 @@ fn verify(
     for line in &lines {
         *counts.entry(line).or_default() += 1;
     }
-    let acked = tally.acked.lock().unwrap_or_else(|p| p.into_inner());
+    let acked = lock(&tally.acked);
     let acknowledged_present_once = acked.keys().all(|l| counts.get(l.as_str()) == Some(&1))
         && counts
             .iter()
@@ -257,6 +386,7 @@ fn verify(
         && !acked.is_empty();
     Ok(DemoReport {
         dir: None,
+        leaders: BTreeMap::new(),
         appends_acknowledged: acked.len() as u64,
         appends_abandoned: tally.abandoned.load(Ordering::Relaxed),
         reads_ok: tally.reads_ok.load(Ordering::Relaxed),
@@ -268,31 +398,79 @@ fn verify(
         replicas_identical,
         acknowledged_present_once,
         acknowledged_line_numbers_match,
+        tree_creates_acknowledged: 0,
+        tree_creates_abandoned: 0,
+        tree_replicas_identical: false,
+        tree_acknowledged_present: false,
         passed,
     })
 }
 
 /// The human-readable summary.
 pub fn render(report: &DemoReport) -> String {
-    let check = |ok: bool| if ok { "ok" } else { "FAILED" };
+    let check = |ok: bool| if ok { "ok" } else { "FAILED" }.to_string();
+    let leaders: Vec<String> = (report.leaders.iter())
+        .map(|(service, node)| format!("{service}: node {node}"))
+        .collect();
+    let figures = [
+        (
+            "log appends acknowledged",
+            report.appends_acknowledged.to_string(),
+        ),
+        (
+            "log appends abandoned",
+            report.appends_abandoned.to_string(),
+        ),
+        (
+            "log reads ok / failed",
+            format!("{} / {}", report.reads_ok, report.reads_failed),
+        ),
+        (
+            "tree creates acknowledged",
+            report.tree_creates_acknowledged.to_string(),
+        ),
+        (
+            "tree creates abandoned",
+            report.tree_creates_abandoned.to_string(),
+        ),
+        ("killed node", report.killed_node.to_string()),
+        ("write gap after kill", format!("{} ms", report.failover_ms)),
+        ("log commit index", report.final_commit_index.to_string()),
+        ("lines per log replica", report.replica_lines.to_string()),
+        ("leaders at the end", leaders.join(", ")),
+    ];
+    let checks = [
+        (
+            "log replicas byte-identical",
+            check(report.replicas_identical),
+        ),
+        (
+            "every acknowledged append once",
+            check(report.acknowledged_present_once),
+        ),
+        (
+            "acknowledged line numbers match",
+            check(report.acknowledged_line_numbers_match),
+        ),
+        (
+            "tree replicas byte-identical",
+            check(report.tree_replicas_identical),
+        ),
+        (
+            "every acknowledged tree node there",
+            check(report.tree_acknowledged_present),
+        ),
+    ];
+    let rows = |rows: &[(&str, String)], width: usize| -> String {
+        rows.iter()
+            .map(|(label, value)| format!("  {label:<width$}{value}\n"))
+            .collect()
+    };
     format!(
-        "Haven demo: 3 nodes, 3 log-app replicas, leader killed with SIGKILL mid-load\n\
-         \n  appends acknowledged     {}\n  appends abandoned        {}\n  reads ok / failed        {} / {}\n  \
-         killed node              {}\n  write gap after kill     {} ms\n  final commit index       {}\n  \
-         lines per replica        {}\n\n  replicas byte-identical              {}\n  \
-         every acknowledged append once       {}\n  acknowledged line numbers match     {}\n\n  \
-         verdict: {}\n{}",
-        report.appends_acknowledged,
-        report.appends_abandoned,
-        report.reads_ok,
-        report.reads_failed,
-        report.killed_node,
-        report.failover_ms,
-        report.final_commit_index,
-        report.replica_lines,
-        check(report.replicas_identical),
-        check(report.acknowledged_present_once),
-        check(report.acknowledged_line_numbers_match),
+        "Haven demo: 3 nodes, two services (log app at /log, tree app at /coord), the log\n\
+         service's leader killed with SIGKILL mid-load\n\n{}\n{}\n  verdict: {}\n{}",
+        rows(&figures, 27),
+        rows(&checks, 37),
         if report.passed { "PASS" } else { "FAIL" },
         report
             .dir
