@@ -126,6 +126,8 @@ fn loopback(c: &mut Criterion) {
     let hello = wire::Hello {
         cluster: "bench".into(),
         service: "app".into(),
+        node: 0,
+        settings: Vec::new(),
     };
     let link = Transport::tcp(Metrics::new().unwrap().node.peers, hello).link(&addr, Lane::Client);
     let message = RpcRequest::Forward(request(1));

@@ -772,6 +772,30 @@ impl ServiceConfig {
         Duration::from_millis(self.app.timeout_ms)
     }
 
+    /// The settings every replica of the service must share, in config terms: routes
+    /// decide what is ordered, and the idempotency limits decide what every replica's
+    /// table forgets. Peers compare them on every raft connection.
+    pub fn shared_settings(&self) -> Vec<(String, String)> {
+        let routes: Vec<String> = (self.routes.iter())
+            .map(|r| format!("{} {} {:?}", r.methods.join(","), r.path_prefix, r.mode))
+            .collect();
+        let routes = match routes.is_empty() {
+            true => "the defaults".to_string(),
+            false => format!("[{}]", routes.join("; ")),
+        };
+        vec![
+            ("routes".to_string(), routes),
+            (
+                "limits.idempotency_keys_max".to_string(),
+                self.limits.idempotency_keys_max.to_string(),
+            ),
+            (
+                "limits.idempotency_retention_s".to_string(),
+                self.limits.idempotency_retention_s.to_string(),
+            ),
+        ]
+    }
+
     /// How entries the app may have applied before a crash are kept from being applied
     /// twice, as status reports it.
     pub fn exactly_once_after_crash(&self) -> &'static str {

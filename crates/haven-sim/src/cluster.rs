@@ -183,9 +183,18 @@ fn add_node(
                 answers: None,
             };
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
-            let groups = Groups::new(SIM_CLUSTER);
+            let groups = Groups::new(SIM_CLUSTER, id);
             let stop = shutdown.clone();
-            groups.insert(SIM_SERVICE, Group { raft, inbox, stop });
+            let settings = Vec::new();
+            groups.insert(
+                SIM_SERVICE,
+                Group {
+                    raft,
+                    inbox,
+                    stop,
+                    settings,
+                },
+            );
             server::serve(listener, groups, reads, shutdown).await;
             Ok(())
         }

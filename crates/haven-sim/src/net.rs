@@ -26,6 +26,8 @@ pub fn sim_transport() -> Result<Transport, MetricsError> {
     let hello = Hello {
         cluster: SIM_CLUSTER.to_string(),
         service: SIM_SERVICE.to_string(),
+        node: 0,
+        settings: Vec::new(),
     };
     Ok(Transport::with_dialer(
         std::sync::Arc::new(SimDial),

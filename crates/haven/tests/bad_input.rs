@@ -590,6 +590,8 @@ fn hello(cluster: &str, service: &str) -> Vec<u8> {
     let hello = wire::Hello {
         cluster: cluster.into(),
         service: service.into(),
+        node: 99,
+        settings: Vec::new(),
     };
     hello.encode().unwrap()
 }

@@ -572,3 +572,55 @@ async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
         .unwrap();
     assert_eq!(counted, refused as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_shared_settings_differ_is_refused_by_its_peers_naming_them() {
+    let s = start().await;
+    let path = s.cluster.slots[2].config_path.clone();
+    let config = std::fs::read_to_string(&path).unwrap();
+    let audit = "[[service]]\nname = \"audit\"";
+    let changed = config.replace(
+        audit,
+        &format!("[service.limits]\nidempotency_keys_max = 5000\n\n{audit}"),
+    );
+    assert_ne!(changed, config);
+    std::fs::write(&path, changed).unwrap();
+    let reload = format!("{}/services/reload", s.cluster.slots[2].admin_url());
+    let reply = s.http.post(&reload, "").await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply.text().contains("\"restarted\":[\"billing\"]"),
+        "{}",
+        reply.text()
+    );
+
+    let log_path = s.cluster.log_path(2, Process::Node);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let named = log.lines().any(|l| {
+            l.contains("service `billing`: settings that must be equal on every node differ: `limits.idempotency_keys_max` is ")
+                && l.contains("5000 on node 3")
+                && l.contains("100000 on node ")
+        });
+        if named {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal naming the setting:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The two nodes that agree keep the service going (once they elect a leader, if
+    // node 3 led it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = s.client(0).append(BILLING, "billing-after").await.unwrap();
+        if reply.status == 201 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

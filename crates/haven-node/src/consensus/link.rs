@@ -25,6 +25,7 @@ use super::wire;
 use super::wire::Hello;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
+use super::wire::SharedSettings;
 use crate::metrics::PeerMetrics;
 
 /// Frames queued for one connection's writer.
@@ -385,12 +386,14 @@ impl Transport {
         }
     }
 
-    /// The same links, speaking for another service of the same cluster.
-    pub fn for_service(&self, service: &str) -> Self {
+    /// The same links, speaking for another service of the same cluster, whose shared
+    /// settings each connection presents.
+    pub fn for_service(&self, service: &str, settings: SharedSettings) -> Self {
         Self {
             hello: Arc::new(Hello {
-                cluster: self.hello.cluster.clone(),
                 service: service.to_string(),
+                settings,
+                ..Hello::clone(&self.hello)
             }),
             ..self.clone()
         }
@@ -487,6 +490,8 @@ mod silence_tests {
         let hello = Hello {
             cluster: "test".into(),
             service: "app".into(),
+            node: 1,
+            settings: Vec::new(),
         };
         Transport::with_dialer(
             Arc::new(hole.clone()),

@@ -27,6 +27,7 @@ use super::wire;
 use super::wire::Hello;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
+use super::wire::SharedSettings;
 use crate::apply::StateMachine;
 use crate::checkpoint::Checkpoints;
 use crate::config::ReadConfirmation;
@@ -34,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::types::HavenStateMachine;
 use crate::types::RaftOf;
 use crate::types::TypeConfig;
+use haven_contract::NodeId;
 
 /// Appends of one stream queued before the connection reader stalls.
 const STREAM_QUEUE: usize = 256;
@@ -46,21 +48,27 @@ pub struct Group<SM: HavenStateMachine> {
     /// Turns true when the service stops: its open connections then close, so none keeps
     /// its Raft or state machine alive past its removal.
     pub stop: watch::Receiver<bool>,
+    /// This node's copy of the settings every replica must share; a dialer whose copy
+    /// differs is refused.
+    pub settings: SharedSettings,
 }
 
 /// The Raft groups a node's raft port serves, by service. Services come and go while the
 /// port stays open; a connection keeps the group it was admitted to.
 pub struct Groups<SM: HavenStateMachine> {
     cluster: String,
+    /// This node, named in refusals.
+    node: NodeId,
     by_service: RwLock<BTreeMap<String, Arc<Group<SM>>>>,
     /// When a refusal was last logged: a misconfigured peer redials every backoff step.
     refusal_logged_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<SM: HavenStateMachine> Groups<SM> {
-    pub fn new(cluster: &str) -> Arc<Self> {
+    pub fn new(cluster: &str, node: NodeId) -> Arc<Self> {
         Arc::new(Self {
             cluster: cluster.to_string(),
+            node,
             by_service: RwLock::default(),
             refusal_logged_at: Mutex::default(),
         })
@@ -97,14 +105,29 @@ impl<SM: HavenStateMachine> Groups<SM> {
             ));
         }
         let groups = self.by_service.read().unwrap_or_else(|p| p.into_inner());
-        groups.get(&hello.service).cloned().ok_or_else(|| {
+        let group = groups.get(&hello.service).cloned().ok_or_else(|| {
             let names: Vec<&str> = groups.keys().map(String::as_str).collect();
             format!(
                 "this node does not run service `{}` (it runs: {})",
                 hello.service,
                 names.join(", ")
             )
-        })
+        })?;
+        match settings_differences(&hello.settings, &group.settings) {
+            differences if differences.is_empty() => Ok(group),
+            differences => Err(format!(
+                "service `{}`: settings that must be equal on every node differ: {}; make them equal on every node and reload",
+                hello.service,
+                differences
+                    .iter()
+                    .map(|(key, theirs, ours)| format!(
+                        "`{key}` is {theirs} on node {} (the dialer) and {ours} on node {} (this node)",
+                        hello.node, self.node
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }
     }
 
     /// Logs a refusal, at most once per [`REPORT_EVERY`].
@@ -119,6 +142,21 @@ impl<SM: HavenStateMachine> Groups<SM> {
             tracing::warn!(%peer, service = %hello.service, cluster = %hello.cluster, reason, "raft connection refused");
         }
     }
+}
+
+/// The keys both sides name whose values differ, as `(key, theirs, ours)`. A key only
+/// one side names (a setting a newer version added) is not compared.
+fn settings_differences<'a>(
+    theirs: &'a SharedSettings,
+    ours: &'a SharedSettings,
+) -> Vec<(&'a str, &'a str, &'a str)> {
+    theirs
+        .iter()
+        .filter_map(|(key, their)| {
+            let (_, our) = ours.iter().find(|(k, _)| k == key)?;
+            (their != our).then_some((key.as_str(), their.as_str(), our.as_str()))
+        })
+        .collect()
 }
 
 /// Accepts peer connections until `shutdown` turns true.
@@ -370,5 +408,31 @@ async fn send_reply(replies: &mpsc::Sender<Vec<u8>>, id: u64, reply: &RpcReply) 
 async fn write_replies(mut writer: BufWriter<Writer>, rx: mpsc::Receiver<Vec<u8>>) {
     if let Err(e) = wire::write_frames(&mut writer, rx).await {
         tracing::debug!(error = %e, "raft reply write failed");
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> SharedSettings {
+        (pairs.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_keys_both_sides_name_are_compared() {
+        let ours = settings(&[
+            ("routes", "default"),
+            ("limits.idempotency_keys_max", "100"),
+        ]);
+        let same = settings(&[("routes", "default")]);
+        assert!(settings_differences(&same, &ours).is_empty());
+        let other = settings(&[("limits.idempotency_keys_max", "5"), ("new.key", "x")]);
+        assert_eq!(
+            settings_differences(&other, &ours),
+            [("limits.idempotency_keys_max", "5", "100")]
+        );
     }
 }

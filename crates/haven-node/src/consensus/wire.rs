@@ -31,16 +31,23 @@ use haven_contract::NodeId;
 use haven_contract::OrderedRequest;
 
 pub const HELLO: &[u8; 8] = b"HVNRAFT2";
-/// Largest hello frame: two names.
-const MAX_HELLO_BYTES: usize = 1024;
+/// Largest hello frame: two names, a node id and the shared settings (routes included).
+const MAX_HELLO_BYTES: usize = 64 * 1024;
+
+/// Settings every replica of a service must share, as `(key, value)` in config terms.
+pub type SharedSettings = Vec<(String, String)>;
 
 /// Whom a connection is for: the dialer's cluster and the service whose Raft group it
 /// carries. The receiver refuses a cluster other than its own and a service it does not
-/// run, so a frame can never reach another group.
+/// run, so a frame can never reach another group; and it refuses a dialer whose copy of
+/// the service's shared settings differs from its own, so they cannot differ silently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub cluster: String,
     pub service: String,
+    /// The dialer, named in refusals.
+    pub node: NodeId,
+    pub settings: SharedSettings,
 }
 
 impl Hello {

@@ -235,6 +235,8 @@ impl Node {
         let hello = Hello {
             cluster: config.node.cluster.clone(),
             service: String::new(),
+            node: config.node.id,
+            settings: Vec::new(),
         };
         let admin = AdminState::new(
             config.node.zone.clone(),
@@ -244,7 +246,7 @@ impl Node {
         );
         Ok(Self {
             transport: Transport::tcp(metrics.peers.clone(), hello),
-            groups: Groups::new(&config.node.cluster),
+            groups: Groups::new(&config.node.cluster, config.node.id),
             directory: Arc::new(Directory::default()),
             admin,
             metrics,
@@ -277,7 +279,7 @@ impl Node {
         let (stop, stopping) = watch::channel(false);
         let shared = NodeShared {
             metrics: self.metrics.service(&config.name),
-            transport: self.transport.for_service(&config.name),
+            transport: (self.transport).for_service(&config.name, config.shared_settings()),
             workers: self.workers.clone(),
             stop: stopping,
         };
@@ -296,6 +298,7 @@ impl Node {
             raft: running.service.raft.clone(),
             inbox: running.service.inbox(&running.shared.metrics),
             stop: running.stop.subscribe(),
+            settings: running.config.shared_settings(),
         };
         self.groups.insert(&running.service.name, group);
     }
