@@ -21,7 +21,10 @@ use anyhow::Context;
 use anyhow::bail;
 use haven_node::admin::Status;
 
-use crate::http_client::Http;
+use crate::admin_client::AdminClient;
+
+/// How long a node has to answer an admin request of the harness.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Lines the log app starts with, as in the reference workload.
 pub const PREPOPULATED_LINES: u64 = 1000;
@@ -157,7 +160,6 @@ impl Slot {
 pub struct LocalCluster {
     pub spec: ClusterSpec,
     pub slots: Vec<Slot>,
-    http: Http,
 }
 
 /// Reserves a free loopback port: one that binds now, for a node to bind later.
@@ -224,7 +226,6 @@ impl LocalCluster {
         let mut cluster = Self {
             spec,
             slots: Vec::new(),
-            http: Http::new(Duration::from_secs(2)),
         };
         for i in 0..cluster.spec.nodes {
             let host = hosts.get(i).cloned().unwrap_or_default();
@@ -459,21 +460,12 @@ impl LocalCluster {
 
     /// Node `i`'s status of `service` (its only one when `None`).
     pub async fn status_of(&self, i: usize, service: Option<&str>) -> anyhow::Result<Status> {
-        let query = service.map_or_else(String::new, |name| format!("?service={name}"));
-        let reply = self
-            .http
-            .get(&format!("{}/status{query}", self.slots[i].admin_url()))
-            .await?;
-        if reply.status != 200 {
-            bail!(
-                "node {} answered {} to /status{query}: {}",
-                self.slots[i].id,
-                reply.status,
-                reply.text()
-            );
-        }
-        serde_json::from_slice(&reply.body)
-            .with_context(|| format!("parsing status of node {}", self.slots[i].id))
+        self.admin(i).service(service).status().await
+    }
+
+    /// A client of node `i`'s admin API.
+    pub fn admin(&self, i: usize) -> AdminClient {
+        AdminClient::new(&self.slots[i].admin_url(), ADMIN_TIMEOUT)
     }
 
     /// The sum of node `i`'s series of metric `name` with these labels (0 when it has none).
@@ -483,12 +475,7 @@ impl LocalCluster {
         name: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<f64> {
-        let page = self
-            .http
-            .get(&format!("{}/metrics", self.slots[i].admin_url()))
-            .await?
-            .text();
-        Ok(crate::metrics_text::sum(&page, name, labels).unwrap_or(0.0))
+        self.admin(i).metric(name, labels).await
     }
 
     /// Waits until a running node reports a leader that another running node agrees on.

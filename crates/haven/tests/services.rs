@@ -17,7 +17,6 @@ use haven::cluster::Process;
 use haven::cluster::ServiceSpec;
 use haven::http_client::Http;
 use haven::http_client::Reply;
-use haven_node::admin::Status;
 
 /// The services every node runs, and how a client reaches each.
 const ORDERS: &str = "orders"; // path prefix /orders (the default)
@@ -179,14 +178,7 @@ async fn each_service_keeps_its_own_writes_and_replicas() {
         0.0
     );
 
-    let listed = s
-        .http
-        .get(&format!("{}/services", s.cluster.slots[0].admin_url()))
-        .await
-        .unwrap();
-    let listed: Vec<Status> = serde_json::from_slice(&listed.body).unwrap();
-    let names: BTreeSet<&str> = listed.iter().map(|st| st.service.as_str()).collect();
-    assert_eq!(names, SERVICES.into_iter().collect());
+    assert_eq!(service_names(&s, 0).await, names(&SERVICES));
 
     let ambiguous = s
         .http
@@ -276,9 +268,7 @@ fn reload_every_node(s: &Services, wipe: bool) -> std::process::Output {
 }
 
 async fn service_names(s: &Services, node: usize) -> BTreeSet<String> {
-    let url = format!("{}/services", s.cluster.slots[node].admin_url());
-    let listed: Vec<Status> =
-        serde_json::from_slice(&s.http.get(&url).await.unwrap().body).unwrap();
+    let listed = s.cluster.admin(node).services().await.unwrap();
     listed.into_iter().map(|st| st.service).collect()
 }
 
@@ -361,22 +351,20 @@ async fn a_service_is_added_and_another_removed_with_wipe_on_the_running_cluster
             service_names(&s, node).await,
             names(&[ORDERS, BILLING, INVENTORY])
         );
-        let admin = s.cluster.slots[node].admin_url();
-        let metrics = s
-            .http
-            .get(&format!("{admin}/metrics"))
-            .await
-            .unwrap()
-            .text();
+        let admin = s.cluster.admin(node);
+        let metrics = admin.metrics().await.unwrap();
         assert!(!metrics.contains("service=\"audit\""), "{metrics}");
-        let workers = s
-            .http
-            .get(&format!("{admin}/workers"))
-            .await
-            .unwrap()
-            .text();
-        assert!(!workers.contains("\"audit/"), "{workers}");
-        assert!(workers.contains("\"inventory/"), "{workers}");
+        let workers: Vec<String> = (admin.workers().await.unwrap().into_iter())
+            .map(|w| w.name)
+            .collect();
+        assert!(
+            !workers.iter().any(|w| w.starts_with("audit/")),
+            "{workers:?}"
+        );
+        assert!(
+            workers.iter().any(|w| w.starts_with("inventory/")),
+            "{workers:?}"
+        );
         // Every worker of the removed service ended by itself, none had to be aborted.
         let log = std::fs::read_to_string(s.cluster.log_path(node, Process::Node)).unwrap();
         assert!(!log.contains("did not stop in time"), "{log}");

@@ -7,13 +7,11 @@ use clap::Args;
 use clap::Subcommand;
 use haven_node::admin::members::AddLearner;
 use haven_node::admin::members::ChangeNode;
-use haven_node::admin::members::MembershipError;
 use haven_node::admin::members::MembershipReply;
 use haven_node::admin::members::Replace;
 use serde::Serialize;
 
 use super::AdminTarget;
-use crate::http_client::Http;
 
 /// A replacement's `add_learner` waits until it caught up, which may take a checkpoint
 /// transfer.
@@ -127,17 +125,8 @@ async fn post<T: Serialize>(
     change: &str,
     body: &T,
 ) -> anyhow::Result<MembershipReply> {
-    let url = target.url(&format!("/members/{change}"));
-    let headers = [("content-type", "application/json")];
-    let body = serde_json::to_vec(body)?;
-    let reply = Http::new(MEMBERSHIP_TIMEOUT)
-        .send("POST", &url, &headers, body.into())
-        .await?;
-    if reply.status == 200 {
-        return Ok(serde_json::from_slice(&reply.body)?);
-    }
-    match serde_json::from_slice::<MembershipError>(&reply.body) {
-        Ok(e) => anyhow::bail!("{url}: {}", e.error),
-        Err(_) => anyhow::bail!("{url} answered {}: {}", reply.status, reply.text()),
-    }
+    target
+        .client(MEMBERSHIP_TIMEOUT)
+        .membership(change, body)
+        .await
 }

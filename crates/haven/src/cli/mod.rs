@@ -1,5 +1,7 @@
 //! One module per subcommand; `main.rs` only parses flags and dispatches.
 
+use crate::admin_client::AdminClient;
+
 pub mod bench;
 pub mod checkpoints;
 pub mod demo;
@@ -20,21 +22,8 @@ pub struct AdminTarget {
 }
 
 impl AdminTarget {
-    /// `http://ADMIN/path`, naming the service when one was given.
-    pub fn url(&self, path: &str) -> String {
-        let base = admin_base(&self.admin);
-        match &self.service {
-            Some(service) => format!("{base}{path}?service={service}"),
-            None => format!("{base}{path}"),
-        }
-    }
-}
-
-/// A node's admin base URL from `--admin`, which may omit the scheme.
-pub fn admin_base(admin: &str) -> String {
-    if admin.starts_with("http://") {
-        admin.to_string()
-    } else {
-        format!("http://{admin}")
+    /// A client of the node, about the service when one was given.
+    pub fn client(&self, timeout: std::time::Duration) -> AdminClient {
+        AdminClient::new(&self.admin, timeout).service(self.service.as_deref())
     }
 }

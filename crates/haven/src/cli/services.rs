@@ -8,10 +8,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::Context;
 use haven_node::admin::reload::ReloadReport;
 
-use crate::http_client::Http;
+use crate::admin_client::AdminClient;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ServicesCommand {
@@ -53,11 +52,10 @@ pub async fn run(command: ServicesCommand) -> anyhow::Result<String> {
 /// Reloads every node in turn; fails, after trying them all, if any node refused the
 /// file or a service did not start, with every node's outcome in the message.
 async fn reload_all(admins: &[String], wipe: bool) -> anyhow::Result<String> {
-    let http = Http::new(RELOAD_TIMEOUT);
     let mut out = String::new();
     let mut failed = false;
     for admin in admins {
-        match reload(&http, admin, wipe).await {
+        match AdminClient::new(admin, RELOAD_TIMEOUT).reload(wipe).await {
             Ok(report) => {
                 failed |= !report.failed.is_empty();
                 out.push_str(&render(&report));
@@ -72,15 +70,6 @@ async fn reload_all(admins: &[String], wipe: bool) -> anyhow::Result<String> {
         anyhow::bail!("{}", out.trim_end());
     }
     Ok(out)
-}
-
-async fn reload(http: &Http, admin: &str, wipe: bool) -> anyhow::Result<ReloadReport> {
-    let url = format!("{}/services/reload?wipe={wipe}", super::admin_base(admin));
-    let reply = http.post(&url, "").await?;
-    if reply.status != 200 {
-        anyhow::bail!("refused ({}): {}", reply.status, reply.text().trim_end());
-    }
-    serde_json::from_slice(&reply.body).with_context(|| format!("{url} sent invalid JSON"))
 }
 
 /// `node 2: added inventory; removed audit; ...` and a line per wiped directory and

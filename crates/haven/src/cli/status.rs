@@ -4,39 +4,19 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use haven_node::admin::Status;
 
 use super::AdminTarget;
-use crate::http_client::Http;
 
-/// One service's status (the node's only one when `target` names none).
-pub async fn fetch(target: &AdminTarget) -> anyhow::Result<Status> {
-    get_json(&target.url("/status")).await
-}
-
-/// Every service's status.
-pub async fn fetch_all(admin: &str) -> anyhow::Result<Vec<Status>> {
-    get_json(&format!("{}/services", super::admin_base(admin))).await
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
-    let reply = Http::new(Duration::from_secs(5)).get(url).await?;
-    if reply.status != 200 {
-        anyhow::bail!(
-            "{url} answered {}: {}",
-            reply.status,
-            reply.text().trim_end()
-        );
-    }
-    serde_json::from_slice(&reply.body).with_context(|| format!("{url} sent invalid JSON"))
-}
+/// How long a node has to answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `haven status` prints: one service in full, or a line per service.
 pub async fn show(target: &AdminTarget, json: bool) -> anyhow::Result<String> {
+    let admin = target.client(STATUS_TIMEOUT);
     let statuses = match &target.service {
-        Some(_) => vec![fetch(target).await?],
-        None => fetch_all(&target.admin).await?,
+        Some(_) => vec![admin.status().await?],
+        None => admin.services().await?,
     };
     Ok(match (statuses.as_slice(), json) {
         ([one], true) => format!("{}\n", serde_json::to_string_pretty(one)?),

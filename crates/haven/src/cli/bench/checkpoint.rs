@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use crate::admin_client::AdminClient;
 use anyhow::Context;
 use anyhow::bail;
 use bytes::Bytes;
@@ -33,8 +34,6 @@ use haven_bench::load::Mode;
 use haven_bench::load::Target;
 use haven_bench::progress::Progress;
 use haven_bench::workload::WorkloadChoice;
-use haven_node::admin::CheckpointTaken;
-use haven_node::admin::Status;
 use haven_node::admin::members::AddLearner;
 use haven_node::admin::members::ChangeNode;
 use serde::Deserialize;
@@ -428,7 +427,7 @@ impl<'a> SizeBench<'a> {
         let leader_url = self.cluster.slots[leader].admin_url();
         let began = Instant::now();
         self.admin
-            .post_json(&format!("{leader_url}/members/learner"), &learner)
+            .membership(&leader_url, "learner", &learner)
             .await?;
         self.wait_caught_up(leader, new).await?;
         let seconds = began.elapsed().as_secs_f64();
@@ -438,7 +437,7 @@ impl<'a> SizeBench<'a> {
             force: false,
         };
         self.admin
-            .post_json(&format!("{leader_url}/members/remove"), &remove)
+            .membership(&leader_url, "remove", &remove)
             .await?;
         self.cluster.kill_node(new);
         let app_bytes = (self.lines * STATE_BYTES_PER_LINE) as f64;
@@ -694,27 +693,20 @@ impl Counters {
 /// The admin API calls the bench makes, with a timeout long enough for a checkpoint of
 /// a large state.
 #[derive(Clone)]
-struct Admin {
-    http: Http,
-}
+struct Admin;
 
 impl Admin {
     fn new() -> Self {
-        Self {
-            http: Http::new(ADMIN_TIMEOUT),
-        }
+        Self
+    }
+
+    fn client(admin_url: &str) -> AdminClient {
+        AdminClient::new(admin_url, ADMIN_TIMEOUT)
     }
 
     /// `POST /checkpoints`: returns the index once the checkpoint is on disk.
     async fn checkpoint(&self, admin_url: &str) -> anyhow::Result<u64> {
-        let url = format!("{admin_url}/checkpoints");
-        let reply = self.http.post(&url, Bytes::new()).await?;
-        if reply.status != 200 {
-            bail!("POST {url}: {} {}", reply.status, reply.text());
-        }
-        let taken: CheckpointTaken = serde_json::from_slice(&reply.body)
-            .with_context(|| format!("POST {url}: unexpected answer {}", reply.text()))?;
-        Ok(taken.index)
+        Self::client(admin_url).checkpoint().await
     }
 
     /// Until openraft on the node recorded checkpoint `index` as built (its status shows
@@ -722,30 +714,29 @@ impl Admin {
     /// that; openraft drops a trigger arriving in between, and the POST carrying it waits
     /// the node's full 600 s (seen with back-to-back checkpoints of 1 GB under load).
     async fn wait_recorded(&self, admin_url: &str, index: u64) -> anyhow::Result<()> {
-        let url = format!("{admin_url}/status");
-        let http = &self.http;
+        let client = Self::client(admin_url);
         poll("openraft recording the checkpoint", || async {
-            let reply = http.get(&url).await.ok()?;
-            let status: Status = serde_json::from_slice(&reply.body).ok()?;
+            let status = client.status().await.ok()?;
             status.snapshot_index.filter(|s| *s >= index).map(|_| ())
         })
         .await
     }
 
-    async fn post_json<T: Serialize>(&self, url: &str, value: &T) -> anyhow::Result<()> {
-        let body = Bytes::from(serde_json::to_vec(value)?);
-        let json = [("content-type", "application/json")];
-        let reply = self.http.send("POST", url, &json, body).await?;
-        if reply.status != 200 {
-            bail!("POST {url}: {} {}", reply.status, reply.text());
-        }
+    /// A membership change on the node at `admin_url` (the leader).
+    async fn membership<T: Serialize>(
+        &self,
+        admin_url: &str,
+        change: &str,
+        body: &T,
+    ) -> anyhow::Result<()> {
+        Self::client(admin_url).membership(change, body).await?;
         Ok(())
     }
 
     async fn counters(&self, admin_urls: &[String]) -> anyhow::Result<Counters> {
         let mut sum = Counters::default();
         for url in admin_urls {
-            let text = self.http.get(&format!("{url}/metrics")).await?.text();
+            let text = Self::client(url).metrics().await?;
             sum.written += metric(&text, "haven_checkpoints_written_total");
             sum.pause_us += metric(&text, "haven_checkpoint_pause_microseconds_total");
         }
