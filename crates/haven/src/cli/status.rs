@@ -28,19 +28,32 @@ pub async fn show(target: &AdminTarget, json: bool) -> anyhow::Result<String> {
 
 /// One line per service.
 pub fn render_services(all: &[Status]) -> String {
+    let width = all
+        .iter()
+        .map(|s| s.service.len())
+        .max()
+        .unwrap_or(0)
+        .max(7)
+        + 2;
     let mut out = format!(
-        "{:<16}{:<10}{:>7}{:>10}{:>10}  {}\n",
-        "service", "role", "leader", "commit", "applied", "app"
+        "{:<width$}{:<10}{:>6}{:>7}{:>10}{:>10}{:>6}  {}\n",
+        "service", "role", "term", "leader", "commit", "applied", "lag", "app"
     );
     for s in all {
         let app = if s.app_up { "up" } else { "down" };
+        let lag = match (s.commit_index, s.applied_index) {
+            (Some(commit), Some(applied)) => commit.saturating_sub(applied).to_string(),
+            _ => "-".to_string(),
+        };
         out.push_str(&format!(
-            "{:<16}{:<10}{:>7}{:>10}{:>10}  {} ({app})\n",
+            "{:<width$}{:<10}{:>6}{:>7}{:>10}{:>10}{:>6}  {} ({app})\n",
             s.service,
             s.role,
+            s.term,
             opt(s.leader_id),
             opt(s.commit_index),
             opt(s.applied_index),
+            lag,
             s.app_url
         ));
     }
@@ -88,4 +101,45 @@ pub fn render(status: &Status) -> String {
         ("after_a_crash", status.exactly_once_after_crash.clone()),
     ];
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(service: &str, commit: u64, applied: u64) -> Status {
+        Status {
+            service: service.to_string(),
+            id: 1,
+            zone: "a".into(),
+            role: "leader".into(),
+            term: 3,
+            leader_id: Some(1),
+            commit_index: Some(commit),
+            applied_index: Some(applied),
+            last_log_index: Some(commit),
+            voters: vec![1, 2, 3],
+            learners: Vec::new(),
+            app_url: "http://127.0.0.1:6001".into(),
+            app_up: true,
+            snapshot_index: None,
+            purged_index: None,
+            checkpoint_receive: Default::default(),
+            exactly_once_after_crash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_line_per_service_with_term_and_lag() {
+        let table = render_services(&[status("orders", 120, 117), status("a", 5, 5)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "service  role        term leader    commit   applied   lag  app",
+                "orders   leader         3      1       120       117     3  http://127.0.0.1:6001 (up)",
+                "a        leader         3      1         5         5     0  http://127.0.0.1:6001 (up)",
+            ]
+        );
+    }
 }
