@@ -8,7 +8,8 @@
 //!   holds the idempotency table and answers the waiting client.
 //! - [`app`]: the HTTP client toward this node's replica.
 //! - [`admin`] and [`metrics`]: status and Prometheus metrics on the admin port.
-//! - [`config`]: the TOML file; [`types`]: values shared by the above.
+//! - [`config`]: the TOML file; [`types`]: values shared by the above; [`runtime`]:
+//!   openraft's runtime (tokio, seedable for the simulation).
 //! - [`service`]: one protected app: its Raft group, log, apply state, replica and
 //!   checkpoints.
 //! - [`node`]: assembly, start order and shutdown; [`workers`]: its named background tasks.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod node;
 pub mod restore;
 pub mod routes;
+pub mod runtime;
 pub mod service;
 pub mod types;
 pub mod workers;

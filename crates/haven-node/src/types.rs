@@ -20,7 +20,7 @@ openraft::declare_raft_types!(
         R = Applied,
         NodeId = NodeId,
         Node = PeerNode,
-        AsyncRuntime = crate::consensus::runtime::HavenRuntime,
+        AsyncRuntime = crate::runtime::HavenRuntime,
 );
 
 /// A state machine Haven's transport can serve: checkpoints travel as files. Haven's own

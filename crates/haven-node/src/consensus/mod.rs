@@ -9,7 +9,6 @@ pub mod net;
 pub mod propose;
 pub mod read_batch;
 pub mod reconnect;
-pub mod runtime;
 pub mod server;
 pub mod snapshot;
 pub mod step_aside;

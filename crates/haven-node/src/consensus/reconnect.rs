@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::consensus::runtime::next_seed;
 use crate::metrics::PeerMetrics;
+use crate::runtime::next_seed;
 
 /// Pause after the first failed dial; each further failure doubles it up to
 /// [`BACKOFF_MAX`]. Short enough that a peer that blipped is redialed within a heartbeat
