@@ -50,10 +50,12 @@ async fn a_dead_peer_is_dialed_with_backoff_and_reported_once() {
     assert!(acked.load(Ordering::Relaxed) > 100, "writes stalled");
 
     let text = std::fs::read_to_string(&log).unwrap();
+    // openraft's own warning when a vote request fails is not the transport's report:
+    // under a loaded test run the cluster may hold an election meanwhile.
     let about_peer: Vec<&str> = text
         .lines()
         .skip(lines_before)
-        .filter(|l| l.contains(&peer))
+        .filter(|l| l.contains(&peer) && !l.contains("openraft::"))
         .collect();
     assert!(
         about_peer.len() <= 3,
