@@ -2,6 +2,8 @@
 //! Raft group with its own replicas, picked by path prefix or by `Host`, and stays
 //! byte-identical across its replicas through a `kill -9` of its leader under load.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,13 +33,7 @@ struct Services {
 }
 
 async fn start() -> Services {
-    let mut dir = tempfile::Builder::new()
-        .prefix("haven-services-")
-        .tempdir()
-        .unwrap();
-    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
-        dir.disable_cleanup(true);
-    }
+    let dir = common::test_dir("haven-services-");
     let app = AppKind::LogApp { prepopulate: 0 };
     let services = vec![
         ServiceSpec::new(ORDERS, app.clone()),
@@ -476,10 +472,7 @@ async fn leaders_spread_over_the_nodes_and_spread_again_after_a_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
-    let dir = tempfile::Builder::new()
-        .prefix("haven-quota-")
-        .tempdir()
-        .unwrap();
+    let dir = common::test_dir("haven-quota-");
     let app = AppKind::LogApp { prepopulate: 0 };
     let noisy = ServiceSpec {
         tables: "[service.limits]\nrate_per_s = 20\nrate_burst = 5\n".to_string(),

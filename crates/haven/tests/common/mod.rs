@@ -33,6 +33,16 @@ impl std::ops::DerefMut for TestCluster {
     }
 }
 
+/// A directory of the test's own under the system's temporary directory, deleted at the
+/// end unless HAVEN_KEEP_TEST_DIRS=1 (which keeps configs, data and node logs).
+pub fn test_dir(prefix: &str) -> tempfile::TempDir {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+    }
+    dir
+}
+
 /// Starts `nodes` nodes replicating the log app; `managed`: each node runs its own app.
 pub async fn start(nodes: usize, managed: bool, extra_config: &str) -> TestCluster {
     let app = AppKind::LogApp {
@@ -48,14 +58,7 @@ pub async fn start_with(
     extra_config: &str,
     app: AppKind,
 ) -> TestCluster {
-    let mut dir = tempfile::Builder::new()
-        .prefix("haven-test-")
-        .tempdir()
-        .unwrap();
-    // HAVEN_KEEP_TEST_DIRS=1 keeps configs, data and node logs of every test.
-    if std::env::var_os("HAVEN_KEEP_TEST_DIRS").is_some() {
-        dir.disable_cleanup(true);
-    }
+    let dir = test_dir("haven-test-");
     let spec = ClusterSpec {
         nodes,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
