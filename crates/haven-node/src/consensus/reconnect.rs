@@ -36,16 +36,39 @@ pub enum Turn {
     At(Instant),
 }
 
+/// Failures in a row, what they delay, and when they were last reported: the part a
+/// dead peer and a refusing one share.
+#[derive(Debug, Default)]
+struct Streak {
+    /// Failures in a row.
+    count: u32,
+    /// No dial before this instant.
+    retry_at: Option<Instant>,
+    /// When the streak was last logged.
+    reported_at: Option<Instant>,
+}
+
+impl Streak {
+    /// Counts one more failure at `now`: the jittered pause before the next dial, and
+    /// whether it is time to report (the first failure, then every [`REPORT_EVERY`]).
+    fn fail(&mut self, now: Instant) -> (Duration, bool) {
+        self.count = self.count.saturating_add(1);
+        let pause = jittered(backoff(self.count), next_seed());
+        self.retry_at = Some(now + pause);
+        let due = (self.reported_at).is_none_or(|at| now.duration_since(at) >= REPORT_EVERY);
+        if due {
+            self.reported_at = Some(now);
+        }
+        (pause, due)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Health {
     /// Dials that failed in a row.
-    failures: u32,
-    /// No dial before this instant.
-    retry_at: Option<Instant>,
+    failures: Streak,
     /// When the first failure of this streak happened.
     down_since: Option<Instant>,
-    /// When the down state was last logged.
-    reported_at: Option<Instant>,
 }
 
 /// One peer's dial history.
@@ -77,12 +100,12 @@ impl PeerHealth {
     pub fn claim_turn(&self) -> Turn {
         let now = Instant::now();
         let mut health = self.lock();
-        match health.retry_at {
+        match health.failures.retry_at {
             Some(at) if at > now => Turn::At(at),
             _ => {
-                if health.failures > 0 {
-                    let pause = backoff(health.failures);
-                    health.retry_at = Some(now + jittered(pause, next_seed()));
+                if health.failures.count > 0 {
+                    let pause = backoff(health.failures.count);
+                    health.failures.retry_at = Some(now + jittered(pause, next_seed()));
                 }
                 Turn::Now
             }
@@ -124,17 +147,9 @@ impl PeerHealth {
     pub fn failed(&self, reason: &str) {
         let now = Instant::now();
         let mut health = self.lock();
-        health.failures = health.failures.saturating_add(1);
-        let pause = jittered(backoff(health.failures), next_seed());
-        health.retry_at = Some(now + pause);
+        let (pause, due) = health.failures.fail(now);
         let down_since = *health.down_since.get_or_insert(now);
-        let due = health
-            .reported_at
-            .is_none_or(|at| now.duration_since(at) >= REPORT_EVERY);
-        if due {
-            health.reported_at = Some(now);
-        }
-        let failures = health.failures;
+        let failures = health.failures.count;
         drop(health);
         self.metrics
             .connect_failures
@@ -163,7 +178,7 @@ impl PeerHealth {
             tracing::info!(
                 peer = %self.addr,
                 down_for = ?since.elapsed(),
-                failed_dials = previous.failures,
+                failed_dials = previous.failures.count,
                 "peer reachable again"
             );
         }
@@ -177,15 +192,8 @@ impl PeerHealth {
 pub struct Refusals {
     addr: String,
     service: String,
-    state: Mutex<RefusalState>,
+    state: Mutex<Streak>,
     metrics: PeerMetrics,
-}
-
-#[derive(Default)]
-struct RefusalState {
-    streak: u32,
-    retry_at: Option<Instant>,
-    reported_at: Option<Instant>,
 }
 
 impl Refusals {
@@ -198,24 +206,13 @@ impl Refusals {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, RefusalState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streak> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a refusal and schedules the next dial for this service.
     pub fn refused(&self, reason: &str) {
-        let now = Instant::now();
-        let mut state = self.lock();
-        state.streak = state.streak.saturating_add(1);
-        let pause = jittered(backoff(state.streak), next_seed());
-        state.retry_at = Some(now + pause);
-        let due = state
-            .reported_at
-            .is_none_or(|at| now.duration_since(at) >= REPORT_EVERY);
-        if due {
-            state.reported_at = Some(now);
-        }
-        drop(state);
+        let (pause, due) = self.lock().fail(Instant::now());
         self.metrics
             .refusals
             .with_label_values(&[&self.addr, &self.service])
@@ -234,8 +231,8 @@ impl Refusals {
     /// The peer answered on this service's connection: the next refusal starts afresh.
     pub fn accepted(&self) {
         let mut state = self.lock();
-        if state.streak > 0 {
-            *state = RefusalState::default();
+        if state.count > 0 {
+            *state = Streak::default();
         }
     }
 
