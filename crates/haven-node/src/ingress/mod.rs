@@ -198,7 +198,7 @@ impl Ingress {
         let mode = self.routes.classify(&parts.method, &path);
         self.metrics
             .requests
-            .with_label_values(&[mode_label(mode)])
+            .with_label_value(mode_label(mode))
             .inc();
         match mode {
             RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
@@ -484,7 +484,7 @@ impl Ingress {
     }
 
     fn error(&self, status: StatusCode, code: &str, reason: &str) -> HttpResponse {
-        self.metrics.request_errors.with_label_values(&[code]).inc();
+        self.metrics.request_errors.with_label_value(code).inc();
         error_response(status, code, reason)
     }
 }
