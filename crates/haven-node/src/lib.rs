@@ -1,32 +1,16 @@
-//! One Haven node, its modules in the order a client request meets them.
+//! One Haven node: the top layer. A client request meets, in order:
+//! - [`ingress`]: client HTTP; picks the service (Host or path prefix), applies its
+//!   limits, classifies the request ([`routes`]) and orders it or reads it through
+//!   `haven_consensus::client`;
+//! - `haven_consensus` (crate): the service's Raft group orders it over the shared raft
+//!   port; `haven_log` (crate) makes it durable;
+//! - `haven_service` (crate): applies it to the replica and answers the waiting client.
 //!
-//! # Layout
-//! - [`ingress`]: client HTTP; classifies each request ([`routes`]) and orders or reads it.
-//! - [`consensus`]: openraft wiring, the node-to-node transport, proposing on the leader.
-//! - `haven_log` (crate): the durable Raft log.
-//! - [`apply`]: the state machine; delivers committed entries to the replica in order,
-//!   holds the idempotency table and answers the waiting client.
-//! - [`app`]: the HTTP client toward this node's replica.
-//! - [`admin`] and [`metrics`]: status and Prometheus metrics on the admin port.
-//! - [`config`]: the TOML file; [`types`]: values shared by the above; [`runtime`]:
-//!   openraft's runtime (tokio, seedable for the simulation).
-//! - [`service`]: one protected app: its Raft group, log, apply state, replica and
-//!   checkpoints.
-//! - [`node`]: assembly, start order and shutdown; [`workers`]: its named background tasks.
+//! Beside the request path: [`admin`] (status, metrics, membership, checkpoints, reload
+//! on the admin port) and [`node`] (assembly, the services a node hosts, their start
+//! order, reload and shutdown).
 
 pub mod admin;
-pub mod app;
-pub mod apply;
-pub mod checkpoint;
-pub mod config;
-pub mod consensus;
 pub mod ingress;
-pub mod lock;
-pub mod metrics;
 pub mod node;
-pub mod restore;
 pub mod routes;
-pub mod runtime;
-pub mod service;
-pub mod types;
-pub mod workers;

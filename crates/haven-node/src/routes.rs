@@ -4,8 +4,8 @@
 
 use http::Method;
 
-use crate::config::RouteMode;
-use crate::config::RouteRule;
+use haven_base::config::RouteMode;
+use haven_base::config::RouteRule;
 
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {

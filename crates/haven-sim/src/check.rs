@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use haven_consensus::types::LogId;
 use haven_contract::NodeId;
 use haven_contract::RequestTag;
-use haven_node::types::LogId;
 
 use crate::store::SimLog;
 

@@ -5,14 +5,14 @@ use std::io;
 use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
-use haven_node::consensus::link::Transport;
-use haven_node::consensus::net::Accept;
-use haven_node::consensus::net::Dial;
-use haven_node::consensus::net::Reader;
-use haven_node::consensus::net::Writer;
-use haven_node::consensus::wire::Hello;
-use haven_node::metrics::Metrics;
-use haven_node::metrics::MetricsError;
+use haven_base::metrics::Metrics;
+use haven_base::metrics::MetricsError;
+use haven_consensus::link::Transport;
+use haven_consensus::net::Accept;
+use haven_consensus::net::Dial;
+use haven_consensus::net::Reader;
+use haven_consensus::net::Writer;
+use haven_consensus::wire::Hello;
 
 /// Port every simulated node listens on for raft traffic.
 pub const RAFT_PORT: u16 = 7000;

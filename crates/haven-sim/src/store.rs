@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 
+use haven_consensus::types::Entry;
+use haven_consensus::types::LogId;
+use haven_consensus::types::TypeConfig;
+use haven_consensus::types::Vote;
 use haven_contract::RequestTag;
-use haven_node::types::Entry;
-use haven_node::types::LogId;
-use haven_node::types::TypeConfig;
-use haven_node::types::Vote;
 use openraft::EntryPayload;
 use openraft::LogState;
 use openraft::OptionalSend;

@@ -1,9 +1,5 @@
-//! The `haven` binary's library half: command implementations and the local process
-//! cluster that the demo runs and the end-to-end tests break. `anyhow` lives only here.
+//! The `haven` binary's library half: one module per command that talks to nodes
+//! ([`cli`]). The process cluster, the torture run and the benchmarks it launches live in
+//! `haven_testkit`; the admin client in `haven_client`.
 
-pub mod admin_client;
 pub mod cli;
-pub mod cluster;
-pub mod http_client;
-pub mod metrics_text;
-pub mod torture;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
 use haven::cli;
-use haven_node::config::Config;
+use haven_base::config::Config;
 
 /// glibc's malloc took 14% of a leader's CPU under write load and let its resident memory
 /// grow past 130 MB through per-thread arenas; mimalloc is faster and returns memory.
@@ -70,10 +70,10 @@ enum Command {
     },
     /// Measure throughput, latency, CPU and failover (see `haven bench reference --help`).
     #[command(subcommand)]
-    Bench(cli::bench::BenchCommand),
+    Bench(haven_testkit::bench::BenchCommand),
     /// Torture a local cluster (kills, pauses, partitions) and check linearizability,
     /// durability of acknowledged writes and identical replicas.
-    Torture(haven::torture::TortureArgs),
+    Torture(haven_testkit::torture::TortureArgs),
     /// Change the cluster's membership through the leader's admin API (joint consensus).
     #[command(subcommand)]
     Members(cli::members::MembersCommand),
@@ -240,12 +240,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(command) => {
             init_tracing("warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
-            print(&cli::bench::run(command, &exe).await?)?;
+            print(&haven_testkit::bench::run(command, &exe).await?)?;
         }
         Command::Torture(args) => {
             init_tracing("warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
-            return haven::torture::execute(exe, args, print).await;
+            return haven_testkit::torture::execute(exe, args, print).await;
         }
         Command::Services(command) => {
             init_tracing("warn");

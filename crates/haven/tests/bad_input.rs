@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use std::time::Instant;
 
-use haven::cluster::Process;
-use haven_node::consensus::wire;
+use haven_consensus::wire;
+use haven_testkit::cluster::Process;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -853,7 +853,7 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
     );
 
     // Well-formed, but about nodes that are not there.
-    let error = |reply: &haven::http_client::Reply| -> serde_json::Value {
+    let error = |reply: &haven_client::http::Reply| -> serde_json::Value {
         serde_json::from_slice(&reply.body).unwrap()
     };
     let reply = send(leader, "/members/promote", r#"{"id": 9}"#).await;
@@ -1144,8 +1144,8 @@ fn a_listen_port_inside_the_ephemeral_range_is_warned_about_at_start() {
         .local_addr()
         .unwrap();
     let (raft, admin) = (
-        haven::cluster::free_addr().unwrap(),
-        haven::cluster::free_addr().unwrap(),
+        haven_testkit::cluster::free_addr().unwrap(),
+        haven_testkit::cluster::free_addr().unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
     let config = format!(

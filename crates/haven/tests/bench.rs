@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use haven::cluster::AppKind;
-use haven::cluster::ClusterSpec;
-use haven::cluster::LocalCluster;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::ClusterSpec;
+use haven_testkit::cluster::LocalCluster;
 use serde_json::Value;
 
 fn haven() -> Command {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 mod common;
 use common::TestCluster;
-use haven::cluster::Process;
+use haven_testkit::cluster::Process;
 
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
 
@@ -331,15 +331,15 @@ async fn back_to_back_checkpoint_requests_are_all_answered() {
 /// node asked to stop (SIGTERM) ends every one of them within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_lists_its_workers_and_stops_them_all() {
-    use haven_node::workers::WorkerInfo;
-    use haven_node::workers::WorkerState;
+    use haven_base::workers::WorkerInfo;
+    use haven_base::workers::WorkerState;
     let mut cluster = common::start(1, true, &checkpoints("managed", 30, 2)).await;
     cluster
         .wait_for_leader(Duration::from_secs(10))
         .await
         .unwrap();
     let url = format!("{}/workers", cluster.slots[0].admin_url());
-    let reply = haven::http_client::Http::new(Duration::from_secs(5))
+    let reply = haven_client::http::Http::new(Duration::from_secs(5))
         .get(&url)
         .await
         .unwrap();

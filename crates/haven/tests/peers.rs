@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use haven::cluster::Process;
-use haven::metrics_text::sum;
+use haven_client::metrics_text::sum;
+use haven_testkit::cluster::Process;
 
 mod common;
 

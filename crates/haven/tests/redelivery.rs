@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use haven::cluster::AppKind;
-use haven::cluster::Process;
-use haven::http_client::Http;
+use haven_client::http::Http;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::Process;
 
 mod common;
 use common::TestCluster;

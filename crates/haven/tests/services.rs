@@ -12,13 +12,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use haven::cluster::AppKind;
-use haven::cluster::ClusterSpec;
-use haven::cluster::LocalCluster;
-use haven::cluster::Process;
-use haven::cluster::ServiceSpec;
-use haven::http_client::Http;
-use haven::http_client::Reply;
+use haven_client::http::Http;
+use haven_client::http::Reply;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::ClusterSpec;
+use haven_testkit::cluster::LocalCluster;
+use haven_testkit::cluster::Process;
+use haven_testkit::cluster::ServiceSpec;
 
 /// The services every node runs, and how a client reaches each.
 const ORDERS: &str = "orders"; // path prefix /orders (the default)
@@ -76,7 +76,7 @@ impl Client {
     /// Appends `line` to `service`'s log, reaching it the way that service is matched.
     async fn append(&self, service: &str, line: &str) -> anyhow::Result<Reply> {
         let body = Bytes::from(line.to_string());
-        match service {
+        let reply = match service {
             BILLING => {
                 let url = format!("{}/append", self.base);
                 let headers = [("host", "billing.test")];
@@ -91,7 +91,8 @@ impl Client {
                 let url = format!("{}/{other}/append", self.base);
                 self.http.post(&url, body).await
             }
-        }
+        };
+        Ok(reply?)
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 mod common;
 use common::TestCluster;
-use haven::cluster::Process;
+use haven_testkit::cluster::Process;
 
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
 /// Checkpoints every 30 entries, `keep` kept: a fresh node cannot catch up from the log

@@ -20,9 +20,9 @@ use openraft::rt::WatchReceiver;
 use serde::Deserialize;
 use serde::Serialize;
 
-use crate::apply::Raft;
 use haven_contract::NodeId;
 use haven_contract::PeerNode;
+use haven_service::apply::Raft;
 
 /// A follower further behind the leader's log than this is not counted as healthy.
 pub const HEALTHY_LAG_ENTRIES: u64 = 1_000;

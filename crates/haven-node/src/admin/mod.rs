@@ -32,12 +32,12 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::apply::Raft;
-use crate::checkpoint::Checkpoints;
 use crate::ingress::Ingress;
-use crate::metrics::NodeMetrics;
-use crate::workers::Workers;
+use haven_base::metrics::NodeMetrics;
+use haven_base::workers::Workers;
 use haven_contract::NodeId;
+use haven_service::apply::Raft;
+use haven_service::checkpoint::Checkpoints;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::HttpResponse;
 use super::Ingress;
 use super::error_response;
-use crate::config::Matcher;
+use haven_base::config::Matcher;
 
 /// The `Haven-Error` code of a request no service claims.
 pub const UNKNOWN_SERVICE: &str = "unknown-service";

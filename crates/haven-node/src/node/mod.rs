@@ -17,24 +17,24 @@ use crate::admin;
 use crate::admin::AdminState;
 use crate::admin::ServiceAdmin;
 use crate::admin::reload::ReloadReport;
-use crate::app::AppClient;
-use crate::apply::StateMachine;
-use crate::config::Config;
-use crate::config::ServiceConfig;
-use crate::consensus;
-use crate::consensus::link::Transport;
-use crate::consensus::server::Group;
-use crate::consensus::server::Groups;
-use crate::consensus::wire::Hello;
 use crate::ingress;
 use crate::ingress::Ingress;
 use crate::ingress::select::Directory;
-use crate::metrics::NodeMetrics;
 use crate::routes::RouteTable;
-use crate::service::NodeShared;
-use crate::service::Service;
-use crate::service::ServiceError;
-use crate::workers::Workers;
+use haven_base::config::Config;
+use haven_base::config::ServiceConfig;
+use haven_base::metrics::NodeMetrics;
+use haven_base::workers::Workers;
+use haven_consensus as consensus;
+use haven_consensus::link::Transport;
+use haven_consensus::server::Group;
+use haven_consensus::server::Groups;
+use haven_consensus::wire::Hello;
+use haven_service::app::AppClient;
+use haven_service::apply::StateMachine;
+use haven_service::service::NodeShared;
+use haven_service::service::Service;
+use haven_service::service::ServiceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -11,8 +11,8 @@ use super::Node;
 use crate::admin::reload::Failed;
 use crate::admin::reload::ReloadReport;
 use crate::admin::reload::Wiped;
-use crate::config::Config;
-use crate::config::ServiceConfig;
+use haven_base::config::Config;
+use haven_base::config::ServiceConfig;
 
 /// Which services a reload adds, removes, restarts and keeps, by name.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -100,7 +100,10 @@ impl Node {
         })
     }
 
-    async fn open_and_start(&mut self, name: &str) -> Result<(), crate::service::ServiceError> {
+    async fn open_and_start(
+        &mut self,
+        name: &str,
+    ) -> Result<(), haven_service::service::ServiceError> {
         let Some(config) = self
             .config
             .services
@@ -203,7 +206,7 @@ mod tests {
         let text = format!(
             "[node]\nid = 1\nclient_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:2\"\nadmin_addr = \"127.0.0.1:3\"\ndata_dir = \"/d\"\n[[peers]]\nid = 1\nraft_addr = \"127.0.0.1:2\"\nclient_addr = \"127.0.0.1:1\"\n[[service]]\nname = \"{name}\"\n[service.app]\nurl = \"{url}\"\n"
         );
-        crate::config::Config::parse(&text, Path::new("t.toml"))
+        haven_base::config::Config::parse(&text, Path::new("t.toml"))
             .unwrap()
             .services
             .remove(0)

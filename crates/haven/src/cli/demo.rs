@@ -18,13 +18,13 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::cluster::AppKind;
-use crate::cluster::ClusterSpec;
-use crate::cluster::LocalCluster;
-use crate::cluster::PREPOPULATED_LINES;
-use crate::cluster::ServiceSpec;
-use crate::http_client::Http;
-use crate::http_client::Reply;
+use haven_client::http::Http;
+use haven_client::http::Reply;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::ClusterSpec;
+use haven_testkit::cluster::LocalCluster;
+use haven_testkit::cluster::PREPOPULATED_LINES;
+use haven_testkit::cluster::ServiceSpec;
 
 /// The log app's service, reached under `/log`.
 const LOG: &str = "log";

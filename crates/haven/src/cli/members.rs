@@ -125,8 +125,6 @@ async fn post<T: Serialize>(
     change: &str,
     body: &T,
 ) -> anyhow::Result<MembershipReply> {
-    target
-        .client(MEMBERSHIP_TIMEOUT)
-        .membership(change, body)
-        .await
+    let client = target.client(MEMBERSHIP_TIMEOUT);
+    Ok(client.membership(change, body).await?)
 }

@@ -1,8 +1,7 @@
 //! One module per subcommand; `main.rs` only parses flags and dispatches.
 
-use crate::admin_client::AdminClient;
+use haven_client::admin::AdminClient;
 
-pub mod bench;
 pub mod checkpoints;
 pub mod demo;
 pub mod members;

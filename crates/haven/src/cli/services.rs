@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use haven_node::admin::reload::ReloadReport;
 
-use crate::admin_client::AdminClient;
+use haven_client::admin::AdminClient;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ServicesCommand {

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use haven::cluster::AppKind;
-use haven::cluster::ClusterSpec;
-use haven::cluster::LocalCluster;
-use haven::http_client::Http;
-use haven::http_client::Reply;
+use haven_client::http::Http;
+use haven_client::http::Reply;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::ClusterSpec;
+use haven_testkit::cluster::LocalCluster;
 
 pub const PREPOPULATE: u64 = 10;
 

@@ -1,0 +1,155 @@
+//! One typed client of a node's admin API, for the CLI, the cluster harness, the bench
+//! and the tests: every endpoint once, its answer parsed, and every failure named with
+//! the URL and what the node said.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use haven_base::workers::WorkerInfo;
+use haven_node::admin::CheckpointTaken;
+use haven_node::admin::Status;
+use haven_node::admin::members::MembershipError;
+use haven_node::admin::members::MembershipReply;
+use haven_node::admin::reload::ReloadReport;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::http::ClientError;
+use crate::http::Http;
+use crate::http::Reply;
+
+/// A node's admin endpoint, and the service requests are about (the node's only one when
+/// `None`).
+#[derive(Clone)]
+pub struct AdminClient {
+    http: Http,
+    base: String,
+    service: Option<String>,
+}
+
+impl AdminClient {
+    /// `admin` as `host:port` or `http://host:port`.
+    pub fn new(admin: &str, timeout: Duration) -> Self {
+        let base = if admin.starts_with("http://") {
+            admin.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{admin}")
+        };
+        Self {
+            http: Http::new(timeout),
+            base,
+            service: None,
+        }
+    }
+
+    /// The same node, about `service`.
+    pub fn service(&self, service: Option<&str>) -> Self {
+        Self {
+            service: service.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    /// `http://ADMIN/path`, naming the service when there is one.
+    pub fn url(&self, path: &str) -> String {
+        match &self.service {
+            Some(service) => format!("{}{path}?service={service}", self.base),
+            None => format!("{}{path}", self.base),
+        }
+    }
+
+    /// `GET /status`: the service's status on this node.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.get_json(&self.url("/status")).await
+    }
+
+    /// `GET /services`: every service's status on this node.
+    pub async fn services(&self) -> Result<Vec<Status>, ClientError> {
+        self.get_json(&format!("{}/services", self.base)).await
+    }
+
+    /// `GET /workers`.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
+        self.get_json(&format!("{}/workers", self.base)).await
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        Ok(ok(self.http.get(&url).await?, &url)?.text())
+    }
+
+    /// The sum of the series of metric `name` with these labels (0 when there is none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64, ClientError> {
+        let page = self.metrics().await?;
+        Ok(crate::metrics_text::sum(&page, name, labels).unwrap_or(0.0))
+    }
+
+    /// `POST /checkpoints`: the index once the checkpoint is on disk.
+    pub async fn checkpoint(&self) -> Result<u64, ClientError> {
+        let url = self.url("/checkpoints");
+        let reply = ok(self.http.post(&url, Bytes::new()).await?, &url)?;
+        let taken: CheckpointTaken = parse(&reply, &url)?;
+        Ok(taken.index)
+    }
+
+    /// `POST /services/reload[?wipe=true]`.
+    pub async fn reload(&self, wipe: bool) -> Result<ReloadReport, ClientError> {
+        let url = format!("{}/services/reload?wipe={wipe}", self.base);
+        let reply = self.http.post(&url, Bytes::new()).await?;
+        parse(&ok(reply, &url)?, &url)
+    }
+
+    /// `POST /members/{change}` with `body`; the node's reason when it refuses.
+    pub async fn membership<T: Serialize>(
+        &self,
+        change: &str,
+        body: &T,
+    ) -> Result<MembershipReply, ClientError> {
+        let url = self.url(&format!("/members/{change}"));
+        let headers = [("content-type", "application/json")];
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Json {
+            url: url.clone(),
+            source,
+        })?;
+        let body = Bytes::from(body);
+        let reply = self.http.send("POST", &url, &headers, body).await?;
+        if reply.status == 200 {
+            return parse(&reply, &url);
+        }
+        match serde_json::from_slice::<MembershipError>(&reply.body) {
+            Ok(e) => Err(ClientError::Refused {
+                url,
+                reason: e.error,
+            }),
+            Err(_) => Err(refused(&reply, &url)),
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ClientError> {
+        parse(&ok(self.http.get(url).await?, url)?, url)
+    }
+}
+
+/// The reply if the node answered 200; otherwise what it said.
+fn ok(reply: Reply, url: &str) -> Result<Reply, ClientError> {
+    if reply.status != 200 {
+        return Err(refused(&reply, url));
+    }
+    Ok(reply)
+}
+
+fn refused(reply: &Reply, url: &str) -> ClientError {
+    ClientError::Status {
+        url: url.to_string(),
+        status: reply.status,
+        body: reply.text().trim_end().to_string(),
+    }
+}
+
+fn parse<T: DeserializeOwned>(reply: &Reply, url: &str) -> Result<T, ClientError> {
+    serde_json::from_slice(&reply.body).map_err(|source| ClientError::Json {
+        url: url.to_string(),
+        source,
+    })
+}

@@ -1,0 +1,134 @@
+//! A small HTTP/1.1 keep-alive client for the demo, the status command and the tests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A response kept whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+}
+
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl Http {
+    pub fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout,
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Reply, ClientError> {
+        self.send("GET", url, &[], Bytes::new()).await
+    }
+
+    pub async fn post(&self, url: &str, body: impl Into<Bytes>) -> Result<Reply, ClientError> {
+        self.send("POST", url, &[], body.into()).await
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply, ClientError> {
+        let failed = |reason: String| ClientError::Request {
+            method: method.to_string(),
+            url: url.to_string(),
+            reason,
+        };
+        let mut builder = http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|e| failed(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| failed(error_chain(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| failed(error_chain(&e)))?
+                .to_bytes();
+            Ok(Reply {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?
+    }
+}
+
+/// An error and its causes on one line (hyper's own message is often just "client error").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// Why a call to a node failed, with the URL in every message.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{method} {url}: {reason}")]
+    Request {
+        method: String,
+        url: String,
+        reason: String,
+    },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url} sent invalid JSON: {source}")]
+    Json {
+        url: String,
+        source: serde_json::Error,
+    },
+    #[error("{url}: {reason}")]
+    Refused { url: String, reason: String },
+}

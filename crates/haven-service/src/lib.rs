@@ -1,0 +1,19 @@
+//! One protected app, a *service*, in the order a committed entry meets it:
+//! - [`apply`]: the state machine openraft drives; delivers committed entries to the
+//!   replica in order, holds the idempotency table and answers the waiting client.
+//! - [`app`]: the replica itself: the HTTP/1 pipeline toward it, the managed process,
+//!   and the pause/resume hooks.
+//! - [`checkpoint`]: capturing, keeping and serving the service's checkpoints.
+//! - [`restore`]: rebuilding a replica from a checkpoint and the log.
+//! - [`service`]: opening all of the above in order, starting its Raft group, and
+//!   shutting it down in reverse.
+
+pub mod app;
+pub mod apply;
+pub mod checkpoint;
+pub mod restore;
+pub mod service;
+
+pub use service::NodeShared;
+pub use service::Service;
+pub use service::ServiceError;

@@ -1,0 +1,700 @@
+//! Point-in-time restore from a node's data directory alone, with the cluster down: the
+//! newest checkpoint at or before the target goes into a fresh app instance, then the log
+//! is replayed up to the target through the same apply code a running node uses
+//! ([`crate::apply`]), so a restored replica equals the one the cluster had at that index.
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use haven_log::LogOptions;
+use haven_log::LogStore;
+use openraft::EntryPayload;
+use openraft::storage::RaftLogReader;
+use openraft::storage::RaftLogStorage;
+use openraft::storage::RaftStateMachine;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::app::hooks::Hooks;
+use crate::app::pipeline::OrderedConnection;
+use crate::app::process::AppCommand;
+use crate::app::process::AppFiles;
+use crate::app::process::ManagedApp;
+use crate::apply::IdempotencyLimits;
+use crate::apply::StateMachine;
+use crate::checkpoint::Checkpoints;
+use crate::checkpoint::capture::Capture;
+use haven_base::config::CheckpointMode;
+use haven_base::config::ServiceConfig;
+use haven_base::lock::DirLock;
+use haven_base::metrics::Metrics;
+use haven_base::workers::Workers;
+use haven_checkpoint::CheckpointFile;
+use haven_checkpoint::catalog;
+use haven_checkpoint::catalog::Retention;
+use haven_checkpoint::format;
+use haven_checkpoint::format::CheckpointInfo;
+use haven_consensus::types::Entry;
+use haven_consensus::types::TypeConfig;
+use haven_contract::paths;
+
+/// Entries read from the log and applied per step.
+const REPLAY_BATCH: u64 = 1024;
+const APP_STOP_GRACE: Duration = Duration::from_secs(10);
+/// The file beside the log where a node records how to run its app, for restores.
+const SETTINGS_FILE: &str = "app-settings.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn refused(reason: impl Into<String>) -> RestoreError {
+    RestoreError::Refused(reason.into())
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RestoreError {
+    let what = what.into();
+    move |source| RestoreError::Io { what, source }
+}
+
+/// How a node's app runs, recorded by the node at start so a restore needs nothing but
+/// the data directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppSettings {
+    pub cluster: String,
+    pub url: String,
+    pub command: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub mode: Option<String>,
+    pub snapshot_path: String,
+    pub restore_path: String,
+    pub timeout_ms: u64,
+    pub start_timeout_ms: u64,
+    pub idempotency_keys_max: usize,
+    pub idempotency_retention_s: u64,
+}
+
+impl AppSettings {
+    pub fn from_config(config: &ServiceConfig) -> Self {
+        let c = config.checkpoints.as_ref();
+        let mode = c.map(|c| match c.mode {
+            CheckpointMode::Hooks => "hooks".to_string(),
+            CheckpointMode::Managed => "managed".to_string(),
+        });
+        Self {
+            cluster: config.name.clone(),
+            url: config.app.url.clone(),
+            command: config.app.command.clone(),
+            env: config.app.env.clone().into_iter().collect(),
+            mode,
+            snapshot_path: c.map_or(paths::SNAPSHOT.into(), |c| c.snapshot_path.clone()),
+            restore_path: c.map_or(paths::RESTORE.into(), |c| c.restore_path.clone()),
+            timeout_ms: config.app.timeout_ms,
+            start_timeout_ms: config.app.start_timeout_ms,
+            idempotency_keys_max: config.limits.idempotency_keys_max,
+            idempotency_retention_s: config.limits.idempotency_retention_s,
+        }
+    }
+
+    /// Written at every node start, atomically.
+    pub fn save(&self, service_dir: &Path) -> std::io::Result<()> {
+        let path = service_dir.join(SETTINGS_FILE);
+        let tmp = service_dir.join(format!(".{SETTINGS_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    fn load(service_dir: &Path) -> Result<Self, RestoreError> {
+        let path = service_dir.join(SETTINGS_FILE);
+        let text = std::fs::read(&path).map_err(io(format!("cannot read {}", path.display())))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| refused(format!("{}: undecodable: {e}", path.display())))
+    }
+
+    fn limits(&self) -> IdempotencyLimits {
+        IdempotencyLimits {
+            max_keys: self.idempotency_keys_max,
+            retention_us: (self.idempotency_retention_s as i64).saturating_mul(1_000_000),
+        }
+    }
+}
+
+/// Finds the service directory (the one holding `log/`) in a node's data directory, or
+/// accepts the service directory itself.
+pub fn service_dir(data_dir: &Path) -> Result<PathBuf, RestoreError> {
+    if data_dir.join("log").is_dir() {
+        return Ok(data_dir.to_path_buf());
+    }
+    let entries = std::fs::read_dir(data_dir).map_err(io(format!(
+        "cannot read data directory {}",
+        data_dir.display()
+    )))?;
+    let services: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("log").is_dir())
+        .collect();
+    match services.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(refused(format!(
+            "{} holds no Haven service (no log/ directory)",
+            data_dir.display()
+        ))),
+        _ => {
+            let mut names: Vec<String> = services
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            names.sort();
+            Err(refused(format!(
+                "{} holds several services ({}): name one with --service NAME",
+                data_dir.display(),
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+/// The checkpoints of a node, oldest first, each with its trailer or why it is unreadable.
+pub fn list(data_dir: &Path) -> Result<Vec<catalog::Listed>, RestoreError> {
+    let dir = service_dir(data_dir)?.join("checkpoints");
+    catalog::list(&dir).map_err(|e| refused(e.to_string()))
+}
+
+/// Where to stop replaying.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Index(u64),
+    /// Entry time, microseconds since the Unix epoch: the last entry at or before it.
+    Time(i64),
+}
+
+pub struct RestoreOptions {
+    pub data_dir: PathBuf,
+    pub target: Target,
+    pub out: PathBuf,
+    /// Ignore checkpoints and replay from the first entry (needs the whole log).
+    pub from_scratch: bool,
+    /// Hooks mode without a command: a fresh, empty app instance to restore into.
+    pub app_url: Option<String>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub target_index: u64,
+    pub target_entry_time_us: i64,
+    pub checkpoint_index: Option<u64>,
+    pub checkpoint_file: Option<PathBuf>,
+    pub entries_replayed: u64,
+    pub replay_seconds: f64,
+    pub out: PathBuf,
+}
+
+/// Progress hooks for the CLI's progress bar: total entries, then entries done.
+pub trait Progress {
+    fn start(&self, total: u64);
+    fn advance(&self, done: u64);
+}
+
+pub async fn run(
+    options: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, RestoreError> {
+    let service = service_dir(&options.data_dir)?;
+    let _lock = DirLock::acquire(&service).map_err(|e| refused(e.to_string()))?;
+    let settings = AppSettings::load(&service)?;
+    prepare_out(&options.out)?;
+    let mut log = LogStore::<TypeConfig>::open(&service.join("log"), LogOptions::default())
+        .map_err(|e| refused(format!("cannot open the log: {e}")))?;
+    let range = committed_range(&mut log).await?;
+    let (base, target) = choose_base(&service, &mut log, &options, &range).await?;
+    let first = first_to_replay(&range, base.as_ref().map(|b| b.index), target)?;
+    let scratch = tempfile::tempdir().map_err(io("cannot create a scratch directory"))?;
+    let instance = AppInstance::start(&settings, &options, scratch.path()).await?;
+    let machine = instance.state_machine(&settings, scratch.path())?;
+    if let Some(base) = &base {
+        install(&machine, base).await?;
+    }
+    let replayed = (target + 1).saturating_sub(first);
+    progress.start(replayed);
+    let started = Instant::now();
+    replay(&machine, &mut log, first..=target, progress).await?;
+    let replay_seconds = started.elapsed().as_secs_f64();
+    instance.finish(&options.out).await?;
+    Ok(RestoreReport {
+        target_index: target,
+        target_entry_time_us: entry_time_at(&mut log, target).await?,
+        checkpoint_index: base.as_ref().map(|b| b.index),
+        checkpoint_file: base.map(|b| b.path),
+        entries_replayed: replayed,
+        replay_seconds,
+        out: options.out,
+    })
+}
+
+fn prepare_out(out: &Path) -> Result<(), RestoreError> {
+    let empty = match std::fs::read_dir(out) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io(format!("cannot read {}", out.display()))(e)),
+    };
+    if !empty {
+        return Err(refused(format!(
+            "output directory {} is not empty",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The log indexes a restore may use: after the purged prefix, up to the committed index
+/// (an entry beyond it may never have been committed by the cluster).
+async fn committed_range(
+    log: &mut LogStore<TypeConfig>,
+) -> Result<RangeInclusive<u64>, RestoreError> {
+    let state = log
+        .get_log_state()
+        .await
+        .map_err(io("cannot read the log state"))?;
+    let committed = log
+        .read_committed()
+        .await
+        .map_err(io("cannot read the log's committed index"))?;
+    let first = state.last_purged_log_id.map_or(0, |p| p.index + 1);
+    let last = committed
+        .map_or(0, |c| c.index)
+        .min(state.last_log_id.map_or(0, |l| l.index));
+    Ok(first..=last)
+}
+
+async fn choose_base(
+    service: &Path,
+    log: &mut LogStore<TypeConfig>,
+    options: &RestoreOptions,
+    range: &RangeInclusive<u64>,
+) -> Result<(Option<CheckpointInfo>, u64), RestoreError> {
+    let dir = service.join("checkpoints");
+    let listed = catalog::list(&dir).map_err(|e| refused(e.to_string()))?;
+    let valid: Vec<CheckpointInfo> = listed.into_iter().filter_map(|l| l.info.ok()).collect();
+    let target = match options.target {
+        Target::Index(index) => index,
+        Target::Time(time_us) => index_at_time(log, &valid, range, time_us).await?,
+    };
+    if options.from_scratch {
+        return Ok((None, target));
+    }
+    let oldest = valid.first().map(|c| c.index);
+    let base = valid.into_iter().rev().find(|c| c.index <= target);
+    if base.is_none() && *range.start() > 0 {
+        return Err(refused(format!(
+            "index {target} is not restorable from this node: {}",
+            restorable(oldest, range)
+        )));
+    }
+    let base = match base {
+        Some(base) => Some(verified(base)?),
+        None => None,
+    };
+    Ok((base, target))
+}
+
+/// What a node can restore, for error messages.
+fn restorable(oldest: Option<u64>, range: &RangeInclusive<u64>) -> String {
+    let from = oldest.map_or(range.start().saturating_sub(1), |o| o.min(*range.start()));
+    match oldest {
+        Some(o) => format!(
+            "its oldest checkpoint is at {o} and its log ends at {}; it can restore {from} to {}",
+            range.end(),
+            range.end()
+        ),
+        None => format!(
+            "it has no checkpoint and its log starts at {}",
+            range.start()
+        ),
+    }
+}
+
+fn verified(info: CheckpointInfo) -> Result<CheckpointInfo, RestoreError> {
+    format::verify(&info.path).map_err(|e| refused(format!("checkpoint failed verification: {e}")))
+}
+
+/// The last committed entry at or before `time_us`.
+async fn index_at_time(
+    log: &mut LogStore<TypeConfig>,
+    checkpoints: &[CheckpointInfo],
+    range: &RangeInclusive<u64>,
+    time_us: i64,
+) -> Result<u64, RestoreError> {
+    let base = checkpoints
+        .iter()
+        .rev()
+        .find(|c| c.entry_time_us <= time_us);
+    let mut found = base.map_or(0, |c| c.index);
+    let mut next = (found + 1).max(*range.start());
+    while next <= *range.end() {
+        let end = (next + REPLAY_BATCH - 1).min(*range.end());
+        for entry in read(log, next..=end).await? {
+            match entry_time(&entry) {
+                Some(t) if t > time_us => return nonzero(found, time_us),
+                _ => found = entry.log_id.index,
+            }
+        }
+        next = end + 1;
+    }
+    nonzero(found, time_us)
+}
+
+fn nonzero(index: u64, time_us: i64) -> Result<u64, RestoreError> {
+    if index == 0 {
+        return Err(refused(format!(
+            "no retained entry or checkpoint is at or before {}",
+            crate::apply::rfc3339(time_us)
+        )));
+    }
+    Ok(index)
+}
+
+fn entry_time(entry: &Entry) -> Option<i64> {
+    match &entry.payload {
+        EntryPayload::Normal(req) => Some(req.time_unix_us),
+        _ => None,
+    }
+}
+
+async fn entry_time_at(log: &mut LogStore<TypeConfig>, index: u64) -> Result<i64, RestoreError> {
+    let entries = read(log, index..=index).await.unwrap_or_default();
+    Ok(entries.first().and_then(entry_time).unwrap_or(0))
+}
+
+/// The first entry to replay on top of `base` (a checkpoint's index, or none: an empty
+/// app, from the very first entry), checked against what the log still holds.
+fn first_to_replay(
+    range: &RangeInclusive<u64>,
+    base: Option<u64>,
+    target: u64,
+) -> Result<u64, RestoreError> {
+    if target > *range.end() {
+        return Err(refused(format!(
+            "index {target} is beyond the last committed entry {} in this node's log",
+            range.end()
+        )));
+    }
+    let first = base.map_or(0, |b| b + 1);
+    if first <= target && first < *range.start() {
+        let from = match base {
+            Some(b) => format!("checkpoint {b}, the newest at or before the target"),
+            None => "an empty app".to_string(),
+        };
+        return Err(refused(format!(
+            "index {target} needs log entries from {first} (after {from}) but the log starts at {}",
+            range.start()
+        )));
+    }
+    Ok(first)
+}
+
+async fn read(
+    log: &mut LogStore<TypeConfig>,
+    range: RangeInclusive<u64>,
+) -> Result<Vec<Entry>, RestoreError> {
+    let expected = range.clone();
+    let entries = log
+        .try_get_log_entries(range)
+        .await
+        .map_err(io("cannot read the log"))?;
+    let contiguous = entries
+        .iter()
+        .zip(expected.clone())
+        .all(|(e, i)| e.log_id.index == i);
+    if !contiguous || entries.len() as u64 != expected.end() - expected.start() + 1 {
+        return Err(refused(format!(
+            "log entries {expected:?} are not contiguous in this node's log"
+        )));
+    }
+    Ok(entries)
+}
+
+async fn install(machine: &StateMachine, base: &CheckpointInfo) -> Result<(), RestoreError> {
+    let mut machine = machine.clone();
+    let snapshot = crate::apply::snapshot_of(base).map_err(|e| refused(e.to_string()))?;
+    let file = CheckpointFile {
+        path: base.path.clone(),
+    };
+    machine
+        .install_snapshot(&snapshot.meta, file)
+        .await
+        .map_err(io(format!(
+            "cannot restore checkpoint {}",
+            base.path.display()
+        )))
+}
+
+async fn replay(
+    machine: &StateMachine,
+    log: &mut LogStore<TypeConfig>,
+    range: RangeInclusive<u64>,
+    progress: &dyn Progress,
+) -> Result<(), RestoreError> {
+    let mut machine = machine.clone();
+    let (first, last) = (*range.start(), *range.end());
+    let mut next = first;
+    while next <= last {
+        let end = (next + REPLAY_BATCH - 1).min(last);
+        let entries = read(log, next..=end).await?;
+        let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+        machine
+            .apply(stream)
+            .await
+            .map_err(io("replay into the app failed"))?;
+        machine
+            .drain()
+            .await
+            .map_err(io("replay into the app failed"))?;
+        progress.advance(end + 1 - first);
+        next = end + 1;
+    }
+    Ok(())
+}
+
+/// The fresh app a restore fills: started by Haven (managed, or hooks with a command) on
+/// a free port with the output directory as its data directory, or an app the operator
+/// started (hooks without a command).
+struct AppInstance {
+    url: String,
+    managed: Option<Arc<ManagedApp>>,
+    hooks: Hooks,
+    _stop: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+impl AppInstance {
+    async fn start(
+        settings: &AppSettings,
+        options: &RestoreOptions,
+        scratch: &Path,
+    ) -> Result<Self, RestoreError> {
+        let (url, managed) = match (&settings.command, &options.app_url) {
+            (_, Some(url)) => (url.clone(), None),
+            (Some(argv), None) => {
+                let (url, app) = start_fresh(settings, argv, &options.out, scratch).await?;
+                (url, Some(Arc::new(app)))
+            }
+            (None, None) => {
+                return Err(refused(
+                    "this node's app is not managed by Haven; pass --app-url of a fresh, empty app instance",
+                ));
+            }
+        };
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let hooks = Hooks {
+            snapshot_path: settings.snapshot_path.clone(),
+            restore_path: settings.restore_path.clone(),
+            ..Hooks::new(&url, timeout)
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        Ok(Self {
+            url,
+            managed,
+            hooks,
+            _stop: stop_tx,
+            stop,
+        })
+    }
+
+    fn state_machine(
+        &self,
+        settings: &AppSettings,
+        scratch: &Path,
+    ) -> Result<StateMachine, RestoreError> {
+        let capture = match (&self.managed, settings.mode.as_deref()) {
+            (Some(app), Some("managed")) => Capture::Managed(app.clone()),
+            _ => Capture::Hooks(self.hooks.clone()),
+        };
+        let retention = Retention {
+            keep: 1,
+            max_age: None,
+        };
+        let checkpoints = Checkpoints::open(
+            &scratch.join("checkpoints"),
+            &settings.cluster,
+            capture,
+            retention,
+        )
+        .map_err(io("cannot prepare the scratch directory"))?;
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let metrics = Metrics::new().map_err(|e| refused(e.to_string()))?;
+        StateMachine::open(
+            &scratch.join("apply"),
+            OrderedConnection::new(&self.url, timeout),
+            settings.limits(),
+            metrics,
+            self.stop.clone(),
+            Some(Arc::new(checkpoints)),
+            &Workers::new(),
+        )
+        .map_err(|e| refused(e.to_string()))
+    }
+
+    /// Leaves the app's state in `out`: its data directory when Haven ran it, else the
+    /// bytes of its snapshot endpoint in `out/snapshot.bin`.
+    async fn finish(self, out: &Path) -> Result<(), RestoreError> {
+        match &self.managed {
+            Some(app) => app
+                .stop(APP_STOP_GRACE)
+                .await
+                .map_err(|e| refused(format!("cannot stop the restored app: {e}"))),
+            None => {
+                std::fs::create_dir_all(out)
+                    .map_err(io(format!("cannot create {}", out.display())))?;
+                let path = out.join("snapshot.bin");
+                let mut file = tokio::fs::File::create(&path)
+                    .await
+                    .map_err(io(format!("cannot create {}", path.display())))?;
+                self.hooks.snapshot_to(&mut file).await.map_err(|e| {
+                    refused(format!("cannot take the restored app's snapshot: {e}"))
+                })?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs the recorded command with `out` as its data directory on a free loopback port, so
+/// a restore can run beside a live cluster: the address placeholders (`{listen}`,
+/// `{host}`, `{port}`) follow the new url, and the recorded `host:port` written out in an
+/// argument or environment value is replaced. A command that names its address in
+/// neither form is refused at once: it would start on the recorded port and never
+/// answer on the new one.
+async fn start_fresh(
+    settings: &AppSettings,
+    argv: &[String],
+    out: &Path,
+    scratch: &Path,
+) -> Result<(String, ManagedApp), RestoreError> {
+    let recorded = AppCommand {
+        argv: argv.to_vec(),
+        env: settings.env.clone(),
+        data_dir: out.to_path_buf(),
+        url: settings.url.clone(),
+    };
+    if !recorded.names_its_address() {
+        return Err(refused(format!(
+            "the app command {argv:?} does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {{listen}} (host:port), or {{host}} and {{port}} (e.g. \"-h\", \"{{host}}\", \"-p\", \"{{port}}\"), in [app] command or env"
+        )));
+    }
+    let written_out = settings
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io("cannot find a free port"))?;
+    let fresh = port.to_string();
+    let moved = |text: &String| text.replace(&written_out, &fresh);
+    let url = format!("http://{fresh}");
+    let command = AppCommand {
+        argv: recorded.argv.iter().map(moved).collect(),
+        env: recorded
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), moved(v)))
+            .collect(),
+        data_dir: out.to_path_buf(),
+        url: url.clone(),
+    };
+    let start_timeout = Duration::from_millis(settings.start_timeout_ms);
+    let metrics = Metrics::new().map_err(|e| refused(e.to_string()))?;
+    let app = ManagedApp::start(
+        command,
+        AppFiles::in_dir(scratch),
+        start_timeout,
+        metrics,
+        &Workers::new(),
+    )
+    .await
+    .map_err(|e| refused(format!("cannot start a fresh app: {e}")))?;
+    Ok((url, app))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(argv: &[&str]) -> (AppSettings, Vec<String>) {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let settings = AppSettings {
+            cluster: "app".into(),
+            url: "http://127.0.0.1:6001".into(),
+            command: Some(argv.clone()),
+            env: Vec::new(),
+            mode: Some("managed".into()),
+            snapshot_path: paths::SNAPSHOT.into(),
+            restore_path: paths::RESTORE.into(),
+            timeout_ms: 1000,
+            start_timeout_ms: 10_000,
+            idempotency_keys_max: 10,
+            idempotency_retention_s: 10,
+        };
+        (settings, argv)
+    }
+
+    /// Python's own HTTP server takes its host and port as two separate arguments.
+    #[tokio::test]
+    async fn an_app_given_host_and_port_apart_runs_on_a_port_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, argv) = settings(&[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "{host}",
+            "--directory",
+            "{data_dir}",
+            "{port}",
+        ]);
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let (url, app) = start_fresh(&settings, &argv, &out, dir.path())
+            .await
+            .unwrap();
+        assert_ne!(url, settings.url);
+        let pid = app.pid().unwrap();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        let port = url.rsplit(':').next().unwrap();
+        assert!(
+            cmdline.ends_with(&format!("\0{port}\0")),
+            "{cmdline:?} does not end with port {port}"
+        );
+        app.stop(Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_app_whose_address_cannot_be_moved_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, argv) =
+            settings(&["python3", "-m", "http.server", "-b", "127.0.0.1", "6001"]);
+        let started = std::time::Instant::now();
+        let Err(e) = start_fresh(&settings, &argv, dir.path(), dir.path()).await else {
+            panic!("a command with a fixed address was started");
+        };
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            e.to_string(),
+            r#"the app command ["python3", "-m", "http.server", "-b", "127.0.0.1", "6001"] does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {listen} (host:port), or {host} and {port} (e.g. "-h", "{host}", "-p", "{port}"), in [app] command or env"#
+        );
+    }
+}

@@ -1,0 +1,453 @@
+//! One protected app, a *service*: its Raft group, log, apply state, replica (started by
+//! Haven in managed mode), checkpoints and their policy, and the workers that keep them
+//! going. A node hosts its services and gives them what they share: the peer transport,
+//! the metrics registry, the worker list and the shutdown signal ([`NodeShared`]).
+//!
+//! A service opens in a fixed order (lock, log, app, checkpoints, apply state, Raft),
+//! so a misconfigured or damaged one fails before Raft touches its data, and shuts down
+//! in reverse: Raft first, then its apply state is saved, then its app is stopped.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use haven_checkpoint::catalog::Retention;
+use haven_log::LogOptions;
+use haven_log::LogStore;
+use openraft::rt::WatchReceiver;
+use openraft::storage::RaftLogStorage;
+use tokio::sync::watch;
+
+use crate::app::hooks::Hooks;
+use crate::app::pipeline::OrderedConnection;
+use crate::app::process::AppCommand;
+use crate::app::process::AppFiles;
+use crate::app::process::ManagedApp;
+use crate::apply::IdempotencyLimits;
+use crate::apply::Raft;
+use crate::apply::StateMachine;
+use crate::checkpoint::Checkpoints;
+use crate::checkpoint::capture::Capture;
+use crate::checkpoint::policy;
+use crate::checkpoint::policy::Policy;
+use crate::restore::AppSettings;
+use haven_base::config::CheckpointMode;
+use haven_base::config::Config;
+use haven_base::config::ServiceConfig;
+use haven_base::lock::DirLock;
+use haven_base::metrics::Metrics;
+use haven_base::workers::Workers;
+use haven_consensus as consensus;
+use haven_consensus::first_answers::PeerAddrs;
+use haven_consensus::first_answers::PeerAnswers;
+use haven_consensus::link::Transport;
+use haven_consensus::server::InboxFactory;
+use haven_consensus::snapshot::CheckpointInbox;
+use haven_consensus::types::TypeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Log(#[from] haven_log::LogError),
+    #[error(transparent)]
+    ApplyState(#[from] crate::apply::ApplyStateError),
+    #[error("invalid raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("raft failed: {0}")]
+    Raft(String),
+    #[error(transparent)]
+    App(Box<crate::app::process::ProcessError>),
+    #[error("cannot lock {dir}: {source}")]
+    Locked {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot record the app settings in {dir}: {source}")]
+    Settings {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the log in {log_dir} ends at index {log_end}, but {apply_dir} records index {applied} as applied and no checkpoint covers it: entries this replica applied are missing from the log (a log write that failed after they were applied, e.g. on a full disk, or a damaged or truncated segment); rebuild this node from its peers"
+    )]
+    LogBehindApply {
+        log_dir: std::path::PathBuf,
+        log_end: String,
+        apply_dir: std::path::PathBuf,
+        applied: u64,
+    },
+    #[error("cannot rebuild the replica of {dir} from a checkpoint after a crash: {source}")]
+    Rebuild {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open checkpoints in {dir}: {source}")]
+    Checkpoints {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a node's services share.
+pub struct NodeShared {
+    pub metrics: Metrics,
+    pub transport: Transport,
+    /// The node's worker list; each service names its own workers `<service>/...`.
+    pub workers: Workers,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// One running service.
+pub struct Service {
+    pub name: String,
+    pub raft: Raft,
+    pub state_machine: StateMachine,
+    pub checkpoints: Option<Arc<Checkpoints>>,
+    managed: Option<Arc<ManagedApp>>,
+    workers: Workers,
+    /// Held while the service runs: no second node or restore touches its directory.
+    _lock: DirLock,
+}
+
+impl Service {
+    /// Opens the service's data, starts its app and its Raft node. Raft is not
+    /// initialized and no worker runs until [`Self::start`]: the node first opens the
+    /// raft port that serves it.
+    pub async fn open(
+        config: &Config,
+        service: &ServiceConfig,
+        shared: &NodeShared,
+    ) -> Result<Self, ServiceError> {
+        let name = service.name.clone();
+        let dir = config.service_dir(service);
+        let lock = DirLock::acquire(&dir).map_err(|source| ServiceError::Locked {
+            dir: dir.clone(),
+            source,
+        })?;
+        let log_store: LogStore<TypeConfig> = LogStore::open(&dir.join("log"), log_options())?;
+        tracing::info!(dir = %dir.display(), "log opened");
+        AppSettings::from_config(service)
+            .save(&dir)
+            .map_err(|source| ServiceError::Settings {
+                dir: dir.clone(),
+                source,
+            })?;
+        let workers = shared.workers.scoped(&name);
+        let managed = start_managed_app(service, &dir, &shared.metrics, &workers).await?;
+        let checkpoints = open_checkpoints(service, &dir, managed.clone())?;
+        let state_machine = open_state_machine(service, &dir, shared, &workers, &checkpoints)?;
+        check_log_covers_applied(
+            &log_store,
+            state_machine.shared().applied_index(),
+            checkpoints.as_deref(),
+            &dir,
+        )
+        .await?;
+        state_machine
+            .recover_from_crash(service.app.honours_haven_index)
+            .await
+            .map_err(|source| ServiceError::Rebuild {
+                dir: dir.clone(),
+                source,
+            })?;
+        // Before Raft starts: it may deliver entries again at once, which may need the peers.
+        let raft_cell = Arc::new(OnceLock::new());
+        state_machine.set_peers(Arc::new(PeerAnswers {
+            transport: shared.transport.clone(),
+            peers: other_members(raft_cell.clone(), config),
+        }));
+        let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
+        let raft: Raft = openraft::Raft::new(
+            config.node.id,
+            raft_config,
+            shared.transport.clone(),
+            log_store,
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|e| ServiceError::Raft(e.to_string()))?;
+        let _ = raft_cell.set(raft.clone());
+        Ok(Self {
+            name,
+            raft,
+            state_machine,
+            checkpoints,
+            managed,
+            workers,
+            _lock: lock,
+        })
+    }
+
+    /// What the raft port needs to serve this service's group.
+    pub fn inbox(&self, metrics: &Metrics) -> InboxFactory {
+        InboxFactory {
+            checkpoints: (self.checkpoints.clone()).map(|c| c as Arc<dyn CheckpointInbox>),
+            metrics: metrics.clone(),
+            answers: Some(Arc::new(self.state_machine.clone())),
+        }
+    }
+
+    /// Forms the cluster on first start (unless joining) and starts the service's workers.
+    pub async fn start(
+        &self,
+        config: &Config,
+        service: &ServiceConfig,
+        shared: &NodeShared,
+    ) -> Result<(), ServiceError> {
+        self.workers.spawn(
+            "step-aside",
+            consensus::step_aside::run(
+                self.raft.clone(),
+                config.node.id,
+                self.state_machine.shared().delivery_failing(),
+                shared.metrics.clone(),
+                shared.stop.clone(),
+            ),
+        );
+        if !config.node.join {
+            initialize_once(&self.raft, config).await?;
+        }
+        if let (Some(section), Some(checkpoints)) = (&service.checkpoints, &self.checkpoints) {
+            let summary = checkpoints.summary();
+            let policy = Policy {
+                every_entries: section.every_entries,
+                every: (section.every_seconds > 0)
+                    .then(|| Duration::from_secs(section.every_seconds)),
+            };
+            let applied = self.state_machine.applied();
+            self.workers.spawn(
+                "checkpoint-trigger",
+                policy::run_triggers(
+                    self.raft.clone(),
+                    policy,
+                    applied,
+                    summary.clone(),
+                    shared.stop.clone(),
+                ),
+            );
+            self.workers.spawn(
+                "log-compaction",
+                policy::run_compaction(self.raft.clone(), summary, shared.stop.clone()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Resolves with the reason once the service's Raft core has stopped by itself.
+    pub async fn stopped(&self) -> String {
+        raft_stopped(&self.raft).await
+    }
+
+    /// Stops Raft, saves the apply state, stops the app. Call after the node's shutdown
+    /// signal, so the service's workers end too.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(service = %self.name, error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.state_machine.persist().await {
+            tracing::warn!(service = %self.name, error = %e, "cannot persist apply state at shutdown");
+        }
+        if let Some(app) = self.managed
+            && let Err(e) = app.stop(APP_STOP_GRACE).await
+        {
+            tracing::warn!(service = %self.name, error = %e, "cannot stop the managed app");
+        }
+    }
+}
+
+fn open_state_machine(
+    config: &ServiceConfig,
+    dir: &Path,
+    shared: &NodeShared,
+    workers: &Workers,
+    checkpoints: &Option<Arc<Checkpoints>>,
+) -> Result<StateMachine, ServiceError> {
+    let limits = IdempotencyLimits {
+        max_keys: config.limits.idempotency_keys_max,
+        retention_us: (config.limits.idempotency_retention_s as i64).saturating_mul(1_000_000),
+    };
+    Ok(StateMachine::open(
+        &dir.join("apply"),
+        OrderedConnection::new(&config.app.url, config.app_timeout()),
+        limits,
+        shared.metrics.clone(),
+        shared.stop.clone(),
+        checkpoints.clone(),
+        workers,
+    )?)
+}
+
+/// The raft addresses of the other members, as the membership stands when called; the
+/// configured peers until Raft is up.
+fn other_members(raft: Arc<OnceLock<Raft>>, config: &Config) -> PeerAddrs {
+    let me = config.node.id;
+    let configured: Vec<String> = config
+        .peers
+        .iter()
+        .filter(|p| p.id != me)
+        .map(|p| p.raft_addr.to_string())
+        .collect();
+    Arc::new(move || {
+        let Some(raft) = raft.get() else {
+            return configured.clone();
+        };
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .nodes()
+            .filter(|(id, _)| **id != me)
+            .map(|(_, node)| node.raft_addr.clone())
+            .collect()
+    })
+}
+
+/// Resolves with the reason once the Raft core has stopped.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the raft core ended".to_string();
+        }
+    }
+}
+
+/// How long the managed app has to exit on SIGTERM at shutdown.
+const APP_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts the app when the config manages it; it must answer before Raft starts, since
+/// openraft may install a checkpoint into it while opening.
+async fn start_managed_app(
+    config: &ServiceConfig,
+    service_dir: &Path,
+    metrics: &Metrics,
+    workers: &Workers,
+) -> Result<Option<Arc<ManagedApp>>, ServiceError> {
+    let (Some(argv), Some(data_dir)) = (&config.app.command, &config.app.data_dir) else {
+        return Ok(None);
+    };
+    let command = AppCommand {
+        argv: argv.clone(),
+        env: config.app.env.clone().into_iter().collect(),
+        data_dir: data_dir.clone(),
+        url: config.app.url.clone(),
+    };
+    let start_timeout = Duration::from_millis(config.app.start_timeout_ms);
+    let files = AppFiles::in_dir(service_dir);
+    let app = ManagedApp::start(command, files, start_timeout, metrics.clone(), workers)
+        .await
+        .map_err(|e| ServiceError::App(Box::new(e)))?;
+    tracing::info!(pid = app.pid(), "managed app started");
+    Ok(Some(Arc::new(app)))
+}
+
+fn open_checkpoints(
+    config: &ServiceConfig,
+    service_dir: &Path,
+    managed: Option<Arc<ManagedApp>>,
+) -> Result<Option<Arc<Checkpoints>>, ServiceError> {
+    let Some(section) = &config.checkpoints else {
+        return Ok(None);
+    };
+    let capture = match (section.mode, managed) {
+        (CheckpointMode::Managed, Some(app)) => Capture::Managed(app),
+        (CheckpointMode::Managed, None) => {
+            let source = std::io::Error::other("managed mode needs app.command");
+            return Err(ServiceError::Checkpoints {
+                dir: service_dir.to_path_buf(),
+                source,
+            });
+        }
+        (CheckpointMode::Hooks, _) => Capture::Hooks(Hooks {
+            snapshot_path: section.snapshot_path.clone(),
+            restore_path: section.restore_path.clone(),
+            ..Hooks::new(&config.app.url, config.app_timeout())
+        }),
+    };
+    let retention = Retention {
+        keep: section.keep,
+        max_age: section.keep_seconds.map(Duration::from_secs),
+    };
+    let dir = service_dir.join("checkpoints");
+    let checkpoints = Checkpoints::open(&dir, &config.name, capture, retention)
+        .map_err(|source| ServiceError::Checkpoints { dir, source })?;
+    Ok(Some(Arc::new(checkpoints)))
+}
+
+/// A log that ends before the applied index is normal after a crash between installing a
+/// checkpoint and purging the log: openraft purges up to the applied index, which needs a
+/// checkpoint at least that new. Without one, entries the replica applied are missing from
+/// the log, and openraft would stop on a broken invariant (a panic); refuse instead, naming
+/// both. It happens when a segment is damaged, and also when a log write fails (ENOSPC)
+/// just after openraft applied the entry: a follower applies what the leader committed
+/// without waiting for its own flush.
+async fn check_log_covers_applied(
+    log_store: &LogStore<TypeConfig>,
+    applied: u64,
+    checkpoints: Option<&Checkpoints>,
+    service_dir: &Path,
+) -> Result<(), ServiceError> {
+    let state = log_store
+        .clone()
+        .get_log_state()
+        .await
+        .map_err(|e| ServiceError::Raft(e.to_string()))?;
+    let log_end = state.last_log_id.map(|l| l.index);
+    if log_end.is_some_and(|end| end >= applied) || (log_end.is_none() && applied == 0) {
+        return Ok(());
+    }
+    let covered = match checkpoints {
+        Some(checkpoints) => checkpoints
+            .newest_verified()
+            .await
+            .map_err(|source| ServiceError::Checkpoints {
+                dir: checkpoints.dir().to_path_buf(),
+                source,
+            })?
+            .is_some_and(|info| info.index >= applied),
+        None => false,
+    };
+    if covered {
+        return Ok(());
+    }
+    Err(ServiceError::LogBehindApply {
+        log_dir: log_store.dir().to_path_buf(),
+        log_end: log_end.map_or_else(|| "none (empty)".to_string(), |i| i.to_string()),
+        apply_dir: service_dir.join("apply"),
+        applied,
+    })
+}
+
+/// Every node proposes the same initial membership from its config; openraft accepts it
+/// only on a node with an empty log, and identical proposals yield identical first
+/// entries, so starting nodes in any order forms one cluster.
+async fn initialize_once(raft: &Raft, config: &Config) -> Result<(), ServiceError> {
+    if raft
+        .is_initialized()
+        .await
+        .map_err(|e| ServiceError::Raft(e.to_string()))?
+    {
+        return Ok(());
+    }
+    match raft.initialize(config.voters()).await {
+        Ok(()) => tracing::info!(
+            voters = config.peers.len(),
+            "cluster membership initialized"
+        ),
+        Err(e) => tracing::info!(reason = %e, "membership already set; joining"),
+    }
+    Ok(())
+}
+
+/// Recent entries stay in memory for followers that are a little behind; older ones are
+/// read back from disk. 8 MiB holds a few seconds at 10,000 writes/s, and keeps a node's
+/// memory within its budget (100 MB under that load).
+fn log_options() -> LogOptions {
+    LogOptions {
+        cache_bytes: 8 << 20,
+        ..LogOptions::default()
+    }
+}
