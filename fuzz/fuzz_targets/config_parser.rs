@@ -1,4 +1,4 @@
-//! `haven_node::config::Config::parse` on arbitrary text.
+//! `haven_base::config::Config::parse` on arbitrary text.
 //!
 //! Properties:
 //! * never panics (including arithmetic overflow: the fuzz profile keeps overflow checks on);
@@ -13,9 +13,9 @@
 
 use std::path::Path;
 
-use haven_node::config::Config;
-use haven_node::config::ConfigError;
-use haven_node::config::MAX_BODY_BYTES_CEILING;
+use haven_base::config::Config;
+use haven_base::config::ConfigError;
+use haven_base::config::MAX_BODY_BYTES_CEILING;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -105,7 +105,7 @@ fn check_accepted(c: &Config) {
     let _ = c.voters();
     let _ = c.service_dir();
     let _ = (c.request_timeout(), c.no_leader_timeout(), c.app_timeout());
-    let _ = haven_node::consensus::raft_config(&c.raft);
+    let _ = haven_consensus::raft_config(&c.raft);
 }
 
 /// RFC 9110 token characters, which is what `http::Method::from_bytes` accepts.

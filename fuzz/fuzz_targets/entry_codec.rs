@@ -1,9 +1,9 @@
 //! The durable log's on-disk codec and recovery (`haven_log`), through its public entry point
-//! `LogStore::open`, plus the postcard round trip of `haven_node::types::Entry`.
+//! `LogStore::open`, plus the postcard round trip of `haven_consensus::types::Entry`.
 //!
 //! Each input becomes a log directory in a scratch dir (tmpfs when available):
 //! `segments/*.seg` files and the `vote`, `committed` and `purged` metadata files, which the
-//! target then opens as `LogStore<haven_node::types::TypeConfig>`. Two kinds of case:
+//! target then opens as `LogStore<haven_consensus::types::TypeConfig>`. Two kinds of case:
 //!
 //! * **Raw**: files from fuzz bytes. Segment bodies are either verbatim bytes or records the
 //!   target frames itself (`len | crc | kind | payload`, correct CRC) around fuzz payloads or
@@ -37,13 +37,13 @@ use arbitrary::Arbitrary;
 use haven_log::LogError;
 use haven_log::LogOptions;
 use haven_log::LogStore;
-use haven_node::types::Entry;
-use haven_node::types::LogId;
+use haven_consensus::types::Entry;
+use haven_consensus::types::LogId;
 use haven_contract::OrderedRequest;
 use haven_contract::PeerNode;
 use haven_contract::RequestTag;
-use haven_node::types::TypeConfig;
-use haven_node::types::Vote;
+use haven_consensus::types::TypeConfig;
+use haven_consensus::types::Vote;
 use libfuzzer_sys::fuzz_target;
 use openraft::EntryPayload;
 use openraft::Membership;
@@ -54,7 +54,7 @@ use openraft::vote::RaftLeaderIdExt;
 
 type Store = LogStore<TypeConfig>;
 
-const SEGMENT_MAGIC: &[u8; 8] = b"HVNLOG01";
+const SEGMENT_MAGIC: &[u8; 8] = b"HVNLOG02";
 const META_MAGIC: &[u8; 8] = b"HVNMETA1";
 const KIND_ENTRY: u8 = 1;
 
@@ -237,7 +237,8 @@ fn record(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind]);
     h.update(payload);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    // The frame's length counts the kind byte and the payload.
+    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
     out.extend_from_slice(&h.finalize().to_le_bytes());
     out.push(kind);
     out.extend_from_slice(payload);

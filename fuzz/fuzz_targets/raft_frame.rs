@@ -1,4 +1,4 @@
-//! The raft wire decoder (`haven_node::consensus::wire`) on arbitrary bytes.
+//! The raft wire decoder (`haven_consensus::wire`) on arbitrary bytes.
 //!
 //! The input is what a peer could send on the raft port: the first byte picks what the
 //! receiver expects (the server reads `HELLO` and then `RpcRequest` frames, the client reads
@@ -27,11 +27,11 @@ use std::task::Context;
 use std::task::Poll;
 use std::task::Waker;
 
-use haven_node::consensus::wire;
-use haven_node::consensus::wire::MAX_FRAME_BYTES;
-use haven_node::consensus::wire::RpcReply;
-use haven_node::consensus::wire::RpcRequest;
-use haven_node::consensus::wire::WireError;
+use haven_consensus::wire;
+use haven_consensus::wire::MAX_FRAME_BYTES;
+use haven_consensus::wire::RpcReply;
+use haven_consensus::wire::RpcRequest;
+use haven_consensus::wire::WireError;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;

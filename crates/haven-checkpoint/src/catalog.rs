@@ -98,7 +98,7 @@ pub fn remove_debris(dir: &Path) -> io::Result<usize> {
         }
     }
     if removed > 0 {
-        dirtar::sync_path(dir)?;
+        haven_frame::sync_path(dir)?;
     }
     Ok(removed)
 }
@@ -127,7 +127,7 @@ pub fn apply_retention(
         }
     }
     if !doomed.is_empty() {
-        dirtar::sync_path(dir).map_err(|source| CheckpointError::Io {
+        haven_frame::sync_path(dir).map_err(|source| CheckpointError::Io {
             path: dir.to_path_buf(),
             action: "fsync directory",
             source,

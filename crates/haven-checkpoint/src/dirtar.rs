@@ -425,7 +425,7 @@ impl<'a> Unpacker<'a> {
         dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
         for (rel, _) in &dirs {
             let path = self.dest.join(rel);
-            sync_path(&path).map_err(|source| UnpackError::Io { path, source })?;
+            haven_frame::sync_path(&path).map_err(|source| UnpackError::Io { path, source })?;
         }
         for (rel, mode) in dirs {
             let (path, Some(mode)) = (self.dest.join(rel), mode) else {
@@ -511,11 +511,6 @@ fn resolves_inside(links: &HashMap<PathBuf, PathBuf>, link: &Path) -> bool {
         }
     }
     true
-}
-
-/// fsyncs a file or directory by path.
-pub(crate) fn sync_path(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
 }
 
 /// Adds the path to an error's message, since `io::Error` alone does not say which file.

@@ -4,6 +4,8 @@
 //! "HVNCKPT1" | zstd(payload) | trailer (postcard) | trailer len u32 LE | CRC32(trailer) u32 LE | "HVNCKEND"
 //! ```
 //!
+//! The trailer with its length and CRC is a `haven_frame` footer.
+//!
 //! The payload is a tar of the app's data directory (managed mode) or the raw bytes the
 //! app's snapshot endpoint returned (hooks mode). The metadata sits at the end because
 //! the checksum and sizes are only known once the payload has been streamed; reading it
@@ -41,8 +43,8 @@ use crate::dirtar::UnpackError;
 pub const MAGIC: &[u8; 8] = b"HVNCKPT1";
 /// Last bytes of a completely written checkpoint file.
 pub const END_MAGIC: &[u8; 8] = b"HVNCKEND";
-/// Trailer length, trailer CRC, end magic.
-const FOOTER_LEN: u64 = 16;
+/// Trailer length and CRC (the `haven_frame` footer), end magic.
+const FOOTER_LEN: u64 = (haven_frame::FOOTER_LEN + END_MAGIC.len()) as u64;
 const MIN_LEN: u64 = MAGIC.len() as u64 + FOOTER_LEN;
 const TRAILER_VERSION: u32 = 1;
 /// A sanity bound so a damaged length cannot make us allocate gigabytes.
@@ -336,9 +338,7 @@ fn finish_file(
         ));
     }
     let mut footer = Vec::with_capacity(bytes.len() + FOOTER_LEN as usize);
-    footer.extend_from_slice(&bytes);
-    footer.extend_from_slice(&(len as u32).to_le_bytes());
-    footer.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    haven_frame::append_footer(&mut footer, &bytes).map_err(|e| invalid(tmp, e.to_string()))?;
     footer.extend_from_slice(END_MAGIC);
     out.write_all(&footer).map_err(io_err(tmp, "write"))?;
     let file = out
@@ -425,7 +425,7 @@ impl Drop for TempPath {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    dirtar::sync_path(dir).map_err(io_err(dir, "fsync directory"))
+    haven_frame::sync_path(dir).map_err(io_err(dir, "fsync directory"))
 }
 
 /// An open checkpoint whose trailer checked out.
@@ -493,15 +493,16 @@ fn open(path: &Path) -> Result<Opened, CheckpointError> {
 }
 
 fn split_footer(footer: &[u8; FOOTER_LEN as usize]) -> (u64, u32, &[u8]) {
-    let word = |at: usize| {
-        u32::from_le_bytes([footer[at], footer[at + 1], footer[at + 2], footer[at + 3]])
-    };
-    (u64::from(word(0)), word(4), &footer[8..])
+    let (framed, end) = footer.split_at(haven_frame::FOOTER_LEN);
+    let mut frame_footer = [0; haven_frame::FOOTER_LEN];
+    frame_footer.copy_from_slice(framed);
+    let (len, crc) = haven_frame::parse_footer(&frame_footer);
+    (len as u64, crc, end)
 }
 
 fn decode_trailer(path: &Path, bytes: &[u8], stored_crc: u32) -> Result<Trailer, CheckpointError> {
-    let crc = crc32fast::hash(bytes);
-    if crc != stored_crc {
+    if !haven_frame::checksum_matches(bytes, stored_crc) {
+        let crc = crc32fast::hash(bytes);
         return Err(corrupt(
             path,
             format!("trailer CRC mismatch: stored {stored_crc:08x}, computed {crc:08x}"),
@@ -692,7 +693,7 @@ fn unpack_file(path: &Path, reader: &mut PayloadReader, tmp: &Path) -> Result<()
 /// canonical name (copying when `received` is on another file system) and fsyncs `dir`.
 /// On error `received` stays where it is.
 pub fn adopt(dir: &Path, received: &Path) -> Result<CheckpointInfo, CheckpointError> {
-    dirtar::sync_path(received).map_err(io_err(received, "fsync"))?;
+    haven_frame::sync_path(received).map_err(io_err(received, "fsync"))?;
     let mut info = verify(received)?;
     fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
     let path = dir.join(file_name(info.index, info.term));
@@ -710,7 +711,7 @@ pub fn adopt(dir: &Path, received: &Path) -> Result<CheckpointInfo, CheckpointEr
 fn copy_in(dir: &Path, received: &Path, path: &Path) -> Result<(), CheckpointError> {
     let tmp = TempPath::new(dir.join(format!("{TEMP_PREFIX}adopt-{:016x}", rand::random::<u64>())));
     fs::copy(received, &tmp.path).map_err(io_err(received, "copy"))?;
-    dirtar::sync_path(&tmp.path).map_err(io_err(&tmp.path, "fsync"))?;
+    haven_frame::sync_path(&tmp.path).map_err(io_err(&tmp.path, "fsync"))?;
     fs::rename(&tmp.path, path).map_err(io_err(path, "rename into place"))?;
     tmp.disarm();
     if let Err(e) = fs::remove_file(received) {

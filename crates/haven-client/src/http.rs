@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use haven_base::errors::chain;
 use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -78,12 +79,12 @@ impl Http {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| failed(error_chain(&e)))?;
+                .map_err(|e| failed(chain(&e)))?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
                 .await
-                .map_err(|e| failed(error_chain(&e)))?
+                .map_err(|e| failed(chain(&e)))?
                 .to_bytes();
             Ok(Reply {
                 status: parts.status.as_u16(),
@@ -95,18 +96,6 @@ impl Http {
             .await
             .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?
     }
-}
-
-/// An error and its causes on one line (hyper's own message is often just "client error").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// Why a call to a node failed, with the URL in every message.

@@ -8,20 +8,54 @@ use serde::de::DeserializeOwned;
 
 use crate::LogError;
 
-/// First 8 bytes of every segment file: format name + version.
-pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"HVNLOG01";
+/// First 8 bytes of every segment file this version writes: format name + version.
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"HVNLOG02";
+
+/// First 8 bytes of a segment written before records were `haven_frame` frames. Such
+/// segments are read, and never appended to: the next append starts a new segment.
+pub(crate) const SEGMENT_MAGIC_V1: &[u8; 8] = b"HVNLOG01";
 
 /// Length of the segment header ([`SEGMENT_MAGIC`]).
 pub(crate) const SEGMENT_HEADER_LEN: u64 = SEGMENT_MAGIC.len() as u64;
 
+/// How a segment's records count their length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SegmentFormat {
+    /// `HVNLOG02`: a record is a `haven_frame` frame whose body is the kind byte and the
+    /// payload, so its length field counts the kind byte.
+    Framed,
+    /// `HVNLOG01`: the same bytes, but the length field counts the payload only.
+    V1,
+}
+
+impl SegmentFormat {
+    /// The format a segment's first bytes name, if any.
+    pub(crate) fn of_header(header: &[u8]) -> Option<Self> {
+        match header.get(..SEGMENT_MAGIC.len())? {
+            h if h == SEGMENT_MAGIC => Some(SegmentFormat::Framed),
+            h if h == SEGMENT_MAGIC_V1 => Some(SegmentFormat::V1),
+            _ => None,
+        }
+    }
+
+    /// Bytes the length field counts besides the payload.
+    fn counted_besides_payload(self) -> u32 {
+        match self {
+            SegmentFormat::Framed => 1,
+            SegmentFormat::V1 => 0,
+        }
+    }
+}
+
 /// First 8 bytes of every metadata file: format name + version.
 pub(crate) const META_MAGIC: &[u8; 8] = b"HVNMETA1";
 
-/// `len: u32 | crc: u32 | kind: u8` in front of every record's payload.
-pub(crate) const RECORD_HEADER_LEN: usize = 9;
+/// `len: u32 | crc: u32 | kind: u8` in front of every record's payload: the `haven_frame`
+/// header, then the first byte of the frame's body.
+pub(crate) const RECORD_HEADER_LEN: usize = haven_frame::HEADER_LEN + 1;
 
-/// `magic: [u8; 8] | len: u32 | crc: u32` in front of a metadata payload.
-const META_HEADER_LEN: usize = 16;
+/// Where a metadata file's payload starts: after the magic and the frame header.
+const META_PAYLOAD_OFFSET: u64 = (haven_frame::MAGIC_LEN + haven_frame::HEADER_LEN) as u64;
 
 /// Record kind of a Raft log entry. Other values are reserved for later versions.
 pub(crate) const KIND_ENTRY: u8 = 1;
@@ -47,7 +81,8 @@ pub(crate) fn segment_path(seg_dir: &Path, first_index: u64) -> PathBuf {
     seg_dir.join(segment_file_name(first_index))
 }
 
-/// CRC of a record: covers the kind byte and the payload, so a flipped kind is caught too.
+/// CRC of a record: the frame's checksum of its body, the kind byte and the payload, so a
+/// flipped kind is caught too.
 fn record_crc(kind: u8, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind]);
@@ -55,31 +90,29 @@ fn record_crc(kind: u8, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Serializes `entry` and appends one framed record to `out`; returns the record length.
+/// Serializes `entry` and appends one record, a `haven_frame` frame of the kind byte and
+/// the payload, to `out`; returns the record length.
 pub(crate) fn encode_entry_record<T: Serialize>(
     entry: &T,
     out: &mut Vec<u8>,
 ) -> Result<u32, LogError> {
-    let payload = postcard::to_stdvec(entry).map_err(|e| LogError::Encode {
+    let body = postcard::to_extend(entry, vec![KIND_ENTRY]).map_err(|e| LogError::Encode {
         what: "log entry",
         reason: e.to_string(),
     })?;
     // The whole record (header included) must fit the index's u32 length field.
-    let too_big = || LogError::Encode {
+    let record_len =
+        u32::try_from(haven_frame::HEADER_LEN + body.len()).map_err(|_| LogError::Encode {
+            what: "log entry",
+            reason: format!(
+                "entry of {} bytes exceeds the 4 GiB record limit",
+                body.len() - 1
+            ),
+        })?;
+    haven_frame::append(out, &body).map_err(|e| LogError::Encode {
         what: "log entry",
-        reason: format!(
-            "entry of {} bytes exceeds the 4 GiB record limit",
-            payload.len()
-        ),
-    };
-    let len = u32::try_from(payload.len()).map_err(|_| too_big())?;
-    let record_len = len
-        .checked_add(RECORD_HEADER_LEN as u32)
-        .ok_or_else(too_big)?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&record_crc(KIND_ENTRY, &payload).to_le_bytes());
-    out.push(KIND_ENTRY);
-    out.extend_from_slice(&payload);
+        reason: e.to_string(),
+    })?;
     Ok(record_len)
 }
 
@@ -93,14 +126,20 @@ pub(crate) struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Reads a header from the first [`RECORD_HEADER_LEN`] bytes of `buf`.
-    pub(crate) fn parse(buf: &[u8]) -> Option<Self> {
+    /// Reads a header from the first [`RECORD_HEADER_LEN`] bytes of `buf`, a record of a
+    /// segment in `format`. An all-zero header parses (see [`Self::is_zero`]); a framed
+    /// record whose length field cannot hold its kind byte has no header.
+    pub(crate) fn parse(buf: &[u8], format: SegmentFormat) -> Option<Self> {
         let h = buf.get(..RECORD_HEADER_LEN)?;
-        Some(RecordHeader {
-            len: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
-            crc: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-            kind: h[8],
-        })
+        let field = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let kind = h[8];
+        let len = match field.checked_sub(format.counted_besides_payload()) {
+            Some(len) => len,
+            None if crc == 0 && kind == 0 => 0,
+            None => return None,
+        };
+        Some(RecordHeader { len, crc, kind })
     }
 
     /// Total on-disk size of the record this header starts.
@@ -119,15 +158,17 @@ impl RecordHeader {
     }
 }
 
-/// Validates and decodes one complete, in-memory record (header + payload).
+/// Validates and decodes one complete, in-memory record (header + payload) of a segment
+/// in `format`.
 ///
 /// `file` and `offset` only label errors.
 pub(crate) fn decode_entry_record<T: DeserializeOwned>(
     record: &[u8],
+    format: SegmentFormat,
     file: &Path,
     offset: u64,
 ) -> Result<T, LogError> {
-    let header = RecordHeader::parse(record)
+    let header = RecordHeader::parse(record, format)
         .ok_or_else(|| LogError::corrupt(file, offset, "short record header"))?;
     let payload = record
         .get(RECORD_HEADER_LEN..)
@@ -164,62 +205,24 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(
     })
 }
 
-/// Frames a metadata value: `magic | len | crc | postcard(value)`.
+/// Frames a metadata value as a `haven_frame` one-value file: [`META_MAGIC`], then one
+/// frame of `postcard(value)`.
 pub(crate) fn encode_meta<T: Serialize>(
     what: &'static str,
     value: &T,
 ) -> Result<Vec<u8>, LogError> {
-    let payload = postcard::to_stdvec(value).map_err(|e| LogError::Encode {
-        what,
-        reason: e.to_string(),
-    })?;
-    let len = u32::try_from(payload.len()).map_err(|_| LogError::Encode {
-        what,
-        reason: "metadata too large".to_string(),
-    })?;
-    let mut out = Vec::with_capacity(META_HEADER_LEN + payload.len());
-    out.extend_from_slice(META_MAGIC);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    let encode_error = |reason: String| LogError::Encode { what, reason };
+    let payload = postcard::to_stdvec(value).map_err(|e| encode_error(e.to_string()))?;
+    haven_frame::encode_file(META_MAGIC, &payload).map_err(|e| encode_error(e.to_string()))
 }
 
 /// Validates and decodes a metadata file's bytes; errors name `file` and the failing offset.
 pub(crate) fn decode_meta<T: DeserializeOwned>(bytes: &[u8], file: &Path) -> Result<T, LogError> {
-    let header = bytes.get(..META_HEADER_LEN).ok_or_else(|| {
-        LogError::corrupt(
-            file,
-            0,
-            format!("metadata file is only {} bytes", bytes.len()),
-        )
+    let payload = haven_frame::decode_file(META_MAGIC, bytes).map_err(|damage| {
+        LogError::corrupt(file, damage.offset, format!("metadata {}", damage.reason))
     })?;
-    if &header[..8] != META_MAGIC {
-        return Err(LogError::corrupt(
-            file,
-            0,
-            "bad metadata magic (expected HVNMETA1)",
-        ));
-    }
-    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-    let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-    let payload = &bytes[META_HEADER_LEN..];
-    if payload.len() != len {
-        let reason = format!(
-            "metadata length {len} does not match the {} payload bytes",
-            payload.len()
-        );
-        return Err(LogError::corrupt(file, 8, reason));
-    }
-    if crc32fast::hash(payload) != crc {
-        return Err(LogError::corrupt(
-            file,
-            META_HEADER_LEN as u64,
-            "metadata checksum mismatch",
-        ));
-    }
     postcard::from_bytes(payload)
-        .map_err(|e| LogError::corrupt(file, META_HEADER_LEN as u64, e.to_string()))
+        .map_err(|e| LogError::corrupt(file, META_PAYLOAD_OFFSET, e.to_string()))
 }
 
 #[cfg(test)]
@@ -242,13 +245,36 @@ mod tests {
         let mut buf = Vec::new();
         let len = encode_entry_record(&"hello".to_string(), &mut buf).unwrap();
         assert_eq!(len as usize, buf.len());
-        let got: String = decode_entry_record(&buf, Path::new("f"), 0).unwrap();
+        let framed = SegmentFormat::Framed;
+        let got: String = decode_entry_record(&buf, framed, Path::new("f"), 0).unwrap();
         assert_eq!(got, "hello");
+        let body = match haven_frame::Frames::new(&buf, usize::MAX).next_frame() {
+            haven_frame::Next::Body(body) => body.to_vec(),
+            other => panic!("not a frame: {other:?}"),
+        };
+        assert_eq!(body[0], KIND_ENTRY, "the frame's body starts with the kind");
         buf[RECORD_HEADER_LEN + 1] ^= 0x40;
-        let err = decode_entry_record::<String>(&buf, Path::new("f"), 7).unwrap_err();
+        let err = decode_entry_record::<String>(&buf, framed, Path::new("f"), 7).unwrap_err();
         assert_eq!(
             err.to_string(),
             "corrupt log record in f at offset 7: checksum mismatch"
+        );
+    }
+
+    #[test]
+    fn a_v1_record_differs_only_in_its_length_field() {
+        let mut buf = Vec::new();
+        encode_entry_record(&"hello".to_string(), &mut buf).unwrap();
+        let mut v1 = buf.clone();
+        let field = u32::from_le_bytes([v1[0], v1[1], v1[2], v1[3]]);
+        v1[..4].copy_from_slice(&(field - 1).to_le_bytes());
+        let got: String = decode_entry_record(&v1, SegmentFormat::V1, Path::new("f"), 0).unwrap();
+        assert_eq!(got, "hello");
+        let err = decode_entry_record::<String>(&v1, SegmentFormat::Framed, Path::new("f"), 0)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "corrupt log record in f at offset 0: record length does not match its header"
         );
     }
 

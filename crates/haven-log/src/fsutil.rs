@@ -12,13 +12,10 @@ use crate::LogError;
 use crate::format;
 use crate::stats::Counters;
 
-/// Makes directory entries (created, renamed, removed files) durable.
-///
-/// Without this a freshly created segment or a renamed metadata file can vanish after a power
-/// failure even though the file's own data was fsynced.
+/// `haven_frame::sync_path` of a directory, counted: a freshly created segment or a renamed metadata file
+/// can otherwise vanish after a power failure even though its own data was fsynced.
 pub(crate) fn sync_dir(dir: &Path, counters: &Counters) -> Result<(), LogError> {
-    let d = File::open(dir).map_err(|e| LogError::io(dir, e))?;
-    d.sync_all().map_err(|e| LogError::io(dir, e))?;
+    haven_frame::sync_path(dir).map_err(|e| LogError::io(dir, e))?;
     Counters::add(&counters.fsyncs, 1);
     Ok(())
 }

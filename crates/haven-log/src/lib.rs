@@ -30,24 +30,30 @@
 //!   purged                           last purged log id (durable before segments are deleted)
 //! ```
 //!
-//! **Segment file**: the 8-byte header `HVNLOG01` (format name + version 01), followed by
-//! records. All integers are little-endian.
+//! **Segment file**: the 8-byte header `HVNLOG02` (format name + version 02), followed by
+//! records, each a `haven_frame` frame whose body is a kind byte and a payload. All
+//! integers are little-endian.
 //!
 //! ```text
-//! record := len: u32 | crc: u32 | kind: u8 | payload: [u8; len]
-//!   len      payload length in bytes (the 9-byte record header is not counted)
-//!   crc      CRC-32 (IEEE, crc32fast) of kind followed by payload
+//! record := len: u32 | crc: u32 | kind: u8 | payload: [u8; len - 1]
+//!   len      body length in bytes: the kind byte and the payload
+//!   crc      CRC-32 (IEEE, crc32fast) of the body, kind followed by payload
 //!   kind     1 = Raft log entry; every other value is reserved and rejected
 //!   payload  postcard encoding of the openraft entry (`C::Entry`)
 //! ```
+//!
+//! A segment with the header `HVNLOG01` was written by an older version: the same bytes,
+//! except that `len` counts the payload only. It is read and never appended to: the
+//! next append after opening such a log starts a new segment, and the old segments go
+//! with the log's purges.
 //!
 //! Entry indexes are contiguous inside a segment and the first record's index equals the file
 //! name. A new segment starts when the current one has reached `segment_bytes` (checked between
 //! appends, so a segment may exceed it by one append), or when the next entry does not follow
 //! the segment's last one (after a purge past the end of the log).
 //!
-//! **Metadata file** (`vote`, `committed`, `purged`): `HVNMETA1 | len: u32 | crc: u32 |
-//! payload`, where payload is the postcard encoding of the vote, of `Option<LogId>` and of
+//! **Metadata file** (`vote`, `committed`, `purged`): a `haven_frame` one-value file,
+//! `HVNMETA1 | len: u32 | crc: u32 | payload`, where payload is the postcard encoding of the vote, of `Option<LogId>` and of
 //! `LogId` respectively and `crc` is the CRC-32 of the payload. Files are replaced atomically by
 //! writing `name.tmp`, fsyncing it, renaming it over `name` and fsyncing the directory
 //! (`committed` is instead overwritten in place without fsync; it is an optimisation only, so a

@@ -23,6 +23,7 @@ use crate::format::RECORD_HEADER_LEN;
 use crate::format::RecordHeader;
 use crate::format::SEGMENT_HEADER_LEN;
 use crate::format::SEGMENT_MAGIC;
+use crate::format::SegmentFormat;
 use crate::fsutil;
 use crate::state::Loc;
 use crate::state::SegmentInfo;
@@ -129,13 +130,13 @@ where
     fn load_segment(&mut self, key: u64, is_last: bool) -> Result<(), LogError> {
         let path = format::segment_path(self.seg_dir, key);
         let bytes = fs::read(&path).map_err(|e| LogError::io(&path, e))?;
-        if !self.header_ok(&path, &bytes, is_last)? {
+        let Some(format) = self.header(&path, &bytes, is_last)? else {
             return self.remove_torn_segment(&path, "segment header never reached the disk");
-        }
+        };
         let mut offset = SEGMENT_HEADER_LEN;
         let mut last_index = None;
         while offset < bytes.len() as u64 {
-            match step(&bytes, offset, &path)? {
+            match step(&bytes, offset, format, &path)? {
                 Step::Record(h) => {
                     let index = self.take_record(&path, &bytes, offset, h, key, last_index)?;
                     last_index = Some(index);
@@ -148,23 +149,33 @@ where
                 Step::Torn(reason) => return Err(LogError::corrupt(&path, offset, reason)),
             }
         }
-        self.finish_segment(&path, key, last_index, offset, is_last)
+        let end = SegmentEnd {
+            last_index,
+            size: offset,
+            format,
+        };
+        self.finish_segment(&path, key, end, is_last)
     }
 
-    /// `Ok(false)` if the last segment's header is missing because its creation was torn.
-    fn header_ok(&self, path: &Path, bytes: &[u8], is_last: bool) -> Result<bool, LogError> {
-        let header = bytes.get(..SEGMENT_MAGIC.len());
-        if header == Some(SEGMENT_MAGIC.as_slice()) {
-            return Ok(true);
+    /// The segment's format by its header; `Ok(None)` if the last segment's header is
+    /// missing because its creation was torn.
+    fn header(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        is_last: bool,
+    ) -> Result<Option<SegmentFormat>, LogError> {
+        if let Some(format) = SegmentFormat::of_header(bytes) {
+            return Ok(Some(format));
         }
         let torn = bytes.len() < SEGMENT_MAGIC.len() || bytes.iter().all(|b| *b == 0);
         if is_last && torn {
-            return Ok(false);
+            return Ok(None);
         }
         Err(LogError::corrupt(
             path,
             0,
-            "bad segment header (expected HVNLOG01)",
+            "bad segment header (expected HVNLOG02, or HVNLOG01 of an older version)",
         ))
     }
 
@@ -211,10 +222,14 @@ where
         &mut self,
         path: &Path,
         key: u64,
-        last_index: Option<u64>,
-        size: u64,
+        end: SegmentEnd,
         is_last: bool,
     ) -> Result<(), LogError> {
+        let SegmentEnd {
+            last_index,
+            size,
+            format,
+        } = end;
         let Some(last_index) = last_index else {
             if is_last {
                 return self.remove_torn_segment(path, "segment holds no complete record");
@@ -240,6 +255,7 @@ where
                 last_index,
                 size,
                 reader: None,
+                format,
             },
         );
         Ok(())
@@ -266,14 +282,30 @@ where
     }
 }
 
-/// Classifies the bytes at `offset`: a valid record, a torn tail, or corruption.
-fn step(bytes: &[u8], offset: u64, path: &Path) -> Result<Step, LogError> {
+/// What reading a segment to its end found.
+struct SegmentEnd {
+    last_index: Option<u64>,
+    /// Bytes of the segment that hold whole records (and the header).
+    size: u64,
+    format: SegmentFormat,
+}
+
+/// Classifies the bytes at `offset` of a segment in `format`: a valid record, a torn tail,
+/// or corruption.
+fn step(bytes: &[u8], offset: u64, format: SegmentFormat, path: &Path) -> Result<Step, LogError> {
     let rest = &bytes[offset as usize..];
-    let Some(h) = RecordHeader::parse(rest) else {
+    if rest.len() < RECORD_HEADER_LEN {
         return Ok(Step::Torn(format!(
             "record header cut short ({} bytes left)",
             rest.len()
         )));
+    }
+    let Some(h) = RecordHeader::parse(rest, format) else {
+        return Err(LogError::corrupt(
+            path,
+            offset,
+            "a record length that cannot hold its kind byte",
+        ));
     };
     if h.is_zero() {
         if all_zero(rest) {

@@ -20,6 +20,7 @@ use openraft::type_config::alias::VoteOf;
 use crate::LogError;
 use crate::format;
 use crate::format::SEGMENT_HEADER_LEN;
+use crate::format::SegmentFormat;
 
 /// Where one entry's record is inside its segment (16 bytes per entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub(crate) struct SegmentInfo {
     pub(crate) size: u64,
     /// Read handle, opened on first disk read; positional reads need no seek state.
     pub(crate) reader: Option<Arc<File>>,
+    /// How its records are framed; only [`SegmentFormat::Framed`] segments are appended to.
+    pub(crate) format: SegmentFormat,
 }
 
 /// A cached entry and the writer job that carries it.
@@ -139,6 +142,7 @@ pub(crate) struct DiskRun {
     /// Total bytes covered by the run.
     pub(crate) len: u64,
     pub(crate) locs: Vec<Loc>,
+    pub(crate) format: SegmentFormat,
 }
 
 impl DiskRun {
@@ -257,11 +261,13 @@ where
     }
 
     /// Picks the segment for a job starting at `first_index`, rotating when the active segment
-    /// is full or does not end right before `first_index` (after a purge past its end).
+    /// is full, does not end right before `first_index` (after a purge past its end), or is
+    /// in an older format.
     fn choose_segment(&mut self, first_index: u64, segment_bytes: u64) -> u64 {
         if let Some((&key, seg)) = self.segments.last_key_value()
             && seg.size < segment_bytes
             && seg.last_index + 1 == first_index
+            && seg.format == SegmentFormat::Framed
         {
             return key;
         }
@@ -271,6 +277,7 @@ where
                 last_index: first_index,
                 size: SEGMENT_HEADER_LEN,
                 reader: None,
+                format: SegmentFormat::Framed,
             },
         );
         first_index
@@ -435,6 +442,10 @@ where
                 continue;
             }
             let file = self.reader(seg_key, seg_dir)?;
+            let format = self
+                .segments
+                .get(&seg_key)
+                .map_or(SegmentFormat::Framed, |seg| seg.format);
             runs.push(DiskRun {
                 file,
                 segment: seg_key,
@@ -443,6 +454,7 @@ where
                 offset: loc.offset,
                 len: u64::from(loc.len),
                 locs: vec![loc],
+                format,
             });
         }
         Ok(runs)

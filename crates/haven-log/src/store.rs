@@ -313,7 +313,7 @@ where
     let mut pos = 0usize;
     for (i, loc) in run.locs.iter().enumerate() {
         let rec = &buf[pos..pos + loc.len as usize];
-        let entry: C::Entry = format::decode_entry_record(rec, &run.path, loc.offset)?;
+        let entry: C::Entry = format::decode_entry_record(rec, run.format, &run.path, loc.offset)?;
         let want = run.first_index + i as u64;
         if entry.index() != want {
             let reason = format!("holds entry {} where {want} was indexed", entry.index());

@@ -69,16 +69,18 @@ impl Backup {
     }
 }
 
-/// `(offset, payload length)` of every record of a log segment (format in haven-log).
+/// `(offset, payload length)` of every record of a log segment (format in haven-log:
+/// `HVNLOG02`, then frames whose length counts the kind byte and the payload).
 fn records(segment: &Path) -> Vec<(u64, u64)> {
     let bytes = std::fs::read(segment).unwrap();
+    assert_eq!(&bytes[..8], b"HVNLOG02", "{}", segment.display());
     let mut out = Vec::new();
     let mut offset = 8usize;
     while offset + 9 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
-        assert!(offset + 9 + len <= bytes.len(), "unexpected torn record");
-        out.push((offset as u64, len as u64));
-        offset += 9 + len;
+        let body = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        assert!(offset + 8 + body <= bytes.len(), "unexpected torn record");
+        out.push((offset as u64, body as u64 - 1));
+        offset += 8 + body;
     }
     assert_eq!(
         offset,
@@ -345,7 +347,7 @@ async fn damaged_log_files_are_refused_or_repaired() {
             &[
                 "repairing torn tail of the log".to_string(),
                 format!("{}", segment.display()),
-                "record of 109 bytes runs past the end of the file".to_string(),
+                "record of 108 bytes runs past the end of the file".to_string(),
             ],
             &acked,
         )

@@ -29,23 +29,15 @@ pub(crate) fn io_err<'a>(
     }
 }
 
-/// Makes a rename in `dir` durable (best effort; only meaningful on Unix).
+/// Makes a rename in `dir` durable (`haven_frame::sync_path`); the apps go on without
+/// it, with a warning.
 pub fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+    if let Err(e) = haven_frame::sync_path(dir) {
         warn!(dir = %dir.display(), error = %e, "cannot sync a directory");
     }
-    #[cfg(not(unix))]
-    let _ = dir;
 }
 
-/// The directory holding `path` (`.` for a bare file name).
-pub fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
+pub use haven_frame::parent_dir;
 
 /// Makes a rename of `path` durable: [`sync_dir`] of its directory.
 pub fn sync_parent_dir(path: &Path) {

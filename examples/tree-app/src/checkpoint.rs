@@ -162,10 +162,18 @@ impl TreeApp {
     /// inode the rename keeps. Failing after the commit leaves the app
     /// refusing writes until a restart finishes the restore.
     fn install(&self, writer: &mut Writer, checked: Checked) -> Result<(), TreeAppError> {
-        let Checked { mut staged, loaded } = checked;
+        let Checked {
+            mut staged,
+            mut loaded,
+        } = checked;
         if let Err(e) = staged.swap_in() {
             writer.failed |= staged.committed();
             return Err(e.into());
+        }
+        // The files in place are the snapshot's; the state in memory is not yet.
+        if let Err(e) = loaded.upgrade(&self.dir) {
+            writer.failed = true;
+            return Err(e);
         }
         let (state, restored) = loaded.into_writer();
         info!(

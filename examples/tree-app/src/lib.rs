@@ -375,6 +375,7 @@ struct Loaded {
     len: u64,
     next_seq: u64,
     snapshot_len: u64,
+    upgrade: Upgrade,
 }
 
 impl Loaded {
@@ -391,15 +392,23 @@ impl Loaded {
 }
 
 /// Rebuilds the state from `snapshot_path` (absent: empty) and `journal_path`
-/// (created if absent), truncating a torn last record.
+/// (created if absent), truncating a torn last record. Files in the layout of
+/// an older version are rewritten in the current one before anything is
+/// appended ([`store`]).
 fn load(snapshot_path: &Path, journal_path: &Path) -> Result<Loaded, TreeAppError> {
-    let (mut state, first_seq, snapshot_len) = match store::read_snapshot(snapshot_path)? {
-        Some((snapshot, len)) => (snapshot.state.into_owned(), snapshot.next_seq, len),
-        None => (State::default(), 0, 0),
-    };
+    let (mut state, first_seq, snapshot_len, legacy_snapshot) =
+        match store::read_snapshot(snapshot_path)? {
+            Some(read) => (
+                read.snapshot.state.into_owned(),
+                read.snapshot.next_seq,
+                read.len,
+                read.legacy,
+            ),
+            None => (State::default(), 0, 0, false),
+        };
     let journal = open_append(journal_path).map_err(io_err(journal_path, "open the journal"))?;
     let mut next_seq = first_seq;
-    let len = store::replay_journal(journal_path, &journal, |record| {
+    let (len, version) = store::replay_journal(journal_path, &journal, |record| {
         if record.seq < first_seq {
             // Already in the snapshot: a crash came before the journal was emptied.
             return Ok(());
@@ -414,13 +423,60 @@ fn load(snapshot_path: &Path, journal_path: &Path) -> Result<Loaded, TreeAppErro
         next_seq += 1;
         Ok(())
     })?;
+    let upgrade = if legacy_snapshot || version == store::JournalVersion::Legacy {
+        Upgrade::Rewrite
+    } else if len == 0 {
+        Upgrade::Magic
+    } else {
+        Upgrade::Nothing
+    };
     Ok(Loaded {
         state,
         journal,
         len,
         next_seq,
         snapshot_len,
+        upgrade,
     })
+}
+
+/// What a loaded data directory needs before anything is appended to its journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    Nothing,
+    /// A new, empty journal: its magic.
+    Magic,
+    /// Files an older version wrote: the state as a snapshot in the current layout,
+    /// then an empty journal.
+    Rewrite,
+}
+
+impl Loaded {
+    /// Brings the files in `dir`, which this state was loaded from, to the current
+    /// layout (see [`Upgrade`]); a no-op for a directory this version wrote.
+    fn upgrade(&mut self, dir: &Path) -> Result<(), TreeAppError> {
+        match self.upgrade {
+            Upgrade::Nothing => return Ok(()),
+            Upgrade::Magic => (&self.journal)
+                .write_all(store::JOURNAL_MAGIC)
+                .map_err(io_err(&dir.join(JOURNAL_FILE), "write the journal's magic"))?,
+            Upgrade::Rewrite => {
+                let path = dir.join(SNAPSHOT_FILE);
+                let snapshot = Snapshot {
+                    next_seq: self.next_seq,
+                    state: Cow::Borrowed(&self.state),
+                };
+                let file = store::snapshot_file(&path, &snapshot)?;
+                store::write_snapshot(dir, &file)?;
+                self.journal = store::replace_journal(dir)?;
+                self.snapshot_len = file.len() as u64;
+                info!(dir = %dir.display(), "data directory rewritten from the older layout");
+            }
+        }
+        self.len = store::JOURNAL_MAGIC.len() as u64;
+        self.upgrade = Upgrade::Nothing;
+        Ok(())
+    }
 }
 
 impl TreeApp {
@@ -433,7 +489,8 @@ impl TreeApp {
         fs::create_dir_all(&dir).map_err(io_err(&dir, "create the data directory"))?;
         checkpoint::restore_files(&dir).finish_or_discard()?;
         let journal_path = dir.join(JOURNAL_FILE);
-        let loaded = load(&dir.join(SNAPSHOT_FILE), &journal_path)?;
+        let mut loaded = load(&dir.join(SNAPSHOT_FILE), &journal_path)?;
+        loaded.upgrade(&dir)?;
         let len = loaded.len;
         let (state, writer) = loaded.into_writer();
         info!(
@@ -550,7 +607,7 @@ impl TreeApp {
             haven_index: index.unwrap_or(0),
             entry,
         };
-        let frame = store::frame(&self.journal_path, &record)?;
+        let frame = store::journal_frame(&self.journal_path, &record)?;
         if let Err(e) = (&writer.journal).write_all(&frame) {
             if let Err(e) = writer.journal.set_len(writer.len) {
                 error!(
@@ -579,7 +636,7 @@ impl TreeApp {
                     snapshot_bytes = snapshot_len,
                     "journal compacted into a snapshot"
                 );
-                writer.len = 0;
+                writer.len = store::JOURNAL_MAGIC.len() as u64;
                 writer.compact_after = compact_threshold(snapshot_len);
             }
             Err(e) => {
@@ -600,7 +657,7 @@ impl TreeApp {
                 next_seq: writer.next_seq,
                 state: Cow::Borrowed(&state),
             };
-            store::frame(&self.dir.join(SNAPSHOT_FILE), &snapshot)?
+            store::snapshot_file(&self.dir.join(SNAPSHOT_FILE), &snapshot)?
         };
         store::write_snapshot(&self.dir, &frame)?;
         writer.journal = store::replace_journal(&self.dir)?;
@@ -683,11 +740,11 @@ mod tests {
         app.execute(Some(3), set("/a")).await.unwrap();
         {
             let writer = app.writer.lock().await;
-            assert_eq!(writer.len, 0);
+            assert_eq!(writer.len, store::JOURNAL_MAGIC.len() as u64);
             assert_eq!(writer.next_seq, 4);
             assert_eq!(writer.compact_after, COMPACT_AFTER_BYTES);
         }
-        assert!(journal(dir.path()).is_empty());
+        assert_eq!(journal(dir.path()), store::JOURNAL_MAGIC);
         assert!(dir.path().join(SNAPSHOT_FILE).exists());
         app.execute(Some(5), create("/c")).await.unwrap();
         let dump = app.dump();
@@ -712,7 +769,7 @@ mod tests {
         // A crash after the snapshot was renamed but before the journal was
         // emptied: the records the snapshot holds are skipped.
         let mut stale = before;
-        stale.extend_from_slice(&journal(dir.path()));
+        stale.extend_from_slice(&journal(dir.path())[store::JOURNAL_MAGIC.len()..]);
         fs::write(dir.path().join(JOURNAL_FILE), stale).unwrap();
         assert_eq!(open(dir.path()).dump(), dump);
     }
@@ -749,7 +806,7 @@ mod tests {
         // not truncated, so the stream keeps its bytes.
         a.writer.lock().await.compact_after = 1;
         a.execute(Some(3), set("/a")).await.unwrap();
-        assert!(journal(one.path()).is_empty());
+        assert_eq!(journal(one.path()), store::JOURNAL_MAGIC);
         let early = snapshot_bytes(body).await;
         assert_eq!(early.len() as u64, len);
 
@@ -839,9 +896,10 @@ mod tests {
             haven_index: 0,
             entry: Entry::Applied(Cow::Owned(create(&format!("/n{seq}")))),
         };
-        let first = store::frame(&path, &record(0)).unwrap();
-        let mut bytes = first.clone();
-        bytes.extend(store::frame(&path, &record(2)).unwrap());
+        let first = store::journal_frame(&path, &record(0)).unwrap();
+        let mut bytes = store::JOURNAL_MAGIC.to_vec();
+        bytes.extend(&first);
+        bytes.extend(store::journal_frame(&path, &record(2)).unwrap());
         fs::write(&path, bytes).unwrap();
         let config = TreeAppConfig {
             dir: dir.path().to_path_buf(),
@@ -852,8 +910,51 @@ mod tests {
             format!(
                 "{}: corrupt at byte offset {}: sequence number 2 where 1 was expected",
                 path.display(),
-                first.len()
+                store::JOURNAL_MAGIC.len() + first.len()
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_an_older_version_wrote_is_loaded_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        fn legacy(value: &impl serde::Serialize) -> Vec<u8> {
+            store::legacy::frame(&postcard::to_allocvec(value).unwrap())
+        }
+        let mut state = State::default();
+        let op = create("/old");
+        let record = Record {
+            seq: 0,
+            haven_index: 1,
+            entry: Entry::Applied(Cow::Owned(op)),
+        };
+        state.replay_record(record).unwrap();
+        let snapshot = Snapshot {
+            next_seq: 1,
+            state: Cow::Borrowed(&state),
+        };
+        fs::write(dir.path().join(SNAPSHOT_FILE), legacy(&snapshot)).unwrap();
+        let second = Record {
+            seq: 1,
+            haven_index: 2,
+            entry: Entry::Applied(Cow::Owned(create("/older"))),
+        };
+        fs::write(dir.path().join(JOURNAL_FILE), legacy(&second)).unwrap();
+
+        let app = open(dir.path());
+        assert_eq!(app.applied_haven_index(), 2);
+        let dump = app.dump();
+        assert!(dump.contains("/old") && dump.contains("/older"), "{dump}");
+        assert_eq!(
+            journal(dir.path()),
+            store::JOURNAL_MAGIC,
+            "journal rewritten"
+        );
+        let snapshot = fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert!(snapshot.starts_with(b"HVNTRES2"), "snapshot rewritten");
+        app.execute(Some(3), create("/new")).await.unwrap();
+        let dump = app.dump();
+        drop(app);
+        assert_eq!(open(dir.path()).dump(), dump);
     }
 }

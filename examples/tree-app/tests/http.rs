@@ -798,17 +798,17 @@ async fn damage_before_the_end_names_the_file_and_offset() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: corrupt at byte offset {second}: bad checksum",
+            "{}: corrupt at byte offset {second}: a frame with a bad checksum",
             journal(dir.path()).display()
         )
     );
-    // An absurd length in the first record's header.
+    // An absurd length in the first record's header (after the 8-byte magic).
     let mut bad = full.clone();
-    bad[7] = 0x7f;
+    bad[11] = 0x7f;
     let err = open_err(&bad);
     assert!(
         err.to_string().starts_with(&format!(
-            "{}: corrupt at byte offset 0: record length ",
+            "{}: corrupt at byte offset 8: a frame length of ",
             journal(dir.path()).display()
         )),
         "{err}"
@@ -819,7 +819,7 @@ async fn damage_before_the_end_names_the_file_and_offset() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = serve(listener, config.clone(), async {}).await.unwrap_err();
     assert!(
-        matches!(err, TreeAppError::Corrupt { offset: 0, .. }),
+        matches!(err, TreeAppError::Corrupt { offset: 8, .. }),
         "{err:?}"
     );
 }
@@ -987,7 +987,7 @@ async fn invalid_snapshots_are_rejected_and_change_nothing() {
         (
             "damaged record",
             build_snapshot(b"", &bad_record),
-            format!("journal at byte offset {second}: bad checksum"),
+            format!("journal at byte offset {second}: a frame with a bad checksum"),
         ),
         (
             "garbled tree.snapshot",

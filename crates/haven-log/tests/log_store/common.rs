@@ -99,19 +99,34 @@ pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// `(offset, total_len)` of each record in a segment file, parsed independently of the crate.
+/// `(offset, total_len)` of each record in a segment file, parsed independently of the crate:
+/// `HVNLOG02`, then frames whose length counts the kind byte and the payload.
 pub fn record_spans(path: &Path) -> Vec<(u64, u64)> {
     let bytes = fs::read(path).unwrap();
-    assert_eq!(&bytes[..8], b"HVNLOG01");
+    assert_eq!(&bytes[..8], b"HVNLOG02");
     let mut out = Vec::new();
     let mut off = 8usize;
     while off < bytes.len() {
         let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-        out.push((off as u64, (9 + len) as u64));
-        off += 9 + len;
+        out.push((off as u64, (8 + len) as u64));
+        off += 8 + len;
     }
     assert_eq!(off, bytes.len(), "records must tile the file exactly");
     out
+}
+
+/// Rewrites a segment as an older version wrote it (`HVNLOG01`: the length field counts
+/// the payload only, not the kind byte); everything else is the same bytes.
+pub fn downgrade_to_v1(path: &Path) {
+    let spans = record_spans(path);
+    let mut bytes = fs::read(path).unwrap();
+    bytes[..8].copy_from_slice(b"HVNLOG01");
+    for (off, _) in spans {
+        let at = off as usize..off as usize + 4;
+        let len = u32::from_le_bytes(bytes[at.clone()].try_into().unwrap());
+        bytes[at].copy_from_slice(&(len - 1).to_le_bytes());
+    }
+    fs::write(path, bytes).unwrap();
 }
 
 /// XORs one byte of a file.

@@ -3,4 +3,5 @@
 mod common;
 mod conformance;
 mod durability;
+mod migration;
 mod raft_node;

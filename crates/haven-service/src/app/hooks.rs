@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use bytes::BytesMut;
+use haven_base::errors::chain;
 use http::Request;
 use http::StatusCode;
 use http::header;
@@ -211,10 +212,10 @@ impl Call {
         let stream = stream.map_err(|e| connect_error(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let handshake = http1::handshake(TokioIo::new(stream)).await;
-        let (sender, connection) = handshake.map_err(|e| connect_error(describe(&e)))?;
+        let (sender, connection) = handshake.map_err(|e| connect_error(chain(&e)))?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %describe(&e), "hook connection ended");
+                tracing::debug!(error = %chain(&e), "hook connection ended");
             }
         });
         Ok((sender, Connection(driver)))
@@ -320,7 +321,7 @@ impl Call {
         HooksError::Transfer {
             hook: self.hook,
             url: self.url.clone(),
-            reason: describe(e),
+            reason: chain(e),
         }
     }
 }
@@ -402,18 +403,6 @@ async fn read_chunk<R: AsyncRead + Unpin>(source: &mut R) -> io::Result<Bytes> {
 
 fn take(failure: &Mutex<Option<io::Error>>) -> Option<io::Error> {
     failure.lock().ok()?.take()
-}
-
-/// An error with its causes, which is where hyper says what actually went wrong.
-fn describe(e: &dyn StdError) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

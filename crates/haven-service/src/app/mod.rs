@@ -117,7 +117,7 @@ impl AppClient {
                     .await
                     .map_err(|e| AppError::Unreachable {
                         url: self.base_url.clone(),
-                        reason: describe_client_error(&e),
+                        reason: haven_base::errors::chain(&e),
                     })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_APP_RESPONSE_BYTES)
@@ -141,14 +141,6 @@ impl AppClient {
                 timeout: self.timeout,
             }),
         }
-    }
-}
-
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    match e.source() {
-        Some(source) => format!("{e}: {source}"),
-        None => e.to_string(),
     }
 }
 

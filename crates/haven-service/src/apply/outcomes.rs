@@ -18,8 +18,8 @@
 //! process. After a power cut the answers of the last interval rely on the app honouring
 //! `Haven-Index`, as the entries themselves do.
 //!
-//! Record: `len: u32 LE | crc32(payload): u32 LE | payload` (postcard of [`Record`]). A
-//! torn tail (a crash mid-append) ends the journal at the last whole record.
+//! Records are `haven_frame` frames of postcard [`Record`]s. A torn tail (a crash
+//! mid-append) ends the journal at the last whole record.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -36,7 +36,6 @@ use serde::Serialize;
 use super::StoredOutcome;
 
 pub const JOURNAL_FILE: &str = "outcomes.journal";
-const HEADER_LEN: usize = 8;
 /// A record larger than this is damage, not a record: an app response is bounded far
 /// below it by the response size limit.
 const MAX_RECORD: usize = 1 << 30;
@@ -127,13 +126,10 @@ impl OutcomeJournal {
         let mut bytes = Vec::new();
         for record in records {
             let payload = postcard::to_allocvec(record).map_err(io::Error::other)?;
-            let len = u32::try_from(payload.len())
-                .ok()
-                .filter(|l| (*l as usize) < MAX_RECORD)
-                .ok_or_else(|| io::Error::other("idempotency outcome over 1 GiB"))?;
-            bytes.extend_from_slice(&len.to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
+            if payload.len() > MAX_RECORD {
+                return Err(io::Error::other("idempotency outcome over 1 GiB"));
+            }
+            haven_frame::append(&mut bytes, &payload).map_err(io::Error::other)?;
         }
         self.file
             .write_all(&bytes)
@@ -147,27 +143,30 @@ impl OutcomeJournal {
 }
 
 /// The whole records at the start of `bytes`, and how many bytes they take; stops at the
-/// first torn or damaged one.
+/// first torn or damaged one. Damage is not refused: the journal is a best-effort record
+/// written without fsync, and what it loses is asked of the peers.
 fn decode(bytes: &[u8]) -> (Vec<Record>, usize) {
-    let all = bytes.len();
-    let mut bytes = bytes;
+    let mut frames = haven_frame::Frames::new(bytes, MAX_RECORD);
     let mut records = Vec::new();
-    while bytes.len() >= HEADER_LEN {
-        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-        let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
-            break;
+    loop {
+        let whole = frames.offset();
+        let body = match frames.next_frame() {
+            haven_frame::Next::Body(body) => body,
+            haven_frame::Next::End | haven_frame::Next::Torn(_) => return (records, whole),
+            haven_frame::Next::Damaged(reason) => {
+                tracing::warn!(offset = whole, %reason, "the outcome journal is damaged; using the records before it");
+                return (records, whole);
+            }
         };
-        if len >= MAX_RECORD || crc32fast::hash(payload) != crc {
-            break;
-        }
-        let Ok(record) = postcard::from_bytes::<Record>(payload) else {
-            break;
+        let Ok(record) = postcard::from_bytes::<Record>(body) else {
+            tracing::warn!(
+                offset = whole,
+                "an outcome journal record does not decode; using the records before it"
+            );
+            return (records, whole);
         };
         records.push(record);
-        bytes = &bytes[HEADER_LEN + len..];
     }
-    (records, all - bytes.len())
 }
 
 #[cfg(test)]

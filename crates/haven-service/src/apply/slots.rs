@@ -14,9 +14,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
 
-const MAGIC: &[u8; 8] = b"HVNAPPL2";
-/// magic, sequence number (u64), payload length (u32), payload CRC32 (u32).
-const HEADER_LEN: usize = 24;
+/// A copy: this magic, then one `haven_frame` frame of the sequence number (u64 LE) and
+/// the payload.
+const MAGIC: &[u8; 8] = b"HVNAPPL3";
+/// The layout before the shared framing: magic, sequence number (u64), payload length
+/// (u32), payload CRC32 (u32), payload. Read, never written: the first save after an
+/// upgrade goes to the other copy, the second replaces this one.
+const MAGIC_V2: &[u8; 8] = b"HVNAPPL2";
+const V2_HEADER_LEN: usize = 24;
 const SLOT_NAMES: [&str; 2] = ["state.0", "state.1"];
 
 #[derive(Debug, thiserror::Error)]
@@ -82,14 +87,7 @@ impl StateSlots {
     pub fn save(&mut self, payload: &[u8]) -> io::Result<()> {
         let seq = self.seq + 1;
         let slot = (seq % 2) as usize;
-        let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&seq.to_le_bytes());
-        let len =
-            u32::try_from(payload.len()).map_err(|_| io::Error::other("apply state over 4 GiB"))?;
-        bytes.extend_from_slice(&len.to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        bytes.extend_from_slice(payload);
+        let bytes = encode(seq, payload)?;
         let result = self.overwrite(slot, &bytes);
         if result.is_err() {
             self.files[slot] = None;
@@ -134,8 +132,36 @@ fn read_copy(path: &Path) -> Result<Option<Copy>, ApplyStateError> {
     }
 }
 
-fn decode(mut bytes: Vec<u8>) -> Result<(u64, Vec<u8>), String> {
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+fn encode(seq: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(8 + payload.len());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.extend_from_slice(payload);
+    haven_frame::encode_file(MAGIC, &body).map_err(io::Error::other)
+}
+
+fn decode(bytes: Vec<u8>) -> Result<(u64, Vec<u8>), String> {
+    match bytes.split_first_chunk::<8>() {
+        Some((magic, framed)) if magic == MAGIC => decode_framed(framed),
+        Some((magic, _)) if magic == MAGIC_V2 => decode_v2(bytes),
+        _ => Err("bad header".to_string()),
+    }
+}
+
+/// The copy's frame; bytes after it are the tail of a longer earlier copy, cut at the
+/// end of the save that a crash interrupted.
+fn decode_framed(framed: &[u8]) -> Result<(u64, Vec<u8>), String> {
+    if framed.len() < haven_frame::HEADER_LEN + 8 {
+        return Err("bad header".to_string());
+    }
+    let body = haven_frame::decode_prefix(framed).map_err(|damage| damage.reason)?;
+    let Some((seq, payload)) = body.split_first_chunk::<8>() else {
+        return Err("a frame too short for a sequence number".to_string());
+    };
+    Ok((u64::from_le_bytes(*seq), payload.to_vec()))
+}
+
+fn decode_v2(mut bytes: Vec<u8>) -> Result<(u64, Vec<u8>), String> {
+    if bytes.len() < V2_HEADER_LEN {
         return Err("bad header".to_string());
     }
     let field = |range: std::ops::Range<usize>| {
@@ -147,14 +173,14 @@ fn decode(mut bytes: Vec<u8>) -> Result<(u64, Vec<u8>), String> {
     let seq = field(8..16);
     let len = field(16..20) as usize;
     let crc = field(20..24) as u32;
-    if bytes.len() - HEADER_LEN < len {
+    if bytes.len() - V2_HEADER_LEN < len {
         return Err(format!(
             "truncated: {} payload bytes, header says {len}",
-            bytes.len() - HEADER_LEN
+            bytes.len() - V2_HEADER_LEN
         ));
     }
-    bytes.truncate(HEADER_LEN + len);
-    let payload = bytes.split_off(HEADER_LEN);
+    bytes.truncate(V2_HEADER_LEN + len);
+    let payload = bytes.split_off(V2_HEADER_LEN);
     if crc32fast::hash(&payload) != crc {
         return Err("checksum mismatch".to_string());
     }
@@ -223,11 +249,9 @@ mod tests {
     fn both_copies_damaged_is_an_error_naming_each() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("state.0"), b"garbage").unwrap();
-        let mut bad_crc = Vec::from(&MAGIC[..]);
-        bad_crc.extend_from_slice(&1u64.to_le_bytes());
-        bad_crc.extend_from_slice(&1u32.to_le_bytes());
-        bad_crc.extend_from_slice(&0u32.to_le_bytes());
-        bad_crc.push(b'x');
+        let mut bad_crc = encode(1, b"x").unwrap();
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 1;
         std::fs::write(dir.path().join("state.1"), &bad_crc).unwrap();
         let err = StateSlots::open(dir.path()).err().unwrap().to_string();
         assert_eq!(
@@ -238,5 +262,47 @@ mod tests {
                 dir.path().join("state.1").display()
             )
         );
+    }
+
+    /// A copy in the layout before the shared framing, as an older Haven wrote it.
+    fn v2_copy(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::from(&MAGIC_V2[..]);
+        bytes.extend_from_slice(&seq.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn copies_an_older_haven_saved_are_read_and_replaced_by_the_next_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.1"), v2_copy(7, b"seven")).unwrap();
+        std::fs::write(dir.path().join("state.0"), v2_copy(8, b"eight")).unwrap();
+        let (mut slots, newest) = StateSlots::open(dir.path()).unwrap();
+        assert_eq!(newest.as_deref(), Some(&b"eight"[..]));
+        slots.save(b"nine").unwrap();
+        assert_eq!(reopen(dir.path()).as_deref(), Some(&b"nine"[..]));
+        let older = std::fs::read(dir.path().join("state.0")).unwrap();
+        assert_eq!(
+            &older[..8],
+            MAGIC_V2,
+            "the other copy is still the old layout"
+        );
+        slots.save(b"ten").unwrap();
+        for name in SLOT_NAMES {
+            let copy = std::fs::read(dir.path().join(name)).unwrap();
+            assert_eq!(&copy[..8], MAGIC, "{name} is in the new layout");
+        }
+        assert_eq!(reopen(dir.path()).as_deref(), Some(&b"ten"[..]));
+    }
+
+    #[test]
+    fn a_copy_with_the_tail_of_a_longer_one_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = encode(1, b"short").unwrap();
+        bytes.extend_from_slice(b"tail of a longer earlier copy");
+        std::fs::write(dir.path().join("state.1"), &bytes).unwrap();
+        assert_eq!(reopen(dir.path()).as_deref(), Some(&b"short"[..]));
     }
 }

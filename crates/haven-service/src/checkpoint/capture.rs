@@ -131,7 +131,7 @@ fn replace_dir(checkpoint: &Path, data_dir: &Path) -> io::Result<()> {
     format::extract(checkpoint, &unpacked).map_err(io::Error::other)?;
     dirtar::remove_tree(data_dir)?;
     std::fs::rename(&unpacked, data_dir)?;
-    std::fs::File::open(data_dir.parent().unwrap_or(Path::new(".")))?.sync_all()
+    haven_frame::sync_parent_dir(data_dir)
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
