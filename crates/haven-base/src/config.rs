@@ -278,6 +278,9 @@ pub struct RouteRule {
     pub mode: RouteMode,
 }
 
+/// The longest a request over its service's quota may be kept waiting for its turn.
+pub const MAX_RATE_WAIT_MS: u64 = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -299,6 +302,10 @@ pub struct Limits {
     /// Requests the bucket holds, taken at once after a quiet spell (default: one
     /// second's worth, `rate_per_s`).
     pub rate_burst: Option<u64>,
+    /// How long a request over the quota may wait for its turn instead of a 429 (0, the
+    /// default: none waits). Waiting requests are let in one token at a time, so a
+    /// tenant's burst reaches the node evenly spaced; beyond this wait, 429 as before.
+    pub rate_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -312,6 +319,7 @@ impl Default for Limits {
             idempotency_retention_s: 86_400,
             rate_per_s: None,
             rate_burst: None,
+            rate_wait_ms: 0,
         }
     }
 }
@@ -757,6 +765,17 @@ impl ServiceConfig {
         if l.rate_burst.is_some() && l.rate_per_s.is_none() {
             return bad("rate_burst", "needs rate_per_s");
         }
+        if l.rate_wait_ms > 0 && l.rate_per_s.is_none() {
+            return bad("rate_wait_ms", "needs rate_per_s");
+        }
+        if l.rate_wait_ms > MAX_RATE_WAIT_MS {
+            return bad(
+                "rate_wait_ms",
+                &format!(
+                    "must be at most {MAX_RATE_WAIT_MS} (a waiting request holds an in-flight slot)"
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -1083,6 +1102,18 @@ data_dir = "/tmp/haven/1/app"
         let err = quota("rate_burst = 10").unwrap_err();
         assert!(
             err.ends_with("key `limits.rate_burst` (line 29): needs rate_per_s"),
+            "{err}"
+        );
+        let config = quota("rate_per_s = 50\nrate_wait_ms = 1000").unwrap();
+        assert_eq!(config.service().limits.rate_wait_ms, 1000);
+        let err = quota("rate_wait_ms = 100").unwrap_err();
+        assert!(
+            err.ends_with("key `limits.rate_wait_ms` (line 29): needs rate_per_s"),
+            "{err}"
+        );
+        let err = quota("rate_per_s = 50\nrate_wait_ms = 10001").unwrap_err();
+        assert!(
+            err.ends_with("key `limits.rate_wait_ms` (line 30): must be at most 10000 (a waiting request holds an in-flight slot)"),
             "{err}"
         );
     }

@@ -471,12 +471,12 @@ async fn leaders_spread_over_the_nodes_and_spread_again_after_a_kill() {
     wait_spread(&s, &SERVICES, Duration::from_secs(30)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
+/// One node with a service `noisy` limited by `limits` and a service `quiet` beside it.
+async fn quota_cluster(limits: &str) -> (tempfile::TempDir, LocalCluster) {
     let dir = common::test_dir("haven-quota-");
     let app = AppKind::LogApp { prepopulate: 0 };
     let noisy = ServiceSpec {
-        tables: "[service.limits]\nrate_per_s = 20\nrate_burst = 5\n".to_string(),
+        tables: format!("[service.limits]\n{limits}"),
         ..ServiceSpec::new("noisy", app.clone())
     };
     let spec = ClusterSpec {
@@ -495,12 +495,13 @@ async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
             .await)
             .unwrap();
     }
-    let http = Http::new(Duration::from_secs(10));
-    let base = cluster.slots[0].client_url();
-    // 30 at once: the burst of 5 passes, most of the rest is refused, each refusal held
-    // for a second first.
+    (dir, cluster)
+}
+
+/// `count` appends to `noisy` at once: each reply and when it came.
+async fn burst_of_appends(http: &Http, base: &str, count: usize) -> Vec<(Reply, Duration)> {
     let started = std::time::Instant::now();
-    let burst: Vec<_> = (0..30)
+    let burst: Vec<_> = (0..count)
         .map(|n| {
             let url = format!("{base}/noisy/append");
             let http = http.clone();
@@ -514,6 +515,17 @@ async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
     for reply in burst {
         replies.push(reply.await.unwrap());
     }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
+    let (_dir, cluster) = quota_cluster("rate_per_s = 20\nrate_burst = 5\n").await;
+    let http = Http::new(Duration::from_secs(10));
+    let base = cluster.slots[0].client_url();
+    // 30 at once: the burst of 5 passes, most of the rest is refused, each refusal held
+    // for a second first.
+    let replies = burst_of_appends(&http, &base, 30).await;
     let (accepted, refused): (Vec<_>, Vec<_>) = replies.iter().partition(|(r, _)| r.status == 201);
     for (reply, after) in &refused {
         assert_eq!(reply.status, 429, "{}", reply.text());
@@ -553,6 +565,37 @@ async fn a_service_over_its_rate_quota_gets_429_and_its_neighbour_does_not() {
         .await
         .unwrap();
     assert_eq!(counted, refused as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_rate_wait_requests_over_the_quota_are_let_in_one_token_apart() {
+    let limits = "rate_per_s = 20\nrate_burst = 5\nrate_wait_ms = 1000\n";
+    let (_dir, cluster) = quota_cluster(limits).await;
+    let http = Http::new(Duration::from_secs(10));
+    let base = cluster.slots[0].client_url();
+    // 30 at once: 5 from the burst, then one every 50 ms for the second the others may
+    // wait (20 more), and only those past that second are refused.
+    let mut replies = burst_of_appends(&http, &base, 30).await;
+    replies.sort_by_key(|(_, after)| *after);
+    let (accepted, refused): (Vec<_>, Vec<_>) = replies.iter().partition(|(r, _)| r.status == 201);
+    assert!(
+        (25..=27).contains(&accepted.len()),
+        "{} accepted",
+        accepted.len()
+    );
+    for (reply, _) in &refused {
+        assert_eq!(reply.status, 429, "{}", reply.text());
+    }
+    let last = accepted.last().map(|(_, after)| *after).unwrap();
+    assert!(
+        last >= Duration::from_millis(900),
+        "the waiting ones were let in over a second, the last after {last:?}"
+    );
+    let tenth = accepted[9].1;
+    assert!(
+        tenth >= Duration::from_millis(200),
+        "spaced one token apart, not at once: the tenth after {tenth:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

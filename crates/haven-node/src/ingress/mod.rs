@@ -129,7 +129,8 @@ impl Ingress {
                 inflight: Arc::new(Semaphore::new(limits.max_inflight_requests)),
                 quota: limits.rate_per_s.map(|rate| {
                     let burst = limits.rate_burst.unwrap_or(rate);
-                    quota::TokenBucket::new(rate, burst, Instant::now())
+                    let wait = Duration::from_millis(limits.rate_wait_ms);
+                    quota::TokenBucket::new(rate, burst, wait, Instant::now())
                 }),
                 limits,
                 metrics,
@@ -152,9 +153,13 @@ impl Ingress {
                 "too many requests in progress on this node",
             );
         };
-        if let Some(Err(wait)) = self.quota.as_ref().map(|q| q.take(Instant::now())) {
-            tokio::time::sleep(quota::REFUSAL_HOLD).await;
-            return self.over_quota(wait.saturating_sub(quota::REFUSAL_HOLD));
+        match self.quota.as_ref().map(|q| q.take(Instant::now())) {
+            None | Some(Ok(Duration::ZERO)) => {}
+            Some(Ok(turn)) => tokio::time::sleep(turn).await,
+            Some(Err(wait)) => {
+                tokio::time::sleep(quota::REFUSAL_HOLD).await;
+                return self.over_quota(wait.saturating_sub(quota::REFUSAL_HOLD));
+            }
         }
         let (parts, body) = req.into_parts();
         let declared = parts

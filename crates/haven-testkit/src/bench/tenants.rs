@@ -40,6 +40,10 @@ pub struct TenantsArgs {
     /// A's quota per node (`limits.rate_per_s`); 0: none.
     #[arg(long, default_value_t = 300)]
     pub a_quota: u64,
+    /// How long A's requests over its quota may wait for their turn
+    /// (`limits.rate_wait_ms`); 0: refused at once (after the hold).
+    #[arg(long, default_value_t = 0)]
+    pub a_wait_ms: u64,
     /// Pairs of phases (B alone, then B beside A).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
@@ -62,6 +66,7 @@ pub struct TenantsReport {
     pub rate: f64,
     pub a_connections: usize,
     pub a_quota: u64,
+    pub a_wait_ms: u64,
     pub phases: Vec<Phase>,
     /// B's worst p99 beside A over its best p99 alone.
     pub b_p99_ratio: f64,
@@ -121,6 +126,7 @@ pub async fn run(args: &TenantsArgs, exe: &std::path::Path) -> anyhow::Result<Te
         rate: args.rate,
         a_connections: args.a_connections,
         a_quota: args.a_quota,
+        a_wait_ms: args.a_wait_ms,
         b_p99_ratio: worst_beside / best_alone,
         b_throughput_ratio: low_beside / top_alone.max(1e-9),
         phases,
@@ -138,7 +144,10 @@ fn cluster_spec(args: &TenantsArgs, exe: &std::path::Path, dir: &std::path::Path
     };
     let quota = match args.a_quota {
         0 => String::new(),
-        rate => format!("[service.limits]\nrate_per_s = {rate}\n"),
+        rate => format!(
+            "[service.limits]\nrate_per_s = {rate}\nrate_wait_ms = {}\n",
+            args.a_wait_ms
+        ),
     };
     ClusterSpec {
         nodes: 3,
@@ -206,9 +215,10 @@ async fn phase(name: &'static str, b: &LoadSpec, a: Option<&LoadSpec>) -> anyhow
 }
 
 pub fn render(r: &TenantsReport) -> String {
-    let quota = match r.a_quota {
-        0 => "no quota".to_string(),
-        q => format!("quota {q}/s per node"),
+    let quota = match (r.a_quota, r.a_wait_ms) {
+        (0, _) => "no quota".to_string(),
+        (q, 0) => format!("quota {q}/s per node"),
+        (q, wait) => format!("quota {q}/s per node, waits up to {wait} ms"),
     };
     let mut out = format!(
         "{} s per phase; B: {:.0} writes/s open loop; A: closed loop, {} connections, {quota}\n\
