@@ -159,13 +159,7 @@ pub fn check_key(
 /// stored. Not a decision procedure (that is the tester's job), only pointers into the
 /// history for a human; at most `limit` of them.
 pub fn explain(ops: &[&OpRecord], limit: usize) -> Vec<String> {
-    let acked: Vec<(&OpRecord, u64)> = ops
-        .iter()
-        .filter_map(|op| match op.outcome {
-            Outcome::Done(Ret::Written { version }) => Some((*op, version)),
-            _ => None,
-        })
-        .collect();
+    let acked = acknowledged_writes(ops);
     let mut found = Vec::new();
     for op in ops {
         let Outcome::Done(Ret::Value { version, data }) = &op.outcome else {
@@ -199,6 +193,16 @@ pub fn explain(ops: &[&OpRecord], limit: usize) -> Vec<String> {
     found
 }
 
+/// The writes acknowledged to their clients, with the version each one made.
+fn acknowledged_writes<'a>(ops: &[&'a OpRecord]) -> Vec<(&'a OpRecord, u64)> {
+    ops.iter()
+        .filter_map(|op| match op.outcome {
+            Outcome::Done(Ret::Written { version }) => Some((*op, version)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// `+12.345s`, an offset from the start of the workload.
 fn seconds(ns: u64) -> String {
     format!("+{:.3}s", ns as f64 / 1e9)
@@ -213,13 +217,7 @@ pub fn check_acknowledged(
     ops: &[&OpRecord],
     final_state: &KeyState,
 ) -> Vec<String> {
-    let acked: Vec<(&OpRecord, u64)> = ops
-        .iter()
-        .filter_map(|op| match op.outcome {
-            Outcome::Done(Ret::Written { version }) => Some((*op, version)),
-            _ => None,
-        })
-        .collect();
+    let acked = acknowledged_writes(ops);
     let unknown = ops
         .iter()
         .filter(|op| op.kind.is_write() && matches!(op.outcome, Outcome::Unknown(_)))
