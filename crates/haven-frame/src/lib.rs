@@ -27,12 +27,39 @@ pub const MAGIC_LEN: usize = 8;
 
 /// Appends one frame holding `body` to `out`.
 pub fn append(out: &mut Vec<u8>, body: &[u8]) -> Result<(), TooLarge> {
-    let len = u32::try_from(body.len()).map_err(|_| TooLarge(body.len()))?;
     out.reserve(HEADER_LEN + body.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    let open = begin(out);
     out.extend_from_slice(body);
-    Ok(())
+    finish(out, open).map(|_| ())
+}
+
+/// A frame being written in place: its body is whatever is appended to the buffer
+/// between [`begin`] and [`finish`], so an encoder can write straight into it.
+#[must_use]
+pub struct Open {
+    at: usize,
+}
+
+/// Starts a frame at the end of `out`, with room for its header.
+pub fn begin(out: &mut Vec<u8>) -> Open {
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    Open { at }
+}
+
+/// Writes the header of the frame `open` began, over everything appended since; returns
+/// the frame's whole length. A body too large for a frame is taken off `out` again.
+pub fn finish(out: &mut Vec<u8>, open: Open) -> Result<usize, TooLarge> {
+    let body_at = open.at + HEADER_LEN;
+    let body_len = out.len() - body_at;
+    let Ok(len) = u32::try_from(body_len) else {
+        out.truncate(open.at);
+        return Err(TooLarge(body_len));
+    };
+    let crc = crc32fast::hash(&out[body_at..]);
+    out[open.at..open.at + 4].copy_from_slice(&len.to_le_bytes());
+    out[open.at + 4..body_at].copy_from_slice(&crc.to_le_bytes());
+    Ok(HEADER_LEN + body_len)
 }
 
 /// One frame holding `body`.
@@ -333,6 +360,17 @@ mod tests {
         assert_eq!(frames.next_frame(), Next::Body(&b"three"[..]));
         assert_eq!(frames.next_frame(), Next::End);
         assert_eq!(frames.offset(), bytes.len());
+    }
+
+    #[test]
+    fn a_frame_written_in_place_is_the_frame_appended_whole() {
+        let mut in_place = b"before".to_vec();
+        let open = begin(&mut in_place);
+        in_place.extend_from_slice(b"body");
+        assert_eq!(finish(&mut in_place, open), Ok(HEADER_LEN + 4));
+        let mut whole = b"before".to_vec();
+        append(&mut whole, b"body").unwrap();
+        assert_eq!(in_place, whole);
     }
 
     #[test]

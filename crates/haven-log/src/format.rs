@@ -90,30 +90,32 @@ fn record_crc(kind: u8, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Serializes `entry` and appends one record, a `haven_frame` frame of the kind byte and
-/// the payload, to `out`; returns the record length.
+/// Serializes `entry` straight into `out` as one record, a `haven_frame` frame of the kind
+/// byte and the payload; returns the record length. On error `out` is as it was.
 pub(crate) fn encode_entry_record<T: Serialize>(
     entry: &T,
     out: &mut Vec<u8>,
 ) -> Result<u32, LogError> {
-    let body = postcard::to_extend(entry, vec![KIND_ENTRY]).map_err(|e| LogError::Encode {
+    let encode_error = |reason: String| LogError::Encode {
         what: "log entry",
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let at = out.len();
+    let open = haven_frame::begin(out);
+    out.push(KIND_ENTRY);
+    if let Err(e) = postcard::to_io(entry, &mut *out) {
+        out.truncate(at);
+        return Err(encode_error(e.to_string()));
+    }
+    let record_len = haven_frame::finish(out, open).map_err(|e| encode_error(e.to_string()))?;
     // The whole record (header included) must fit the index's u32 length field.
-    let record_len =
-        u32::try_from(haven_frame::HEADER_LEN + body.len()).map_err(|_| LogError::Encode {
-            what: "log entry",
-            reason: format!(
-                "entry of {} bytes exceeds the 4 GiB record limit",
-                body.len() - 1
-            ),
-        })?;
-    haven_frame::append(out, &body).map_err(|e| LogError::Encode {
-        what: "log entry",
-        reason: e.to_string(),
-    })?;
-    Ok(record_len)
+    u32::try_from(record_len).map_err(|_| {
+        out.truncate(at);
+        encode_error(format!(
+            "entry of {} bytes exceeds the 4 GiB record limit",
+            record_len - RECORD_HEADER_LEN
+        ))
+    })
 }
 
 /// The fixed part of a record, as read from disk (not yet validated).
