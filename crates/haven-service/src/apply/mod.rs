@@ -49,6 +49,7 @@ use crate::app::pipeline::Delivery;
 use crate::app::pipeline::OrderedConnection;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::Position;
+use crate::checkpoint::capture::Staged;
 use haven_base::metrics::Metrics;
 use haven_base::workers::Workers;
 use haven_checkpoint::CheckpointFile;
@@ -255,6 +256,10 @@ struct Replica {
     shutdown: watch::Receiver<bool>,
     /// Set once Raft is up; until then no peer is asked.
     peers: Arc<OnceLock<Arc<dyn AskPeers>>>,
+    /// Where to take a checkpoint before the app sees its next entry, when no checkpoint
+    /// exists yet and the app does not honour `Haven-Index`: without one, a crash before
+    /// the first scheduled checkpoint leaves nothing to rebuild the replica from.
+    baseline: Arc<Mutex<Option<Arc<Checkpoints>>>>,
 }
 
 /// Committed entries on their way from openraft to the delivery task.
@@ -338,6 +343,7 @@ impl StateMachine {
             shared,
             shutdown,
             peers: Arc::default(),
+            baseline: Arc::default(),
         };
         let (queue, handed_over) = mpsc::channel(APPLY_QUEUE);
         let handover = Handover {
@@ -383,6 +389,9 @@ impl StateMachine {
     /// again, with a warning: exactly-once then needs the app's help.
     pub async fn recover_from_crash(&self, app_honours_index: bool) -> io::Result<AfterCrash> {
         let mut inner = self.replica.inner.lock().await;
+        if !app_honours_index {
+            self.arm_baseline().await?;
+        }
         let applied = inner.state.last_applied.as_ref().map_or(0, |l| l.index);
         let delivered = inner.recovered.delivered_upto;
         if delivered <= applied {
@@ -420,6 +429,18 @@ impl StateMachine {
             checkpoint: info.index,
             uncertain,
         })
+    }
+
+    /// Asks for a checkpoint before the next delivery when checkpoints are on and none
+    /// exists (a fresh node, or checkpoints just switched on).
+    async fn arm_baseline(&self) -> io::Result<()> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        if checkpoints.newest().await?.is_none() {
+            *lock(&self.replica.baseline) = Some(checkpoints.clone());
+        }
+        Ok(())
     }
 
     pub async fn persist(&self) -> io::Result<()> {
@@ -492,11 +513,61 @@ impl Replica {
             // The permits go back once the window is delivered.
             let (window, _permits): (Vec<_>, Vec<_>) = received.drain(..).unzip();
             let mut inner = self.inner.lock().await;
-            let applied = self.apply_window(&mut inner, window);
+            let applied = self.apply_after_baseline(&mut inner, window);
             if let Err(e) = applied.await.and_then(|()| inner.persist_if_due()) {
                 tracing::error!(error = %e, "applying committed entries stopped");
                 let _ = failure.set(e.to_string());
                 return;
+            }
+        }
+    }
+
+    /// [`Self::apply_window`], with the baseline checkpoint (if one is armed) taken after
+    /// the window's leading membership and blank entries and before its first request.
+    async fn apply_after_baseline(
+        &self,
+        inner: &mut Inner,
+        mut window: Vec<EntryResponder<TypeConfig>>,
+    ) -> io::Result<()> {
+        let armed = lock(&self.baseline).clone();
+        let first_request = window
+            .iter()
+            .position(|(entry, _)| matches!(entry.payload, EntryPayload::Normal(_)));
+        let (Some(checkpoints), Some(split)) = (armed, first_request) else {
+            return self.apply_window(inner, window).await;
+        };
+        let requests = window.split_off(split);
+        if !window.is_empty() {
+            self.apply_window(inner, window).await?;
+        }
+        self.take_baseline(inner, &checkpoints).await;
+        self.apply_window(inner, requests).await
+    }
+
+    /// A failed baseline is retried before the next window: the app being down must cost
+    /// a warning, never the node.
+    async fn take_baseline(&self, inner: &Inner, checkpoints: &Checkpoints) {
+        if inner.state.last_applied.is_none() {
+            tracing::warn!("no entry applied before the first request: no baseline checkpoint");
+            *lock(&self.baseline) = None;
+            return;
+        }
+        let taken = async {
+            let (staged, position) =
+                stage_checkpoint(inner, checkpoints, &self.shared.metrics).await?;
+            checkpoints.seal(staged, position).await
+        };
+        match taken.await {
+            Ok(info) => {
+                *lock(&self.baseline) = None;
+                self.shared.metrics.checkpoints_written.inc();
+                tracing::info!(
+                    index = info.index,
+                    "baseline checkpoint taken before the app's first entry: a crash before the next one rebuilds the replica from it"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "baseline checkpoint failed; retried before the next window")
             }
         }
     }
@@ -977,6 +1048,37 @@ pub(crate) fn snapshot_of(info: &CheckpointInfo) -> io::Result<Snapshot> {
     })
 }
 
+/// A poisoned baseline slot still holds a valid value; keep serving.
+fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The paused part of a checkpoint: the replica's state staged with Haven's own at the
+/// same index. The caller holds the replica's lock, so no delivery runs meanwhile.
+async fn stage_checkpoint(
+    inner: &Inner,
+    checkpoints: &Checkpoints,
+    metrics: &Metrics,
+) -> io::Result<(Staged, Position)> {
+    let paused = Instant::now();
+    let last = inner
+        .state
+        .last_applied
+        .ok_or_else(|| io::Error::other("nothing applied yet; no checkpoint to take"))?;
+    let staged = checkpoints.stage(last.index).await?;
+    let position = Position {
+        index: last.index,
+        term: last.leader_id.term,
+        entry_time_us: inner.state.last_time_us,
+        haven_state: encode_state(&inner.state)?,
+    };
+    metrics
+        .checkpoint_pause_us
+        .inc_by(paused.elapsed().as_micros() as u64);
+    Ok((staged, position))
+}
+
 impl StateMachine {
     /// Deliveries pause only while the replica's state is staged; compression and the
     /// checksum run after the lock is released.
@@ -985,22 +1087,7 @@ impl StateMachine {
         let metrics = &self.replica.shared.metrics;
         let (staged, position) = {
             let inner = self.replica.inner.lock().await;
-            let paused = Instant::now();
-            let last = inner
-                .state
-                .last_applied
-                .ok_or_else(|| io::Error::other("nothing applied yet; no checkpoint to take"))?;
-            let staged = checkpoints.stage(last.index).await?;
-            let position = Position {
-                index: last.index,
-                term: last.leader_id.term,
-                entry_time_us: inner.state.last_time_us,
-                haven_state: encode_state(&inner.state)?,
-            };
-            metrics
-                .checkpoint_pause_us
-                .inc_by(paused.elapsed().as_micros() as u64);
-            (staged, position)
+            stage_checkpoint(&inner, &checkpoints, metrics).await?
         };
         let info = checkpoints.seal(staged, position).await?;
         metrics.checkpoints_written.inc();

@@ -128,7 +128,7 @@ const STATE_BYTES_PER_LINE: u64 = haven_logapp::PREPOPULATE_LINE_LEN as u64 + 1 
 /// Checkpoints only when asked: the entry trigger far out of reach, no timer. Two are
 /// kept, so the log is compacted behind the older and a fresh node needs a checkpoint.
 const CHECKPOINT_CONFIG: &str = "[checkpoints]\nmode = \"managed\"\n\
-    every_entries = 1000000000000\nevery_seconds = 0\nkeep = 2\n";
+    every_entries = 1000000000000\nevery_seconds = 0\nkeep = 1\n";
 /// Entries written before the first checkpoint, so it covers some log.
 const FIRST_ENTRIES: u64 = 100;
 /// Closed-loop writers that write the entries a restore replays.

@@ -42,6 +42,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             count += 1
             save(count)
             value = count
+            # For diagnosis only: which delivery produced which count (the app still
+            # ignores Haven-Index when counting).
+            with open(path + ".trace", "a") as f:
+                f.write(f"{self.headers.get('Haven-Index')} {value}\n")
         self.answer(201, str(value))
 
     def do_GET(self):

