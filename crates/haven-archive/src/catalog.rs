@@ -57,8 +57,8 @@ pub struct ManifestObject {
 }
 
 impl Manifest {
-    pub fn seal(&self, protection: &Protection) -> (String, Vec<u8>) {
-        let name = names::manifest(self.epoch, self.last);
+    pub fn seal(&self, protection: &Protection, written_us: i64) -> (String, Vec<u8>) {
+        let name = names::manifest(self.epoch, self.last, written_us);
         let content =
             serde_json::to_vec(self).unwrap_or_else(|e| unreachable!("a manifest to JSON: {e}"));
         let sealed = seal::seal(&name, &content, protection);
@@ -224,18 +224,25 @@ impl Catalog {
         after_checkpoint.or_else(|| self.log.first().map(|o| o.first))
     }
 
-    /// The last archived index (and its entry time) reachable without a gap.
+    /// The last archived index (and its entry time) that a restore of the newest state
+    /// reaches: the end of the log that runs without a gap from the newest checkpoint (or
+    /// from the first entry when there is none).
     pub fn last_entry(&self) -> Option<(u64, i64)> {
-        let start = self.history_start()?;
-        let end = match self.contiguous_end(start) {
-            Some(end) => end,
-            None => return self.checkpoints.last().map(|c| (c.index, c.time_us)),
+        let newest = self.checkpoints.last();
+        let start = match newest {
+            Some(c) => c.index + 1,
+            None => self.log.first()?.first,
+        };
+        let Some(end) = self.contiguous_end(start) else {
+            return newest.map(|c| (c.index, c.time_us));
         };
         let time = self
             .log
             .iter()
-            .find(|o| o.last == end)
-            .map_or(0, |o| o.time_us);
+            .filter(|o| o.last == end)
+            .map(|o| o.time_us)
+            .max()
+            .unwrap_or(0);
         Some((end, time))
     }
 

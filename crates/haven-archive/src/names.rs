@@ -6,7 +6,8 @@
 //! log/<epoch>/<first>-<last>-<time>       committed entries first..=last, the last one
 //!                                         proposed at <time> (µs since the Unix epoch)
 //! checkpoints/<epoch>/<index>-<term>-<time>  the state at index
-//! manifests/<epoch>/<last>                every object of the epoch up to last
+//! manifests/<epoch>/<last>-<written>      every object of the epoch up to last, as
+//!                                         of <written> (µs; retention rewrites it)
 //! ```
 //!
 //! Times and terms are in the names so that listing alone answers "which objects hold
@@ -49,8 +50,12 @@ pub fn manifest_dir(epoch: u64) -> String {
     format!("{MANIFESTS}{epoch:010}/")
 }
 
-pub fn manifest(epoch: u64, last: u64) -> String {
-    format!("{}{last:020}", manifest_dir(epoch))
+pub fn manifest(epoch: u64, last: u64, written_us: i64) -> String {
+    format!(
+        "{}{last:020}-{:016}",
+        manifest_dir(epoch),
+        written_us.max(0)
+    )
 }
 
 /// What a listed name is; `None` for names Haven did not write.
@@ -114,7 +119,11 @@ pub fn parse(name: &str) -> Option<Parsed> {
                 time_us,
             })
         }
-        MANIFESTS => number(tail).map(|last| Parsed::Manifest { epoch, last }),
+        MANIFESTS => {
+            let (last, written) = tail.split_once('-')?;
+            number(written)?;
+            number(last).map(|last| Parsed::Manifest { epoch, last })
+        }
         _ => None,
     }
 }
@@ -145,7 +154,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(&manifest(1, 7)),
+            parse(&manifest(1, 7, 99)),
             Some(Parsed::Manifest { epoch: 1, last: 7 })
         );
         assert!(log(1, 9, 9, 5) < log(1, 10, 10, 1));

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -25,6 +26,9 @@ pub struct Reader {
     store: Store,
     protection: Protection,
     catalog: Catalog,
+    /// The last log object read: a replay asks for its entries in steps smaller than an
+    /// object, and must not fetch and decrypt it once per step.
+    last_read: std::sync::Mutex<Option<(String, Arc<Vec<ArchivedEntry>>)>>,
 }
 
 impl Reader {
@@ -34,6 +38,7 @@ impl Reader {
             store,
             protection,
             catalog,
+            last_read: std::sync::Mutex::new(None),
         })
     }
 
@@ -46,10 +51,30 @@ impl Reader {
     }
 
     /// One log object's entries, authenticated and checked against its name.
-    pub async fn read_log(&self, object: &LogObject) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+    pub async fn read_log(
+        &self,
+        object: &LogObject,
+    ) -> Result<Arc<Vec<ArchivedEntry>>, ArchiveError> {
+        if let Some((name, entries)) = self
+            .last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && *name == object.name
+        {
+            return Ok(entries.clone());
+        }
         let stored = self.store.get(&object.name).await?;
         let content = seal::open(&object.name, &stored, &self.protection)?;
-        batch::decode(&object.name, &content, object.first, object.last)
+        let entries = Arc::new(batch::decode(
+            &object.name,
+            &content,
+            object.first,
+            object.last,
+        )?);
+        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((object.name.clone(), entries.clone()));
+        Ok(entries)
     }
 
     /// Entries `first..=last`, object by object (`each` gets them in order, trimmed to
@@ -66,8 +91,9 @@ impl Reader {
         for object in self.catalog.covering(first, last)? {
             let entries = self.read_log(object).await?;
             let wanted: Vec<ArchivedEntry> = entries
-                .into_iter()
+                .iter()
                 .filter(|e| first <= e.index && e.index <= last)
+                .cloned()
                 .collect();
             each(wanted).await?;
         }
@@ -100,7 +126,7 @@ impl Reader {
         let inside = self
             .read_log(straddling)
             .await?
-            .into_iter()
+            .iter()
             .filter(|e| e.time_us <= time_us)
             .map(|e| (e.index, e.time_us))
             .max();

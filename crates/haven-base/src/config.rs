@@ -58,6 +58,8 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Absent: no checkpoints, and the log is never compacted.
     pub checkpoints: Option<CheckpointSection>,
+    /// The off-site archive; absent: the service's data stays on the cluster's disks.
+    pub archive: Option<ArchiveSection>,
     /// Which client requests are for this service.
     pub matcher: Matcher,
     /// Where its keys are in the file, for errors.
@@ -74,16 +76,18 @@ impl PartialEq for ServiceConfig {
             routes,
             limits,
             checkpoints,
+            archive,
             matcher,
             written: _,
         } = self;
-        (name, app, routes, limits, checkpoints, matcher)
+        (name, app, routes, limits, checkpoints, archive, matcher)
             == (
                 &other.name,
                 &other.app,
                 &other.routes,
                 &other.limits,
                 &other.checkpoints,
+                &other.archive,
                 &other.matcher,
             )
     }
@@ -133,6 +137,7 @@ struct ConfigFile {
     routes: Vec<RouteRule>,
     limits: Option<Limits>,
     checkpoints: Option<CheckpointSection>,
+    archive: Option<ArchiveSection>,
     #[serde(default)]
     service: Vec<ServiceSection>,
 }
@@ -150,6 +155,7 @@ struct ServiceSection {
     #[serde(default)]
     limits: Limits,
     checkpoints: Option<CheckpointSection>,
+    archive: Option<ArchiveSection>,
 }
 
 /// The service name of a file in the single-service layout without `app.name`.
@@ -243,6 +249,50 @@ pub struct CheckpointSection {
 
 /// The largest retention a node accepts; each checkpoint is one file and one log range.
 pub const MAX_KEEP: usize = 100_000;
+
+/// `[archive]` (or `[service.archive]`): where the service's log and checkpoints go off
+/// site, and how.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSection {
+    /// `s3://bucket/prefix` or `file:///path`.
+    pub url: String,
+    /// An S3-compatible endpoint (`http://127.0.0.1:8333`); AWS's own when absent.
+    /// Credentials and region come from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`.
+    pub endpoint: Option<String>,
+    /// The encryption key (`haven archive keygen > FILE`); required unless `encrypt = false`.
+    pub key_file: Option<PathBuf>,
+    /// Encrypt every object (default true). `false` must be written out and is shown in
+    /// status: there is no silent plaintext.
+    #[serde(default = "default_true")]
+    pub encrypt: bool,
+    /// How often the leader ships what was committed since the last shipment (default
+    /// 200): the recovery point under steady load.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+    /// Archived checkpoints kept, newest first (default 8); the archived log is kept back
+    /// to the oldest.
+    #[serde(default = "default_archive_keep")]
+    pub keep: usize,
+    /// Also delete archived checkpoints older than this many days (the newest is kept).
+    pub keep_days: Option<u64>,
+    /// Entries the archive may fall behind before the node raises an alarm (default
+    /// 1,000,000); writes go on, and the leader keeps its log until they are shipped.
+    #[serde(default = "default_max_backlog_entries")]
+    pub max_backlog_entries: u64,
+}
+
+impl ArchiveSection {
+    pub fn flush(&self) -> Duration {
+        Duration::from_millis(self.flush_ms)
+    }
+}
+
+/// Shortest and longest shipping interval a node accepts.
+pub const ARCHIVE_FLUSH_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+/// Smallest backlog alarm: below it, ordinary bursts would raise it.
+pub const MIN_ARCHIVE_BACKLOG: u64 = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -393,6 +443,18 @@ fn default_every_seconds() -> u64 {
 fn default_keep() -> usize {
     64
 }
+fn default_true() -> bool {
+    true
+}
+fn default_flush_ms() -> u64 {
+    200
+}
+fn default_archive_keep() -> usize {
+    8
+}
+fn default_max_backlog_entries() -> u64 {
+    1_000_000
+}
 fn default_snapshot_path() -> String {
     haven_contract::paths::SNAPSHOT.to_string()
 }
@@ -433,7 +495,8 @@ impl Config {
         let at_top = file.app.is_some()
             || !file.routes.is_empty()
             || file.limits.is_some()
-            || file.checkpoints.is_some();
+            || file.checkpoints.is_some()
+            || file.archive.is_some();
         let services = match (at_top, file.service.is_empty()) {
             (true, false) => {
                 let reason = "the single-service layout ([app], [[routes]], [limits], [checkpoints] at the top) and [[service]] tables cannot be mixed: move them into a [[service]]";
@@ -456,6 +519,7 @@ impl Config {
                     routes: file.routes,
                     limits: file.limits.unwrap_or_default(),
                     checkpoints: file.checkpoints,
+                    archive: file.archive,
                     matcher: Matcher::Everything,
                     written: Written::AtTop,
                 }]
@@ -480,6 +544,7 @@ impl Config {
                     routes: s.routes,
                     limits: s.limits,
                     checkpoints: s.checkpoints,
+                    archive: s.archive,
                     written: Written::InService(i),
                 })
                 .collect(),
@@ -613,7 +678,8 @@ impl ServiceConfig {
         self.validate_routes()?;
         self.validate_limits()?;
         self.validate_managed_app()?;
-        self.validate_checkpoints()
+        self.validate_checkpoints()?;
+        self.validate_archive()
     }
 
     fn validate_name(&self) -> Result<(), BadKey> {
@@ -717,6 +783,61 @@ impl ServiceConfig {
             if !path.starts_with('/') {
                 return bad(key, "must start with /");
             }
+        }
+        Ok(())
+    }
+
+    fn validate_archive(&self) -> Result<(), BadKey> {
+        let Some(a) = &self.archive else {
+            return Ok(());
+        };
+        let bad = |key, reason: &str| Err(self.bad("archive", 0, key, reason));
+        let file_ok = a
+            .url
+            .strip_prefix("file://")
+            .is_some_and(|p| p.len() > 1 && p.starts_with('/'));
+        let s3_ok = a
+            .url
+            .strip_prefix("s3://")
+            .is_some_and(|b| !b.is_empty() && !b.starts_with('/'));
+        if !file_ok && !s3_ok {
+            return bad("url", "must be s3://bucket/prefix or file:///absolute/path");
+        }
+        if a.endpoint
+            .as_ref()
+            .is_some_and(|e| !e.starts_with("http://") && !e.starts_with("https://"))
+        {
+            return bad("endpoint", "must start with http:// or https://");
+        }
+        match (a.encrypt, &a.key_file) {
+            (true, None) => {
+                return bad(
+                    "key_file",
+                    "is required: the archive is encrypted (create a key with `haven archive keygen > FILE`, or write encrypt = false to store plaintext)",
+                );
+            }
+            (false, Some(_)) => return bad("key_file", "means nothing with encrypt = false"),
+            _ => {}
+        }
+        if !ARCHIVE_FLUSH_MS.contains(&a.flush_ms) {
+            let reason = format!(
+                "must be between {} and {}",
+                ARCHIVE_FLUSH_MS.start(),
+                ARCHIVE_FLUSH_MS.end()
+            );
+            return bad("flush_ms", &reason);
+        }
+        if a.keep == 0 || a.keep > MAX_KEEP {
+            return bad("keep", &format!("must be between 1 and {MAX_KEEP}"));
+        }
+        if a.keep_days == Some(0) {
+            return bad("keep_days", "must be at least 1");
+        }
+        if a.max_backlog_entries < MIN_ARCHIVE_BACKLOG {
+            return bad(
+                "max_backlog_entries",
+                &format!("must be at least {MIN_ARCHIVE_BACKLOG}"),
+            );
         }
         Ok(())
     }
@@ -968,6 +1089,28 @@ mode = "linearizable"
         let err = parse(&text).unwrap_err();
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn an_archive_is_encrypted_unless_plaintext_is_written_out() {
+        let with = |archive: &str| parse(&format!("{GOOD}\n[archive]\n{archive}"));
+        let config = with("url = \"s3://bucket/orders\"\nkey_file = \"/k\"\n").unwrap();
+        let archive = config.service().archive.clone().unwrap();
+        assert!(archive.encrypt);
+        assert_eq!((archive.flush_ms, archive.keep), (200, 8));
+        assert_eq!(
+            with("url = \"s3://bucket/orders\"\n").unwrap_err(),
+            "invalid config n1.toml: key `archive.key_file` (line 28): is required: the archive is encrypted (create a key with `haven archive keygen > FILE`, or write encrypt = false to store plaintext)"
+        );
+        assert!(with("url = \"file:///a\"\nencrypt = false\n").is_ok());
+        assert_eq!(
+            with("url = \"ftp://x\"\nkey_file = \"/k\"\n").unwrap_err(),
+            "invalid config n1.toml: key `archive.url` (line 29): must be s3://bucket/prefix or file:///absolute/path"
+        );
+        assert_eq!(
+            with("url = \"file:///a\"\nkey_file = \"/k\"\nflush_ms = 0\n").unwrap_err(),
+            "invalid config n1.toml: key `archive.flush_ms` (line 31): must be between 10 and 60000"
+        );
     }
 
     #[test]

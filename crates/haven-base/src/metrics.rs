@@ -4,6 +4,8 @@
 //! gauges are already bound to its name, and the code that counts never names it.
 
 use prometheus::Encoder;
+use prometheus::Gauge;
+use prometheus::GaugeVec;
 use prometheus::IntCounter;
 use prometheus::IntCounterVec;
 use prometheus::IntGauge;
@@ -23,11 +25,13 @@ macro_rules! service_metrics {
     (
         counters { $( $(#[$cdoc:meta])* $counter:ident: $cname:literal, $chelp:literal; )* }
         gauges { $( $(#[$gdoc:meta])* $gauge:ident: $gname:literal, $ghelp:literal; )* }
+        float_gauges { $( $(#[$fdoc:meta])* $fgauge:ident: $fname:literal, $fhelp:literal; )* }
     ) => {
         /// The per-service families, each labelled by service.
         struct Families {
             $( $counter: IntCounterVec, )*
             $( $gauge: IntGaugeVec, )*
+            $( $fgauge: GaugeVec, )*
             requests: IntCounterVec,
             request_errors: IntCounterVec,
         }
@@ -39,6 +43,8 @@ macro_rules! service_metrics {
                         Opts::new($cname, $chelp), &[SERVICE_LABEL])?)?, )*
                     $( $gauge: register(registry, IntGaugeVec::new(
                         Opts::new($gname, $ghelp), &[SERVICE_LABEL])?)?, )*
+                    $( $fgauge: register(registry, GaugeVec::new(
+                        Opts::new($fname, $fhelp), &[SERVICE_LABEL])?)?, )*
                     requests: register(registry, IntCounterVec::new(
                         Opts::new("haven_requests_total", "Client requests by route mode"),
                         &[SERVICE_LABEL, "mode"],
@@ -57,6 +63,7 @@ macro_rules! service_metrics {
                 ServiceFields {
                     $( $counter: self.$counter.with_label_values(&[service]), )*
                     $( $gauge: self.$gauge.with_label_values(&[service]), )*
+                    $( $fgauge: self.$fgauge.with_label_values(&[service]), )*
                 }
             }
 
@@ -64,6 +71,7 @@ macro_rules! service_metrics {
             fn unbind(&self, service: &str) {
                 $( let _ = self.$counter.remove_label_values(&[service]); )*
                 $( let _ = self.$gauge.remove_label_values(&[service]); )*
+                $( let _ = self.$fgauge.remove_label_values(&[service]); )*
             }
         }
 
@@ -72,6 +80,7 @@ macro_rules! service_metrics {
         pub struct ServiceFields {
             $( $(#[$cdoc])* pub $counter: IntCounter, )*
             $( $(#[$gdoc])* pub $gauge: IntGauge, )*
+            $( $(#[$fdoc])* pub $fgauge: Gauge, )*
         }
     };
 }
@@ -107,6 +116,14 @@ service_metrics! {
         /// leadership to a follower.
         leadership_handoffs: "haven_leadership_handoffs_total",
             "Times this node handed leadership over because its replica failed to take entries";
+        /// What the archive uploader put in the object store, and the uploads that failed
+        /// (each is retried).
+        archive_uploaded_bytes: "haven_archive_uploaded_bytes_total",
+            "Bytes this node uploaded to the off-site archive";
+        archive_uploaded_objects: "haven_archive_uploaded_objects_total",
+            "Objects this node uploaded to the off-site archive";
+        archive_upload_errors: "haven_archive_upload_errors_total",
+            "Archive uploads that failed (store down, timeout); each is retried";
     }
     gauges {
         /// 1 while the last delivery to the local replica succeeded.
@@ -121,6 +138,22 @@ service_metrics! {
             "Bytes received of the checkpoint arriving from the leader";
         checkpoint_receive_total_bytes: "haven_checkpoint_receive_total_bytes",
             "Size of the checkpoint arriving from the leader";
+        /// The archive's last index as this node (its leader) knows it, and how far it is
+        /// behind the replica's applied index.
+        archive_index: "haven_archive_last_index",
+            "Last log index the off-site archive holds without a gap (leader's view)";
+        archive_lag_entries: "haven_archive_lag_entries",
+            "Entries applied on the leader that the off-site archive does not hold yet";
+        /// 1 while the archive's backlog is over its limit (the store is down or slow).
+        archive_backlog_full: "haven_archive_backlog_full",
+            "1 while the entries waiting for the archive exceed archive.max_backlog_entries";
+    }
+    float_gauges {
+        /// Entry time of the leader's last applied entry minus that of the archive's last.
+        archive_lag_seconds: "haven_archive_lag_seconds",
+            "How far the off-site archive is behind the leader, in entry time (the RPO now)";
+        archive_last_upload: "haven_archive_last_upload_timestamp_seconds",
+            "Unix time of the last successful upload to the off-site archive";
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod apply;
+pub mod archive;
 pub mod checkpoint;
 pub mod restore;
 pub mod service;

@@ -179,6 +179,8 @@ pub enum Target {
     Index(u64),
     /// Entry time, microseconds since the Unix epoch: the last entry at or before it.
     Time(i64),
+    /// The last entry the source holds (committed, or archived without a gap).
+    Latest,
 }
 
 pub struct RestoreOptions {
@@ -189,6 +191,10 @@ pub struct RestoreOptions {
     pub from_scratch: bool,
     /// Hooks mode without a command: a fresh, empty app instance to restore into.
     pub app_url: Option<String>,
+    /// A command run against the restored app before it stops (exit 0 = good); it gets
+    /// the app's base URL in `HAVEN_RESTORE_URL` and the output directory in
+    /// `HAVEN_RESTORE_DIR`.
+    pub check: Option<String>,
 }
 
 /// What a restore did.
@@ -201,6 +207,8 @@ pub struct RestoreReport {
     pub entries_replayed: u64,
     pub replay_seconds: f64,
     pub out: PathBuf,
+    /// The `--check` command's outcome: `None` when there was none.
+    pub check_passed: Option<bool>,
 }
 
 /// Progress hooks for the CLI's progress bar: total entries, then entries done.
@@ -216,33 +224,87 @@ pub async fn run(
     let service = service_dir(&options.data_dir)?;
     let _lock = DirLock::acquire(&service).map_err(|e| refused(e.to_string()))?;
     let settings = AppSettings::load(&service)?;
-    prepare_out(&options.out)?;
-    let mut log = LogStore::<TypeConfig>::open(&service.join("log"), LogOptions::default())
+    let log = LogStore::<TypeConfig>::open(&service.join("log"), LogOptions::default())
         .map_err(|e| refused(format!("cannot open the log: {e}")))?;
-    let range = committed_range(&mut log).await?;
-    let (base, target) = choose_base(&service, &mut log, &options, &range).await?;
-    let first = first_to_replay(&range, base.as_ref().map(|b| b.index), target)?;
+    let history = History::Local {
+        log,
+        checkpoints: service.join("checkpoints"),
+    };
+    restore_from(history, &settings, options, progress).await
+}
+
+/// What a restore from the off-site archive needs besides the target: the archive (read
+/// through the key) and how to run the app, since no node's directory records it.
+pub struct ArchiveRestore {
+    pub reader: haven_archive::reader::Reader,
+    pub settings: AppSettings,
+}
+
+/// [`run`] with the archive as the source: the same choice of checkpoint, the same replay
+/// through the same apply code; the checkpoint is fetched (decrypted, authenticated) into
+/// a scratch directory and verified before it is installed.
+pub async fn run_from_archive(
+    archive: ArchiveRestore,
+    options: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, RestoreError> {
     let scratch = tempfile::tempdir().map_err(io("cannot create a scratch directory"))?;
-    let instance = AppInstance::start(&settings, &options, scratch.path()).await?;
-    let machine = instance.state_machine(&settings, scratch.path())?;
+    let history = History::Archive {
+        reader: Box::new(archive.reader),
+        scratch: scratch.path().to_path_buf(),
+    };
+    restore_from(history, &archive.settings, options, progress).await
+}
+
+async fn restore_from(
+    mut history: History,
+    settings: &AppSettings,
+    options: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, RestoreError> {
+    prepare_out(&options.out)?;
+    let range = history.range().await?;
+    let (base, target) = choose_base(&mut history, &options, &range).await?;
+    let first = first_to_replay(&history, &range, base.as_ref().map(|b| b.index), target)?;
+    let scratch = tempfile::tempdir().map_err(io("cannot create a scratch directory"))?;
+    let instance = AppInstance::start(settings, &options, scratch.path()).await?;
+    let machine = instance.state_machine(settings, scratch.path())?;
     if let Some(base) = &base {
         install(&machine, base).await?;
     }
     let replayed = (target + 1).saturating_sub(first);
     progress.start(replayed);
     let started = Instant::now();
-    replay(&machine, &mut log, first..=target, progress).await?;
+    replay(&machine, &mut history, first..=target, progress).await?;
     let replay_seconds = started.elapsed().as_secs_f64();
+    let check_passed = match &options.check {
+        Some(command) => Some(run_check(command, &instance.url, &options.out).await?),
+        None => None,
+    };
     instance.finish(&options.out).await?;
     Ok(RestoreReport {
         target_index: target,
-        target_entry_time_us: entry_time_at(&mut log, target).await?,
+        target_entry_time_us: history.entry_time_at(target).await?,
         checkpoint_index: base.as_ref().map(|b| b.index),
         checkpoint_file: base.map(|b| b.path),
         entries_replayed: replayed,
         replay_seconds,
         out: options.out,
+        check_passed,
     })
+}
+
+/// Runs the operator's check against the restored app; its output goes to ours.
+async fn run_check(command: &str, url: &str, out: &Path) -> Result<bool, RestoreError> {
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("HAVEN_RESTORE_URL", url)
+        .env("HAVEN_RESTORE_DIR", out)
+        .status()
+        .await
+        .map_err(io(format!("cannot run the check {command:?}")))?;
+    Ok(status.success())
 }
 
 fn prepare_out(out: &Path) -> Result<(), RestoreError> {
@@ -260,8 +322,163 @@ fn prepare_out(out: &Path) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// The log indexes a restore may use: after the purged prefix, up to the committed index
-/// (an entry beyond it may never have been committed by the cluster).
+/// Where a restore reads the history it replays: a node's own log and checkpoints, or
+/// the off-site archive. Everything else about a restore is the same for both.
+enum History {
+    Local {
+        log: LogStore<TypeConfig>,
+        checkpoints: PathBuf,
+    },
+    Archive {
+        reader: Box<haven_archive::reader::Reader>,
+        /// Where a chosen checkpoint is fetched to.
+        scratch: PathBuf,
+    },
+}
+
+/// A checkpoint a restore may start from, by its index and entry time.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    index: u64,
+    entry_time_us: i64,
+}
+
+impl History {
+    fn describe(&self) -> &'static str {
+        match self {
+            History::Local { .. } => "this node's log",
+            History::Archive { .. } => "the archive",
+        }
+    }
+
+    /// The log indexes a restore may use: after the purged prefix, up to the committed
+    /// index (an entry beyond it may never have been committed by the cluster); in the
+    /// archive, from its first entry to the end of its gapless history.
+    async fn range(&mut self) -> Result<RangeInclusive<u64>, RestoreError> {
+        match self {
+            History::Local { log, .. } => committed_range(log).await,
+            History::Archive { reader, .. } => {
+                let catalog = reader.catalog();
+                let first = catalog.log.first().map_or(0, |o| o.first);
+                let Some((last, _)) = catalog.last_entry() else {
+                    return Err(refused(format!("the archive at {} is empty", catalog.url)));
+                };
+                Ok(first..=last)
+            }
+        }
+    }
+
+    /// Readable checkpoints, oldest first.
+    fn candidates(&self) -> Result<Vec<Candidate>, RestoreError> {
+        match self {
+            History::Local { checkpoints, .. } => {
+                let listed = catalog::list(checkpoints).map_err(|e| refused(e.to_string()))?;
+                Ok(listed
+                    .into_iter()
+                    .filter_map(|l| l.info.ok())
+                    .map(|c| Candidate {
+                        index: c.index,
+                        entry_time_us: c.entry_time_us,
+                    })
+                    .collect())
+            }
+            History::Archive { reader, .. } => Ok(reader
+                .catalog()
+                .checkpoints
+                .iter()
+                .map(|c| Candidate {
+                    index: c.index,
+                    entry_time_us: c.time_us,
+                })
+                .collect()),
+        }
+    }
+
+    /// The checkpoint at `index` as a local file, verified in full.
+    async fn materialize(&self, index: u64) -> Result<CheckpointInfo, RestoreError> {
+        let path = match self {
+            History::Local { checkpoints, .. } => {
+                let listed = catalog::list(checkpoints).map_err(|e| refused(e.to_string()))?;
+                let found = listed.into_iter().filter_map(|l| l.info.ok());
+                let info = found.into_iter().find(|c| c.index == index);
+                info.ok_or_else(|| refused(format!("checkpoint {index} disappeared")))?
+                    .path
+            }
+            History::Archive { reader, scratch } => {
+                let object = reader
+                    .catalog()
+                    .checkpoints
+                    .iter()
+                    .rev()
+                    .find(|c| c.index == index);
+                let object = object
+                    .ok_or_else(|| refused(format!("checkpoint {index} is not in the archive")))?;
+                let path = scratch.join(haven_checkpoint::format::file_name(
+                    object.index,
+                    object.term,
+                ));
+                reader
+                    .fetch_checkpoint(object, &path)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?;
+                path
+            }
+        };
+        let info = format::read_info(&path).map_err(|e| refused(e.to_string()))?;
+        verified(info)
+    }
+
+    /// Entries `range`, all of them, in order.
+    async fn read(&mut self, range: RangeInclusive<u64>) -> Result<Vec<Entry>, RestoreError> {
+        let entries = match self {
+            History::Local { log, .. } => log
+                .try_get_log_entries(range.clone())
+                .await
+                .map_err(io("cannot read the log"))?,
+            History::Archive { reader, .. } => read_archived(reader, &range).await?,
+        };
+        let contiguous = entries
+            .iter()
+            .zip(range.clone())
+            .all(|(e, i)| e.log_id.index == i);
+        if !contiguous || entries.len() as u64 != range.end() - range.start() + 1 {
+            return Err(refused(format!(
+                "log entries {range:?} are not contiguous in {}",
+                self.describe()
+            )));
+        }
+        Ok(entries)
+    }
+
+    async fn entry_time_at(&mut self, index: u64) -> Result<i64, RestoreError> {
+        let entries = self.read(index..=index).await.unwrap_or_default();
+        Ok(entries.first().and_then(entry_time).unwrap_or(0))
+    }
+}
+
+async fn read_archived(
+    reader: &haven_archive::reader::Reader,
+    range: &RangeInclusive<u64>,
+) -> Result<Vec<Entry>, RestoreError> {
+    let mut entries = Vec::new();
+    reader
+        .for_each_entries(*range.start(), *range.end(), async |archived| {
+            for a in archived {
+                let entry: Entry = postcard::from_bytes(&a.payload).map_err(|e| {
+                    haven_archive::ArchiveError::damaged(
+                        &format!("entry {}", a.index),
+                        format!("undecodable entry: {e}"),
+                    )
+                })?;
+                entries.push(entry);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    Ok(entries)
+}
+
 async fn committed_range(
     log: &mut LogStore<TypeConfig>,
 ) -> Result<RangeInclusive<u64>, RestoreError> {
@@ -281,17 +498,15 @@ async fn committed_range(
 }
 
 async fn choose_base(
-    service: &Path,
-    log: &mut LogStore<TypeConfig>,
+    history: &mut History,
     options: &RestoreOptions,
     range: &RangeInclusive<u64>,
 ) -> Result<(Option<CheckpointInfo>, u64), RestoreError> {
-    let dir = service.join("checkpoints");
-    let listed = catalog::list(&dir).map_err(|e| refused(e.to_string()))?;
-    let valid: Vec<CheckpointInfo> = listed.into_iter().filter_map(|l| l.info.ok()).collect();
+    let valid = history.candidates()?;
     let target = match options.target {
         Target::Index(index) => index,
-        Target::Time(time_us) => index_at_time(log, &valid, range, time_us).await?,
+        Target::Time(time_us) => index_at_time(history, &valid, range, time_us).await?,
+        Target::Latest => *range.end(),
     };
     if options.from_scratch {
         return Ok((None, target));
@@ -300,12 +515,13 @@ async fn choose_base(
     let base = valid.into_iter().rev().find(|c| c.index <= target);
     if base.is_none() && *range.start() > 0 {
         return Err(refused(format!(
-            "index {target} is not restorable from this node: {}",
+            "index {target} is not restorable from {}: {}",
+            history.describe(),
             restorable(oldest, range)
         )));
     }
     let base = match base {
-        Some(base) => Some(verified(base)?),
+        Some(base) => Some(history.materialize(base.index).await?),
         None => None,
     };
     Ok((base, target))
@@ -333,11 +549,18 @@ fn verified(info: CheckpointInfo) -> Result<CheckpointInfo, RestoreError> {
 
 /// The last committed entry at or before `time_us`.
 async fn index_at_time(
-    log: &mut LogStore<TypeConfig>,
-    checkpoints: &[CheckpointInfo],
+    history: &mut History,
+    checkpoints: &[Candidate],
     range: &RangeInclusive<u64>,
     time_us: i64,
 ) -> Result<u64, RestoreError> {
+    if let History::Archive { reader, .. } = history {
+        let found = reader
+            .index_at_time(time_us)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        return nonzero(found.map_or(0, |(index, _)| index), time_us);
+    }
     let base = checkpoints
         .iter()
         .rev()
@@ -346,7 +569,7 @@ async fn index_at_time(
     let mut next = (found + 1).max(*range.start());
     while next <= *range.end() {
         let end = (next + REPLAY_BATCH - 1).min(*range.end());
-        for entry in read(log, next..=end).await? {
+        for entry in history.read(next..=end).await? {
             match entry_time(&entry) {
                 Some(t) if t > time_us => return nonzero(found, time_us),
                 _ => found = entry.log_id.index,
@@ -374,21 +597,18 @@ fn entry_time(entry: &Entry) -> Option<i64> {
     }
 }
 
-async fn entry_time_at(log: &mut LogStore<TypeConfig>, index: u64) -> Result<i64, RestoreError> {
-    let entries = read(log, index..=index).await.unwrap_or_default();
-    Ok(entries.first().and_then(entry_time).unwrap_or(0))
-}
-
 /// The first entry to replay on top of `base` (a checkpoint's index, or none: an empty
-/// app, from the very first entry), checked against what the log still holds.
+/// app, from the very first entry), checked against what the history still holds.
 fn first_to_replay(
+    history: &History,
     range: &RangeInclusive<u64>,
     base: Option<u64>,
     target: u64,
 ) -> Result<u64, RestoreError> {
+    let source = history.describe();
     if target > *range.end() {
         return Err(refused(format!(
-            "index {target} is beyond the last committed entry {} in this node's log",
+            "index {target} is beyond the last committed entry {} in {source}",
             range.end()
         )));
     }
@@ -399,32 +619,11 @@ fn first_to_replay(
             None => "an empty app".to_string(),
         };
         return Err(refused(format!(
-            "index {target} needs log entries from {first} (after {from}) but the log starts at {}",
+            "index {target} needs log entries from {first} (after {from}) but {source} starts at {}",
             range.start()
         )));
     }
     Ok(first)
-}
-
-async fn read(
-    log: &mut LogStore<TypeConfig>,
-    range: RangeInclusive<u64>,
-) -> Result<Vec<Entry>, RestoreError> {
-    let expected = range.clone();
-    let entries = log
-        .try_get_log_entries(range)
-        .await
-        .map_err(io("cannot read the log"))?;
-    let contiguous = entries
-        .iter()
-        .zip(expected.clone())
-        .all(|(e, i)| e.log_id.index == i);
-    if !contiguous || entries.len() as u64 != expected.end() - expected.start() + 1 {
-        return Err(refused(format!(
-            "log entries {expected:?} are not contiguous in this node's log"
-        )));
-    }
-    Ok(entries)
 }
 
 async fn install(machine: &StateMachine, base: &CheckpointInfo) -> Result<(), RestoreError> {
@@ -444,7 +643,7 @@ async fn install(machine: &StateMachine, base: &CheckpointInfo) -> Result<(), Re
 
 async fn replay(
     machine: &StateMachine,
-    log: &mut LogStore<TypeConfig>,
+    history: &mut History,
     range: RangeInclusive<u64>,
     progress: &dyn Progress,
 ) -> Result<(), RestoreError> {
@@ -453,7 +652,7 @@ async fn replay(
     let mut next = first;
     while next <= last {
         let end = (next + REPLAY_BATCH - 1).min(last);
-        let entries = read(log, next..=end).await?;
+        let entries = history.read(next..=end).await?;
         let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
         machine
             .apply(stream)

@@ -27,11 +27,15 @@ use crate::app::process::ManagedApp;
 use crate::apply::IdempotencyLimits;
 use crate::apply::Raft;
 use crate::apply::StateMachine;
+use crate::archive::ArchiveProgress;
+use crate::archive::ArchiveTarget;
+use crate::archive::Uploader;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
 use crate::checkpoint::policy;
 use crate::checkpoint::policy::Policy;
 use crate::restore::AppSettings;
+use haven_archive::epoch;
 use haven_base::config::CheckpointMode;
 use haven_base::config::Config;
 use haven_base::config::ServiceConfig;
@@ -87,6 +91,11 @@ pub enum ServiceError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("off-site archive of service {service}: {source}")]
+    Archive {
+        service: String,
+        source: Box<haven_archive::ArchiveError>,
+    },
 }
 
 /// What a node's services share.
@@ -104,6 +113,10 @@ pub struct Service {
     pub raft: Raft,
     pub state_machine: StateMachine,
     pub checkpoints: Option<Arc<Checkpoints>>,
+    /// The off-site archive, when configured: where it is and how far it got.
+    pub archive: Option<(ArchiveTarget, ArchiveProgress)>,
+    /// A handle on the log for the archive uploader (Raft owns the other).
+    log: LogStore<TypeConfig>,
     managed: Option<Arc<ManagedApp>>,
     workers: Workers,
     /// Held while the service runs: no second node or restore touches its directory.
@@ -125,6 +138,8 @@ impl Service {
             dir: dir.clone(),
             source,
         })?;
+        // Fail closed before anything else opens: no key, no service.
+        let archive = open_archive(service)?;
         let log_store: LogStore<TypeConfig> = LogStore::open(&dir.join("log"), log_options())?;
         tracing::info!(dir = %dir.display(), "log opened");
         AppSettings::from_config(service)
@@ -162,7 +177,7 @@ impl Service {
             config.node.id,
             raft_config,
             shared.transport.clone(),
-            log_store,
+            log_store.clone(),
             state_machine.clone(),
         )
         .await
@@ -173,6 +188,8 @@ impl Service {
             raft,
             state_machine,
             checkpoints,
+            archive,
+            log: log_store,
             managed,
             workers,
             _lock: lock,
@@ -226,10 +243,32 @@ impl Service {
                     shared.stop.clone(),
                 ),
             );
+            let floor = match &self.archive {
+                Some((_, progress)) => progress.floor(),
+                None => watch::channel(None).1,
+            };
             self.workers.spawn(
                 "log-compaction",
-                policy::run_compaction(self.raft.clone(), summary, shared.stop.clone()),
+                policy::run_compaction(self.raft.clone(), summary, floor, shared.stop.clone()),
             );
+        }
+        if let Some((target, progress)) = &self.archive {
+            let uploader = Uploader {
+                target: target.clone(),
+                progress: progress.clone(),
+                raft: self.raft.clone(),
+                log: self.log.clone(),
+                checkpoints: self.checkpoints.clone(),
+                applied: self.state_machine.applied(),
+                metrics: shared.metrics.clone(),
+                writer: epoch::Writer {
+                    cluster: config.node.cluster.clone(),
+                    service: service.name.clone(),
+                    node: config.node.id,
+                },
+            };
+            self.workers
+                .spawn("archive-upload", uploader.run(shared.stop.clone()));
         }
         Ok(())
     }
@@ -254,6 +293,21 @@ impl Service {
             tracing::warn!(service = %self.name, error = %e, "cannot stop the managed app");
         }
     }
+}
+
+fn open_archive(
+    service: &ServiceConfig,
+) -> Result<Option<(ArchiveTarget, ArchiveProgress)>, ServiceError> {
+    let Some(section) = &service.archive else {
+        return Ok(None);
+    };
+    let target = ArchiveTarget::open(section).map_err(|source| ServiceError::Archive {
+        service: service.name.clone(),
+        source: Box::new(source),
+    })?;
+    let progress = ArchiveProgress::new(&target);
+    tracing::info!(url = %section.url, protection = %target.protection.describe(), "off-site archive configured");
+    Ok(Some((target, progress)))
 }
 
 fn open_state_machine(

@@ -83,6 +83,10 @@ enum Command {
     /// Point-in-time restore from a node's data directory: newest checkpoint at or before
     /// the target, then the log replayed up to it, into a fresh app.
     Restore(cli::checkpoints::RestoreArgs),
+    /// The off-site archive: make a key, list, verify, restore from it (needs only the
+    /// archive, the key and the store's credentials).
+    #[command(subcommand)]
+    Archive(cli::archive::ArchiveCommand),
     /// List a node's services, or reload them from the config file on every node
     /// (add, remove with --wipe, restart changed ones).
     #[command(subcommand)]
@@ -223,6 +227,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => {
             init_tracing("warn");
             print(&cli::checkpoints::restore(args).await?)?;
+        }
+        Command::Archive(command) => {
+            init_tracing("warn");
+            let (text, good) = cli::archive::run(command).await?;
+            print(&text)?;
+            if !good {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Demo { json, keep } => {
             init_tracing("warn");

@@ -226,3 +226,22 @@ fn bad_flags_are_refused_with_the_reason() {
         "haven: --read-ratio must be between 0 and 1, got 1.5"
     );
 }
+
+/// A smoke run against a real S3 server: both throughputs measured, the recovery point
+/// sampled, and the restore from the archive alone replaying what was written.
+#[test]
+fn archive_bench_measures_throughput_recovery_point_and_restore() {
+    let report = json_of(haven().args(["bench", "archive", "--quick", "--json"]));
+    assert!(report["throughput_off"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["throughput_on"].as_f64().unwrap() > 0.0, "{report}");
+    let rpo = &report["rpo"];
+    assert!(rpo["samples"].as_u64().unwrap() > 20, "{report}");
+    assert!(rpo["objects"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(rpo["upload_errors"].as_u64(), Some(0), "{report}");
+    assert!(rpo["p99_s"].as_f64().unwrap() < 10.0, "{report}");
+    let restore = &report["restore"];
+    assert!(
+        restore["entries"].as_u64().unwrap() >= rpo["writes_ok"].as_u64().unwrap(),
+        "{report}"
+    );
+}

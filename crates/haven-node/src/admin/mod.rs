@@ -37,6 +37,8 @@ use haven_base::metrics::NodeMetrics;
 use haven_base::workers::Workers;
 use haven_contract::NodeId;
 use haven_service::apply::Raft;
+use haven_service::archive::ArchiveProgress;
+use haven_service::archive::ArchiveStatus;
 use haven_service::checkpoint::Checkpoints;
 
 /// A node's view of itself and the cluster.
@@ -71,6 +73,9 @@ pub struct Status {
     /// A checkpoint arriving from the leader: bytes received of the total (0 of 0: none yet).
     #[serde(default)]
     pub checkpoint_receive: TransferProgress,
+    /// The off-site archive, when configured (its leader's view; followers do not ship).
+    #[serde(default)]
+    pub archive: Option<ArchiveStatus>,
     /// How entries the app may have applied before a crash are kept from being applied
     /// twice (`Config::exactly_once_after_crash`).
     #[serde(default)]
@@ -87,6 +92,7 @@ pub struct TransferProgress {
 pub struct ServiceAdmin {
     pub ingress: Arc<Ingress>,
     pub checkpoints: Option<Arc<Checkpoints>>,
+    pub archive: Option<ArchiveProgress>,
     pub exactly_once_after_crash: &'static str,
 }
 
@@ -269,6 +275,7 @@ fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
             bytes: ingress.metrics.checkpoint_receive_bytes.get() as u64,
             total: ingress.metrics.checkpoint_receive_total_bytes.get() as u64,
         },
+        archive: state.archive.as_ref().map(ArchiveProgress::status),
         exactly_once_after_crash: state.exactly_once_after_crash.to_string(),
     }
 }

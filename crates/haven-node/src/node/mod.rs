@@ -325,6 +325,10 @@ impl Node {
         let entry = ServiceAdmin {
             ingress,
             checkpoints: service.checkpoints.clone(),
+            archive: service
+                .archive
+                .as_ref()
+                .map(|(_, progress)| progress.clone()),
             exactly_once_after_crash: config.exactly_once_after_crash(),
         };
         self.admin.insert(&service.name, entry);

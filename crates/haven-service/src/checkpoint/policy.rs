@@ -77,16 +77,26 @@ pub async fn run_triggers<SM: HavenStateMachine>(
     }
 }
 
-/// Purges the log up to the oldest retained checkpoint whenever retention moves it.
+/// Purges the log up to the oldest retained checkpoint whenever retention moves it, and
+/// never past `floor` while it holds a value (the off-site archive's last index while
+/// this node leads: entries the archive lacks stay in the log).
 pub async fn run_compaction<SM: HavenStateMachine>(
     raft: RaftOf<SM>,
     mut summary: watch::Receiver<Summary>,
+    mut floor: watch::Receiver<Option<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut purged = None;
+    // A service without an archive drops the floor's sender at once.
+    let mut floor_open = true;
     loop {
         let oldest = summary.borrow_and_update().oldest_index;
-        if let Some(upto) = oldest.filter(|o| Some(*o) > purged) {
+        let held = *floor.borrow_and_update();
+        let upto = match (oldest, held) {
+            (Some(oldest), Some(held)) => Some(oldest.min(held)),
+            (oldest, _) => oldest,
+        };
+        if let Some(upto) = upto.filter(|u| *u > 0 && Some(*u) > purged) {
             if !registered(&raft, upto, &mut shutdown).await {
                 return;
             }
@@ -99,6 +109,7 @@ pub async fn run_compaction<SM: HavenStateMachine>(
         }
         tokio::select! {
             changed = summary.changed() => if changed.is_err() { return },
+            changed = floor.changed(), if floor_open => floor_open = changed.is_ok(),
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }

@@ -14,6 +14,7 @@
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
 
+pub mod archive;
 pub mod checkpoint;
 pub mod failover;
 pub mod peer_down;
@@ -52,6 +53,9 @@ pub enum BenchCommand {
     /// Two services on 3 nodes: B's latency and throughput at a fixed rate, alone and
     /// while A is hammered by a closed loop (the noisy-neighbour rule).
     Tenants(tenants::TenantsArgs),
+    /// The off-site archive against a real S3 server: write throughput with it off and
+    /// on, the recovery point (archive lag) under open-loop load, restore speed.
+    Archive(archive::ArchiveBenchArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -101,6 +105,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Tenants(args) => {
             let report = tenants::run(&args, exe).await?;
             output(args.json, &report, tenants::render)
+        }
+        BenchCommand::Archive(args) => {
+            let report = archive::run(&args, exe).await?;
+            output(args.json, &report, archive::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;

@@ -166,7 +166,26 @@ fn table(listed: &[Listed]) -> String {
     out
 }
 
-struct Bar(ProgressBar);
+pub struct Bar(ProgressBar);
+
+impl Default for Bar {
+    /// A replay progress bar; indicatif draws nothing when stderr is not a terminal.
+    fn default() -> Self {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "replaying {bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        Self(bar)
+    }
+}
+
+impl Bar {
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
 
 impl Progress for Bar {
     fn start(&self, total: u64) {
@@ -180,12 +199,7 @@ impl Progress for Bar {
 pub async fn restore(args: RestoreArgs) -> anyhow::Result<String> {
     let target = match (args.to_index, &args.to_time) {
         (Some(index), _) => Target::Index(index),
-        (None, Some(time)) => {
-            let parsed = chrono::DateTime::parse_from_rfc3339(time).with_context(|| {
-                format!("--to-time {time}: expected RFC 3339, e.g. 2026-11-22T10:00:00Z")
-            })?;
-            Target::Time(parsed.timestamp_micros())
-        }
+        (None, Some(time)) => Target::Time(parse_time(time)?),
         (None, None) => anyhow::bail!("give --to-index or --to-time"),
     };
     let options = RestoreOptions {
@@ -194,16 +208,11 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<String> {
         out: args.out,
         from_scratch: args.from_scratch,
         app_url: args.app_url,
+        check: None,
     };
-    let bar = ProgressBar::new(0);
-    if let Ok(style) = ProgressStyle::with_template(
-        "replaying {bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
-    ) {
-        bar.set_style(style);
-    }
-    let progress = Bar(bar);
+    let progress = Bar::default();
     let report = restore::run(options, &progress).await;
-    progress.0.finish_and_clear();
+    progress.finish();
     let report = report?;
     if args.json {
         return Ok(format!("{}\n", serde_json::to_string(&report)?));
@@ -211,7 +220,15 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<String> {
     Ok(summary(&report))
 }
 
-fn summary(r: &RestoreReport) -> String {
+/// `--to-time`: RFC 3339, to microseconds since the Unix epoch.
+pub fn parse_time(time: &str) -> anyhow::Result<i64> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(time).with_context(|| {
+        format!("--to-time {time}: expected RFC 3339, e.g. 2026-11-22T10:00:00Z")
+    })?;
+    Ok(parsed.timestamp_micros())
+}
+
+pub fn summary(r: &RestoreReport) -> String {
     let base = match (&r.checkpoint_index, &r.checkpoint_file) {
         (Some(index), Some(file)) => format!("checkpoint {index} ({})", file.display()),
         _ => "an empty app (no checkpoint)".to_string(),

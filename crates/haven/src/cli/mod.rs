@@ -2,6 +2,7 @@
 
 use haven_client::admin::AdminClient;
 
+pub mod archive;
 pub mod checkpoints;
 pub mod demo;
 pub mod members;

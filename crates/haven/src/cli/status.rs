@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use haven_node::admin::Status;
+use haven_service::archive::ArchiveStatus;
 
 use super::AdminTarget;
 
@@ -98,9 +99,31 @@ pub fn render(status: &Status) -> String {
                 if status.app_up { "up" } else { "down" }
             ),
         ),
+        ("archive", archive_line(status.archive.as_ref())),
         ("after_a_crash", status.exactly_once_after_crash.clone()),
     ];
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+}
+
+/// The archive in one line: where, how protected, and (on the leader) how far behind.
+fn archive_line(archive: Option<&ArchiveStatus>) -> String {
+    let Some(a) = archive else {
+        return "none (the data stays on this cluster's disks)".to_string();
+    };
+    let progress = match (a.uploading, a.archived_index) {
+        (false, _) => "shipped by the leader".to_string(),
+        (true, None) => "nothing archived yet".to_string(),
+        (true, Some(index)) => format!(
+            "at {index}, {} entries and {:.3} s behind",
+            a.lag_entries,
+            a.lag_ms as f64 / 1e3
+        ),
+    };
+    let error = a
+        .last_error
+        .as_ref()
+        .map_or(String::new(), |e| format!("; last error: {e}"));
+    format!("{} {}, {progress}{error}", a.url, a.protection)
 }
 
 #[cfg(test)]
@@ -125,6 +148,7 @@ mod tests {
             snapshot_index: None,
             purged_index: None,
             checkpoint_receive: Default::default(),
+            archive: None,
             exactly_once_after_crash: String::new(),
         }
     }

@@ -1,0 +1,399 @@
+//! The service's off-site archive: the leader ships committed entries and checkpoints to
+//! the object store ([`haven_archive`]) every `flush_ms`, never in the path of a client
+//! write. A new leader resumes from what the archive holds; a follower ships nothing.
+//!
+//! While this node leads, the log is not compacted past what the archive holds
+//! ([`ArchiveProgress::floor`]): when the store is down the log grows instead, and past
+//! `max_backlog_entries` the node says so (log, metric) until the store is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_archive::ArchiveError;
+use haven_archive::batch::ArchivedEntry;
+use haven_archive::epoch;
+use haven_archive::key::ArchiveKey;
+use haven_archive::seal::Protection;
+use haven_archive::store::Store;
+use haven_archive::store::StoreSettings;
+use haven_archive::writer::ArchiveWriter;
+use haven_base::config::ArchiveSection;
+use haven_base::metrics::Metrics;
+use haven_consensus::types::Entry;
+use haven_consensus::types::TypeConfig;
+use haven_log::LogStore;
+use openraft::EntryPayload;
+use openraft::rt::WatchReceiver;
+use openraft::storage::RaftLogReader;
+use openraft::storage::RaftLogStorage;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::apply::Raft;
+use crate::checkpoint::Checkpoints;
+
+/// Entries and bytes per log object: large enough to keep object counts low under load,
+/// small enough that one object is quick to upload and to read back.
+const MAX_OBJECT_ENTRIES: u64 = 8_192;
+const MAX_OBJECT_BYTES: usize = 8 << 20;
+/// Pause after a failed upload before the next try (the store may be down).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The archive a service writes to: where, and the key, loaded when the service opens.
+#[derive(Clone)]
+pub struct ArchiveTarget {
+    pub store: Store,
+    pub protection: Protection,
+    pub section: ArchiveSection,
+}
+
+impl ArchiveTarget {
+    /// Fails closed: an unreadable or invalid key stops the service from opening.
+    pub fn open(section: &ArchiveSection) -> Result<Self, ArchiveError> {
+        haven_archive::store::install_crypto_provider();
+        let protection = match (&section.key_file, section.encrypt) {
+            (Some(path), true) => Protection::Encrypted(ArchiveKey::load(path)?),
+            (_, false) => Protection::Plaintext,
+            (None, true) => {
+                return Err(ArchiveError::Key {
+                    path: Default::default(),
+                    reason: "archive.key_file is not set".to_string(),
+                });
+            }
+        };
+        let store = Store::open(&StoreSettings {
+            url: section.url.clone(),
+            endpoint: section.endpoint.clone(),
+        })?;
+        Ok(Self {
+            store,
+            protection,
+            section: section.clone(),
+        })
+    }
+}
+
+/// What status shows about the archive.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArchiveStatus {
+    pub url: String,
+    pub protection: String,
+    /// Whether this node ships (it leads).
+    pub uploading: bool,
+    pub archived_index: Option<u64>,
+    pub archived_entry_time_us: Option<i64>,
+    pub lag_entries: u64,
+    /// Entry time between the leader's last applied entry and the archive's last: the
+    /// recovery point if the site were lost now.
+    pub lag_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// Shared between the uploader, log compaction and status.
+#[derive(Clone)]
+pub struct ArchiveProgress {
+    status: watch::Sender<ArchiveStatus>,
+    /// While this node leads: the archive's last index (0 until known); the log is kept
+    /// after it. `None` while it follows: followers do not hold their logs back.
+    floor: watch::Sender<Option<u64>>,
+}
+
+impl ArchiveProgress {
+    pub fn new(target: &ArchiveTarget) -> Self {
+        let status = ArchiveStatus {
+            url: target.store.url().to_string(),
+            protection: target.protection.describe(),
+            ..ArchiveStatus::default()
+        };
+        Self {
+            status: watch::channel(status).0,
+            floor: watch::channel(None).0,
+        }
+    }
+
+    pub fn status(&self) -> ArchiveStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn floor(&self) -> watch::Receiver<Option<u64>> {
+        self.floor.subscribe()
+    }
+}
+
+/// What the uploader works with.
+pub struct Uploader {
+    pub target: ArchiveTarget,
+    pub progress: ArchiveProgress,
+    pub raft: Raft,
+    pub log: LogStore<TypeConfig>,
+    pub checkpoints: Option<Arc<Checkpoints>>,
+    pub applied: watch::Receiver<u64>,
+    pub metrics: Metrics,
+    pub writer: epoch::Writer,
+}
+
+impl Uploader {
+    /// Ships every `flush_ms` while this node leads, until `stop`.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut writer: Option<ArchiveWriter> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.target.section.flush()) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            if !self.leads() {
+                writer = None;
+                self.progress.floor.send_replace(None);
+                self.progress.status.send_modify(|s| s.uploading = false);
+                continue;
+            }
+            if self.progress.floor.borrow().is_none() {
+                // Leading, and what the archive holds is not known yet: keep the whole log.
+                self.progress.floor.send_replace(Some(0));
+            }
+            let shipped = match writer.as_mut() {
+                Some(open) => self.ship(open).await,
+                None => match self.open_writer().await {
+                    Ok(open) => self.ship(writer.insert(open)).await,
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = shipped {
+                if !e.is_transient() {
+                    writer = None;
+                }
+                self.failed(&e);
+                // The archive stands still while entries keep coming: the lag must show it.
+                let archived = self
+                    .progress
+                    .status()
+                    .archived_index
+                    .zip(self.progress.status().archived_entry_time_us);
+                let applied = *self.applied.borrow();
+                self.update_lag(archived, applied).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
+        }
+    }
+
+    fn leads(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.current_leader == Some(m.id) && m.state.is_leader()
+    }
+
+    async fn open_writer(&self) -> Result<ArchiveWriter, ArchiveError> {
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let target = &self.target;
+        let writer = ArchiveWriter::open(
+            target.store.clone(),
+            target.protection.clone(),
+            &self.writer,
+            now_us,
+        )
+        .await?;
+        tracing::info!(
+            url = target.store.url(),
+            epoch = writer.epoch(),
+            archived = ?writer.archived(),
+            "archive open: this node leads and ships"
+        );
+        Ok(writer)
+    }
+
+    fn failed(&self, e: &ArchiveError) {
+        self.metrics.archive_upload_errors.inc();
+        tracing::warn!(url = self.target.store.url(), error = %e, "archive upload failed; retrying");
+        self.progress
+            .status
+            .send_modify(|s| s.last_error = Some(e.to_string()));
+    }
+
+    /// Ships the committed entries the archive lacks, then a newer checkpoint if there is
+    /// one, then applies the archive's retention.
+    async fn ship(&mut self, writer: &mut ArchiveWriter) -> Result<(), ArchiveError> {
+        let applied = *self.applied.borrow();
+        let (first_kept, last_in_log) = self.log_bounds().await?;
+        let archived = writer.archived().map(|(index, _)| index);
+        if let Some(archived) = archived.filter(|a| *a > last_in_log) {
+            return Err(ArchiveError::Inconsistent {
+                url: self.target.store.url().to_string(),
+                reason: format!(
+                    "it holds entries up to {archived}, beyond this node's log (which ends at {last_in_log}): does another cluster with the same [node] cluster and service name write to it?"
+                ),
+            });
+        }
+        let mut next = archived.map_or(first_kept, |a| a + 1);
+        if next < first_kept {
+            // The log no longer holds what the archive needs: a checkpoint covers it.
+            self.ship_newest_checkpoint(writer, first_kept.saturating_sub(1))
+                .await?;
+            next = writer.archived().map_or(first_kept, |(a, _)| a + 1);
+        }
+        let mut last_time = writer.archived().map_or(0, |(_, t)| t);
+        while next <= applied {
+            let entries = self.read(next, applied, &mut last_time).await?;
+            let Some(last) = entries.last().map(|e| e.index) else {
+                break;
+            };
+            let shipped = writer.ship_entries(&entries).await?;
+            self.count(shipped);
+            next = last + 1;
+        }
+        self.ship_newest_checkpoint(writer, 0).await?;
+        let section = &self.target.section;
+        writer
+            .apply_retention(section.keep, section.keep_days)
+            .await?;
+        self.report(writer, applied).await;
+        Ok(())
+    }
+
+    fn count(&self, shipped: haven_archive::writer::Shipped) {
+        self.metrics
+            .archive_uploaded_objects
+            .inc_by(shipped.objects);
+        self.metrics.archive_uploaded_bytes.inc_by(shipped.bytes);
+        if shipped.objects > 0 {
+            let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+            self.metrics.archive_last_upload.set(now);
+        }
+    }
+
+    /// The newest local checkpoint, when it is newer than the archive's newest and at or
+    /// after `at_least` (and not beyond what the archive's log reaches, unless the log
+    /// must be bridged).
+    async fn ship_newest_checkpoint(
+        &self,
+        writer: &mut ArchiveWriter,
+        at_least: u64,
+    ) -> Result<(), ArchiveError> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let local = checkpoints
+            .newest()
+            .await
+            .map_err(ArchiveError::io("cannot list local checkpoints"))?;
+        let Some(info) = local else { return Ok(()) };
+        let archived_newest = writer.checkpoints().last().copied();
+        let reached = writer.archived().map_or(0, |(a, _)| a);
+        let bridging = at_least > 0;
+        let newer = archived_newest.is_none_or(|n| info.index > n);
+        if !newer || info.index < at_least || (!bridging && info.index > reached) {
+            return Ok(());
+        }
+        let shipped = writer
+            .ship_checkpoint(&info.path, info.index, info.term, info.entry_time_us)
+            .await?;
+        tracing::info!(
+            index = info.index,
+            bytes = shipped.bytes,
+            "checkpoint archived"
+        );
+        self.count(shipped);
+        Ok(())
+    }
+
+    /// The first index the local log still holds, and its last.
+    async fn log_bounds(&mut self) -> Result<(u64, u64), ArchiveError> {
+        let state = self
+            .log
+            .get_log_state()
+            .await
+            .map_err(ArchiveError::io("cannot read the log state"))?;
+        let first = state.last_purged_log_id.map_or(0, |p| p.index + 1);
+        Ok((first, state.last_log_id.map_or(0, |l| l.index)))
+    }
+
+    /// Committed entries from `first`, as many as one object takes.
+    async fn read(
+        &mut self,
+        first: u64,
+        applied: u64,
+        last_time: &mut i64,
+    ) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+        let end = applied.min(first + MAX_OBJECT_ENTRIES - 1);
+        let entries = self
+            .log
+            .try_get_log_entries(first..=end)
+            .await
+            .map_err(ArchiveError::io("cannot read the log"))?;
+        let mut archived = Vec::with_capacity(entries.len());
+        let mut bytes = 0;
+        for (expected, entry) in (first..).zip(entries) {
+            if entry.log_id.index != expected || bytes >= MAX_OBJECT_BYTES {
+                break;
+            }
+            let payload = postcard::to_stdvec(&entry).map_err(|e| {
+                ArchiveError::io("cannot encode an entry")(std::io::Error::other(e))
+            })?;
+            bytes += payload.len();
+            *last_time = entry_time(&entry).unwrap_or(*last_time);
+            archived.push(ArchivedEntry {
+                index: entry.log_id.index,
+                term: entry.log_id.leader_id.term,
+                time_us: *last_time,
+                payload: payload.into(),
+            });
+        }
+        Ok(archived)
+    }
+
+    /// Status, metrics, the compaction floor and the backlog alarm after a shipment.
+    async fn report(&mut self, writer: &ArchiveWriter, applied: u64) {
+        let archived = writer.archived();
+        let index = archived.map(|(i, _)| i);
+        self.progress.floor.send_replace(Some(index.unwrap_or(0)));
+        self.progress.status.send_modify(|s| {
+            s.uploading = true;
+            s.archived_index = index;
+            s.archived_entry_time_us = archived.map(|(_, t)| t);
+            s.last_error = None;
+        });
+        self.update_lag(archived, applied).await;
+    }
+
+    /// How far the archive is behind the replica: entries, entry time, the alarm.
+    async fn update_lag(&mut self, archived: Option<(u64, i64)>, applied: u64) {
+        let index = archived.map(|(i, _)| i);
+        let lag_entries = applied.saturating_sub(index.unwrap_or(0));
+        let applied_time = self.time_of(applied).await;
+        let lag_seconds = match (applied_time, archived) {
+            (Some(now), Some((_, then))) => (now - then).max(0) as f64 / 1e6,
+            _ => 0.0,
+        };
+        self.metrics.archive_index.set(index.unwrap_or(0) as i64);
+        self.metrics.archive_lag_entries.set(lag_entries as i64);
+        self.metrics.archive_lag_seconds.set(lag_seconds);
+        let full = lag_entries > self.target.section.max_backlog_entries;
+        if full {
+            tracing::error!(
+                lag_entries,
+                limit = self.target.section.max_backlog_entries,
+                "archive backlog over its limit: the object store is down or too slow; the log is kept until it is shipped"
+            );
+        }
+        self.metrics.archive_backlog_full.set(i64::from(full));
+        self.progress.status.send_modify(|s| {
+            s.lag_entries = lag_entries;
+            s.lag_ms = (lag_seconds * 1e3) as u64;
+        });
+    }
+
+    async fn time_of(&mut self, index: u64) -> Option<i64> {
+        let entries = self.log.try_get_log_entries(index..=index).await.ok()?;
+        entries.first().and_then(entry_time)
+    }
+}
+
+fn entry_time(entry: &Entry) -> Option<i64> {
+    match &entry.payload {
+        EntryPayload::Normal(request) => Some(request.time_unix_us),
+        _ => None,
+    }
+}
