@@ -103,7 +103,7 @@ pub enum AppKind {
 
 impl AppKind {
     /// The replica's file in its directory, the one replicas are compared by.
-    fn file(&self) -> &str {
+    pub fn file(&self) -> &str {
         match self {
             AppKind::Command { file, .. } => file,
             AppKind::LogApp { .. } | AppKind::TreeApp => "log.txt",

@@ -297,6 +297,9 @@ async fn demo_passes() {
     assert_eq!(report["tree_acknowledged_present"], true);
     assert!(report["tree_creates_acknowledged"].as_u64().unwrap() > 0);
     assert_eq!(report["leaders"].as_object().unwrap().len(), 2);
+    let site = &report["site_loss"];
+    assert_eq!(site["restored_identical"], true, "{report}");
+    assert_eq!(site["archived_index"], site["committed_index"], "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,8 @@
 //! replica of both. A mixed workload goes through all three nodes to both services; the
 //! log service's leader is killed with SIGKILL mid-load, restarted and caught up. The
 //! verdict: each service's replicas byte-identical, every acknowledged append present
-//! exactly once, every acknowledged tree node present.
+//! exactly once, every acknowledged tree node present. Then the whole site is lost and
+//! the log service is rebuilt from its off-site archive alone ([`super::demo_site`]).
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -25,6 +26,10 @@ use haven_testkit::cluster::ClusterSpec;
 use haven_testkit::cluster::LocalCluster;
 use haven_testkit::cluster::PREPOPULATED_LINES;
 use haven_testkit::cluster::ServiceSpec;
+
+use super::demo_site::DemoArchive;
+use super::demo_site::SiteLoss;
+use super::demo_site::lose_the_site;
 
 /// The log app's service, reached under `/log`.
 const LOG: &str = "log";
@@ -71,6 +76,8 @@ pub struct DemoReport {
     pub tree_creates_abandoned: u64,
     pub tree_replicas_identical: bool,
     pub tree_acknowledged_present: bool,
+    /// The site lost, the log service rebuilt from the archive alone.
+    pub site_loss: Option<SiteLoss>,
     pub passed: bool,
 }
 
@@ -90,6 +97,14 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         .prefix("haven-demo-")
         .tempdir()
         .context("creating temp dir")?;
+    let archive = DemoArchive::create(tmp.path())?;
+    let mut log_service = ServiceSpec::new(
+        LOG,
+        AppKind::LogApp {
+            prepopulate: PREPOPULATED_LINES,
+        },
+    );
+    log_service.tables = archive.tables();
     let spec = ClusterSpec {
         nodes: 3,
         exe,
@@ -99,18 +114,10 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
             prepopulate: PREPOPULATED_LINES,
         },
         managed: true,
-        services: vec![
-            ServiceSpec::new(
-                LOG,
-                AppKind::LogApp {
-                    prepopulate: PREPOPULATED_LINES,
-                },
-            ),
-            ServiceSpec::new(COORD, AppKind::TreeApp),
-        ],
+        services: vec![log_service, ServiceSpec::new(COORD, AppKind::TreeApp)],
     };
     let mut cluster = LocalCluster::start(spec)?;
-    let mut report = drive(&mut cluster).await;
+    let mut report = drive(&mut cluster, &archive).await;
     drop(cluster);
     if options.keep || report.as_ref().map_or(true, |r| !r.passed) {
         let kept = tmp.keep();
@@ -122,7 +129,7 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
     report
 }
 
-async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
+async fn drive(cluster: &mut LocalCluster, archive: &DemoArchive) -> anyhow::Result<DemoReport> {
     for service in [LOG, COORD] {
         let leader = (cluster.wait_for_leader_of(Some(service), Duration::from_secs(30))).await?;
         tracing::info!(service, leader = cluster.slots[leader].id, "service up");
@@ -177,6 +184,11 @@ async fn drive(cluster: &mut LocalCluster) -> anyhow::Result<DemoReport> {
             .leaders
             .insert(service.to_string(), cluster.slots[leader].id);
     }
+    let replica = cluster.service_replica_bytes(0, LOG)?;
+    let file = AppKind::LogApp { prepopulate: 0 }.file().to_string();
+    let site_loss = lose_the_site(cluster, archive, LOG, &replica, &file).await?;
+    report.passed &= site_loss.restored_identical;
+    report.site_loss = Some(site_loss);
     Ok(report)
 }
 
@@ -402,8 +414,22 @@ fn verify(
         tree_creates_abandoned: 0,
         tree_replicas_identical: false,
         tree_acknowledged_present: false,
+        site_loss: None,
         passed,
     })
+}
+
+fn site_line(site: Option<&SiteLoss>) -> String {
+    let Some(s) = site else {
+        return "-".to_string();
+    };
+    let base = s
+        .checkpoint_index
+        .map_or("an empty app".to_string(), |c| format!("checkpoint {c}"));
+    format!(
+        "archive held index {} of {} committed; restored in {} ms ({base} + {} entries)",
+        s.archived_index, s.committed_index, s.restore_ms, s.entries_replayed
+    )
 }
 
 /// The human-readable summary.
@@ -438,6 +464,7 @@ pub fn render(report: &DemoReport) -> String {
         ("log commit index", report.final_commit_index.to_string()),
         ("lines per log replica", report.replica_lines.to_string()),
         ("leaders at the end", leaders.join(", ")),
+        ("site lost, then", site_line(report.site_loss.as_ref())),
     ];
     let checks = [
         (
@@ -460,6 +487,15 @@ pub fn render(report: &DemoReport) -> String {
             "every acknowledged tree node there",
             check(report.tree_acknowledged_present),
         ),
+        (
+            "log rebuilt from archive identical",
+            check(
+                report
+                    .site_loss
+                    .as_ref()
+                    .is_some_and(|s| s.restored_identical),
+            ),
+        ),
     ];
     let rows = |rows: &[(&str, String)], width: usize| -> String {
         rows.iter()
@@ -468,7 +504,8 @@ pub fn render(report: &DemoReport) -> String {
     };
     format!(
         "Haven demo: 3 nodes, two services (log app at /log, tree app at /coord), the log\n\
-         service's leader killed with SIGKILL mid-load\n\n{}\n{}\n  verdict: {}\n{}",
+         service's leader killed with SIGKILL mid-load, then the whole site lost and the log\n\
+         service rebuilt from its encrypted off-site archive alone\n\n{}\n{}\n  verdict: {}\n{}",
         rows(&figures, 27),
         rows(&checks, 37),
         if report.passed { "PASS" } else { "FAIL" },
