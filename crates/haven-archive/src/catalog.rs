@@ -126,6 +126,25 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// Adds the log objects and checkpoints written since this catalog was loaded or last
+    /// refreshed: a listing of only the names after the newest known ones, so a node
+    /// following the archive pays for what is new, not for the whole archive.
+    pub async fn refresh(&mut self, store: &Store) -> Result<(), ArchiveError> {
+        let newest_log = self.log.iter().map(|o| o.name.clone()).max();
+        let newest_checkpoint = self.checkpoints.iter().map(|c| c.name.clone()).max();
+        for (dir, after) in [
+            (names::LOG, newest_log),
+            (names::CHECKPOINTS, newest_checkpoint),
+        ] {
+            for listed in store.list(dir, after.as_deref()).await? {
+                self.add(listed.name, listed.size);
+            }
+        }
+        self.log.sort_by_key(|o| (o.first, o.last, o.epoch));
+        self.checkpoints.sort_by_key(|c| (c.index, c.epoch));
+        Ok(())
+    }
+
     fn add(&mut self, name: String, size: u64) {
         match names::parse(&name) {
             Some(Parsed::Log {
@@ -173,18 +192,21 @@ impl Catalog {
             .max()
     }
 
+    /// The object of the owning epoch that holds `index` and reaches furthest.
+    fn holding(&self, index: u64) -> Option<&LogObject> {
+        let owner = self.owner(index);
+        self.log
+            .iter()
+            .filter(|o| Some(o.epoch) == owner && o.first <= index && index <= o.last)
+            .max_by_key(|o| o.last)
+    }
+
     /// The log objects that hold `first..=last`, in order; a gap is an error naming it.
     pub fn covering(&self, first: u64, last: u64) -> Result<Vec<&LogObject>, ArchiveError> {
         let mut chosen = Vec::new();
         let mut next = first;
         while next <= last {
-            let owner = self.owner(next);
-            let found = self
-                .log
-                .iter()
-                .filter(|o| Some(o.epoch) == owner && o.first <= next && next <= o.last)
-                .max_by_key(|o| o.last);
-            let Some(object) = found else {
+            let Some(object) = self.holding(next) else {
                 return Err(ArchiveError::Inconsistent {
                     url: self.url.clone(),
                     reason: format!("entry {next} is in no log object (a gap in the archive)"),
@@ -202,13 +224,7 @@ impl Catalog {
         let mut end = None;
         let mut next = from;
         loop {
-            let owner = self.owner(next);
-            let found = self
-                .log
-                .iter()
-                .filter(|o| Some(o.epoch) == owner && o.first <= next && next <= o.last)
-                .max_by_key(|o| o.last);
-            match found {
+            match self.holding(next) {
                 Some(object) => {
                     end = Some(object.last);
                     next = object.last + 1;

@@ -2,15 +2,19 @@
 //! the object store ([`haven_archive`]) every `flush_ms`, never in the path of a client
 //! write. A new leader resumes from what the archive holds; a follower ships nothing.
 //!
-//! While this node leads, the log is not compacted past what the archive holds
-//! ([`ArchiveProgress::floor`]): when the store is down the log grows instead, and past
-//! `max_backlog_entries` the node says so (log, metric) until the store is back.
+//! No node compacts its log past what the archive holds ([`ArchiveProgress::floor`]; a
+//! follower learns it by listing what is new in the archive every second): when the store
+//! is down the logs grow instead, and past `max_backlog_entries` the leader says so (log,
+//! metric) until the store is back. Whichever node leads next still has every entry the
+//! archive lacks.
 
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use haven_archive::ArchiveError;
 use haven_archive::batch::ArchivedEntry;
+use haven_archive::catalog::Catalog;
 use haven_archive::epoch;
 use haven_archive::key::ArchiveKey;
 use haven_archive::seal::Protection;
@@ -39,6 +43,8 @@ const MAX_OBJECT_ENTRIES: u64 = 8_192;
 const MAX_OBJECT_BYTES: usize = 8 << 20;
 /// Pause after a failed upload before the next try (the store may be down).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often a follower looks at how far the archive got (its log is kept back to it).
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// The archive a service writes to: where, and the key, loaded when the service opens.
 #[derive(Clone)]
@@ -94,8 +100,8 @@ pub struct ArchiveStatus {
 #[derive(Clone)]
 pub struct ArchiveProgress {
     status: watch::Sender<ArchiveStatus>,
-    /// While this node leads: the archive's last index (0 until known); the log is kept
-    /// after it. `None` while it follows: followers do not hold their logs back.
+    /// The archive's last index as this node knows it (0 until known): the log is kept
+    /// after it on every node, so whichever node leads next can ship what is missing.
     floor: watch::Sender<Option<u64>>,
 }
 
@@ -134,24 +140,31 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// Ships every `flush_ms` while this node leads, until `stop`.
+    /// Ships every `flush_ms` while this node leads, and follows the archive's progress
+    /// while it does not, until `stop`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut writer: Option<ArchiveWriter> = None;
+        let mut following: Option<Catalog> = None;
+        let mut last_follow: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.target.section.flush()) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
-            if !self.leads() {
-                writer = None;
-                self.progress.floor.send_replace(None);
-                self.progress.status.send_modify(|s| s.uploading = false);
-                continue;
-            }
             if self.progress.floor.borrow().is_none() {
-                // Leading, and what the archive holds is not known yet: keep the whole log.
+                // What the archive holds is not known yet: keep the whole log.
                 self.progress.floor.send_replace(Some(0));
             }
+            if !self.leads() {
+                writer = None;
+                self.progress.status.send_modify(|s| s.uploading = false);
+                if last_follow.is_none_or(|at| at.elapsed() >= FOLLOW_EVERY) {
+                    last_follow = Some(Instant::now());
+                    self.follow(&mut following).await;
+                }
+                continue;
+            }
+            following = None;
             let shipped = match writer.as_mut() {
                 Some(open) => self.ship(open).await,
                 None => match self.open_writer().await {
@@ -177,6 +190,32 @@ impl Uploader {
                     _ = stop.wait_for(|stop| *stop) => return,
                 }
             }
+        }
+    }
+
+    /// A follower learns how far the archive got, so its log is kept from there: if it
+    /// leads next, it ships what is missing. A store it cannot reach keeps the last value.
+    async fn follow(&self, following: &mut Option<Catalog>) {
+        let target = &self.target;
+        let refreshed = match following.as_mut() {
+            Some(catalog) => catalog.refresh(&target.store).await,
+            None => match Catalog::load(&target.store, &target.protection).await {
+                Ok(catalog) => {
+                    *following = Some(catalog);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match (refreshed, following.as_ref()) {
+            (Ok(()), Some(catalog)) => {
+                let archived = catalog.last_entry().map_or(0, |(index, _)| index);
+                self.progress.floor.send_replace(Some(archived));
+            }
+            (Err(e), _) => {
+                tracing::debug!(error = %e, "cannot follow the archive; the log is kept");
+            }
+            (Ok(()), None) => {}
         }
     }
 

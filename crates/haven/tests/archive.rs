@@ -6,16 +6,13 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
-use bytes::Bytes;
 use haven_archive::testing::SeaweedServer;
 use haven_client::admin::AdminClient;
-use haven_client::http::Http;
 
 mod common;
 use common::TestCluster;
@@ -43,6 +40,65 @@ fn archive_config(url: &str, endpoint: Option<&str>, key: &Path) -> String {
          [archive]\nurl = \"{url}\"\n{endpoint}key_file = \"{}\"\nflush_ms = 100\nkeep = 2\n",
         key.display()
     )
+}
+
+/// Where an archive is, as the `haven archive` commands take it.
+struct Site<'a> {
+    url: &'a str,
+    endpoint: Option<&'a str>,
+    key: &'a Path,
+}
+
+fn site<'a>(url: &'a str, server: &'a SeaweedServer, key: &'a Path) -> Site<'a> {
+    Site {
+        url,
+        endpoint: Some(&server.endpoint),
+        key,
+    }
+}
+
+/// `haven archive <verb>` on `site`, with `more` arguments.
+fn archive_cli(verb: &str, site: &Site, more: &[&str]) -> std::process::Output {
+    let key = site.key.display().to_string();
+    let mut args = vec!["archive", verb, "--from", site.url, "--key-file", &key];
+    if let Some(endpoint) = site.endpoint {
+        args.extend(["--endpoint", endpoint]);
+    }
+    args.extend(more);
+    haven(&args)
+}
+
+/// `haven archive restore` into `out` with the app run as `config` says; its JSON report
+/// (when `more` asks for `--json`).
+fn restore(site: &Site, config: &Path, out: &Path, more: &[&str]) -> serde_json::Value {
+    let (config, out) = (config.display().to_string(), out.display().to_string());
+    let mut args = vec!["--config", config.as_str(), "--out", out.as_str()];
+    args.extend(more);
+    let restored = archive_cli("restore", site, &args);
+    let said = String::from_utf8_lossy(&restored.stderr);
+    assert!(restored.status.success(), "{more:?}: {said}");
+    serde_json::from_slice(&restored.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The restored state is the replicas' and holds every acknowledged write once.
+fn assert_restored(out: &Path, replica: &[u8], acknowledged: &[String]) {
+    let bytes = std::fs::read(out.join("log.txt")).unwrap();
+    assert!(
+        bytes == replica,
+        "the restored state differs from the replicas'"
+    );
+    let text = String::from_utf8(bytes).unwrap();
+    for body in acknowledged {
+        let copies = text.lines().filter(|l| l == body).count();
+        assert_eq!(copies, 1, "{body:?} appears {copies} times");
+    }
+}
+
+fn assert_sound(site: &Site) {
+    let verify = archive_cli("verify", site, &[]);
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{said}");
+    assert!(said.ends_with("sound\n"), "{said}");
 }
 
 /// Waits until the leader reports the archive holding everything it applied.
@@ -111,60 +167,14 @@ async fn the_archive_alone_rebuilds_every_acknowledged_write_after_the_site_is_l
     }
 
     let out = keys.path().join("restored");
-    let (out_arg, key_arg) = (out.display().to_string(), key.display().to_string());
-    let config_arg = saved_config.display().to_string();
-    let restored = haven(&[
-        "archive",
-        "restore",
-        "--from",
-        url,
-        "--endpoint",
-        &server.endpoint,
-        "--key-file",
-        &key_arg,
-        "--latest",
-        "--config",
-        &config_arg,
-        "--out",
-        &out_arg,
-        "--json",
-        "--check",
-        "test -s \"$HAVEN_RESTORE_DIR/log.txt\"",
-    ]);
-    assert!(
-        restored.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&restored.stdout),
-        String::from_utf8_lossy(&restored.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&restored.stdout).unwrap();
+    let check = "test -s \"$HAVEN_RESTORE_DIR/log.txt\"";
+    let args = ["--latest", "--json", "--check", check];
+    let report = restore(&site(url, &server, &key), &saved_config, &out, &args);
     assert_eq!(report["target_index"].as_u64(), Some(archived), "{report}");
     assert_eq!(report["check_passed"].as_bool(), Some(true), "{report}");
     assert!(report["checkpoint_index"].as_u64().is_some(), "{report}");
-    let bytes = std::fs::read(out.join("log.txt")).unwrap();
-    assert!(
-        bytes == replica,
-        "the restored state differs from the replicas'"
-    );
-    let text = String::from_utf8(bytes).unwrap();
-    for body in &acknowledged {
-        let copies = text.lines().filter(|l| l == body).count();
-        assert_eq!(copies, 1, "{body:?} appears {copies} times");
-    }
-
-    let verify = haven(&[
-        "archive",
-        "verify",
-        "--from",
-        url,
-        "--endpoint",
-        &server.endpoint,
-        "--key-file",
-        &key_arg,
-    ]);
-    let said = String::from_utf8_lossy(&verify.stdout);
-    assert!(verify.status.success(), "{said}");
-    assert!(said.ends_with("sound\n"), "{said}");
+    assert_restored(&out, &replica, &acknowledged);
+    assert_sound(&site(url, &server, &key));
     for file in server.data_files() {
         let stored = std::fs::read(&file).unwrap();
         assert!(
@@ -205,49 +215,6 @@ async fn a_node_without_its_key_refuses_to_start_and_names_the_key() {
     );
 }
 
-/// Keys acknowledged so far.
-type Acknowledged = Arc<Mutex<Vec<String>>>;
-
-/// One writer per node until `stop`: each append carries its own idempotency key and is
-/// retried, on the next node when one is down, until it is acknowledged.
-fn writers(
-    cluster: &TestCluster,
-    stop: &Arc<AtomicBool>,
-    acknowledged: &Acknowledged,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let urls: Vec<String> = cluster.slots.iter().map(|s| s.client_url()).collect();
-    (0..urls.len())
-        .map(|writer| {
-            let (http, urls) = (Http::new(Duration::from_secs(5)), urls.clone());
-            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
-            tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let body = format!("{MARKER} w{writer}-{n}");
-                    n += 1;
-                    append_until_acknowledged(&http, &urls, writer, &body).await;
-                    acknowledged.lock().unwrap().push(body);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect()
-}
-
-async fn append_until_acknowledged(http: &Http, urls: &[String], first: usize, body: &str) {
-    for attempt in 0.. {
-        let url = format!("{}/append", urls[(first + attempt) % urls.len()]);
-        let headers = [("idempotency-key", body)];
-        let sent = http.send("POST", &url, &headers, Bytes::from(body.to_string()));
-        if let Ok(reply) = sent.await
-            && reply.status == 201
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn leader_metric(cluster: &TestCluster, name: &str) -> f64 {
     let Ok(leader) = cluster.wait_for_leader(Duration::from_secs(5)).await else {
         return 0.0;
@@ -272,8 +239,11 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
         .wait_for_leader(Duration::from_secs(10))
         .await
         .unwrap();
-    let (stop, acknowledged) = (Arc::new(AtomicBool::new(false)), Acknowledged::default());
-    let load = writers(&cluster, &stop, &acknowledged);
+    let (stop, acknowledged) = (
+        Arc::new(AtomicBool::new(false)),
+        common::Acknowledged::default(),
+    );
+    let load = common::keyed_writers(&cluster, "/append", MARKER, &stop, &acknowledged);
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_archived_while_writing(&cluster).await;
 
@@ -308,56 +278,13 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
 
     let out = keys.path().join("restored");
     let node_config = cluster.dir().join("node1").join("haven.toml");
-    let (out_arg, key_arg) = (out.display().to_string(), key.display().to_string());
-    let config_arg = node_config.display().to_string();
-    let restored = haven(&[
-        "archive",
-        "restore",
-        "--from",
-        url,
-        "--endpoint",
-        &server.endpoint,
-        "--key-file",
-        &key_arg,
-        "--to-index",
-        &archived.to_string(),
-        "--config",
-        &config_arg,
-        "--out",
-        &out_arg,
-    ]);
-    assert!(
-        restored.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restored.stderr)
-    );
-    let bytes = std::fs::read(out.join("log.txt")).unwrap();
-    assert!(
-        bytes == replica,
-        "the restored state differs from the replicas'"
-    );
-    let text = String::from_utf8(bytes).unwrap();
+    let index = archived.to_string();
+    let args = ["--to-index", index.as_str(), "--json"];
+    restore(&site(url, &server, &key), &node_config, &out, &args);
     let acknowledged = acknowledged.lock().unwrap();
     assert!(acknowledged.len() > 500, "{} writes", acknowledged.len());
-    for body in acknowledged.iter() {
-        let copies = text.lines().filter(|l| l == body).count();
-        assert_eq!(copies, 1, "{body:?} appears {copies} times");
-    }
-    let verify = haven(&[
-        "archive",
-        "verify",
-        "--from",
-        url,
-        "--endpoint",
-        &server.endpoint,
-        "--key-file",
-        &key_arg,
-    ]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    assert_restored(&out, &replica, &acknowledged);
+    assert_sound(&site(url, &server, &key));
 }
 
 /// How long the store is down in the outage test (the issue's figure).
@@ -407,25 +334,18 @@ async fn restores_to_an_index_or_a_time_equal_the_replica_as_it_was() {
         .join("data")
         .display()
         .to_string();
-    let node_config = cluster
-        .dir()
-        .join("node1")
-        .join("haven.toml")
-        .display()
-        .to_string();
-    let key_arg = key.display().to_string();
+    let node_config = cluster.dir().join("node1").join("haven.toml");
+    let here = Site {
+        url: &url,
+        endpoint: None,
+        key: &key,
+    };
     for (n, (index, time, bytes)) in points.iter().enumerate() {
         let index = index.to_string();
         let targets = [["--to-index", index.as_str()], ["--to-time", time.as_str()]];
         for (t, target) in targets.iter().enumerate() {
             let out = dir.path().join(format!("archive-{n}-{t}"));
-            let out_arg = out.display().to_string();
-            let mut args = vec!["archive", "restore", "--from", &url, "--key-file", &key_arg];
-            args.extend(["--config", &node_config, "--out", &out_arg]);
-            args.extend(target);
-            let restored = haven(&args);
-            let said = String::from_utf8_lossy(&restored.stderr);
-            assert!(restored.status.success(), "{target:?}: {said}");
+            restore(&here, &node_config, &out, target);
             let state = std::fs::read(out.join("log.txt")).unwrap();
             assert!(&state == bytes, "archive restore {target:?} differs");
         }

@@ -5,20 +5,15 @@
 //! rebuild from a checkpoint after a crash, entries the app applied just before a kill are
 //! delivered to it again and counted twice.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use haven_client::http::Http;
 use haven_testkit::cluster::AppKind;
 use haven_testkit::cluster::Process;
 
 mod common;
-use common::TestCluster;
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/counter.py");
 const KILLS: u64 = 20;
@@ -30,47 +25,6 @@ fn counter() -> AppKind {
     AppKind::Command {
         argv: argv.iter().map(|a| a.to_string()).collect(),
         file: "count.txt".to_string(),
-    }
-}
-
-/// Keys acknowledged so far.
-type Acknowledged = Arc<Mutex<BTreeSet<String>>>;
-
-/// One writer per node until `stop`: each write carries its own key and is retried, on
-/// the next node when one is down, until it is acknowledged, so every key counts once.
-fn writers(
-    c: &TestCluster,
-    stop: &Arc<AtomicBool>,
-    acknowledged: &Acknowledged,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let urls: Vec<String> = c.slots.iter().map(|s| s.client_url()).collect();
-    (0..urls.len())
-        .map(|writer| {
-            let (http, urls) = (Http::new(Duration::from_secs(5)), urls.clone());
-            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
-            tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let key = format!("w{writer}-{n}");
-                    n += 1;
-                    write_once(&http, &urls, writer, &key).await;
-                    acknowledged.lock().unwrap().insert(key);
-                }
-            })
-        })
-        .collect()
-}
-
-async fn write_once(http: &Http, urls: &[String], first: usize, key: &str) {
-    for attempt in 0.. {
-        let url = format!("{}/count", urls[(first + attempt) % urls.len()]);
-        let headers = [("idempotency-key", key)];
-        match http.send("POST", &url, &headers, Bytes::new()).await {
-            Ok(reply) if reply.status == 201 => return,
-            Ok(reply) => assert!(reply.status >= 500, "{key}: {}", reply.status),
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -86,9 +40,9 @@ fn next(state: &mut u64) -> u64 {
 async fn an_app_that_knows_nothing_of_haven_counts_every_acknowledged_write_once() {
     let mut c = common::start_with(3, true, CHECKPOINTS, counter()).await;
     c.wait_for_leader(Duration::from_secs(10)).await.unwrap();
-    let acknowledged = Acknowledged::default();
+    let acknowledged = common::Acknowledged::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = writers(&c, &stop, &acknowledged);
+    let load = common::keyed_writers(&c, "/count", "", &stop, &acknowledged);
     let mut random = 7;
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(150 + next(&mut random) % 400)).await;

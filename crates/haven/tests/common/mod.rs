@@ -125,3 +125,53 @@ impl TestCluster {
         (leader + 1) % self.slots.len()
     }
 }
+
+/// Writes acknowledged so far, by their idempotency keys (which are also their bodies).
+pub type Acknowledged = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// One writer per node until `stop`: each `POST path` carries its own idempotency key
+/// (`<prefix>w<writer>-<n>`, also its body) and is retried, on the next node when one is
+/// down, until it is acknowledged, so every key counts once.
+pub fn keyed_writers(
+    cluster: &TestCluster,
+    path: &str,
+    prefix: &str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acknowledged: &Acknowledged,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let urls: Vec<String> = cluster
+        .slots
+        .iter()
+        .map(|s| format!("{}{path}", s.client_url()))
+        .collect();
+    (0..urls.len())
+        .map(|writer| {
+            let (http, urls) = (Http::new(Duration::from_secs(5)), urls.clone());
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            let prefix = prefix.to_string();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("{prefix}w{writer}-{n}");
+                    n += 1;
+                    post_until_acknowledged(&http, &urls, writer, &key).await;
+                    acknowledged.lock().unwrap().push(key);
+                }
+            })
+        })
+        .collect()
+}
+
+async fn post_until_acknowledged(http: &Http, urls: &[String], first: usize, key: &str) {
+    for attempt in 0.. {
+        let url = &urls[(first + attempt) % urls.len()];
+        let headers = [("idempotency-key", key)];
+        let body = Bytes::from(key.to_string());
+        match http.send("POST", url, &headers, body).await {
+            Ok(reply) if reply.status == 201 => return,
+            Ok(reply) => assert!(reply.status >= 500, "{key}: {}", reply.status),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
