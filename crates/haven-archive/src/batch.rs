@@ -85,6 +85,23 @@ mod tests {
     }
 
     #[test]
+    fn a_format_version_this_reader_does_not_know_is_refused_by_name() {
+        let newer = Body {
+            version: FORMAT_VERSION + 1,
+            entries: vec![entry(1)],
+        };
+        let content = postcard::to_stdvec(&newer).unwrap();
+        let refused = decode("log/x", &content, 1, 1).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            format!(
+                "object log/x: format version {} is not known to this Haven (it reads {FORMAT_VERSION})",
+                FORMAT_VERSION + 1
+            )
+        );
+    }
+
+    #[test]
     fn entries_come_back_and_a_name_that_disagrees_is_refused() {
         let entries: Vec<_> = (5..=9).map(entry).collect();
         let content = encode(&entries);

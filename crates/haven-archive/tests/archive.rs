@@ -247,4 +247,24 @@ async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
         problems.contains(&format!("{checkpoint_name}: differs from its manifest")),
         "{problems}"
     );
+    // A restore reads the same objects, and refuses the same way, by name.
+    let refused = reader
+        .for_each_entries(1, 60, async |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "object {log_name} is damaged: chunk 0 failed authentication (tampered or truncated)"
+        )
+    );
+    let fetched = dir.path().join("fetched");
+    let object = &reader.catalog().checkpoints[0];
+    let refused = reader.fetch_checkpoint(object, &fetched).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .starts_with(&format!("object {checkpoint_name} is damaged")),
+        "{refused}"
+    );
 }
