@@ -42,6 +42,24 @@ fn archive_config(url: &str, endpoint: Option<&str>, key: &Path) -> String {
     )
 }
 
+/// A SeaweedFS server, a key (in the returned directory) and 3 managed nodes archiving to
+/// `url` in it, with a leader.
+async fn cluster_archiving_to(
+    url: &str,
+) -> (SeaweedServer, tempfile::TempDir, PathBuf, TestCluster) {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path());
+    let config = archive_config(url, Some(&server.endpoint), &key);
+    let cluster = common::start(3, true, &config).await;
+    cluster
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    (server, keys, key, cluster)
+}
+
 /// Where an archive is, as the `haven archive` commands take it.
 struct Site<'a> {
     url: &'a str,
@@ -121,17 +139,8 @@ async fn wait_archived(cluster: &TestCluster, timeout: Duration) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_alone_rebuilds_every_acknowledged_write_after_the_site_is_lost() {
-    let server = SeaweedServer::start().await;
-    server.set_env();
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path());
     let url = "s3://haven/site-loss";
-    let config = archive_config(url, Some(&server.endpoint), &key);
-    let mut cluster = common::start(3, true, &config).await;
-    cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (server, keys, key, mut cluster) = cluster_archiving_to(url).await;
     let mut acknowledged = Vec::new();
     for i in 0..450 {
         let body = format!("{MARKER} {i}");
@@ -228,17 +237,8 @@ async fn leader_metric(cluster: &TestCluster, name: &str) -> f64 {
 /// holds every acknowledged write exactly once (restored and compared with the replicas).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
-    let mut server = SeaweedServer::start().await;
-    server.set_env();
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path());
     let url = "s3://haven/outage";
-    let config = archive_config(url, Some(&server.endpoint), &key);
-    let mut cluster = common::start(3, true, &config).await;
-    cluster
-        .wait_for_leader(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (mut server, keys, key, mut cluster) = cluster_archiving_to(url).await;
     let (stop, acknowledged) = (
         Arc::new(AtomicBool::new(false)),
         common::Acknowledged::default(),
