@@ -145,6 +145,22 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets what finding the archive's end no longer needs: log objects before the
+    /// newest checkpoint and older checkpoints (retention deletes them in the store too),
+    /// keeping the newest name of each kind for the next [`Self::refresh`]. A node that
+    /// follows the archive for good would otherwise hold every object ever written.
+    pub fn forget_before_newest_checkpoint(&mut self) {
+        let Some(newest) = self.checkpoints.iter().map(|c| c.index).max() else {
+            return;
+        };
+        let newest_log = self.log.iter().map(|o| o.name.clone()).max();
+        let newest_checkpoint = self.checkpoints.iter().map(|c| c.name.clone()).max();
+        self.log
+            .retain(|o| o.last > newest || Some(&o.name) == newest_log.as_ref());
+        self.checkpoints
+            .retain(|c| c.index == newest || Some(&c.name) == newest_checkpoint.as_ref());
+    }
+
     fn add(&mut self, name: String, size: u64) {
         match names::parse(&name) {
             Some(Parsed::Log {

@@ -1,6 +1,7 @@
 //! Reading an archive back: entries by index range, checkpoints to local files, and a
 //! full verification. Everything read is authenticated before it is used.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -65,16 +66,20 @@ impl Reader {
             return Ok(entries.clone());
         }
         let stored = self.store.get(&object.name).await?;
-        let content = seal::open(&object.name, &stored, &self.protection)?;
-        let entries = Arc::new(batch::decode(
-            &object.name,
-            &content,
-            object.first,
-            object.last,
-        )?);
+        let entries = Arc::new(self.decode_log(object, &stored)?);
         *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((object.name.clone(), entries.clone()));
         Ok(entries)
+    }
+
+    /// A log object's stored bytes, authenticated, decoded and checked against its name.
+    fn decode_log(
+        &self,
+        object: &LogObject,
+        stored: &[u8],
+    ) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+        let content = seal::open(&object.name, stored, &self.protection)?;
+        batch::decode(&object.name, &content, object.first, object.last)
     }
 
     /// Entries `first..=last`, object by object (`each` gets them in order, trimmed to
@@ -133,12 +138,13 @@ impl Reader {
         Ok(inside.or(before).or(checkpoint))
     }
 
-    /// Decrypts a checkpoint object into `dest` chunk by chunk (memory stays at a chunk).
+    /// Decrypts a checkpoint object into `dest` chunk by chunk (memory stays at a chunk);
+    /// returns the size and checksum of the stored bytes, as a manifest records them.
     pub async fn fetch_checkpoint(
         &self,
         object: &CheckpointObject,
         dest: &Path,
-    ) -> Result<u64, ArchiveError> {
+    ) -> Result<Stored, ArchiveError> {
         let name = &object.name;
         let mut out = std::fs::File::create(dest).map_err(ArchiveError::io(format!(
             "cannot create {}",
@@ -147,10 +153,14 @@ impl Reader {
         let mut stream = self.store.get_stream(name).await?;
         let mut pending: Vec<u8> = Vec::new();
         let mut opener: Option<Opener> = None;
-        let mut written = 0u64;
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
         let write_err = || ArchiveError::io(format!("cannot write {}", dest.display()));
         while let Some(bytes) = stream.next().await {
-            pending.extend_from_slice(&bytes?);
+            let bytes = bytes?;
+            hasher.update(&bytes);
+            size += bytes.len() as u64;
+            pending.extend_from_slice(&bytes);
             if opener.is_none() && pending.len() >= HEADER_LEN {
                 opener = Some(Opener::new(name, &pending, &self.protection)?);
                 pending.drain(..HEADER_LEN);
@@ -163,7 +173,6 @@ impl Reader {
                 let rest = pending.split_off(opener.sealed_chunk_len());
                 let content = opener.open_chunk(&pending, false)?;
                 out.write_all(&content).map_err(write_err())?;
-                written += content.len() as u64;
                 pending = rest;
             }
         }
@@ -176,8 +185,18 @@ impl Reader {
         let content = opener.open_chunk(&pending, true)?;
         out.write_all(&content).map_err(write_err())?;
         out.sync_all().map_err(write_err())?;
-        Ok(written + content.len() as u64)
+        Ok(Stored {
+            size,
+            blake3: hasher.finalize().to_hex().to_string(),
+        })
     }
+}
+
+/// An object's stored bytes as a manifest describes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub size: u64,
+    pub blake3: String,
 }
 
 /// What `verify` found: everything read, and every problem by object name.
@@ -215,10 +234,20 @@ pub async fn verify(
             .push(format!("{name}: not an object Haven writes"));
     }
     let manifested = manifests(reader, &mut found).await;
+    // What each object's stored bytes were when read, to compare with the manifests
+    // without fetching anything twice.
+    let mut read: HashMap<&str, Stored> = HashMap::new();
     for object in &catalog.log {
         found.objects += 1;
         found.bytes += object.size;
-        match reader.read_log(object).await {
+        let entries = match reader.store().get(&object.name).await {
+            Ok(stored) => {
+                read.insert(&object.name, stored_of(&stored));
+                reader.decode_log(object, &stored)
+            }
+            Err(e) => Err(e),
+        };
+        match entries {
             Ok(entries) => found.entries += entries.len() as u64,
             Err(e) => found.problems.push(e.to_string()),
         }
@@ -229,7 +258,10 @@ pub async fn verify(
         found.checkpoints += 1;
         let path = scratch.join("verify-checkpoint");
         let checked = match reader.fetch_checkpoint(object, &path).await {
-            Ok(_) => check_checkpoint(&path).map_err(|e| format!("{}: {e}", object.name)),
+            Ok(stored) => {
+                read.insert(&object.name, stored);
+                check_checkpoint(&path).map_err(|e| format!("{}: {e}", object.name))
+            }
             Err(e) => Err(e.to_string()),
         };
         let _ = std::fs::remove_file(&path);
@@ -237,9 +269,14 @@ pub async fn verify(
             found.problems.push(problem);
         }
     }
-    for (name, (size, sum)) in manifested {
-        match stored_checksum(reader, &name).await {
-            Ok((actual_size, actual)) if actual_size == size && actual == sum => {}
+    for (name, listed) in manifested {
+        // An object that could not be read whole is fetched again to say how it differs.
+        let actual = match read.get(name.as_str()) {
+            Some(stored) => Ok(stored.clone()),
+            None => reader.store().get(&name).await.map(|s| stored_of(&s)),
+        };
+        match actual {
+            Ok(actual) if actual == listed => {}
             Ok(_) => found.problems.push(format!(
                 "{name}: differs from its manifest (size or checksum)"
             )),
@@ -252,25 +289,28 @@ pub async fn verify(
     found
 }
 
-async fn manifests(reader: &Reader, found: &mut Verification) -> Vec<(String, (u64, String))> {
+async fn manifests(reader: &Reader, found: &mut Verification) -> Vec<(String, Stored)> {
     let mut listed = Vec::new();
     for name in reader.catalog().manifests.values() {
         match Manifest::read(reader.store(), &reader.protection, name).await {
-            Ok(manifest) => listed.extend(
-                manifest
-                    .objects
-                    .into_iter()
-                    .map(|o| (o.name, (o.size, o.blake3))),
-            ),
+            Ok(manifest) => listed.extend(manifest.objects.into_iter().map(|o| {
+                let stored = Stored {
+                    size: o.size,
+                    blake3: o.blake3,
+                };
+                (o.name, stored)
+            })),
             Err(e) => found.problems.push(e.to_string()),
         }
     }
     listed
 }
 
-async fn stored_checksum(reader: &Reader, name: &str) -> Result<(u64, String), ArchiveError> {
-    let stored = reader.store().get(name).await?;
-    Ok((stored.len() as u64, checksum(&stored)))
+fn stored_of(stored: &[u8]) -> Stored {
+    Stored {
+        size: stored.len() as u64,
+        blake3: checksum(stored),
+    }
 }
 
 fn continuity(catalog: &Catalog, found: &mut Verification) {

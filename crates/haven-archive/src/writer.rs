@@ -2,6 +2,7 @@
 //! objects in index order with nothing missing and nothing twice, checkpoints streamed
 //! up, manifests, retention, and the fence check.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 use std::time::Instant;
@@ -249,7 +250,7 @@ impl ArchiveWriter {
         let too_old = |time_us: i64| {
             keep_days.is_some_and(|days| now_us - time_us > days as i64 * 86_400_000_000)
         };
-        let doomed: Vec<String> = self
+        let doomed: HashSet<String> = self
             .catalog
             .checkpoints
             .iter()
@@ -270,7 +271,7 @@ impl ArchiveWriter {
             .iter()
             .filter(|o| o.last <= oldest_kept)
             .map(|o| o.name.clone());
-        let names: Vec<String> = doomed.iter().cloned().chain(old_log).collect();
+        let names: HashSet<String> = doomed.iter().cloned().chain(old_log).collect();
         // The manifest stops naming them before they go, so a verify never misses them.
         self.objects.retain(|o| !names.contains(&o.name));
         self.catalog.log.retain(|o| !names.contains(&o.name));
@@ -340,10 +341,11 @@ async fn known_objects(
                 .filter(|c| c.epoch == epoch)
                 .map(|c| &c.name),
         );
-    let present: Vec<&String> = names.collect();
-    known.retain(|o| present.contains(&&o.name));
+    let present: HashSet<&String> = names.collect();
+    known.retain(|o| present.contains(&o.name));
+    let manifested: HashSet<String> = known.iter().map(|o| o.name.clone()).collect();
     for name in present {
-        if !known.iter().any(|o| &o.name == name) {
+        if !manifested.contains(name) {
             let stored = store.get(name).await?;
             known.push(ManifestObject {
                 name: name.clone(),

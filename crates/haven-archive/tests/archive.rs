@@ -105,6 +105,10 @@ async fn what_is_written_reads_back_whole_and_verifies_on_both_targets() {
             Ok(bytes) if bytes == checkpoint_bytes() => Ok(()),
             _ => Err("checkpoint differs".to_string()),
         };
+        let mut followed = reader.catalog().clone();
+        followed.forget_before_newest_checkpoint();
+        assert_eq!(followed.last_entry(), reader.catalog().last_entry());
+        assert!(followed.log.len() < reader.catalog().log.len());
         let verified = reader::verify(&reader, dir.path(), &same).await;
         assert!(verified.sound(), "{:?}", verified.problems);
         assert_eq!((verified.entries, verified.checkpoints), (250, 1));

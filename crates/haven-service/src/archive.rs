@@ -178,11 +178,8 @@ impl Uploader {
                 }
                 self.failed(&e);
                 // The archive stands still while entries keep coming: the lag must show it.
-                let archived = self
-                    .progress
-                    .status()
-                    .archived_index
-                    .zip(self.progress.status().archived_entry_time_us);
+                let status = self.progress.status();
+                let archived = status.archived_index.zip(status.archived_entry_time_us);
                 let applied = *self.applied.borrow();
                 self.update_lag(archived, applied).await;
                 tokio::select! {
@@ -198,7 +195,11 @@ impl Uploader {
     async fn follow(&self, following: &mut Option<Catalog>) {
         let target = &self.target;
         let refreshed = match following.as_mut() {
-            Some(catalog) => catalog.refresh(&target.store).await,
+            Some(catalog) => {
+                let refreshed = catalog.refresh(&target.store).await;
+                catalog.forget_before_newest_checkpoint();
+                refreshed
+            }
             None => match Catalog::load(&target.store, &target.protection).await {
                 Ok(catalog) => {
                     *following = Some(catalog);
@@ -314,12 +315,18 @@ impl Uploader {
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
         };
+        // Runs every flush: the file is read only when the catalog's summary says a newer
+        // checkpoint than the archive's exists.
+        let archived_newest = writer.checkpoints().last().copied();
+        let newest_local = checkpoints.summary().borrow().newest_index;
+        if newest_local.is_none() || newest_local <= archived_newest {
+            return Ok(());
+        }
         let local = checkpoints
             .newest()
             .await
             .map_err(ArchiveError::io("cannot list local checkpoints"))?;
         let Some(info) = local else { return Ok(()) };
-        let archived_newest = writer.checkpoints().last().copied();
         let reached = writer.archived().map_or(0, |(a, _)| a);
         let bridging = at_least > 0;
         let newer = archived_newest.is_none_or(|n| info.index > n);
