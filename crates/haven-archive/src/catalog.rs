@@ -121,15 +121,25 @@ impl Catalog {
                 catalog.add(listed.name, listed.size);
             }
         }
-        catalog.log.sort_by_key(|o| (o.first, o.last, o.epoch));
-        catalog.checkpoints.sort_by_key(|c| (c.index, c.epoch));
+        catalog.settle();
         Ok(catalog)
     }
 
     /// Adds the log objects and checkpoints written since this catalog was loaded or last
     /// refreshed: a listing of only the names after the newest known ones, so a node
     /// following the archive pays for what is new, not for the whole archive.
-    pub async fn refresh(&mut self, store: &Store) -> Result<(), ArchiveError> {
+    pub async fn refresh(
+        &mut self,
+        store: &Store,
+        protection: &Protection,
+    ) -> Result<(), ArchiveError> {
+        let known = self.epochs.last().map(|m| m.epoch).unwrap_or(0);
+        for number in epoch::list(store).await? {
+            if number > known {
+                self.epochs
+                    .push(epoch::read(store, protection, number).await?);
+            }
+        }
         let newest_log = self.log.iter().map(|o| o.name.clone()).max();
         let newest_checkpoint = self.checkpoints.iter().map(|c| c.name.clone()).max();
         for (dir, after) in [
@@ -140,9 +150,63 @@ impl Catalog {
                 self.add(listed.name, listed.size);
             }
         }
+        self.settle();
+        Ok(())
+    }
+
+    /// Sorts what was added and drops what a newer epoch cut off: checkpoints an old
+    /// writer took beyond the point where the next epoch starts, and log objects that
+    /// start there. A log object that straddles the cut is kept and read only up to it.
+    fn settle(&mut self) {
+        self.epochs.sort_by_key(|m| m.epoch);
+        let cuts: Vec<(u64, u64)> = self
+            .epochs
+            .iter()
+            .map(|m| (m.epoch, self.cut(m.epoch)))
+            .collect();
+        let cut_of = |epoch: u64| {
+            cuts.iter()
+                .find(|(e, _)| *e == epoch)
+                .map_or(u64::MAX, |(_, c)| *c)
+        };
+        self.checkpoints.retain(|c| c.index <= cut_of(c.epoch));
+        self.log.retain(|o| o.first <= cut_of(o.epoch));
         self.log.sort_by_key(|o| (o.first, o.last, o.epoch));
         self.checkpoints.sort_by_key(|c| (c.index, c.epoch));
-        Ok(())
+    }
+
+    /// The last index epoch `epoch` may hold: the entry before the next epoch's start.
+    fn cut(&self, epoch: u64) -> u64 {
+        self.epochs
+            .iter()
+            .filter(|m| m.epoch > epoch)
+            .map(|m| m.start_index.saturating_sub(1))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// The last index of `object` that counts: its own last, or its epoch's cut.
+    fn end_of(&self, object: &LogObject) -> u64 {
+        object.last.min(self.cut(object.epoch))
+    }
+
+    /// The newest epoch's marker, if any.
+    pub fn newest_epoch(&self) -> Option<&EpochMarker> {
+        self.epochs.last()
+    }
+
+    /// Forgets what a reader that has applied everything up to `applied` no longer needs
+    /// (log objects that end there, checkpoints older than the newest), keeping the newest
+    /// name of each kind for the next [`Self::refresh`].
+    pub fn forget_through(&mut self, applied: u64) {
+        let newest_log = self.log.iter().map(|o| o.name.clone()).max();
+        let newest_checkpoint = self.checkpoints.iter().map(|c| c.name.clone()).max();
+        let newest_index = self.checkpoints.iter().map(|c| c.index).max();
+        self.log
+            .retain(|o| o.last > applied || Some(&o.name) == newest_log.as_ref());
+        self.checkpoints.retain(|c| {
+            Some(c.index) == newest_index || Some(&c.name) == newest_checkpoint.as_ref()
+        });
     }
 
     /// Forgets what finding the archive's end no longer needs: log objects before the
@@ -213,8 +277,8 @@ impl Catalog {
         let owner = self.owner(index);
         self.log
             .iter()
-            .filter(|o| Some(o.epoch) == owner && o.first <= index && index <= o.last)
-            .max_by_key(|o| o.last)
+            .filter(|o| Some(o.epoch) == owner && o.first <= index && index <= self.end_of(o))
+            .max_by_key(|o| self.end_of(o))
     }
 
     /// The log objects that hold `first..=last`, in order; a gap is an error naming it.
@@ -229,7 +293,7 @@ impl Catalog {
                 });
             };
             chosen.push(object);
-            next = object.last + 1;
+            next = self.end_of(object) + 1;
         }
         Ok(chosen)
     }
@@ -242,8 +306,8 @@ impl Catalog {
         loop {
             match self.holding(next) {
                 Some(object) => {
-                    end = Some(object.last);
-                    next = object.last + 1;
+                    end = Some(self.end_of(object));
+                    next = self.end_of(object) + 1;
                 }
                 None => return end,
             }
@@ -271,7 +335,7 @@ impl Catalog {
         let time = self
             .log
             .iter()
-            .filter(|o| o.last == end)
+            .filter(|o| self.end_of(o) == end)
             .map(|o| o.time_us)
             .max()
             .unwrap_or(0);

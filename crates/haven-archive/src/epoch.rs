@@ -20,6 +20,10 @@ pub struct EpochMarker {
     pub version: u32,
     pub epoch: u64,
     pub cluster: String,
+    /// The site of the cluster that writes under this epoch (empty in markers written
+    /// before sites existed).
+    #[serde(default)]
+    pub site: String,
     pub service: String,
     /// The node that created the marker.
     pub node: u64,
@@ -32,8 +36,36 @@ pub struct EpochMarker {
 #[derive(Debug, Clone)]
 pub struct Writer {
     pub cluster: String,
+    pub site: String,
     pub service: String,
     pub node: u64,
+}
+
+impl Writer {
+    /// The same cluster at the same site, writing the same service: two sites of one
+    /// service may share a cluster name, and must still fence each other.
+    pub fn owns(&self, marker: &EpochMarker) -> bool {
+        (&marker.cluster, &marker.site, &marker.service)
+            == (&self.cluster, &self.site, &self.service)
+    }
+
+    fn describe(&self) -> String {
+        describe(&self.cluster, &self.site, &self.service)
+    }
+}
+
+impl EpochMarker {
+    /// `cluster/service` and the site when there is one, for messages.
+    pub fn owner(&self) -> String {
+        describe(&self.cluster, &self.site, &self.service)
+    }
+}
+
+fn describe(cluster: &str, site: &str, service: &str) -> String {
+    match site {
+        "" => format!("{cluster}/{service}"),
+        site => format!("{cluster}/{service} at site {site}"),
+    }
 }
 
 pub async fn read(
@@ -86,7 +118,8 @@ pub async fn newest(
 }
 
 /// The epoch this writer writes under: the newest one if its cluster owns it, a first one
-/// if the archive is empty. Another cluster's archive is refused.
+/// if the archive is empty. A writer that owned an older epoch is fenced; another
+/// cluster's archive is refused.
 pub async fn claim(
     store: &Store,
     protection: &Protection,
@@ -94,42 +127,115 @@ pub async fn claim(
     now_us: i64,
 ) -> Result<EpochMarker, ArchiveError> {
     loop {
-        if let Some(marker) = newest(store, protection).await? {
-            if marker.cluster != writer.cluster || marker.service != writer.service {
-                return Err(ArchiveError::OtherCluster {
+        let numbers = list(store).await?;
+        if let Some(&newest) = numbers.last() {
+            let marker = read(store, protection, newest).await?;
+            if writer.owns(&marker) {
+                return Ok(marker);
+            }
+            if let Some(ours) = owned_before(store, protection, writer, &numbers).await? {
+                return Err(ArchiveError::Fenced {
                     url: store.url().to_string(),
-                    owner: format!("{}/{}", marker.cluster, marker.service),
-                    epoch: marker.epoch,
-                    ours: format!("{}/{}", writer.cluster, writer.service),
+                    newer: marker.epoch,
+                    owner: marker.owner(),
+                    ours,
                 });
             }
-            return Ok(marker);
+            return Err(ArchiveError::OtherCluster {
+                url: store.url().to_string(),
+                owner: marker.owner(),
+                epoch: marker.epoch,
+                ours: writer.describe(),
+            });
         }
-        let marker = EpochMarker {
-            version: FORMAT_VERSION,
-            epoch: 1,
-            cluster: writer.cluster.clone(),
-            service: writer.service.clone(),
-            node: writer.node,
-            created_us: now_us,
-            start_index: 0,
-        };
-        let name = names::epoch(1);
-        let content =
-            serde_json::to_vec(&marker).map_err(|e| ArchiveError::damaged(&name, e.to_string()))?;
-        if store
-            .create(&name, seal::seal(&name, &content, protection))
-            .await?
-            == Created::Created
-        {
-            tracing::info!(
-                url = store.url(),
-                epoch = 1,
-                "archive claimed: first epoch marker created"
-            );
+        if let Some(marker) = create(store, protection, writer, 1, 0, now_us).await? {
             return Ok(marker);
         }
         // Someone created it first: read whose it is.
+    }
+}
+
+/// The newest older epoch this writer owned, if any.
+async fn owned_before(
+    store: &Store,
+    protection: &Protection,
+    writer: &Writer,
+    numbers: &[u64],
+) -> Result<Option<u64>, ArchiveError> {
+    for &number in numbers.iter().rev().skip(1) {
+        if writer.owns(&read(store, protection, number).await?) {
+            return Ok(Some(number));
+        }
+    }
+    Ok(None)
+}
+
+/// Creates epoch `epoch`'s marker unless it exists (then `None`: someone else did).
+async fn create(
+    store: &Store,
+    protection: &Protection,
+    writer: &Writer,
+    epoch: u64,
+    start_index: u64,
+    now_us: i64,
+) -> Result<Option<EpochMarker>, ArchiveError> {
+    let marker = EpochMarker {
+        version: FORMAT_VERSION,
+        epoch,
+        cluster: writer.cluster.clone(),
+        site: writer.site.clone(),
+        service: writer.service.clone(),
+        node: writer.node,
+        created_us: now_us,
+        start_index,
+    };
+    let name = names::epoch(epoch);
+    let content =
+        serde_json::to_vec(&marker).map_err(|e| ArchiveError::damaged(&name, e.to_string()))?;
+    let created = store
+        .create(&name, seal::seal(&name, &content, protection))
+        .await?;
+    if created != Created::Created {
+        return Ok(None);
+    }
+    tracing::info!(
+        url = store.url(),
+        epoch,
+        start_index,
+        owner = marker.owner(),
+        "epoch marker created"
+    );
+    Ok(Some(marker))
+}
+
+/// Takes the archive over for `writer` (a standby being promoted): creates the marker of
+/// the epoch after `follows` (the epoch the standby followed; `None` when the archive had
+/// none), once, starting at `start_index` (the entry after the last one the promoted site
+/// applies). The create-only write is the fence: of two promotions of standbys that
+/// follow the same epoch, only one creates the marker, and the old primary's next upload
+/// meets it.
+pub async fn promote(
+    store: &Store,
+    protection: &Protection,
+    writer: &Writer,
+    follows: Option<u64>,
+    start_index: u64,
+    now_us: i64,
+) -> Result<EpochMarker, ArchiveError> {
+    let next = follows.map_or(1, |e| e + 1);
+    match create(store, protection, writer, next, start_index, now_us).await? {
+        Some(marker) => Ok(marker),
+        None => {
+            let winner = read(store, protection, next).await?;
+            Err(ArchiveError::Promotion {
+                url: store.url().to_string(),
+                reason: format!(
+                    "epoch {next} was created first by {} (node {}): another promotion won",
+                    winner.owner(),
+                    winner.node
+                ),
+            })
+        }
     }
 }
 
@@ -154,7 +260,7 @@ pub async fn check_not_fenced(
     Err(ArchiveError::Fenced {
         url: store.url().to_string(),
         newer: newest,
-        owner: marker.cluster,
+        owner: marker.owner(),
         ours,
     })
 }

@@ -52,6 +52,8 @@ pub enum ArchiveError {
         owner: String,
         ours: u64,
     },
+    #[error("cannot promote at {url}: {reason}")]
+    Promotion { url: String, reason: String },
     #[error("object {name}: format version {found} is not known to this Haven (it reads {known})")]
     Version {
         name: String,

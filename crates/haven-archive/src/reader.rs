@@ -47,6 +47,14 @@ impl Reader {
         &self.catalog
     }
 
+    /// Learns what was written since the catalog was loaded (a standby following the
+    /// archive), and forgets what lies at or before `applied`.
+    pub async fn refresh(&mut self, applied: u64) -> Result<(), ArchiveError> {
+        self.catalog.refresh(&self.store, &self.protection).await?;
+        self.catalog.forget_through(applied);
+        Ok(())
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -82,27 +90,22 @@ impl Reader {
         batch::decode(&object.name, &content, object.first, object.last)
     }
 
-    /// Entries `first..=last`, object by object (`each` gets them in order, trimmed to
-    /// the range).
-    pub async fn for_each_entries(
-        &self,
-        first: u64,
-        last: u64,
-        mut each: impl AsyncFnMut(Vec<ArchivedEntry>) -> Result<(), ArchiveError>,
-    ) -> Result<(), ArchiveError> {
+    /// Entries `first..=last`, in order, read object by object.
+    pub async fn entries(&self, first: u64, last: u64) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+        let mut wanted = Vec::new();
         if first > last {
-            return Ok(());
+            return Ok(wanted);
         }
         for object in self.catalog.covering(first, last)? {
             let entries = self.read_log(object).await?;
-            let wanted: Vec<ArchivedEntry> = entries
-                .iter()
-                .filter(|e| first <= e.index && e.index <= last)
-                .cloned()
-                .collect();
-            each(wanted).await?;
+            wanted.extend(
+                entries
+                    .iter()
+                    .filter(|e| first <= e.index && e.index <= last)
+                    .cloned(),
+            );
         }
-        Ok(())
+        Ok(wanted)
     }
 
     /// The last entry at or before `time_us` (reads the one object that straddles it).

@@ -31,8 +31,9 @@ use crate::store::Store;
 const MANIFEST_EVERY: usize = 64;
 /// Manifests kept per epoch: the newest, and one before it in case the newest is damaged.
 const MANIFESTS_KEPT: usize = 2;
-/// How often the writer looks for a newer epoch (a promotion elsewhere).
-const FENCE_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often the writer looks for a newer epoch (a promotion elsewhere): the longest a
+/// fenced primary with an archive it can reach goes on acknowledging writes.
+const FENCE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct ArchiveWriter {
     store: Store,
@@ -287,7 +288,9 @@ impl ArchiveWriter {
         Ok(names.len() as u64)
     }
 
-    async fn check_fence(&mut self) -> Result<(), ArchiveError> {
+    /// Fails with [`ArchiveError::Fenced`] once a newer epoch exists (looked up at most
+    /// every [`FENCE_CHECK_EVERY`]).
+    pub async fn check_fence(&mut self) -> Result<(), ArchiveError> {
         if self.last_fence_check.elapsed() < FENCE_CHECK_EVERY {
             return Ok(());
         }

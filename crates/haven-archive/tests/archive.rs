@@ -32,6 +32,7 @@ fn entry(index: u64) -> ArchivedEntry {
 fn writer_of(cluster: &str) -> epoch::Writer {
     epoch::Writer {
         cluster: cluster.to_string(),
+        site: String::new(),
         service: "orders".to_string(),
         node: 1,
     }
@@ -83,14 +84,7 @@ async fn what_is_written_reads_back_whole_and_verifies_on_both_targets() {
         let reader = Reader::open(store.clone(), protection.clone())
             .await
             .unwrap();
-        let mut read = Vec::new();
-        reader
-            .for_each_entries(101, 250, async |entries| {
-                read.extend(entries);
-                Ok(())
-            })
-            .await
-            .unwrap();
+        let read = reader.entries(101, 250).await.unwrap();
         assert_eq!(read, (101..=250).map(entry).collect::<Vec<_>>());
         let fetched = dir.path().join("fetched");
         let object = &reader.catalog().checkpoints[0];
@@ -153,14 +147,8 @@ async fn a_second_writer_resumes_where_the_archive_ends_and_a_gap_is_refused() {
         let reader = Reader::open(store.clone(), protection.clone())
             .await
             .unwrap();
-        let mut indexes = Vec::new();
-        reader
-            .for_each_entries(1, 120, async |entries| {
-                indexes.extend(entries.iter().map(|e| e.index));
-                Ok(())
-            })
-            .await
-            .unwrap();
+        let entries = reader.entries(1, 120).await.unwrap();
+        let indexes: Vec<u64> = entries.iter().map(|e| e.index).collect();
         assert_eq!(indexes, (1..=120).collect::<Vec<_>>());
     }
 }
@@ -252,10 +240,7 @@ async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
         "{problems}"
     );
     // A restore reads the same objects, and refuses the same way, by name.
-    let refused = reader
-        .for_each_entries(1, 60, async |_| Ok(()))
-        .await
-        .unwrap_err();
+    let refused = reader.entries(1, 60).await.unwrap_err();
     assert_eq!(
         refused.to_string(),
         format!(

@@ -58,8 +58,11 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Absent: no checkpoints, and the log is never compacted.
     pub checkpoints: Option<CheckpointSection>,
-    /// The off-site archive; absent: the service's data stays on the cluster's disks.
+    /// The off-site archive; absent: the service's data stays on the cluster's disks. A
+    /// standby's is its `[standby]` source unless written out.
     pub archive: Option<ArchiveSection>,
+    /// Present: the service starts as a standby of another site's archive.
+    pub standby: Option<StandbySection>,
     /// Which client requests are for this service.
     pub matcher: Matcher,
     /// Where its keys are in the file, for errors.
@@ -77,19 +80,29 @@ impl PartialEq for ServiceConfig {
             limits,
             checkpoints,
             archive,
+            standby,
             matcher,
             written: _,
         } = self;
-        (name, app, routes, limits, checkpoints, archive, matcher)
-            == (
-                &other.name,
-                &other.app,
-                &other.routes,
-                &other.limits,
-                &other.checkpoints,
-                &other.archive,
-                &other.matcher,
-            )
+        (
+            name,
+            app,
+            routes,
+            limits,
+            checkpoints,
+            archive,
+            standby,
+            matcher,
+        ) == (
+            &other.name,
+            &other.app,
+            &other.routes,
+            &other.limits,
+            &other.checkpoints,
+            &other.archive,
+            &other.standby,
+            &other.matcher,
+        )
     }
 }
 
@@ -138,6 +151,7 @@ struct ConfigFile {
     limits: Option<Limits>,
     checkpoints: Option<CheckpointSection>,
     archive: Option<ArchiveSection>,
+    standby: Option<StandbySection>,
     #[serde(default)]
     service: Vec<ServiceSection>,
 }
@@ -156,6 +170,7 @@ struct ServiceSection {
     limits: Limits,
     checkpoints: Option<CheckpointSection>,
     archive: Option<ArchiveSection>,
+    standby: Option<StandbySection>,
 }
 
 /// The service name of a file in the single-service layout without `app.name`.
@@ -174,6 +189,10 @@ pub struct NodeSection {
     /// Failure-domain label; reported in status, used for placement checks later.
     #[serde(default = "default_zone")]
     pub zone: String,
+    /// The site (building, region) the node is in (default empty). Two sites of one
+    /// service must differ in `site` or `cluster`: the archive's epochs name both.
+    #[serde(default)]
+    pub site: String,
     pub client_addr: SocketAddr,
     pub raft_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -287,7 +306,50 @@ impl ArchiveSection {
     pub fn flush(&self) -> Duration {
         Duration::from_millis(self.flush_ms)
     }
+
+    /// A standby's archive when only `[standby]` is written: where it reads, with the
+    /// defaults for writing there after a promotion.
+    fn of_standby(standby: &StandbySection) -> Self {
+        Self {
+            url: standby.from.clone(),
+            endpoint: standby.endpoint.clone(),
+            key_file: standby.key_file.clone(),
+            encrypt: standby.encrypt,
+            flush_ms: default_flush_ms(),
+            keep: default_archive_keep(),
+            keep_days: None,
+            max_backlog_entries: default_max_backlog_entries(),
+        }
+    }
 }
+
+/// `[standby]` (or `[service.standby]`): the service starts as a standby of another
+/// site's archive, applying what the primary archives, until it is promoted.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbySection {
+    /// The primary's archive (`s3://bucket/prefix` or `file:///path`); after a promotion
+    /// the service writes the next epoch there.
+    pub from: String,
+    /// As `archive.endpoint`.
+    pub endpoint: Option<String>,
+    /// As `archive.key_file`: the primary's key.
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    pub encrypt: bool,
+    /// How often the standby looks for newly archived entries (default 200).
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+impl StandbySection {
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+}
+
+/// Shortest and longest interval between a standby's looks at the archive.
+pub const STANDBY_POLL_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
 /// Shortest and longest shipping interval a node accepts.
 pub const ARCHIVE_FLUSH_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
@@ -449,6 +511,9 @@ fn default_true() -> bool {
 fn default_flush_ms() -> u64 {
     200
 }
+fn default_poll_ms() -> u64 {
+    200
+}
 fn default_archive_keep() -> usize {
     8
 }
@@ -496,7 +561,8 @@ impl Config {
             || !file.routes.is_empty()
             || file.limits.is_some()
             || file.checkpoints.is_some()
-            || file.archive.is_some();
+            || file.archive.is_some()
+            || file.standby.is_some();
         let services = match (at_top, file.service.is_empty()) {
             (true, false) => {
                 let reason = "the single-service layout ([app], [[routes]], [limits], [checkpoints] at the top) and [[service]] tables cannot be mixed: move them into a [[service]]";
@@ -519,7 +585,8 @@ impl Config {
                     routes: file.routes,
                     limits: file.limits.unwrap_or_default(),
                     checkpoints: file.checkpoints,
-                    archive: file.archive,
+                    archive: archive_of(file.archive, &file.standby),
+                    standby: file.standby,
                     matcher: Matcher::Everything,
                     written: Written::AtTop,
                 }]
@@ -544,7 +611,8 @@ impl Config {
                     routes: s.routes,
                     limits: s.limits,
                     checkpoints: s.checkpoints,
-                    archive: s.archive,
+                    archive: archive_of(s.archive, &s.standby),
+                    standby: s.standby,
                     written: Written::InService(i),
                 })
                 .collect(),
@@ -679,7 +747,36 @@ impl ServiceConfig {
         self.validate_limits()?;
         self.validate_managed_app()?;
         self.validate_checkpoints()?;
-        self.validate_archive()
+        self.validate_archive()?;
+        self.validate_standby()
+    }
+
+    fn validate_standby(&self) -> Result<(), BadKey> {
+        let Some(standby) = &self.standby else {
+            return Ok(());
+        };
+        let bad = |key, reason: &str| Err(self.bad("standby", 0, key, reason));
+        if self.archive.as_ref().is_some_and(|a| a.url != standby.from) {
+            return bad(
+                "from",
+                "must name the archive of archive.url: a promoted standby writes where it read",
+            );
+        }
+        if self.checkpoints.is_none() {
+            return bad(
+                "from",
+                "a standby needs [checkpoints]: it starts from the archive's newest checkpoint and takes one when promoted",
+            );
+        }
+        if !STANDBY_POLL_MS.contains(&standby.poll_ms) {
+            let reason = format!(
+                "must be between {} and {}",
+                STANDBY_POLL_MS.start(),
+                STANDBY_POLL_MS.end()
+            );
+            return bad("poll_ms", &reason);
+        }
+        Ok(())
     }
 
     fn validate_name(&self) -> Result<(), BadKey> {
@@ -791,7 +888,14 @@ impl ServiceConfig {
         let Some(a) = &self.archive else {
             return Ok(());
         };
-        let bad = |key, reason: &str| Err(self.bad("archive", 0, key, reason));
+        // Written only as `[standby]`: errors name the keys the operator wrote.
+        let derived = self.standby.as_ref().map(ArchiveSection::of_standby) == Some(a.clone());
+        let (table, url_key) = if derived {
+            ("standby", "from")
+        } else {
+            ("archive", "url")
+        };
+        let bad = |key, reason: &str| Err(self.bad(table, 0, key, reason));
         let file_ok = a
             .url
             .strip_prefix("file://")
@@ -801,7 +905,10 @@ impl ServiceConfig {
             .strip_prefix("s3://")
             .is_some_and(|b| !b.is_empty() && !b.starts_with('/'));
         if !file_ok && !s3_ok {
-            return bad("url", "must be s3://bucket/prefix or file:///absolute/path");
+            return bad(
+                url_key,
+                "must be s3://bucket/prefix or file:///absolute/path",
+            );
         }
         if a.endpoint
             .as_ref()
@@ -993,6 +1100,14 @@ impl BadKey {
 /// Finds the 1-based line of the key `bad` names: inside the `occurrence`-th header of its
 /// table (counted inside its `[[service]]` table, if any); falls back to the header line,
 /// then to line 1.
+/// A standby's archive: as written, or where it reads.
+fn archive_of(
+    archive: Option<ArchiveSection>,
+    standby: &Option<StandbySection>,
+) -> Option<ArchiveSection> {
+    archive.or_else(|| standby.as_ref().map(ArchiveSection::of_standby))
+}
+
 fn locate(text: &str, bad: &BadKey) -> usize {
     let mut service: Option<usize> = None;
     // Headers seen so far: outside every service, and inside the current one.
@@ -1110,6 +1225,36 @@ mode = "linearizable"
         assert_eq!(
             with("url = \"file:///a\"\nkey_file = \"/k\"\nflush_ms = 0\n").unwrap_err(),
             "invalid config n1.toml: key `archive.flush_ms` (line 31): must be between 10 and 60000"
+        );
+    }
+
+    #[test]
+    fn a_standby_reads_and_later_writes_one_archive() {
+        let checkpoints = "[checkpoints]\nmode = \"hooks\"\n";
+        let with = |tables: &str| parse(&format!("{GOOD}\n{tables}"));
+        let standby = "[standby]\nfrom = \"s3://bucket/orders\"\nkey_file = \"/k\"\n";
+        let config = with(&format!("{checkpoints}{standby}")).unwrap();
+        let archive = config.service().archive.clone().unwrap();
+        assert_eq!(
+            (archive.url.as_str(), archive.flush_ms),
+            ("s3://bucket/orders", 200)
+        );
+        assert_eq!(config.service().standby.as_ref().unwrap().poll_ms, 200);
+        assert_eq!(
+            with(standby).unwrap_err(),
+            "invalid config n1.toml: key `standby.from` (line 29): a standby needs [checkpoints]: it starts from the archive's newest checkpoint and takes one when promoted"
+        );
+        assert_eq!(
+            with(&format!(
+                "{checkpoints}[standby]\nfrom = \"s3://bucket/orders\"\n"
+            ))
+            .unwrap_err(),
+            "invalid config n1.toml: key `standby.key_file` (line 30): is required: the archive is encrypted (create a key with `haven archive keygen > FILE`, or write encrypt = false to store plaintext)"
+        );
+        let elsewhere = "[archive]\nurl = \"s3://bucket/other\"\nkey_file = \"/k\"\n";
+        assert_eq!(
+            with(&format!("{checkpoints}{standby}{elsewhere}")).unwrap_err(),
+            "invalid config n1.toml: key `standby.from` (line 31): must name the archive of archive.url: a promoted standby writes where it read"
         );
     }
 

@@ -124,6 +124,12 @@ service_metrics! {
             "Objects this node uploaded to the off-site archive";
         archive_upload_errors: "haven_archive_upload_errors_total",
             "Archive uploads that failed (store down, timeout); each is retried";
+        /// A standby's reads of the archive that failed (store down, damaged object).
+        standby_errors: "haven_standby_errors_total",
+            "Times a standby could not read or apply the archive it follows; each is retried";
+        /// Writes refused because this site does not write the service.
+        site_refused_writes: "haven_site_refused_writes_total",
+            "Writes refused because this node is a standby or was fenced";
     }
     gauges {
         /// 1 while the last delivery to the local replica succeeded.
@@ -147,6 +153,14 @@ service_metrics! {
         /// 1 while the archive's backlog is over its limit (the store is down or slow).
         archive_backlog_full: "haven_archive_backlog_full",
             "1 while the entries waiting for the archive exceed archive.max_backlog_entries";
+        /// This node's site role: 0 primary, 1 standby, 2 fenced.
+        site_role: "haven_site_role",
+            "This node's role for the service: 0 primary, 1 standby, 2 fenced";
+        /// The archive's newest epoch as this node last saw it.
+        site_epoch: "haven_site_epoch", "The archive's newest epoch as this node last saw it";
+        /// A standby's distance from the archive it follows.
+        standby_lag_entries: "haven_standby_lag_entries",
+            "Archived entries this standby has not applied yet";
     }
     float_gauges {
         /// Entry time of the leader's last applied entry minus that of the archive's last.
@@ -154,6 +168,8 @@ service_metrics! {
             "How far the off-site archive is behind the leader, in entry time (the RPO now)";
         archive_last_upload: "haven_archive_last_upload_timestamp_seconds",
             "Unix time of the last successful upload to the off-site archive";
+        standby_lag_seconds: "haven_standby_lag_seconds",
+            "How far this standby is behind the primary's last archived entry, in entry time";
     }
 }
 

@@ -11,6 +11,7 @@ use haven_node::admin::Status;
 use haven_node::admin::members::MembershipError;
 use haven_node::admin::members::MembershipReply;
 use haven_node::admin::reload::ReloadReport;
+use haven_node::admin::site::Promoted;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -117,13 +118,18 @@ impl AdminClient {
         if reply.status == 200 {
             return parse(&reply, &url);
         }
-        match serde_json::from_slice::<MembershipError>(&reply.body) {
-            Ok(e) => Err(ClientError::Refused {
-                url,
-                reason: e.error,
-            }),
-            Err(_) => Err(refused(&reply, &url)),
+        Err(reasoned(&reply, url))
+    }
+
+    /// `POST /site/promote`: fences the old primary and takes the service over at this
+    /// standby site; answers once this node runs as the primary.
+    pub async fn promote(&self) -> Result<Promoted, ClientError> {
+        let url = self.url("/site/promote");
+        let reply = self.http.post(&url, Bytes::new()).await?;
+        if reply.status == 200 {
+            return parse(&reply, &url);
         }
+        Err(reasoned(&reply, url))
     }
 
     async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ClientError> {
@@ -137,6 +143,17 @@ fn ok(reply: Reply, url: &str) -> Result<Reply, ClientError> {
         return Err(refused(&reply, url));
     }
     Ok(reply)
+}
+
+/// A refusal whose JSON body says why (`{"error": ...}`), else what the node said.
+fn reasoned(reply: &Reply, url: String) -> ClientError {
+    match serde_json::from_slice::<MembershipError>(&reply.body) {
+        Ok(e) => ClientError::Refused {
+            url,
+            reason: e.error,
+        },
+        Err(_) => refused(reply, &url),
+    }
 }
 
 fn refused(reply: &Reply, url: &str) -> ClientError {

@@ -30,6 +30,9 @@ pub mod headers {
     pub const REPLAYED: &str = "haven-replayed";
     /// On an error Haven gave itself (not the app): a short machine-readable code.
     pub const ERROR: &str = "haven-error";
+    /// On a read a standby site served: how stale its replica may be, in milliseconds
+    /// (its lag behind the primary's archive when it last looked, plus the time since).
+    pub const LAG_MS: &str = "haven-lag-ms";
 
     /// Whether `name` (lower case) is one Haven sets on a delivery, so a client's own copy
     /// must not reach the app.

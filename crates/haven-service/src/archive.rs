@@ -36,6 +36,8 @@ use tokio::sync::watch;
 
 use crate::apply::Raft;
 use crate::checkpoint::Checkpoints;
+use crate::site::Role;
+use crate::site::SiteState;
 
 /// Entries and bytes per log object: large enough to keep object counts low under load,
 /// small enough that one object is quick to upload and to read back.
@@ -137,6 +139,8 @@ pub struct Uploader {
     pub applied: watch::Receiver<u64>,
     pub metrics: Metrics,
     pub writer: epoch::Writer,
+    /// Where a fence is recorded when another site took over.
+    pub site: SiteState,
 }
 
 impl Uploader {
@@ -161,6 +165,10 @@ impl Uploader {
                 if last_follow.is_none_or(|at| at.elapsed() >= FOLLOW_EVERY) {
                     last_follow = Some(Instant::now());
                     self.follow(&mut following).await;
+                    if let Some(reason) = following.as_ref().and_then(|c| self.fenced_by(c)) {
+                        self.fenced(reason);
+                        return;
+                    }
                 }
                 continue;
             }
@@ -172,6 +180,10 @@ impl Uploader {
                     Err(e) => Err(e),
                 },
             };
+            if let Err(e @ ArchiveError::Fenced { .. }) = &shipped {
+                self.fenced(e.to_string());
+                return;
+            }
             if let Err(e) = shipped {
                 if !e.is_transient() {
                     writer = None;
@@ -196,7 +208,7 @@ impl Uploader {
         let target = &self.target;
         let refreshed = match following.as_mut() {
             Some(catalog) => {
-                let refreshed = catalog.refresh(&target.store).await;
+                let refreshed = catalog.refresh(&target.store, &target.protection).await;
                 catalog.forget_before_newest_checkpoint();
                 refreshed
             }
@@ -217,6 +229,36 @@ impl Uploader {
                 tracing::debug!(error = %e, "cannot follow the archive; the log is kept");
             }
             (Ok(()), None) => {}
+        }
+    }
+
+    /// Why this cluster is fenced, when the archive's newest epoch is another site's and
+    /// this one wrote an older epoch: a follower learns it as soon as the leader does.
+    fn fenced_by(&self, catalog: &Catalog) -> Option<String> {
+        let newest = catalog.newest_epoch()?;
+        let ours = catalog.epochs.iter().rev().find(|m| self.writer.owns(m))?;
+        (!self.writer.owns(newest)).then(|| {
+            format!(
+                "epoch {} of the archive at {} belongs to {} (promoted at index {}); this site wrote epoch {}",
+                newest.epoch,
+                catalog.url,
+                newest.owner(),
+                newest.start_index,
+                ours.epoch
+            )
+        })
+    }
+
+    /// Another site took over: record it, then stop shipping for good. The ingress
+    /// refuses writes from here on, also after a restart.
+    fn fenced(&self, reason: String) {
+        self.metrics.site_role.set(2);
+        tracing::error!(%reason, "fenced: another site took this service over; writes are refused");
+        self.progress
+            .status
+            .send_modify(|s| s.last_error = Some(reason.clone()));
+        if let Err(e) = self.site.set_role(Role::Fenced { reason }) {
+            tracing::error!(error = %e, "cannot record the fence; it holds until restart");
         }
     }
 

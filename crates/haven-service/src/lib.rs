@@ -14,6 +14,8 @@ pub mod archive;
 pub mod checkpoint;
 pub mod restore;
 pub mod service;
+pub mod site;
+pub mod standby;
 
 pub use service::NodeShared;
 pub use service::Service;

@@ -212,7 +212,7 @@ pub struct RestoreReport {
 }
 
 /// Progress hooks for the CLI's progress bar: total entries, then entries done.
-pub trait Progress {
+pub trait Progress: Sync {
     fn start(&self, total: u64);
     fn advance(&self, done: u64);
 }
@@ -323,8 +323,9 @@ fn prepare_out(out: &Path) -> Result<(), RestoreError> {
 }
 
 /// Where a restore reads the history it replays: a node's own log and checkpoints, or
-/// the off-site archive. Everything else about a restore is the same for both.
-enum History {
+/// the off-site archive. Everything else about a restore is the same for both, and a
+/// standby following the archive replays through the same code ([`crate::standby`]).
+pub(crate) enum History {
     Local {
         log: LogStore<TypeConfig>,
         checkpoints: PathBuf,
@@ -394,8 +395,26 @@ impl History {
         }
     }
 
+    /// The archive's catalog, refreshed: what was written since, and nothing at or
+    /// before `applied` (a standby following the archive).
+    pub(crate) async fn follow(
+        &mut self,
+        applied: u64,
+    ) -> Result<&haven_archive::catalog::Catalog, RestoreError> {
+        match self {
+            History::Local { .. } => Err(refused("a node's own log is not followed")),
+            History::Archive { reader, .. } => {
+                reader
+                    .refresh(applied)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?;
+                Ok(reader.catalog())
+            }
+        }
+    }
+
     /// The checkpoint at `index` as a local file, verified in full.
-    async fn materialize(&self, index: u64) -> Result<CheckpointInfo, RestoreError> {
+    pub(crate) async fn materialize(&self, index: u64) -> Result<CheckpointInfo, RestoreError> {
         let path = match self {
             History::Local { checkpoints, .. } => {
                 let listed = catalog::list(checkpoints).map_err(|e| refused(e.to_string()))?;
@@ -460,23 +479,22 @@ async fn read_archived(
     reader: &haven_archive::reader::Reader,
     range: &RangeInclusive<u64>,
 ) -> Result<Vec<Entry>, RestoreError> {
-    let mut entries = Vec::new();
-    reader
-        .for_each_entries(*range.start(), *range.end(), async |archived| {
-            for a in archived {
-                let entry: Entry = postcard::from_bytes(&a.payload).map_err(|e| {
-                    haven_archive::ArchiveError::damaged(
-                        &format!("entry {}", a.index),
-                        format!("undecodable entry: {e}"),
-                    )
-                })?;
-                entries.push(entry);
-            }
-            Ok(())
-        })
+    let archived = reader
+        .entries(*range.start(), *range.end())
         .await
         .map_err(|e| refused(e.to_string()))?;
-    Ok(entries)
+    archived
+        .iter()
+        .map(|a| {
+            postcard::from_bytes(&a.payload).map_err(|e| {
+                let name = format!("entry {}", a.index);
+                refused(
+                    haven_archive::ArchiveError::damaged(&name, format!("undecodable entry: {e}"))
+                        .to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 async fn committed_range(
@@ -626,7 +644,10 @@ fn first_to_replay(
     Ok(first)
 }
 
-async fn install(machine: &StateMachine, base: &CheckpointInfo) -> Result<(), RestoreError> {
+pub(crate) async fn install(
+    machine: &StateMachine,
+    base: &CheckpointInfo,
+) -> Result<(), RestoreError> {
     let mut machine = machine.clone();
     let snapshot = crate::apply::snapshot_of(base).map_err(|e| refused(e.to_string()))?;
     let file = CheckpointFile {
@@ -641,7 +662,7 @@ async fn install(machine: &StateMachine, base: &CheckpointInfo) -> Result<(), Re
         )))
 }
 
-async fn replay(
+pub(crate) async fn replay(
     machine: &StateMachine,
     history: &mut History,
     range: RangeInclusive<u64>,

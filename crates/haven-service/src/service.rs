@@ -17,6 +17,7 @@ use haven_log::LogOptions;
 use haven_log::LogStore;
 use openraft::rt::WatchReceiver;
 use openraft::storage::RaftLogStorage;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 use crate::app::hooks::Hooks;
@@ -35,6 +36,10 @@ use crate::checkpoint::capture::Capture;
 use crate::checkpoint::policy;
 use crate::checkpoint::policy::Policy;
 use crate::restore::AppSettings;
+use crate::site::Role;
+use crate::site::SiteState;
+use crate::standby::Follower;
+use crate::standby::SiteHandle;
 use haven_archive::epoch;
 use haven_base::config::CheckpointMode;
 use haven_base::config::Config;
@@ -105,12 +110,17 @@ pub struct NodeShared {
     /// The node's worker list; each service names its own workers `<service>/...`.
     pub workers: Workers,
     pub stop: watch::Receiver<bool>,
+    /// Asks the node to open a service again by name (a standby that took over).
+    pub reopen: mpsc::UnboundedSender<String>,
 }
 
 /// One running service.
 pub struct Service {
     pub name: String,
-    pub raft: Raft,
+    /// None while the service is a standby of another site: it follows the archive instead.
+    pub raft: Option<Raft>,
+    /// Which site writes the service, when it has an off-site archive.
+    pub site: Option<SiteHandle>,
     pub state_machine: StateMachine,
     pub checkpoints: Option<Arc<Checkpoints>>,
     /// The off-site archive, when configured: where it is and how far it got.
@@ -140,6 +150,13 @@ impl Service {
         })?;
         // Fail closed before anything else opens: no key, no service.
         let archive = open_archive(service)?;
+        let site = match &archive {
+            Some((target, _)) => Some(open_site(config, service, target, &dir)?),
+            None => None,
+        };
+        let standby = site
+            .as_ref()
+            .is_some_and(|s| s.site.role() == Role::Standby);
         let log_store: LogStore<TypeConfig> = LogStore::open(&dir.join("log"), log_options())?;
         tracing::info!(dir = %dir.display(), "log opened");
         AppSettings::from_config(service)
@@ -152,13 +169,15 @@ impl Service {
         let managed = start_managed_app(service, &dir, &shared.metrics, &workers).await?;
         let checkpoints = open_checkpoints(service, &dir, managed.clone())?;
         let state_machine = open_state_machine(service, &dir, shared, &workers, &checkpoints)?;
-        check_log_covers_applied(
-            &log_store,
-            state_machine.shared().applied_index(),
-            checkpoints.as_deref(),
-            &dir,
-        )
-        .await?;
+        if !standby {
+            check_log_covers_applied(
+                &log_store,
+                state_machine.shared().applied_index(),
+                checkpoints.as_deref(),
+                &dir,
+            )
+            .await?;
+        }
         state_machine
             .recover_from_crash(service.app.honours_haven_index)
             .await
@@ -166,26 +185,14 @@ impl Service {
                 dir: dir.clone(),
                 source,
             })?;
-        // Before Raft starts: it may deliver entries again at once, which may need the peers.
-        let raft_cell = Arc::new(OnceLock::new());
-        state_machine.set_peers(Arc::new(PeerAnswers {
-            transport: shared.transport.clone(),
-            peers: other_members(raft_cell.clone(), config),
-        }));
-        let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
-        let raft: Raft = openraft::Raft::new(
-            config.node.id,
-            raft_config,
-            shared.transport.clone(),
-            log_store.clone(),
-            state_machine.clone(),
-        )
-        .await
-        .map_err(|e| ServiceError::Raft(e.to_string()))?;
-        let _ = raft_cell.set(raft.clone());
+        let raft = match standby {
+            true => None,
+            false => Some(open_raft(config, shared, &log_store, &state_machine).await?),
+        };
         Ok(Self {
             name,
             raft,
+            site,
             state_machine,
             checkpoints,
             archive,
@@ -205,17 +212,22 @@ impl Service {
         }
     }
 
-    /// Forms the cluster on first start (unless joining) and starts the service's workers.
+    /// Forms the cluster on first start (unless joining) and starts the service's workers;
+    /// a standby starts following the archive instead.
     pub async fn start(
         &self,
         config: &Config,
         service: &ServiceConfig,
         shared: &NodeShared,
     ) -> Result<(), ServiceError> {
+        let Some(raft) = &self.raft else {
+            self.start_following(config, service, shared);
+            return Ok(());
+        };
         self.workers.spawn(
             "step-aside",
             consensus::step_aside::run(
-                self.raft.clone(),
+                raft.clone(),
                 config.node.id,
                 self.state_machine.shared().delivery_failing(),
                 shared.metrics.clone(),
@@ -223,7 +235,7 @@ impl Service {
             ),
         );
         if !config.node.join {
-            initialize_once(&self.raft, config).await?;
+            initialize_once(raft, config).await?;
         }
         if let (Some(section), Some(checkpoints)) = (&service.checkpoints, &self.checkpoints) {
             let summary = checkpoints.summary();
@@ -236,7 +248,7 @@ impl Service {
             self.workers.spawn(
                 "checkpoint-trigger",
                 policy::run_triggers(
-                    self.raft.clone(),
+                    raft.clone(),
                     policy,
                     applied,
                     summary.clone(),
@@ -249,23 +261,20 @@ impl Service {
             };
             self.workers.spawn(
                 "log-compaction",
-                policy::run_compaction(self.raft.clone(), summary, floor, shared.stop.clone()),
+                policy::run_compaction(raft.clone(), summary, floor, shared.stop.clone()),
             );
         }
-        if let Some((target, progress)) = &self.archive {
+        if let (Some((target, progress)), Some(site)) = (&self.archive, &self.site) {
             let uploader = Uploader {
                 target: target.clone(),
                 progress: progress.clone(),
-                raft: self.raft.clone(),
+                raft: raft.clone(),
                 log: self.log.clone(),
                 checkpoints: self.checkpoints.clone(),
                 applied: self.state_machine.applied(),
                 metrics: shared.metrics.clone(),
-                writer: epoch::Writer {
-                    cluster: config.node.cluster.clone(),
-                    service: service.name.clone(),
-                    node: config.node.id,
-                },
+                writer: site.writer.clone(),
+                site: site.site.clone(),
             };
             self.workers
                 .spawn("archive-upload", uploader.run(shared.stop.clone()));
@@ -273,15 +282,45 @@ impl Service {
         Ok(())
     }
 
-    /// Resolves with the reason once the service's Raft core has stopped by itself.
+    /// A standby applies what the primary archives until it is promoted.
+    fn start_following(&self, config: &Config, service: &ServiceConfig, shared: &NodeShared) {
+        let (Some(site), Some(standby)) = (&self.site, &service.standby) else {
+            return;
+        };
+        let follower = Follower {
+            service: self.name.clone(),
+            handle: site.clone(),
+            machine: self.state_machine.clone(),
+            log: self.log.clone(),
+            node: config.node.id,
+            voters: config.voters(),
+            poll: standby.poll(),
+            checkpoint_every: (service.checkpoints.as_ref())
+                .map(|c| c.every_entries)
+                .filter(|&n| n > 0),
+            scratch: config.service_dir(service).join("standby"),
+            metrics: shared.metrics.clone(),
+            reopen: shared.reopen.clone(),
+        };
+        self.workers
+            .spawn("standby-follow", follower.run(shared.stop.clone()));
+    }
+
+    /// Resolves with the reason once the service's Raft core has stopped by itself; never
+    /// for a standby, which runs none.
     pub async fn stopped(&self) -> String {
-        raft_stopped(&self.raft).await
+        match &self.raft {
+            Some(raft) => raft_stopped(raft).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Stops Raft, saves the apply state, stops the app. Call after the node's shutdown
     /// signal, so the service's workers end too.
     pub async fn shutdown(self) {
-        if let Err(e) = self.raft.shutdown().await {
+        if let Some(raft) = &self.raft
+            && let Err(e) = raft.shutdown().await
+        {
             tracing::warn!(service = %self.name, error = %e, "raft shutdown");
         }
         if let Err(e) = self.state_machine.persist().await {
@@ -293,6 +332,60 @@ impl Service {
             tracing::warn!(service = %self.name, error = %e, "cannot stop the managed app");
         }
     }
+}
+
+/// Raft over the opened log and apply state; not initialized until [`Service::start`].
+async fn open_raft(
+    config: &Config,
+    shared: &NodeShared,
+    log_store: &LogStore<TypeConfig>,
+    state_machine: &StateMachine,
+) -> Result<Raft, ServiceError> {
+    // Before Raft starts: it may deliver entries again at once, which may need the peers.
+    let raft_cell = Arc::new(OnceLock::new());
+    state_machine.set_peers(Arc::new(PeerAnswers {
+        transport: shared.transport.clone(),
+        peers: other_members(raft_cell.clone(), config),
+    }));
+    let raft_config = Arc::new(consensus::raft_config(&config.raft)?);
+    let raft: Raft = openraft::Raft::new(
+        config.node.id,
+        raft_config,
+        shared.transport.clone(),
+        log_store.clone(),
+        state_machine.clone(),
+    )
+    .await
+    .map_err(|e| ServiceError::Raft(e.to_string()))?;
+    let _ = raft_cell.set(raft.clone());
+    Ok(raft)
+}
+
+/// The service's site: its role as recorded (or configured), and who it is in the
+/// archive's epochs.
+fn open_site(
+    config: &Config,
+    service: &ServiceConfig,
+    target: &ArchiveTarget,
+    dir: &Path,
+) -> Result<SiteHandle, ServiceError> {
+    let site =
+        SiteState::open(dir, &config.node.site, service.standby.is_some()).map_err(|source| {
+            ServiceError::Settings {
+                dir: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    Ok(SiteHandle {
+        target: target.clone(),
+        writer: epoch::Writer {
+            cluster: config.node.cluster.clone(),
+            site: config.node.site.clone(),
+            service: service.name.clone(),
+            node: config.node.id,
+        },
+        site,
+    })
 }
 
 fn open_archive(

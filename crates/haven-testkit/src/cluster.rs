@@ -44,6 +44,8 @@ pub fn threads_per_copy(copies: usize) -> usize {
 /// What to launch.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
+    /// `[node] site` of every node (empty: none).
+    pub site: String,
     pub nodes: usize,
     /// The `haven` executable to launch (the current one for the demo).
     pub exe: PathBuf,
@@ -316,9 +318,10 @@ impl LocalCluster {
     fn node_config(&self, i: usize) -> String {
         let slot = &self.slots[i];
         let mut toml = format!(
-            "[node]\nid = {}\nzone = \"zone-{}\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n",
+            "[node]\nid = {}\nzone = \"zone-{}\"\nsite = {:?}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\nadmin_addr = \"{}\"\ndata_dir = \"{}\"\n\n",
             slot.id,
             slot.id,
+            self.spec.site,
             slot.client_addr,
             slot.raft_addr,
             slot.admin_addr,

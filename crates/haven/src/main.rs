@@ -91,6 +91,9 @@ enum Command {
     /// (add, remove with --wipe, restart changed ones).
     #[command(subcommand)]
     Services(cli::services::ServicesCommand),
+    /// Sites: promote a standby site to primary when the primary site is lost.
+    #[command(subcommand)]
+    Site(cli::site::SiteCommand),
     /// Show a node's status: one service in full, or a line per service.
     Status {
         #[command(flatten)]
@@ -262,6 +265,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services(command) => {
             init_tracing("warn");
             print(&cli::services::run(command).await?)?;
+        }
+        Command::Site(command) => {
+            init_tracing("warn");
+            print(&cli::site::run(command).await?)?;
         }
         Command::Status { target, json } => {
             init_tracing("warn");

@@ -27,6 +27,7 @@ fn json_of(command: &mut Command) -> Value {
 
 async fn cluster(dir: &tempfile::TempDir) -> LocalCluster {
     let spec = ClusterSpec {
+        site: String::new(),
         nodes: 3,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),

@@ -47,6 +47,7 @@ async fn start() -> Services {
         },
     ];
     let spec = ClusterSpec {
+        site: String::new(),
         nodes: 3,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),
@@ -480,6 +481,7 @@ async fn quota_cluster(limits: &str) -> (tempfile::TempDir, LocalCluster) {
         ..ServiceSpec::new("noisy", app.clone())
     };
     let spec = ClusterSpec {
+        site: String::new(),
         nodes: 1,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),

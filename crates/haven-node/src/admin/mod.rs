@@ -1,7 +1,8 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /services` (every
 //! service's status), `GET /metrics` (Prometheus text, every service), `GET /health`,
 //! `GET /workers`, `POST /checkpoints` (take one now), `POST /services/reload` (read the
-//! config again: [`reload`]), and the membership changes of
+//! config again: [`reload`]), `POST /site/promote` (a standby takes over: [`site`]), and
+//! the membership changes of
 //! [`members`] (`POST /members/{learner,promote,remove,replace}`, JSON). Separate from the
 //! client port so operators can reach a node whose client side is saturated.
 //!
@@ -10,6 +11,7 @@
 
 pub mod members;
 pub mod reload;
+pub mod site;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ use haven_service::apply::Raft;
 use haven_service::archive::ArchiveProgress;
 use haven_service::archive::ArchiveStatus;
 use haven_service::checkpoint::Checkpoints;
+use haven_service::site::SiteStatus;
+use haven_service::standby::SiteHandle;
 
 /// A node's view of itself and the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,6 +84,10 @@ pub struct Status {
     /// twice (`Config::exactly_once_after_crash`).
     #[serde(default)]
     pub exactly_once_after_crash: String,
+    /// Which site writes the service (primary, standby or fenced here) and a standby's
+    /// lag, when the service has an off-site archive.
+    #[serde(default)]
+    pub site: Option<SiteStatus>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -91,6 +99,7 @@ pub struct TransferProgress {
 /// One service, as the admin port sees it.
 pub struct ServiceAdmin {
     pub ingress: Arc<Ingress>,
+    pub site: Option<SiteHandle>,
     pub checkpoints: Option<Arc<Checkpoints>>,
     pub archive: Option<ArchiveProgress>,
     pub exactly_once_after_crash: &'static str,
@@ -203,8 +212,11 @@ async fn checkpoint_now(
     let failures = metrics.checkpoint_failures.get();
     let mut summary = checkpoints.summary();
     let unavailable = |reason: String| (StatusCode::SERVICE_UNAVAILABLE, reason);
+    let Some(raft) = &state.ingress.raft else {
+        return Err((StatusCode::CONFLICT, STANDBY_RUNS_NO_RAFT.to_string()));
+    };
     let trigger = || async {
-        let triggered = state.ingress.raft.trigger().snapshot().await;
+        let triggered = raft.trigger().snapshot().await;
         triggered.map_err(|e| unavailable(e.to_string()))
     };
     trigger().await?;
@@ -251,33 +263,50 @@ fn role_name(state: ServerState) -> &'static str {
     }
 }
 
+/// Why a standby refuses what needs Raft.
+const STANDBY_RUNS_NO_RAFT: &str =
+    "this node is a standby: it runs no Raft group until it is promoted (POST /site/promote)";
+
 fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
     let ingress = &state.ingress;
-    let m = ingress.raft.metrics().borrow_watched().clone();
-    Status {
+    let mut status = Status {
         service: name.to_string(),
         id: ingress.id,
         zone: zone.to_string(),
-        role: role_name(m.state).to_string(),
-        term: m.current_term,
-        leader_id: m.current_leader,
-        commit_index: m.local_committed.map(|l| l.index),
+        role: "standby".to_string(),
+        term: 0,
+        leader_id: None,
+        commit_index: None,
         // The replica's own progress: openraft's runs ahead by what awaits delivery.
         applied_index: Some(ingress.shared.applied_index()),
-        last_log_index: m.last_log_index,
-        voters: m.membership_config.voter_ids().collect(),
-        learners: m.membership_config.membership().learner_ids().collect(),
+        last_log_index: None,
+        voters: Vec::new(),
+        learners: Vec::new(),
         app_url: ingress.app.url().to_string(),
         app_up: ingress.metrics.app_up.get() == 1,
-        snapshot_index: m.snapshot.map(|l| l.index),
-        purged_index: m.purged.map(|l| l.index),
+        snapshot_index: None,
+        purged_index: None,
         checkpoint_receive: TransferProgress {
             bytes: ingress.metrics.checkpoint_receive_bytes.get() as u64,
             total: ingress.metrics.checkpoint_receive_total_bytes.get() as u64,
         },
         archive: state.archive.as_ref().map(ArchiveProgress::status),
         exactly_once_after_crash: state.exactly_once_after_crash.to_string(),
+        site: state.site.as_ref().map(|s| s.site.status()),
+    };
+    if let Some(raft) = &ingress.raft {
+        let m = raft.metrics().borrow_watched().clone();
+        status.role = role_name(m.state).to_string();
+        status.term = m.current_term;
+        status.leader_id = m.current_leader;
+        status.commit_index = m.local_committed.map(|l| l.index);
+        status.last_log_index = m.last_log_index;
+        status.voters = m.membership_config.voter_ids().collect();
+        status.learners = m.membership_config.membership().learner_ids().collect();
+        status.snapshot_index = m.snapshot.map(|l| l.index);
+        status.purged_index = m.purged.map(|l| l.index);
     }
+    status
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -320,6 +349,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 },
             ),
         )
+        .route("/site/promote", post(site::promote))
         .route("/members/learner", membership(members::add_learner))
         .route("/members/promote", membership(members::promote))
         .route("/members/remove", membership(members::remove))
@@ -345,7 +375,14 @@ where
                     Ok((_, service)) => service,
                     Err((status, reason)) => return members::refuse(status, reason, None),
                 };
-                change(service.ingress.raft.clone(), service.ingress.id, request).await
+                let Some(raft) = service.ingress.raft.clone() else {
+                    return members::refuse(
+                        StatusCode::CONFLICT,
+                        STANDBY_RUNS_NO_RAFT.into(),
+                        None,
+                    );
+                };
+                change(raft, service.ingress.id, request).await
             }
         },
     )

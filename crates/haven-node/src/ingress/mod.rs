@@ -65,6 +65,8 @@ use haven_service::app::header_map;
 use haven_service::apply::ApplyShared;
 use haven_service::apply::Delivered;
 use haven_service::apply::Raft;
+use haven_service::site::Role;
+use haven_service::site::SiteStatus;
 use select::Directory;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
@@ -81,7 +83,10 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Everything a request handler of one service needs.
 pub struct Ingress {
     pub id: NodeId,
-    pub raft: Raft,
+    /// None while the service is a standby: it runs no Raft until promoted.
+    pub raft: Option<Raft>,
+    /// The service's site role and a standby's lag, when it has an off-site archive.
+    pub site: Option<watch::Receiver<SiteStatus>>,
     pub shared: Arc<ApplyShared>,
     pub app: AppClient,
     pub transport: Transport,
@@ -103,7 +108,8 @@ impl Ingress {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: NodeId,
-        raft: Raft,
+        raft: Option<Raft>,
+        site: Option<watch::Receiver<SiteStatus>>,
         shared: Arc<ApplyShared>,
         app: AppClient,
         transport: Transport,
@@ -122,6 +128,7 @@ impl Ingress {
             Self {
                 id,
                 raft,
+                site,
                 shared,
                 app,
                 transport,
@@ -205,11 +212,45 @@ impl Ingress {
             .requests
             .with_label_value(mode_label(mode))
             .inc();
+        if let Some(refusal) = self.refused_by_site(mode) {
+            return refusal;
+        }
         match mode {
             RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
             RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
             RouteMode::Local => self.local_read(&parts, body).await,
         }
+    }
+
+    /// A standby serves only local reads (the primary's archive is its source); a fenced
+    /// node serves no write and no read that claims to be current, since another site
+    /// took over.
+    fn refused_by_site(&self, mode: RouteMode) -> Option<HttpResponse> {
+        let status = self.site.as_ref()?.borrow().clone();
+        let (code, reason) = match (&status.role, mode) {
+            (Role::Primary, _) | (_, RouteMode::Local) => return None,
+            (Role::Standby, _) => (
+                "standby",
+                format!(
+                    "this node is a standby at site {:?}: writes and current reads go to the primary ({}); local reads are served here",
+                    status.site,
+                    status.writer.as_deref().unwrap_or("not known yet")
+                ),
+            ),
+            (Role::Fenced { reason }, _) => (
+                "fenced",
+                format!("this site no longer writes the service: {reason}"),
+            ),
+        };
+        self.metrics.site_refused_writes.inc();
+        Some(self.unavailable(code, &reason))
+    }
+
+    /// The Raft group; a standby has none, and is refused before it gets here.
+    fn raft(&self) -> Result<&Raft, HttpResponse> {
+        self.raft
+            .as_ref()
+            .ok_or_else(|| self.unavailable("standby", "this node is a standby: it runs no Raft"))
     }
 
     fn over_quota(&self, wait: Duration) -> HttpResponse {
@@ -307,7 +348,7 @@ impl Ingress {
         loop {
             let (leader_id, leader) = self.wait_for_leader(leader_deadline).await?;
             let outcome = if leader_id == self.id {
-                let proposal = propose::propose(&self.raft, ordered.clone());
+                let proposal = propose::propose(self.raft()?, ordered.clone());
                 tokio::time::timeout_at(deadline, proposal)
                     .await
                     .unwrap_or_else(|_| ForwardOutcome::Unknown {
@@ -364,7 +405,7 @@ impl Ingress {
         &self,
         leader_deadline: Instant,
     ) -> Result<(NodeId, PeerNode), HttpResponse> {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft()?.metrics();
         loop {
             if Instant::now() >= leader_deadline {
                 return Err(self.no_leader());
@@ -438,8 +479,8 @@ impl Ingress {
             let Ok((leader_id, leader)) = self.wait_for_leader(leader_deadline).await else {
                 return Err(ReadIndexFailure::NoLeader);
             };
-            let outcome = if leader_id == self.id {
-                propose::read_index(&self.raft, self.reads_confirmed_by).await
+            let outcome = if let (true, Some(raft)) = (leader_id == self.id, &self.raft) {
+                propose::read_index(raft, self.reads_confirmed_by).await
             } else {
                 let link = self.transport.link(&leader.raft_addr, Lane::Client);
                 let timeout = deadline.saturating_duration_since(Instant::now());
@@ -474,9 +515,25 @@ impl Ingress {
             .read(parts.method.as_str(), uri, &headers, body)
             .await
         {
-            Ok(response) => app_response(response),
+            Ok(response) => self.with_staleness(app_response(response)),
             Err(e) => self.error(StatusCode::BAD_GATEWAY, "app-unavailable", &e.to_string()),
         }
+    }
+
+    /// A standby's reads say how stale they may be.
+    fn with_staleness(&self, mut response: HttpResponse) -> HttpResponse {
+        let Some(site) = &self.site else {
+            return response;
+        };
+        let status = site.borrow();
+        if status.role == Role::Standby {
+            let now_us = chrono::Utc::now().timestamp_micros();
+            response.headers_mut().insert(
+                haven_contract::headers::LAG_MS,
+                HeaderValue::from(status.staleness_ms(now_us)),
+            );
+        }
+        response
     }
 
     fn unavailable(&self, code: &str, reason: &str) -> HttpResponse {

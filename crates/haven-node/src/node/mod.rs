@@ -106,7 +106,8 @@ pub async fn run(
     let client_listener = bind("client", config.node.client_addr).await?;
     let admin_listener = bind("admin", config.node.admin_addr).await?;
     let (admin_reloads, mut reload_requests) = mpsc::channel(RELOAD_QUEUE);
-    let mut node = Node::new(config, admin_reloads)?;
+    let (reopen, mut reopens) = mpsc::unbounded_channel();
+    let mut node = Node::new(config, admin_reloads, reopen)?;
     let opened = node.open_all().await?;
     for service in &opened {
         node.serve_raft(service);
@@ -167,6 +168,7 @@ pub async fn run(
             Some(()) = reloads.hangups.recv() => {
                 log_reload(node.reload(&reloads.path, false).await);
             }
+            Some(name) = reopens.recv() => node.reopen(&name).await,
             Some(request) = reload_requests.recv() => {
                 let report = node.reload(&reloads.path, request.wipe).await;
                 log_reload(report.clone());
@@ -226,10 +228,16 @@ struct Node {
     services: Vec<Running>,
     /// The node's servers stop on it; each service has its own ([`Running::stop`]).
     stop: watch::Sender<bool>,
+    /// Given to every service: a standby that took over asks to be opened again.
+    reopen: mpsc::UnboundedSender<String>,
 }
 
 impl Node {
-    fn new(config: Config, reloads: admin::reload::Reloads) -> Result<Self, NodeError> {
+    fn new(
+        config: Config,
+        reloads: admin::reload::Reloads,
+        reopen: mpsc::UnboundedSender<String>,
+    ) -> Result<Self, NodeError> {
         let metrics = NodeMetrics::new()?;
         let workers = Workers::new();
         let hello = Hello {
@@ -253,6 +261,7 @@ impl Node {
             workers,
             services: Vec::new(),
             stop: watch::channel(false).0,
+            reopen,
             config,
         })
     }
@@ -282,6 +291,7 @@ impl Node {
             transport: (self.transport).for_service(&config.name, config.shared_settings()),
             workers: self.workers.clone(),
             stop: stopping,
+            reopen: self.reopen.clone(),
         };
         let service = Service::open(&self.config, &config, &shared).await?;
         Ok(Running {
@@ -292,10 +302,13 @@ impl Node {
         })
     }
 
-    /// Lets the raft port hand the service's group its messages.
+    /// Lets the raft port hand the service's group its messages (a standby has none).
     fn serve_raft(&self, running: &Running) {
+        let Some(raft) = &running.service.raft else {
+            return;
+        };
         let group = Group {
-            raft: running.service.raft.clone(),
+            raft: raft.clone(),
             inbox: running.service.inbox(&running.shared.metrics),
             stop: running.stop.subscribe(),
             settings: running.config.shared_settings(),
@@ -324,6 +337,7 @@ impl Node {
             .insert(&service.name, config.matcher.clone(), ingress.clone());
         let entry = ServiceAdmin {
             ingress,
+            site: service.site.clone(),
             checkpoints: service.checkpoints.clone(),
             archive: service
                 .archive
@@ -365,6 +379,20 @@ impl Node {
         let _ = running.stop.send(true);
     }
 
+    /// Opens a service again with what its directory now records: a standby that took
+    /// over comes back as the primary, with Raft.
+    async fn reopen(&mut self, name: &str) {
+        let Some(at) = self.services.iter().position(|r| r.service.name == name) else {
+            return;
+        };
+        let running = self.services.remove(at);
+        self.stop_service(running).await;
+        match self.open_and_start(name).await {
+            Ok(()) => tracing::info!(service = %name, "service reopened"),
+            Err(e) => tracing::error!(service = %name, error = %e, "service did not reopen"),
+        }
+    }
+
     /// Shuts every service down, then the node's own workers.
     async fn shut_down(&mut self) {
         let _ = self.stop.send(true);
@@ -386,6 +414,7 @@ fn ingress_of(
     Ingress::new(
         config.node.id,
         service.raft.clone(),
+        service.site.as_ref().map(|s| s.site.subscribe()),
         service.state_machine.shared(),
         AppClient::new(&service_config.app.url, service_config.app_timeout()),
         shared.transport.clone(),

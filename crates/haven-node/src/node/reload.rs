@@ -100,7 +100,7 @@ impl Node {
         })
     }
 
-    async fn open_and_start(
+    pub(super) async fn open_and_start(
         &mut self,
         name: &str,
     ) -> Result<(), haven_service::service::ServiceError> {

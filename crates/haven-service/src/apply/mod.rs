@@ -55,6 +55,9 @@ use haven_base::workers::Workers;
 use haven_checkpoint::CheckpointFile;
 use haven_checkpoint::format::CheckpointInfo;
 use haven_contract::AppResponse;
+use haven_contract::NodeId;
+use haven_contract::PeerNode;
+use openraft::Membership;
 
 mod outcomes;
 mod slots;
@@ -446,6 +449,41 @@ impl StateMachine {
     pub async fn persist(&self) -> io::Result<()> {
         let mut inner = self.replica.inner.lock().await;
         inner.persist()
+    }
+
+    /// The last applied entry's log id and entry time (what a standby reports its lag by).
+    pub async fn position(&self) -> (Option<LogId>, i64) {
+        let inner = self.replica.inner.lock().await;
+        (inner.state.last_applied, inner.state.last_time_us)
+    }
+
+    /// A promoted standby takes the service over at its applied index: from here on its
+    /// own voters are the membership (the old primary's nodes are not its peers), saved
+    /// at once, and a checkpoint at this index carries them to any member that needs it.
+    /// Every node of the standby site does the same at the same index, so they agree.
+    pub async fn take_over(
+        &self,
+        voters: std::collections::BTreeMap<NodeId, PeerNode>,
+    ) -> io::Result<LogId> {
+        self.drain().await?;
+        let last = {
+            let mut inner = self.replica.inner.lock().await;
+            let last = inner
+                .state
+                .last_applied
+                .ok_or_else(|| io::Error::other("nothing applied: no state to take over"))?;
+            inner.state.membership = StoredMembership::new(Some(last), Membership::from(voters));
+            inner.persist()?;
+            last
+        };
+        self.take_checkpoint().await?;
+        Ok(last)
+    }
+
+    /// A checkpoint outside Raft (a standby follows the archive without it); its index.
+    pub async fn checkpoint_now(&self) -> io::Result<u64> {
+        let snapshot = self.take_checkpoint().await?;
+        Ok(snapshot.meta.last_log_id.map_or(0, |l| l.index))
     }
 
     /// Waits until the replica has answered every entry handed over so far.

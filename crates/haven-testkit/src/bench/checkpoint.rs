@@ -322,6 +322,7 @@ impl<'a> SizeBench<'a> {
             .tempdir()
             .context("creating a temporary directory")?;
         let spec = ClusterSpec {
+            site: String::new(),
             extra_config: CHECKPOINT_CONFIG.to_string(),
             managed: true,
             services: Vec::new(),

@@ -146,6 +146,7 @@ async fn launch_haven(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<Ru
 /// config: what every bench launches, before any changes of its own.
 pub fn log_app_cluster(nodes: usize, exe: &Path, dir: &Path, prepopulate: u64) -> ClusterSpec {
     ClusterSpec {
+        site: String::new(),
         nodes,
         exe: exe.to_path_buf(),
         dir: dir.to_path_buf(),

@@ -150,6 +150,7 @@ fn cluster_spec(args: &TenantsArgs, exe: &std::path::Path, dir: &std::path::Path
         ),
     };
     ClusterSpec {
+        site: String::new(),
         nodes: 3,
         exe: exe.to_path_buf(),
         dir: dir.to_path_buf(),

@@ -366,6 +366,7 @@ async fn start_cluster(
     net: Option<&NetHosts>,
 ) -> anyhow::Result<LocalCluster> {
     let spec = ClusterSpec {
+        site: String::new(),
         nodes,
         exe,
         dir: dir.to_path_buf(),

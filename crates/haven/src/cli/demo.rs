@@ -106,6 +106,7 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
     );
     log_service.tables = archive.tables();
     let spec = ClusterSpec {
+        site: String::new(),
         nodes: 3,
         exe,
         dir: tmp.path().to_path_buf(),

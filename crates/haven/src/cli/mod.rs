@@ -8,6 +8,7 @@ pub mod demo;
 pub mod demo_site;
 pub mod members;
 pub mod services;
+pub mod site;
 pub mod status;
 
 /// A node's admin endpoint and, on a node with several services, which one a command is

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use haven_node::admin::Status;
 use haven_service::archive::ArchiveStatus;
+use haven_service::site::Role;
+use haven_service::site::SiteStatus;
 
 use super::AdminTarget;
 
@@ -100,6 +102,7 @@ pub fn render(status: &Status) -> String {
             ),
         ),
         ("archive", archive_line(status.archive.as_ref())),
+        ("site", site_line(status.site.as_ref())),
         ("after_a_crash", status.exactly_once_after_crash.clone()),
     ];
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
@@ -126,6 +129,33 @@ fn archive_line(archive: Option<&ArchiveStatus>) -> String {
     format!("{} {}, {progress}{error}", a.url, a.protection)
 }
 
+/// The site in one line: this node's role, who writes the archive, a standby's lag.
+fn site_line(site: Option<&SiteStatus>) -> String {
+    let Some(s) = site else {
+        return "none".to_string();
+    };
+    let mut line = format!("{} at site {:?}", s.role.name(), s.site);
+    if let (Some(epoch), Some(writer)) = (s.epoch, &s.writer) {
+        line.push_str(&format!(", archive epoch {epoch} by {writer}"));
+    }
+    if let Role::Standby = s.role {
+        line.push_str(&format!(
+            ", applied {} of {}, {} entries and {:.3} s behind",
+            opt(s.applied_index),
+            opt(s.archive_index),
+            s.lag_entries,
+            s.lag_ms as f64 / 1e3
+        ));
+    }
+    if let Role::Fenced { reason } = &s.role {
+        line.push_str(&format!(": {reason}"));
+    }
+    if let Some(e) = &s.last_error {
+        line.push_str(&format!("; last error: {e}"));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +180,7 @@ mod tests {
             checkpoint_receive: Default::default(),
             archive: None,
             exactly_once_after_crash: String::new(),
+            site: None,
         }
     }
 

@@ -60,6 +60,7 @@ pub async fn start_with(
 ) -> TestCluster {
     let dir = test_dir("haven-test-");
     let spec = ClusterSpec {
+        site: String::new(),
         nodes,
         exe: PathBuf::from(env!("CARGO_BIN_EXE_haven")),
         dir: dir.path().to_path_buf(),

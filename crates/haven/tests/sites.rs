@@ -1,0 +1,272 @@
+//! Sites end to end, with real processes and a real S3 server (SeaweedFS): a primary
+//! site of 3 nodes archives; two standby sites of one node each follow the archive; the
+//! primary site is lost (every node killed with SIGKILL); both standbys are promoted at
+//! once and exactly one wins; the winner takes writes with every acknowledged write
+//! present once; the loser follows the winner; the old primary, started again, finds
+//! itself fenced and refuses writes.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use std::time::Instant;
+
+use haven_archive::testing::SeaweedServer;
+use haven_client::http::Http;
+use haven_client::http::Reply;
+use haven_node::admin::Status;
+use haven_testkit::cluster::AppKind;
+use haven_testkit::cluster::ClusterSpec;
+use haven_testkit::cluster::LocalCluster;
+
+mod common;
+use common::TestCluster;
+
+const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+const URL: &str = "s3://haven/sites";
+
+fn keygen(dir: &Path) -> PathBuf {
+    let output = Command::new(HAVEN)
+        .args(["archive", "keygen"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let path = dir.join("archive.key");
+    std::fs::write(&path, &output.stdout).unwrap();
+    path
+}
+
+const CHECKPOINTS: &str =
+    "[checkpoints]\nmode = \"managed\"\nevery_entries = 150\nevery_seconds = 0\nkeep = 3\n";
+/// Counting lines is a read a standby may serve from its own, stale replica.
+const LOCAL_COUNT: &str =
+    "[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/count\"\nmode = \"local\"\n";
+
+fn primary_config(endpoint: &str, key: &Path) -> String {
+    format!(
+        "{CHECKPOINTS}[archive]\nurl = \"{URL}\"\nendpoint = \"{endpoint}\"\nkey_file = \"{}\"\nflush_ms = 100\nkeep = 2\n",
+        key.display()
+    )
+}
+
+/// A standby site of one node at `site`, following the primary's archive.
+fn start_standby(site: &str, dir: &Path, endpoint: &str, key: &Path) -> LocalCluster {
+    let dir = dir.join(format!("site-{site}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = ClusterSpec {
+        site: site.to_string(),
+        nodes: 1,
+        exe: PathBuf::from(HAVEN),
+        dir,
+        extra_config: format!(
+            "{LOCAL_COUNT}{CHECKPOINTS}[standby]\nfrom = \"{URL}\"\nendpoint = \"{endpoint}\"\nkey_file = \"{}\"\npoll_ms = 100\n",
+            key.display()
+        ),
+        app: AppKind::LogApp {
+            prepopulate: common::PREPOPULATE,
+        },
+        managed: true,
+        services: Vec::new(),
+    };
+    LocalCluster::start(spec).unwrap()
+}
+
+/// Waits until `node` of `cluster` reports `done` of its status.
+async fn wait_status(cluster: &LocalCluster, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = cluster.status(0).await;
+        if let Ok(status) = &status
+            && done(status)
+        {
+            return status.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened; last status {status:?}; logs in {}",
+            cluster.spec.dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn standby_applied(status: &Status) -> Option<u64> {
+    status.site.as_ref().and_then(|s| s.applied_index)
+}
+
+/// Waits until the primary's leader reports the archive holding everything it applied.
+async fn wait_archived(cluster: &TestCluster) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(leader) = cluster.wait_for_leader(Duration::from_secs(5)).await
+            && let Ok(status) = cluster.status(leader).await
+            && let Some(archive) = &status.archive
+            && archive.uploading
+            && archive.archived_index.is_some()
+            && archive.archived_index == status.applied_index
+        {
+            return archive.archived_index.unwrap_or(0);
+        }
+        assert!(Instant::now() < deadline, "the archive never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn append(http: &Http, cluster: &LocalCluster, body: &str) -> Reply {
+    let url = format!("{}/append", cluster.slots[0].client_url());
+    http.post(&url, body.to_string()).await.unwrap()
+}
+
+/// `haven site promote --json` on a standby site's node, in a thread of its own.
+fn promote(cluster: &LocalCluster) -> std::thread::JoinHandle<std::process::Output> {
+    let admin = cluster.slots[0].admin_addr.to_string();
+    std::thread::spawn(move || {
+        Command::new(HAVEN)
+            .args(["site", "promote", "--admin", &admin, "--json"])
+            .output()
+            .unwrap()
+    })
+}
+
+fn assert_holds_once(replica: &[u8], acknowledged: &[String]) {
+    let text = String::from_utf8_lossy(replica);
+    for body in acknowledged {
+        let copies = text.lines().filter(|l| l == body).count();
+        assert_eq!(copies, 1, "{body:?} appears {copies} times");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_lost_site_and_fences_the_old_primary() {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let dir = common::test_dir("haven-sites-");
+    let key = keygen(dir.path());
+    let mut primary = common::start(3, true, &primary_config(&server.endpoint, &key)).await;
+    let http = Http::new(Duration::from_secs(15));
+    let mut acknowledged = Vec::new();
+    for i in 0..300 {
+        let body = format!("site-a {i}");
+        if primary.append(i % 3, &body).await.status == 201 {
+            acknowledged.push(body);
+        }
+    }
+    let b = start_standby("b", dir.path(), &server.endpoint, &key);
+    let c = start_standby("c", dir.path(), &server.endpoint, &key);
+
+    // The standbys follow: each replica equals the primary's, byte for byte.
+    let replica = primary.assert_replicas_identical().await;
+    let archived = wait_archived(&primary).await;
+    for standby in [&b, &c] {
+        let status = wait_status(standby, "catching up", |s| {
+            standby_applied(s) == Some(archived)
+        })
+        .await;
+        let site = status.site.unwrap();
+        assert_eq!((site.role.name(), site.lag_entries), ("standby", 0));
+        assert!(standby.replica_bytes(0).unwrap() == replica);
+    }
+
+    // A standby refuses writes, naming the primary, and serves stale reads saying how stale.
+    let refused = append(&http, &b, "never").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("haven-error").as_deref(), Some("standby"));
+    assert!(refused.text().contains("haven/app"), "{}", refused.text());
+    let count = http
+        .get(&format!("{}/count", b.slots[0].client_url()))
+        .await
+        .unwrap();
+    assert_eq!(count.status, 200);
+    let lag: u64 = count.header("haven-lag-ms").unwrap().parse().unwrap();
+    assert!(lag < 60_000, "lag {lag} ms");
+
+    // The primary site is lost.
+    for i in 0..3 {
+        primary.kill_node(i);
+        primary.kill_app(i);
+    }
+
+    // Both standbys are promoted at once: exactly one wins.
+    let started = Instant::now();
+    let (at_b, at_c) = (promote(&b), promote(&c));
+    let (at_b, at_c) = (at_b.join().unwrap(), at_c.join().unwrap());
+    assert!(
+        at_b.status.success() != at_c.status.success(),
+        "b: {}\nc: {}",
+        String::from_utf8_lossy(&at_b.stderr),
+        String::from_utf8_lossy(&at_c.stderr)
+    );
+    let (winner, loser, won, lost) = match at_b.status.success() {
+        true => (&b, &c, at_b, at_c),
+        false => (&c, &b, at_c, at_b),
+    };
+    let said = String::from_utf8_lossy(&lost.stderr);
+    assert!(said.contains("another promotion won"), "{said}");
+    let report: serde_json::Value = serde_json::from_slice(&won.stdout).unwrap();
+    assert_eq!(report["epoch"].as_u64(), Some(2), "{report}");
+    assert_eq!(
+        report["last_archived_index"].as_u64(),
+        Some(archived),
+        "{report}"
+    );
+    assert_eq!(
+        report["start_index"].as_u64(),
+        Some(archived + 1),
+        "{report}"
+    );
+
+    // The winner takes writes; every acknowledged write is there once.
+    let first = loop {
+        let reply = append(&http, winner, "site-b 0").await;
+        if reply.status == 201 {
+            break reply;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rto = started.elapsed();
+    eprintln!("promotion to first acknowledged write: {rto:?}");
+    assert_eq!(
+        first.header("haven-index"),
+        Some((archived + 2).to_string())
+    );
+    acknowledged.push("site-b 0".to_string());
+    for i in 1..50 {
+        let body = format!("site-b {i}");
+        assert_eq!(append(&http, winner, &body).await.status, 201);
+        acknowledged.push(body);
+    }
+    assert_holds_once(&winner.replica_bytes(0).unwrap(), &acknowledged);
+
+    // The loser follows the winner now.
+    let status = wait_status(winner, "the winner archiving", |s| {
+        s.archive.as_ref().and_then(|a| a.archived_index) == s.applied_index
+    })
+    .await;
+    let end = status.applied_index;
+    let followed = wait_status(loser, "the loser following", |s| standby_applied(s) == end).await;
+    assert_eq!(followed.site.unwrap().epoch, Some(2));
+    assert!(loser.replica_bytes(0).unwrap() == winner.replica_bytes(0).unwrap());
+
+    // The old primary comes back and finds itself fenced: no write is accepted.
+    for i in 0..3 {
+        primary.start_app(i).unwrap();
+        primary.start_node(i).unwrap();
+    }
+    let fenced = wait_status(&primary, "the fence", |s| {
+        s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
+    })
+    .await;
+    let reason = match fenced.site.unwrap().role {
+        haven_service::site::Role::Fenced { reason } => reason,
+        role => panic!("{role:?}"),
+    };
+    assert!(reason.contains("epoch 2"), "{reason}");
+    let refused = primary.append(0, "after the fence").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+}
