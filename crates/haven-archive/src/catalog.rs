@@ -329,9 +329,15 @@ impl Catalog {
             Some(c) => c.index + 1,
             None => self.log.first()?.first,
         };
-        let Some(end) = self.contiguous_end(start) else {
-            return newest.map(|c| (c.index, c.time_us));
-        };
+        self.reach_from(start)
+            .or_else(|| newest.map(|c| (c.index, c.time_us)))
+    }
+
+    /// The last index reachable without a gap from `from`, and its entry time: where a
+    /// reader that applied everything before `from` can go (a follower whose catalog
+    /// forgot what it applied).
+    pub fn reach_from(&self, from: u64) -> Option<(u64, i64)> {
+        let end = self.contiguous_end(from)?;
         let time = self
             .log
             .iter()

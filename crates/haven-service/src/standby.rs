@@ -238,7 +238,12 @@ impl Follower {
         {
             return Err(StandbyError::Refused(same_identity(marker)));
         }
-        let archive_end = catalog.last_entry();
+        // The catalog forgets what was applied; from the next entry on is what counts.
+        let reach = applied.and_then(|a| catalog.reach_from(a + 1));
+        let archive_end = [reach, catalog.last_entry()]
+            .into_iter()
+            .flatten()
+            .max_by_key(|(index, _)| *index);
         // A promotion ends the old primary's history where the new epoch starts.
         let end = match promoted {
             Some(marker) => Some(marker.start_index.saturating_sub(1)),

@@ -119,24 +119,6 @@ fn assert_sound(site: &Site) {
     assert!(said.ends_with("sound\n"), "{said}");
 }
 
-/// Waits until the leader reports the archive holding everything it applied.
-async fn wait_archived(cluster: &TestCluster, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(leader) = cluster.wait_for_leader(Duration::from_secs(5)).await
-            && let Ok(status) = cluster.status(leader).await
-            && let Some(archive) = &status.archive
-            && archive.uploading
-            && archive.archived_index.is_some()
-            && archive.archived_index == status.applied_index
-        {
-            return archive.archived_index.unwrap_or(0);
-        }
-        assert!(Instant::now() < deadline, "the archive never caught up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_alone_rebuilds_every_acknowledged_write_after_the_site_is_lost() {
     let url = "s3://haven/site-loss";
@@ -149,7 +131,7 @@ async fn the_archive_alone_rebuilds_every_acknowledged_write_after_the_site_is_l
         }
     }
     let replica = cluster.assert_replicas_identical().await;
-    let archived = wait_archived(&cluster, Duration::from_secs(30)).await;
+    let archived = cluster.wait_archived(Duration::from_secs(30)).await;
     let leader = cluster
         .wait_for_leader(Duration::from_secs(5))
         .await
@@ -274,7 +256,7 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
         writer.await.unwrap();
     }
     let replica = cluster.assert_replicas_identical().await;
-    let archived = wait_archived(&cluster, Duration::from_secs(60)).await;
+    let archived = cluster.wait_archived(Duration::from_secs(60)).await;
 
     let out = keys.path().join("restored");
     let node_config = cluster.dir().join("node1").join("haven.toml");
@@ -326,7 +308,7 @@ async fn restores_to_an_index_or_a_time_equal_the_replica_as_it_was() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         points.push((index, time, cluster.replica_bytes(0).unwrap()));
     }
-    wait_archived(&cluster, Duration::from_secs(30)).await;
+    cluster.wait_archived(Duration::from_secs(30)).await;
     cluster.kill_node(0);
     let data_dir = cluster
         .dir()

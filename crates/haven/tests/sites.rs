@@ -20,7 +20,6 @@ use haven_testkit::cluster::ClusterSpec;
 use haven_testkit::cluster::LocalCluster;
 
 mod common;
-use common::TestCluster;
 
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
 const URL: &str = "s3://haven/sites";
@@ -49,13 +48,13 @@ fn primary_config(endpoint: &str, key: &Path) -> String {
     )
 }
 
-/// A standby site of one node at `site`, following the primary's archive.
-fn start_standby(site: &str, dir: &Path, endpoint: &str, key: &Path) -> LocalCluster {
+/// A standby site of `nodes` nodes at `site`, following the primary's archive.
+fn start_standby(site: &str, nodes: usize, dir: &Path, endpoint: &str, key: &Path) -> LocalCluster {
     let dir = dir.join(format!("site-{site}"));
     std::fs::create_dir_all(&dir).unwrap();
     let spec = ClusterSpec {
         site: site.to_string(),
-        nodes: 1,
+        nodes,
         exe: PathBuf::from(HAVEN),
         dir,
         extra_config: format!(
@@ -71,11 +70,16 @@ fn start_standby(site: &str, dir: &Path, endpoint: &str, key: &Path) -> LocalClu
     LocalCluster::start(spec).unwrap()
 }
 
-/// Waits until `node` of `cluster` reports `done` of its status.
-async fn wait_status(cluster: &LocalCluster, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+/// Waits until node `i` of `cluster` reports `done` of its status.
+async fn wait_status(
+    cluster: &LocalCluster,
+    i: usize,
+    what: &str,
+    done: impl Fn(&Status) -> bool,
+) -> Status {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = cluster.status(0).await;
+        let status = cluster.status(i).await;
         if let Ok(status) = &status
             && done(status)
         {
@@ -94,24 +98,6 @@ fn standby_applied(status: &Status) -> Option<u64> {
     status.site.as_ref().and_then(|s| s.applied_index)
 }
 
-/// Waits until the primary's leader reports the archive holding everything it applied.
-async fn wait_archived(cluster: &TestCluster) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(leader) = cluster.wait_for_leader(Duration::from_secs(5)).await
-            && let Ok(status) = cluster.status(leader).await
-            && let Some(archive) = &status.archive
-            && archive.uploading
-            && archive.archived_index.is_some()
-            && archive.archived_index == status.applied_index
-        {
-            return archive.archived_index.unwrap_or(0);
-        }
-        assert!(Instant::now() < deadline, "the archive never caught up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn append(http: &Http, cluster: &LocalCluster, body: &str) -> Reply {
     let url = format!("{}/append", cluster.slots[0].client_url());
     http.post(&url, body.to_string()).await.unwrap()
@@ -126,6 +112,24 @@ fn promote(cluster: &LocalCluster) -> std::thread::JoinHandle<std::process::Outp
             .output()
             .unwrap()
     })
+}
+
+/// Every replica of a site holds the same bytes (a primary site's once converged; a
+/// standby's are compared as they are); those bytes.
+async fn replicas_identical(site: &LocalCluster) -> Vec<u8> {
+    let standby = site.status(0).await.unwrap().role == "standby";
+    if site.slots.len() > 1 && !standby {
+        site.wait_converged(Duration::from_secs(30)).await.unwrap();
+    }
+    let first = site.replica_bytes(0).unwrap();
+    for i in 1..site.slots.len() {
+        assert!(
+            site.replica_bytes(i).unwrap() == first,
+            "replica {} differs",
+            i + 1
+        );
+    }
+    first
 }
 
 fn assert_holds_once(replica: &[u8], acknowledged: &[String]) {
@@ -151,20 +155,22 @@ async fn a_standby_takes_over_a_lost_site_and_fences_the_old_primary() {
             acknowledged.push(body);
         }
     }
-    let b = start_standby("b", dir.path(), &server.endpoint, &key);
-    let c = start_standby("c", dir.path(), &server.endpoint, &key);
+    let b = start_standby("b", 3, dir.path(), &server.endpoint, &key);
+    let c = start_standby("c", 1, dir.path(), &server.endpoint, &key);
 
     // The standbys follow: each replica equals the primary's, byte for byte.
     let replica = primary.assert_replicas_identical().await;
-    let archived = wait_archived(&primary).await;
+    let archived = primary.wait_archived(Duration::from_secs(30)).await;
     for standby in [&b, &c] {
-        let status = wait_status(standby, "catching up", |s| {
-            standby_applied(s) == Some(archived)
-        })
-        .await;
-        let site = status.site.unwrap();
-        assert_eq!((site.role.name(), site.lag_entries), ("standby", 0));
-        assert!(standby.replica_bytes(0).unwrap() == replica);
+        for i in 0..standby.slots.len() {
+            let status = wait_status(standby, i, "catching up", |s| {
+                standby_applied(s) == Some(archived)
+            })
+            .await;
+            let site = status.site.unwrap();
+            assert_eq!((site.role.name(), site.lag_entries), ("standby", 0));
+            assert!(standby.replica_bytes(i).unwrap() == replica);
+        }
     }
 
     // A standby refuses writes, naming the primary, and serves stale reads saying how stale.
@@ -241,32 +247,44 @@ async fn a_standby_takes_over_a_lost_site_and_fences_the_old_primary() {
         acknowledged.push(body);
     }
     assert_holds_once(&winner.replica_bytes(0).unwrap(), &acknowledged);
+    let winner_replica = replicas_identical(winner).await;
 
     // The loser follows the winner now.
-    let status = wait_status(winner, "the winner archiving", |s| {
+    let leader = winner
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let status = wait_status(winner, leader, "the winner archiving", |s| {
         s.archive.as_ref().and_then(|a| a.archived_index) == s.applied_index
     })
     .await;
     let end = status.applied_index;
-    let followed = wait_status(loser, "the loser following", |s| standby_applied(s) == end).await;
-    assert_eq!(followed.site.unwrap().epoch, Some(2));
-    assert!(loser.replica_bytes(0).unwrap() == winner.replica_bytes(0).unwrap());
+    for i in 0..loser.slots.len() {
+        let followed = wait_status(loser, i, "the loser following", |s| {
+            standby_applied(s) == end
+        })
+        .await;
+        assert_eq!(followed.site.unwrap().epoch, Some(2));
+    }
+    assert!(replicas_identical(loser).await == winner_replica);
 
     // The old primary comes back and finds itself fenced: no write is accepted.
     for i in 0..3 {
         primary.start_app(i).unwrap();
         primary.start_node(i).unwrap();
     }
-    let fenced = wait_status(&primary, "the fence", |s| {
-        s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
-    })
-    .await;
-    let reason = match fenced.site.unwrap().role {
-        haven_service::site::Role::Fenced { reason } => reason,
-        role => panic!("{role:?}"),
-    };
-    assert!(reason.contains("epoch 2"), "{reason}");
-    let refused = primary.append(0, "after the fence").await;
-    assert_eq!(refused.status, 503, "{}", refused.text());
-    assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+    for i in 0..3 {
+        let fenced = wait_status(&primary, i, "the fence", |s| {
+            s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
+        })
+        .await;
+        let reason = match fenced.site.unwrap().role {
+            haven_service::site::Role::Fenced { reason } => reason,
+            role => panic!("{role:?}"),
+        };
+        assert!(reason.contains("epoch 2"), "{reason}");
+        let refused = primary.append(i, "after the fence").await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+    }
 }

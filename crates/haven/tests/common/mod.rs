@@ -124,6 +124,27 @@ impl TestCluster {
         first
     }
 
+    /// Waits until the leader reports the archive holding everything it applied; that index.
+    pub async fn wait_archived(&self, timeout: Duration) -> u64 {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(leader) = self.wait_for_leader(Duration::from_secs(5)).await
+                && let Ok(status) = self.status(leader).await
+                && let Some(archive) = &status.archive
+                && archive.uploading
+                && archive.archived_index.is_some()
+                && archive.archived_index == status.applied_index
+            {
+                return archive.archived_index.unwrap_or(0);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the archive never caught up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn follower_of(&self, leader: usize) -> usize {
         (leader + 1) % self.slots.len()
     }
