@@ -257,3 +257,45 @@ async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
         "{refused}"
     );
 }
+
+/// A writer of `cluster` at `site`.
+fn writer_at(cluster: &str, site: &str) -> epoch::Writer {
+    epoch::Writer {
+        site: site.to_string(),
+        ..writer_of(cluster)
+    }
+}
+
+#[tokio::test]
+async fn of_two_promotions_one_wins_the_old_writer_is_fenced_and_the_cut_holds() {
+    let server = SeaweedServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    for store in targets(&server, dir.path(), "promote").await {
+        let mut old = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+            .await
+            .unwrap();
+        ship_range(&mut old, 1, 60, 30).await;
+        let (b, c) = (writer_at("a", "b"), writer_at("a", "c"));
+        let (at_b, at_c) = tokio::join!(
+            epoch::promote(&store, &protection, &b, Some(1), 61, 2),
+            epoch::promote(&store, &protection, &c, Some(1), 61, 2),
+        );
+        assert!(at_b.is_ok() != at_c.is_ok(), "{at_b:?} {at_c:?}");
+        let lost = at_b.err().or(at_c.err()).unwrap().to_string();
+        assert!(lost.contains("another promotion won"), "{lost}");
+        // The old writer meets the fence, and the history ends where it was cut.
+        let fenced = epoch::check_not_fenced(&store, &protection, 1).await;
+        assert!(
+            matches!(fenced, Err(ArchiveError::Fenced { newer: 2, .. })),
+            "{fenced:?}"
+        );
+        let reader = Reader::open(store.clone(), protection.clone())
+            .await
+            .unwrap();
+        assert_eq!(reader.catalog().last_entry().map(|(i, _)| i), Some(60));
+        let winner = reader.catalog().newest_epoch().unwrap();
+        assert!(["b", "c"].contains(&winner.site.as_str()), "{winner:?}");
+        assert_eq!((winner.epoch, winner.start_index), (2, 61));
+    }
+}
