@@ -112,12 +112,10 @@ pub async fn promote(handle: &SiteHandle) -> Result<Promotion, StandbyError> {
             follows.unwrap_or(0)
         )));
     }
-    let (last_index, last_time_us) = catalog.last_entry().unwrap_or((0, 0));
+    let last = catalog.last_entry();
+    let (last_index, last_time_us) = last.unwrap_or((0, 0));
+    let start_index = last.map_or(0, |(index, _)| index + 1);
     let now_us = chrono::Utc::now().timestamp_micros();
-    let start_index = match catalog.last_entry() {
-        Some((last, _)) => last + 1,
-        None => 0,
-    };
     let marker = epoch::promote(
         &target.store,
         &target.protection,
@@ -170,13 +168,6 @@ pub struct Follower {
     pub metrics: Metrics,
     /// Asks the node to open this service again (as the primary it has become).
     pub reopen: mpsc::UnboundedSender<String>,
-}
-
-/// Where a look at the archive resumes replay.
-enum Start {
-    Replay(u64),
-    /// The archive's newest checkpoint, if it has one.
-    Checkpoint(Option<u64>),
 }
 
 /// What one look at the archive ended with.
@@ -250,7 +241,7 @@ impl Follower {
             None => archive_end.map(|(index, _)| index),
         };
         let Some(end) = end else {
-            self.report(newest.as_ref(), applied, None).await;
+            self.report(newest.as_ref(), None).await;
             return Ok(Step::Following);
         };
         if promoted.is_some() && applied.is_some_and(|a| a > end) {
@@ -265,21 +256,18 @@ impl Follower {
         // A fresh standby starts from the newest checkpoint when there is one: replaying
         // the whole history would be slower, and retention may delete it meanwhile.
         let fresh = applied.is_none() && newest_checkpoint.is_some();
-        let start = match !fresh && (next > end || catalog.covering(next, next).is_ok()) {
-            true => Start::Replay(next),
-            false => Start::Checkpoint(newest_checkpoint),
+        let first = match !fresh && (next > end || catalog.covering(next, next).is_ok()) {
+            true => next,
+            false => {
+                self.install_newest(history, applied, newest_checkpoint, end)
+                    .await?
+            }
         };
-        let first = self.catch_up_from(history, applied, start, end).await?;
         let last = end.min(first + MAX_ENTRIES_PER_STEP - 1);
         if first <= last {
             crate::restore::replay(&self.machine, history, first..=last, &Silent).await?;
         }
-        self.report(
-            newest.as_ref(),
-            Some(last.max(first.saturating_sub(1))),
-            archive_end,
-        )
-        .await;
+        self.report(newest.as_ref(), archive_end).await;
         match promoted {
             Some(marker) if last == end => {
                 self.take_over(marker).await?;
@@ -302,20 +290,16 @@ impl Follower {
         })
     }
 
-    /// The first entry to replay: the next one, or, when the archive no longer holds it (a
-    /// fresh standby, or one that was down while retention went on), the one after the
-    /// archive's newest checkpoint, installed first.
-    async fn catch_up_from(
+    /// Installs the archive's newest checkpoint, when the archive no longer holds the next
+    /// entry (a fresh standby, or one that was down while retention went on); the entry
+    /// after it, where replay goes on.
+    async fn install_newest(
         &self,
         history: &mut History,
         applied: Option<u64>,
-        start: Start,
+        newest: Option<u64>,
         end: u64,
     ) -> Result<u64, StandbyError> {
-        let newest = match start {
-            Start::Replay(next) => return Ok(next),
-            Start::Checkpoint(newest) => newest,
-        };
         let Some(checkpoint) = newest.filter(|&c| applied.is_none_or(|a| c > a) && c <= end) else {
             return Err(StandbyError::Refused(format!(
                 "the archive holds neither entry {} nor a checkpoint after it: this standby cannot catch up (wipe its data directory to start again from the newest checkpoint)",
@@ -333,13 +317,9 @@ impl Follower {
     }
 
     /// Status and metrics: how far behind the archive this standby is.
-    async fn report(
-        &self,
-        newest: Option<&EpochMarker>,
-        applied: Option<u64>,
-        archive_end: Option<(u64, i64)>,
-    ) {
-        let (_, applied_time) = self.machine.position().await;
+    async fn report(&self, newest: Option<&EpochMarker>, archive_end: Option<(u64, i64)>) {
+        let (position, applied_time) = self.machine.position().await;
+        let applied = position.map(|l| l.index);
         let (archive_index, archive_time) = archive_end.unzip();
         let lag_entries = archive_index.map_or(0, |end| end.saturating_sub(applied.unwrap_or(0)));
         let lag_ms = archive_time.map_or(0, |t| ((t - applied_time).max(0) / 1000) as u64);

@@ -226,7 +226,8 @@ impl Ingress {
     /// node serves no write and no read that claims to be current, since another site
     /// took over.
     fn refused_by_site(&self, mode: RouteMode) -> Option<HttpResponse> {
-        let status = self.site.as_ref()?.borrow().clone();
+        // Every request of a service with an archive passes here: borrow, never clone.
+        let status = self.site.as_ref()?.borrow();
         let (code, reason) = match (&status.role, mode) {
             (Role::Primary, _) | (_, RouteMode::Local) => return None,
             (Role::Standby, _) => (
@@ -242,6 +243,7 @@ impl Ingress {
                 format!("this site no longer writes the service: {reason}"),
             ),
         };
+        drop(status);
         self.metrics.site_refused_writes.inc();
         Some(self.unavailable(code, &reason))
     }
