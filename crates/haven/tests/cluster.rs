@@ -298,8 +298,19 @@ async fn demo_passes() {
     assert!(report["tree_creates_acknowledged"].as_u64().unwrap() > 0);
     assert_eq!(report["leaders"].as_object().unwrap().len(), 2);
     let site = &report["site_loss"];
-    assert_eq!(site["restored_identical"], true, "{report}");
-    assert_eq!(site["archived_index"], site["committed_index"], "{report}");
+    for check in [
+        "history_identical",
+        "acknowledged_once",
+        "within_rpo_target",
+    ] {
+        assert_eq!(site[check], true, "{check}: {report}");
+    }
+    assert!(
+        site["appends_acknowledged"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(site["epoch"], 2, "{report}");
+    assert!(site["rto_ms"].as_u64().unwrap() >= site["writable_after_ms"].as_u64().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
