@@ -1,8 +1,14 @@
 //! Who writes an archive. An epoch marker is created once (create-only) and names the
 //! cluster that writes under it and the first index it writes; every other object is
 //! named by its epoch. A second cluster finds the marker naming another cluster and is
-//! refused; a standby promoted at another site (the sites issue) creates the next
-//! epoch's marker, and a writer of an older epoch that sees it knows it is fenced.
+//! refused.
+//!
+//! A standby promoted at another site takes the archive over in two create-only steps:
+//! first the *fence* of the next epoch (whoever creates it wins; from then on the old
+//! writer acknowledges nothing more, see [`check_fence`]), then, having read the
+//! archive's end, the next epoch's marker starting after it. Because the end is read
+//! after the fence, every entry the old writer confirmed unfenced after uploading it is
+//! inside the new epoch's history: the promise `ack = "quorum+archive"` rests on.
 
 use serde::Deserialize;
 use serde::Serialize;
@@ -75,19 +81,42 @@ pub async fn read(
 ) -> Result<EpochMarker, ArchiveError> {
     let name = names::epoch(epoch);
     let stored = store.get(&name).await?;
-    let content = seal::open(&name, &stored, protection)?;
+    decode(&name, &stored, protection, epoch)
+}
+
+/// The fence of `epoch` (a marker whose start index is not known yet), if a promotion to
+/// it began.
+pub async fn read_fence(
+    store: &Store,
+    protection: &Protection,
+    epoch: u64,
+) -> Result<Option<EpochMarker>, ArchiveError> {
+    let name = names::fence(epoch);
+    match store.get_if_exists(&name).await? {
+        Some(stored) => decode(&name, &stored, protection, epoch).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn decode(
+    name: &str,
+    stored: &[u8],
+    protection: &Protection,
+    epoch: u64,
+) -> Result<EpochMarker, ArchiveError> {
+    let content = seal::open(name, stored, protection)?;
     let marker: EpochMarker = serde_json::from_slice(&content)
-        .map_err(|e| ArchiveError::damaged(&name, format!("undecodable marker: {e}")))?;
+        .map_err(|e| ArchiveError::damaged(name, format!("undecodable marker: {e}")))?;
     if marker.version != FORMAT_VERSION {
         return Err(ArchiveError::Version {
-            name,
+            name: name.to_string(),
             found: marker.version,
             known: FORMAT_VERSION,
         });
     }
     if marker.epoch != epoch {
         return Err(ArchiveError::damaged(
-            &name,
+            name,
             format!("names epoch {}", marker.epoch),
         ));
     }
@@ -131,6 +160,7 @@ pub async fn claim(
         if let Some(&newest) = numbers.last() {
             let marker = read(store, protection, newest).await?;
             if writer.owns(&marker) {
+                check_fence(store, protection, newest).await?;
                 return Ok(marker);
             }
             if let Some(ours) = owned_before(store, protection, writer, &numbers).await? {
@@ -148,7 +178,8 @@ pub async fn claim(
                 ours: writer.describe(),
             });
         }
-        if let Some(marker) = create(store, protection, writer, 1, 0, now_us).await? {
+        let first = names::epoch(1);
+        if let Some(marker) = create(store, protection, writer, &first, 1, 0, now_us).await? {
             return Ok(marker);
         }
         // Someone created it first: read whose it is.
@@ -170,11 +201,13 @@ async fn owned_before(
     Ok(None)
 }
 
-/// Creates epoch `epoch`'s marker unless it exists (then `None`: someone else did).
+/// Creates `name`, epoch `epoch`'s marker or fence, unless it exists (then `None`:
+/// someone else did).
 async fn create(
     store: &Store,
     protection: &Protection,
     writer: &Writer,
+    name: &str,
     epoch: u64,
     start_index: u64,
     now_us: i64,
@@ -189,62 +222,122 @@ async fn create(
         created_us: now_us,
         start_index,
     };
-    let name = names::epoch(epoch);
     let content =
-        serde_json::to_vec(&marker).map_err(|e| ArchiveError::damaged(&name, e.to_string()))?;
+        serde_json::to_vec(&marker).map_err(|e| ArchiveError::damaged(name, e.to_string()))?;
     let created = store
-        .create(&name, seal::seal(&name, &content, protection))
+        .create(name, seal::seal(name, &content, protection))
         .await?;
     if created != Created::Created {
         return Ok(None);
     }
     tracing::info!(
         url = store.url(),
-        epoch,
+        name,
         start_index,
         owner = marker.owner(),
-        "epoch marker created"
+        "created"
     );
     Ok(Some(marker))
 }
 
-/// Takes the archive over for `writer` (a standby being promoted): creates the marker of
-/// the epoch after `follows` (the epoch the standby followed; `None` when the archive had
-/// none), once, starting at `start_index` (the entry after the last one the promoted site
-/// applies). The create-only write is the fence: of two promotions of standbys that
-/// follow the same epoch, only one creates the marker, and the old primary's next upload
-/// meets it.
-pub async fn promote(
+/// Begins taking the archive over for `writer` (a standby being promoted): creates the
+/// fence of the epoch after `follows` (the epoch the standby followed; `None` when the
+/// archive had none), once. Of two promotions of standbys that follow the same epoch, only
+/// one creates it; the same writer trying again finds its own. Returns that epoch.
+pub async fn fence(
     store: &Store,
     protection: &Protection,
     writer: &Writer,
     follows: Option<u64>,
+    now_us: i64,
+) -> Result<u64, ArchiveError> {
+    let next = follows.map_or(1, |e| e + 1);
+    let name = names::fence(next);
+    if create(store, protection, writer, &name, next, 0, now_us)
+        .await?
+        .is_none()
+    {
+        let fence = read_fence(store, protection, next).await?;
+        let winner =
+            fence.ok_or_else(|| ArchiveError::damaged(&name, "vanished after its creation"))?;
+        if !writer.owns(&winner) {
+            return Err(lost(store, &winner));
+        }
+    }
+    Ok(next)
+}
+
+/// Completes the take-over behind this writer's fence of `epoch`: creates the epoch's
+/// marker starting at `start_index` (the entry after the archive's end as read after the
+/// fence). A marker this writer created before (a retried promotion) is returned as it is.
+pub async fn promote(
+    store: &Store,
+    protection: &Protection,
+    writer: &Writer,
+    epoch: u64,
     start_index: u64,
     now_us: i64,
 ) -> Result<EpochMarker, ArchiveError> {
-    let next = follows.map_or(1, |e| e + 1);
-    match create(store, protection, writer, next, start_index, now_us).await? {
-        Some(marker) => Ok(marker),
+    match read_fence(store, protection, epoch).await? {
+        Some(fence) if writer.owns(&fence) => {}
+        Some(fence) => return Err(lost(store, &fence)),
         None => {
-            let winner = read(store, protection, next).await?;
-            Err(ArchiveError::Promotion {
+            return Err(ArchiveError::Promotion {
                 url: store.url().to_string(),
-                reason: format!(
-                    "epoch {next} was created first by {} (node {}): another promotion won",
-                    winner.owner(),
-                    winner.node
-                ),
-            })
+                reason: format!("epoch {epoch} is not fenced: the fence comes first"),
+            });
         }
+    }
+    let name = names::epoch(epoch);
+    if let Some(marker) =
+        create(store, protection, writer, &name, epoch, start_index, now_us).await?
+    {
+        return Ok(marker);
+    }
+    let marker = read(store, protection, epoch).await?;
+    match writer.owns(&marker) {
+        true => Ok(marker),
+        false => Err(lost(store, &marker)),
     }
 }
 
-/// Refuses to go on writing once a newer epoch exists.
+fn lost(store: &Store, winner: &EpochMarker) -> ArchiveError {
+    ArchiveError::Promotion {
+        url: store.url().to_string(),
+        reason: format!(
+            "epoch {} was claimed first by {} (node {}): another promotion won",
+            winner.epoch,
+            winner.owner(),
+            winner.node
+        ),
+    }
+}
+
+/// Refuses once a promotion past `ours` began: one read, cheap enough to run after every
+/// upload a write waits for.
+pub async fn check_fence(
+    store: &Store,
+    protection: &Protection,
+    ours: u64,
+) -> Result<(), ArchiveError> {
+    match read_fence(store, protection, ours + 1).await? {
+        Some(fence) => Err(ArchiveError::Fenced {
+            url: store.url().to_string(),
+            newer: fence.epoch,
+            owner: fence.owner(),
+            ours,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses to go on writing once a newer epoch exists, or its fence.
 pub async fn check_not_fenced(
     store: &Store,
     protection: &Protection,
     ours: u64,
 ) -> Result<(), ArchiveError> {
+    check_fence(store, protection, ours).await?;
     let newer = store.list(names::EPOCHS, Some(&names::epoch(ours))).await?;
     let Some(newest) = newer
         .iter()

@@ -2,6 +2,7 @@
 //! has everything up to some object lists only the names after it.
 //!
 //! ```text
+//! fences/<epoch>                          who promotes to <epoch> (create-only, first)
 //! epochs/<epoch>                          who writes from which index (create-only)
 //! log/<epoch>/<first>-<last>-<time>       committed entries first..=last, the last one
 //!                                         proposed at <time> (µs since the Unix epoch)
@@ -13,10 +14,15 @@
 //! Times and terms are in the names so that listing alone answers "which objects hold
 //! the state at time T": a point-in-time restore reads only the objects it needs.
 
+pub const FENCES: &str = "fences/";
 pub const EPOCHS: &str = "epochs/";
 pub const LOG: &str = "log/";
 pub const CHECKPOINTS: &str = "checkpoints/";
 pub const MANIFESTS: &str = "manifests/";
+
+pub fn fence(epoch: u64) -> String {
+    format!("{FENCES}{epoch:010}")
+}
 
 pub fn epoch(epoch: u64) -> String {
     format!("{EPOCHS}{epoch:010}")

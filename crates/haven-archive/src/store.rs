@@ -147,6 +147,17 @@ impl Store {
             .map_err(|source| failed("get", name, source))
     }
 
+    /// `name`'s content, or `None` when there is no such object.
+    pub async fn get_if_exists(&self, name: &str) -> Result<Option<Bytes>, ArchiveError> {
+        let path = self.path(name);
+        let body = async { self.inner.get(&path).await?.bytes().await };
+        match bounded("get", name, body).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(failed("get", name, source)),
+        }
+    }
+
     /// The objects under `dir` whose names sort after `after`, in name order.
     pub async fn list(&self, dir: &str, after: Option<&str>) -> Result<Vec<Listed>, ArchiveError> {
         let prefix = self.path(dir.trim_end_matches('/'));

@@ -288,6 +288,12 @@ impl ArchiveWriter {
         Ok(names.len() as u64)
     }
 
+    /// Fails with [`ArchiveError::Fenced`] once a promotion past this writer's epoch
+    /// began: one read, after every upload that writes wait for.
+    pub async fn confirm_unfenced(&self) -> Result<(), ArchiveError> {
+        epoch::check_fence(&self.store, &self.protection, self.marker.epoch).await
+    }
+
     /// Fails with [`ArchiveError::Fenced`] once a newer epoch exists (looked up at most
     /// every [`FENCE_CHECK_EVERY`]).
     pub async fn check_fence(&mut self) -> Result<(), ArchiveError> {

@@ -278,13 +278,39 @@ async fn of_two_promotions_one_wins_the_old_writer_is_fenced_and_the_cut_holds()
         ship_range(&mut old, 1, 60, 30).await;
         let (b, c) = (writer_at("a", "b"), writer_at("a", "c"));
         let (at_b, at_c) = tokio::join!(
-            epoch::promote(&store, &protection, &b, Some(1), 61, 2),
-            epoch::promote(&store, &protection, &c, Some(1), 61, 2),
+            epoch::fence(&store, &protection, &b, Some(1), 2),
+            epoch::fence(&store, &protection, &c, Some(1), 2),
         );
         assert!(at_b.is_ok() != at_c.is_ok(), "{at_b:?} {at_c:?}");
+        let (winner, loser) = if at_b.is_ok() { (&b, &c) } else { (&c, &b) };
         let lost = at_b.err().or(at_c.err()).unwrap().to_string();
         assert!(lost.contains("another promotion won"), "{lost}");
-        // The old writer meets the fence, and the history ends where it was cut.
+        // Behind the fence, before any marker: the old writer acknowledges nothing more,
+        // and cannot open the archive again.
+        let fenced = epoch::check_fence(&store, &protection, 1).await;
+        assert!(
+            matches!(fenced, Err(ArchiveError::Fenced { newer: 2, .. })),
+            "{fenced:?}"
+        );
+        let reopened =
+            ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 3).await;
+        assert!(
+            matches!(reopened, Err(ArchiveError::Fenced { newer: 2, .. })),
+            "{:?}",
+            reopened.err()
+        );
+        let behind = epoch::promote(&store, &protection, loser, 2, 61, 3).await;
+        let behind = behind.unwrap_err().to_string();
+        assert!(behind.contains("another promotion won"), "{behind}");
+        let marker = epoch::promote(&store, &protection, winner, 2, 61, 3)
+            .await
+            .unwrap();
+        // A retried promotion finds its own marker, as it was.
+        let again = epoch::promote(&store, &protection, winner, 2, 99, 4)
+            .await
+            .unwrap();
+        assert_eq!(again, marker);
+        // The old writer meets the new epoch, and the history ends where it was cut.
         let fenced = epoch::check_not_fenced(&store, &protection, 1).await;
         assert!(
             matches!(fenced, Err(ArchiveError::Fenced { newer: 2, .. })),

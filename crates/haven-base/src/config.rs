@@ -300,6 +300,24 @@ pub struct ArchiveSection {
     /// 1,000,000); writes go on, and the leader keeps its log until they are shipped.
     #[serde(default = "default_max_backlog_entries")]
     pub max_backlog_entries: u64,
+    /// When a write is acknowledged: once a quorum holds it (default), or also the
+    /// archive (`"quorum+archive"`: nothing acknowledged is lost with the site).
+    #[serde(default)]
+    pub ack: AckMode,
+}
+
+/// What a write waits for before it is acknowledged (docs/SITES.md says what each
+/// promises when a whole site is lost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum AckMode {
+    /// A quorum of the site's nodes: the recovery point of a site loss is the archive's lag.
+    #[default]
+    #[serde(rename = "quorum")]
+    Quorum,
+    /// A quorum and the archive, confirmed unfenced after the upload: a site loss loses no
+    /// acknowledged write, at the cost of an upload round trip per batch of writes.
+    #[serde(rename = "quorum+archive")]
+    QuorumArchive,
 }
 
 impl ArchiveSection {
@@ -319,6 +337,7 @@ impl ArchiveSection {
             keep: default_archive_keep(),
             keep_days: None,
             max_backlog_entries: default_max_backlog_entries(),
+            ack: AckMode::Quorum,
         }
     }
 }
@@ -1221,6 +1240,18 @@ mode = "linearizable"
         assert_eq!(
             with("url = \"ftp://x\"\nkey_file = \"/k\"\n").unwrap_err(),
             "invalid config n1.toml: key `archive.url` (line 29): must be s3://bucket/prefix or file:///absolute/path"
+        );
+        assert_eq!(archive.ack, AckMode::Quorum);
+        let archived = with("url = \"file:///a\"\nencrypt = false\nack = \"quorum+archive\"\n");
+        assert_eq!(
+            archived.unwrap().service().archive.clone().unwrap().ack,
+            AckMode::QuorumArchive
+        );
+        let err = with("url = \"file:///a\"\nencrypt = false\nack = \"archive\"\n").unwrap_err();
+        assert!(err.contains("line 31"), "{err}");
+        assert!(
+            err.contains("unknown variant `archive`, expected `quorum` or `quorum+archive`"),
+            "{err}"
         );
         assert_eq!(
             with("url = \"file:///a\"\nkey_file = \"/k\"\nflush_ms = 0\n").unwrap_err(),

@@ -1,6 +1,8 @@
 //! Leader-side entry points shared by local clients and forwarded ones: proposing an
 //! ordered request and producing a read index.
 
+use std::time::Duration;
+
 use openraft::LinearizerOption;
 use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
@@ -12,10 +14,76 @@ use crate::types::HavenStateMachine;
 use crate::types::RaftOf;
 use haven_base::config::ReadConfirmation;
 use haven_contract::OrderedRequest;
+use tokio::sync::watch;
+
+/// What a leader answers forwarded requests by, beside its Raft.
+#[derive(Clone)]
+pub struct LeaderPolicy {
+    pub reads: ReadConfirmation,
+    pub durable: Option<DurableGate>,
+}
+
+/// For a service whose writes are acknowledged only once archived
+/// (`archive.ack = "quorum+archive"`): how far the archive holds the log, confirmed
+/// unfenced after the upload (the uploader advances it), and how long a committed write
+/// waits for it.
+#[derive(Clone)]
+pub struct DurableGate {
+    pub durable: watch::Receiver<Durable>,
+    pub wait: Duration,
+}
+
+/// How far the archive holds the log, and whether another site took the service over
+/// (then nothing more ever becomes durable here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub archived: u64,
+    pub fenced: bool,
+}
+
+impl DurableGate {
+    /// `Committed` once the archive holds `index`; otherwise the outcome is unknown to the
+    /// client: committed here, maybe lost with the site.
+    async fn covered(&self, index: u64) -> ForwardOutcome {
+        let mut durable = self.durable.clone();
+        let covered = durable.wait_for(|d| d.archived >= index || d.fenced);
+        match tokio::time::timeout(self.wait, covered).await {
+            Ok(Ok(d)) if d.archived >= index => ForwardOutcome::Committed { index },
+            Ok(Ok(_)) => ForwardOutcome::Unknown {
+                reason: format!(
+                    "committed at index {index} here, but another site took the service over before the archive held it: the write is not in the new primary's history"
+                ),
+            },
+            Ok(Err(_)) => ForwardOutcome::Unknown {
+                reason: format!(
+                    "committed at index {index}, but the service stopped before the archive held it"
+                ),
+            },
+            Err(_) => ForwardOutcome::Unknown {
+                reason: format!(
+                    "committed at index {index}, but not archived within {} ms (archive.ack = \"quorum+archive\"): is the object store reachable, or is this site fenced?",
+                    self.wait.as_millis()
+                ),
+            },
+        }
+    }
+}
 
 /// Stamps the determinism aids and proposes `req`; answers as soon as the entry is
-/// committed on a quorum, without waiting for the leader's own replica to apply it.
+/// committed on a quorum (and archived, behind a `durable` gate), without waiting for the
+/// leader's own replica to apply it.
 pub async fn propose<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    req: OrderedRequest,
+    durable: Option<&DurableGate>,
+) -> ForwardOutcome {
+    match (commit(raft, req).await, durable) {
+        (ForwardOutcome::Committed { index }, Some(gate)) => gate.covered(index).await,
+        (outcome, _) => outcome,
+    }
+}
+
+async fn commit<SM: HavenStateMachine>(
     raft: &RaftOf<SM>,
     mut req: OrderedRequest,
 ) -> ForwardOutcome {

@@ -21,6 +21,8 @@ use super::net::Accept;
 use super::net::Reader;
 use super::net::Writer;
 use super::propose;
+use super::propose::DurableGate;
+use super::propose::LeaderPolicy;
 use super::reconnect::REPORT_EVERY;
 use super::snapshot::Inbox;
 use super::wire;
@@ -51,6 +53,8 @@ pub struct Group<SM: HavenStateMachine> {
     /// This node's copy of the settings every replica must share; a dialer whose copy
     /// differs is refused.
     pub settings: SharedSettings,
+    /// Writes wait for the archive too (`archive.ack = "quorum+archive"`).
+    pub durable: Option<DurableGate>,
 }
 
 /// The Raft groups a node's raft port serves, by service. Services come and go while the
@@ -233,8 +237,12 @@ async fn serve_peer<SM: HavenStateMachine>(
     let answers = group.inbox.answers.clone();
     let raft = group.raft.clone();
     let mut stop = group.stop.clone();
+    let policy = LeaderPolicy {
+        reads,
+        durable: group.durable.clone(),
+    };
     drop(group);
-    let serving = serve_connection(reader, writer, raft, inbox, answers, reads);
+    let serving = serve_connection(reader, writer, raft, inbox, answers, policy);
     tokio::select! {
         served = serving => served,
         // A dropped sender means the service is gone too.
@@ -248,7 +256,7 @@ async fn serve_connection<SM: HavenStateMachine>(
     raft: RaftOf<SM>,
     mut inbox: Inbox,
     answers: Option<Arc<dyn RecordedAnswers>>,
-    reads: ReadConfirmation,
+    policy: LeaderPolicy,
 ) -> Result<(), wire::WireError> {
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
     tokio::spawn(write_replies(BufWriter::new(writer), replies_rx));
@@ -299,10 +307,10 @@ async fn serve_connection<SM: HavenStateMachine>(
                 });
             }
             other => {
-                let raft = raft.clone();
+                let (raft, policy) = (raft.clone(), policy.clone());
                 let replies = replies.clone();
                 tokio::spawn(async move {
-                    let reply = answer(&raft, other, reads).await;
+                    let reply = answer(&raft, other, &policy).await;
                     send_reply(&replies, id, &reply).await;
                 });
             }
@@ -371,15 +379,17 @@ fn start_stream<SM: HavenStateMachine>(
 async fn answer<SM: HavenStateMachine>(
     raft: &RaftOf<SM>,
     request: RpcRequest,
-    reads: ReadConfirmation,
+    policy: &LeaderPolicy,
 ) -> RpcReply {
     match request {
         RpcRequest::Vote(req) => RpcReply::Vote(raft.vote(req).await.map_err(|e| e.to_string())),
         RpcRequest::PreVote(req) => {
             RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| e.to_string()))
         }
-        RpcRequest::Forward(req) => RpcReply::Forward(propose::propose(raft, req).await),
-        RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft, reads).await),
+        RpcRequest::Forward(req) => {
+            RpcReply::Forward(propose::propose(raft, req, policy.durable.as_ref()).await)
+        }
+        RpcRequest::ReadIndex => RpcReply::ReadIndex(propose::read_index(raft, policy.reads).await),
         RpcRequest::TransferLeader(req) => RpcReply::TransferLeader(
             raft.handle_transfer_leader(req)
                 .await

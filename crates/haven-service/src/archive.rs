@@ -21,8 +21,11 @@ use haven_archive::seal::Protection;
 use haven_archive::store::Store;
 use haven_archive::store::StoreSettings;
 use haven_archive::writer::ArchiveWriter;
+use haven_base::config::AckMode;
 use haven_base::config::ArchiveSection;
 use haven_base::metrics::Metrics;
+use haven_consensus::propose::Durable;
+use haven_consensus::propose::DurableGate;
 use haven_consensus::types::Entry;
 use haven_consensus::types::TypeConfig;
 use haven_log::LogStore;
@@ -105,6 +108,9 @@ pub struct ArchiveProgress {
     /// The archive's last index as this node knows it (0 until known): the log is kept
     /// after it on every node, so whichever node leads next can ship what is missing.
     floor: watch::Sender<Option<u64>>,
+    /// Under `ack = "quorum+archive"`: the last index this node shipped and then found
+    /// unfenced; writes up to it may be acknowledged.
+    durable: watch::Sender<Durable>,
 }
 
 impl ArchiveProgress {
@@ -117,7 +123,16 @@ impl ArchiveProgress {
         Self {
             status: watch::channel(status).0,
             floor: watch::channel(None).0,
+            durable: watch::channel(Durable::default()).0,
         }
+    }
+
+    /// What writes wait for when the archive must hold them before they are acknowledged.
+    pub fn durable_gate(&self, section: &ArchiveSection, wait: Duration) -> Option<DurableGate> {
+        (section.ack == AckMode::QuorumArchive).then(|| DurableGate {
+            durable: self.durable.subscribe(),
+            wait,
+        })
     }
 
     pub fn status(&self) -> ArchiveStatus {
@@ -152,7 +167,7 @@ impl Uploader {
         let mut last_follow: Option<Instant> = None;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.target.section.flush()) => {}
+                _ = self.next_round() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             if self.progress.floor.borrow().is_none() {
@@ -200,6 +215,18 @@ impl Uploader {
                 }
             }
         }
+    }
+
+    /// Every `flush_ms`; under `ack = "quorum+archive"` a leader goes as soon as anything
+    /// new is applied, since writes wait for it: what arrives during one upload goes in
+    /// the next, so uploads batch by themselves.
+    async fn next_round(&mut self) {
+        let flush = self.target.section.flush();
+        if self.target.section.ack == AckMode::Quorum || !self.leads() {
+            return tokio::time::sleep(flush).await;
+        }
+        let durable = self.progress.durable.borrow().archived;
+        let _ = tokio::time::timeout(flush, self.applied.wait_for(|a| *a > durable)).await;
     }
 
     /// A follower learns how far the archive got, so its log is kept from there: if it
@@ -253,6 +280,8 @@ impl Uploader {
     /// refuses writes from here on, also after a restart.
     fn fenced(&self, reason: String) {
         self.metrics.site_role.set(2);
+        // Writes waiting for the archive learn now that it never takes them.
+        self.progress.durable.send_modify(|d| d.fenced = true);
         tracing::error!(%reason, "fenced: another site took this service over; writes are refused");
         self.progress
             .status
@@ -326,12 +355,32 @@ impl Uploader {
             self.count(shipped);
             next = last + 1;
         }
+        self.confirm_durable(writer).await?;
         self.ship_newest_checkpoint(writer, 0).await?;
         let section = &self.target.section;
         writer
             .apply_retention(section.keep, section.keep_days)
             .await?;
         self.report(writer, applied).await;
+        Ok(())
+    }
+
+    /// Under `ack = "quorum+archive"`, lets the writes the archive now holds be
+    /// acknowledged, once no promotion has fenced this site since they were uploaded: a
+    /// promotion reads the archive's end after its fence, so they are in its history.
+    async fn confirm_durable(&self, writer: &ArchiveWriter) -> Result<(), ArchiveError> {
+        if self.target.section.ack == AckMode::Quorum {
+            return Ok(());
+        }
+        let Some((archived, _)) = writer.archived() else {
+            return Ok(());
+        };
+        writer.confirm_unfenced().await?;
+        self.progress.durable.send_if_modified(|durable| {
+            let advanced = archived > durable.archived;
+            durable.archived = durable.archived.max(archived);
+            advanced
+        });
         Ok(())
     }
 

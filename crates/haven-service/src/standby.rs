@@ -83,9 +83,10 @@ pub struct Promotion {
     pub previous_writer: Option<String>,
 }
 
-/// Fences the old primary and starts the take-over: creates the next epoch's marker,
-/// starting after the archive's last entry as it stands now. The standby nodes see it
-/// and take over once they have applied everything before it.
+/// Fences the old primary and starts the take-over: creates the next epoch's fence, then
+/// its marker, starting after the archive's last entry as read after the fence. The
+/// standby nodes see the marker and take over once they have applied everything before
+/// it.
 pub async fn promote(handle: &SiteHandle) -> Result<Promotion, StandbyError> {
     let role = handle.site.role();
     if role != Role::Standby {
@@ -95,13 +96,13 @@ pub async fn promote(handle: &SiteHandle) -> Result<Promotion, StandbyError> {
         )));
     }
     let target = &handle.target;
-    let catalog = Catalog::load(&target.store, &target.protection).await?;
+    let mut catalog = Catalog::load(&target.store, &target.protection).await?;
     let previous = catalog.newest_epoch().cloned();
     if let Some(marker) = previous.as_ref().filter(|m| handle.writer.owns(m)) {
         return Err(StandbyError::Refused(same_identity(marker)));
     }
     // Two standby sites promoted at once both follow the same epoch and race for the
-    // next one's marker; one that finds a newer epoch than it follows lost already.
+    // next one's fence; one that finds a newer epoch than it follows lost already.
     let newest = previous.as_ref().map(|m| m.epoch);
     let follows = handle.site.status().epoch.or(newest);
     if let Some(marker) = previous.as_ref().filter(|m| Some(m.epoch) > follows) {
@@ -112,19 +113,24 @@ pub async fn promote(handle: &SiteHandle) -> Result<Promotion, StandbyError> {
             follows.unwrap_or(0)
         )));
     }
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let (store, protection) = (&target.store, &target.protection);
+    let epoch = epoch::fence(store, protection, &handle.writer, follows, now_us).await?;
+    // Read after the fence: everything the old primary confirmed unfenced is here.
+    catalog.refresh(store, protection).await?;
     let last = catalog.last_entry();
     let (last_index, last_time_us) = last.unwrap_or((0, 0));
     let start_index = last.map_or(0, |(index, _)| index + 1);
-    let now_us = chrono::Utc::now().timestamp_micros();
     let marker = epoch::promote(
-        &target.store,
-        &target.protection,
+        store,
+        protection,
         &handle.writer,
-        follows,
+        epoch,
         start_index,
         now_us,
     )
     .await?;
+    let start_index = marker.start_index;
     tracing::warn!(
         epoch = marker.epoch,
         start_index,

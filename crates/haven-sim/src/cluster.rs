@@ -193,6 +193,7 @@ fn add_node(
                     inbox,
                     stop,
                     settings,
+                    durable: None,
                 },
             );
             server::serve(listener, groups, reads, shutdown).await;

@@ -40,13 +40,13 @@ use tokio::time::Instant;
 
 use crate::routes::RouteTable;
 use haven_base::config::Limits;
-use haven_base::config::ReadConfirmation;
 use haven_base::config::RouteMode;
 use haven_base::metrics::Metrics;
 use haven_consensus::link::Lane;
 use haven_consensus::link::RpcError;
 use haven_consensus::link::Transport;
 use haven_consensus::propose;
+use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::read_batch::Fetched;
 use haven_consensus::read_batch::ReadBatcher;
 use haven_consensus::read_batch::ReadIndexFailure;
@@ -93,8 +93,9 @@ pub struct Ingress {
     pub routes: RouteTable,
     pub limits: Limits,
     pub metrics: Metrics,
-    /// How this node, when it leads, confirms leadership for reads.
-    reads_confirmed_by: ReadConfirmation,
+    /// How this node, when it leads, confirms leadership for reads and when it answers a
+    /// write (committed, or also archived).
+    leading: LeaderPolicy,
     inflight: Arc<Semaphore>,
     /// `limits.rate_per_s`, when set.
     quota: Option<quota::TokenBucket>,
@@ -116,7 +117,7 @@ impl Ingress {
         routes: RouteTable,
         limits: Limits,
         metrics: Metrics,
-        reads_confirmed_by: ReadConfirmation,
+        leading: LeaderPolicy,
     ) -> Arc<Self> {
         let boot_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
         Arc::new_cyclic(|ingress: &std::sync::Weak<Self>| {
@@ -141,7 +142,7 @@ impl Ingress {
                 }),
                 limits,
                 metrics,
-                reads_confirmed_by,
+                leading,
                 next_seq: AtomicU64::new(boot_ns),
                 reads,
             }
@@ -350,7 +351,8 @@ impl Ingress {
         loop {
             let (leader_id, leader) = self.wait_for_leader(leader_deadline).await?;
             let outcome = if leader_id == self.id {
-                let proposal = propose::propose(self.raft()?, ordered.clone());
+                let durable = self.leading.durable.as_ref();
+                let proposal = propose::propose(self.raft()?, ordered.clone(), durable);
                 tokio::time::timeout_at(deadline, proposal)
                     .await
                     .unwrap_or_else(|_| ForwardOutcome::Unknown {
@@ -482,7 +484,7 @@ impl Ingress {
                 return Err(ReadIndexFailure::NoLeader);
             };
             let outcome = if let (true, Some(raft)) = (leader_id == self.id, &self.raft) {
-                propose::read_index(raft, self.reads_confirmed_by).await
+                propose::read_index(raft, self.leading.reads).await
             } else {
                 let link = self.transport.link(&leader.raft_addr, Lane::Client);
                 let timeout = deadline.saturating_duration_since(Instant::now());

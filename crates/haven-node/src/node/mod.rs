@@ -27,6 +27,8 @@ use haven_base::metrics::NodeMetrics;
 use haven_base::workers::Workers;
 use haven_consensus as consensus;
 use haven_consensus::link::Transport;
+use haven_consensus::propose::DurableGate;
+use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::server::Group;
 use haven_consensus::server::Groups;
 use haven_consensus::wire::Hello;
@@ -312,6 +314,7 @@ impl Node {
             inbox: running.service.inbox(&running.shared.metrics),
             stop: running.stop.subscribe(),
             settings: running.config.shared_settings(),
+            durable: durable_gate(&running.config, &running.service),
         };
         self.groups.insert(&running.service.name, group);
     }
@@ -421,8 +424,19 @@ fn ingress_of(
         RouteTable::new(service_config.routes.clone()),
         service_config.limits.clone(),
         shared.metrics.clone(),
-        config.raft.reads,
+        LeaderPolicy {
+            reads: config.raft.reads,
+            durable: durable_gate(service_config, service),
+        },
     )
+}
+
+/// Writes of a service with `archive.ack = "quorum+archive"` wait for the archive, as
+/// long as a request may take.
+fn durable_gate(config: &ServiceConfig, service: &Service) -> Option<DurableGate> {
+    let (target, progress) = service.archive.as_ref()?;
+    let wait = Duration::from_millis(config.limits.request_timeout_ms);
+    progress.durable_gate(&target.section, wait)
 }
 
 /// Resolves with the reason once any service's Raft core has stopped by itself.
