@@ -304,6 +304,11 @@ pub struct ArchiveSection {
     /// archive (`"quorum+archive"`: nothing acknowledged is lost with the site).
     #[serde(default)]
     pub ack: AckMode,
+    /// Refuse writes (503 `fenced`) while this leader has not managed an upload for this
+    /// many seconds (off by default): a site cut off from the archive stops acknowledging
+    /// what a standby promoted meanwhile would never have. Writes resume with the next
+    /// upload, unless that upload finds the site fenced.
+    pub fence_after_s: Option<u64>,
 }
 
 /// What a write waits for before it is acknowledged (docs/SITES.md says what each
@@ -338,6 +343,7 @@ impl ArchiveSection {
             keep_days: None,
             max_backlog_entries: default_max_backlog_entries(),
             ack: AckMode::Quorum,
+            fence_after_s: None,
         }
     }
 }
@@ -370,6 +376,9 @@ impl StandbySection {
 /// Shortest and longest interval between a standby's looks at the archive.
 pub const STANDBY_POLL_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
+/// Long enough to ride out a store's hiccup (uploads are retried every second), short
+/// enough to matter before an operator promotes a standby.
+const ARCHIVE_FENCE_AFTER_S: std::ops::RangeInclusive<u64> = 2..=3600;
 /// Shortest and longest shipping interval a node accepts.
 pub const ARCHIVE_FLUSH_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 /// Smallest backlog alarm: below it, ordinary bursts would raise it.
@@ -959,6 +968,15 @@ impl ServiceConfig {
         if a.keep_days == Some(0) {
             return bad("keep_days", "must be at least 1");
         }
+        if let Some(s) = a.fence_after_s
+            && !ARCHIVE_FENCE_AFTER_S.contains(&s)
+        {
+            let (low, high) = (ARCHIVE_FENCE_AFTER_S.start(), ARCHIVE_FENCE_AFTER_S.end());
+            return bad(
+                "fence_after_s",
+                &format!("must be between {low} and {high}"),
+            );
+        }
         if a.max_backlog_entries < MIN_ARCHIVE_BACKLOG {
             return bad(
                 "max_backlog_entries",
@@ -1241,7 +1259,14 @@ mode = "linearizable"
             with("url = \"ftp://x\"\nkey_file = \"/k\"\n").unwrap_err(),
             "invalid config n1.toml: key `archive.url` (line 29): must be s3://bucket/prefix or file:///absolute/path"
         );
-        assert_eq!(archive.ack, AckMode::Quorum);
+        assert_eq!(
+            (archive.ack, archive.fence_after_s),
+            (AckMode::Quorum, None)
+        );
+        assert_eq!(
+            with("url = \"file:///a\"\nencrypt = false\nfence_after_s = 1\n").unwrap_err(),
+            "invalid config n1.toml: key `archive.fence_after_s` (line 31): must be between 2 and 3600"
+        );
         let archived = with("url = \"file:///a\"\nencrypt = false\nack = \"quorum+archive\"\n");
         assert_eq!(
             archived.unwrap().service().archive.clone().unwrap().ack,

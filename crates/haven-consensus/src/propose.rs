@@ -23,22 +23,24 @@ pub struct LeaderPolicy {
     pub durable: Option<DurableGate>,
 }
 
-/// For a service whose writes are acknowledged only once archived
-/// (`archive.ack = "quorum+archive"`): how far the archive holds the log, confirmed
-/// unfenced after the upload (the uploader advances it), and how long a committed write
-/// waits for it.
+/// For a service with an off-site archive: whether this site may take writes, and,
+/// when writes are acknowledged only once archived (`archive.ack = "quorum+archive"`),
+/// how far the archive holds the log, confirmed unfenced after the upload (the uploader
+/// keeps both), and how long a committed write waits for it.
 #[derive(Clone)]
 pub struct DurableGate {
     pub durable: watch::Receiver<Durable>,
+    /// Whether a write waits for the archive before it is acknowledged.
+    pub archive_acks: bool,
     pub wait: Duration,
 }
 
-/// How far the archive holds the log, and whether another site took the service over
-/// (then nothing more ever becomes durable here).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Durable {
     pub archived: u64,
-    pub fenced: bool,
+    /// Why writes are refused here, if they are: another site took the service over, or
+    /// no upload succeeded for `archive.fence_after_s`.
+    pub refusal: Option<String>,
 }
 
 impl DurableGate {
@@ -46,12 +48,13 @@ impl DurableGate {
     /// client: committed here, maybe lost with the site.
     async fn covered(&self, index: u64) -> ForwardOutcome {
         let mut durable = self.durable.clone();
-        let covered = durable.wait_for(|d| d.archived >= index || d.fenced);
+        let covered = durable.wait_for(|d| d.archived >= index || d.refusal.is_some());
         match tokio::time::timeout(self.wait, covered).await {
             Ok(Ok(d)) if d.archived >= index => ForwardOutcome::Committed { index },
-            Ok(Ok(_)) => ForwardOutcome::Unknown {
+            Ok(Ok(d)) => ForwardOutcome::Unknown {
                 reason: format!(
-                    "committed at index {index} here, but another site took the service over before the archive held it: the write is not in the new primary's history"
+                    "committed at index {index} here, but writes were refused before the archive held it: {}",
+                    d.refusal.as_deref().unwrap_or_default()
                 ),
             },
             Ok(Err(_)) => ForwardOutcome::Unknown {
@@ -77,8 +80,13 @@ pub async fn propose<SM: HavenStateMachine>(
     req: OrderedRequest,
     durable: Option<&DurableGate>,
 ) -> ForwardOutcome {
+    if let Some(reason) = durable.and_then(|gate| gate.durable.borrow().refusal.clone()) {
+        return ForwardOutcome::Refused { reason };
+    }
     match (commit(raft, req).await, durable) {
-        (ForwardOutcome::Committed { index }, Some(gate)) => gate.covered(index).await,
+        (ForwardOutcome::Committed { index }, Some(gate)) if gate.archive_acks => {
+            gate.covered(index).await
+        }
         (outcome, _) => outcome,
     }
 }

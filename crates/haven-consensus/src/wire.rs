@@ -132,6 +132,9 @@ pub enum ForwardOutcome {
     NotLeader { leader: Option<NodeId> },
     /// Proposed, then leadership changed: the entry may or may not commit.
     Unknown { reason: String },
+    /// Not proposed: this site may not take writes now (fenced by another site, or cut
+    /// off from its archive for longer than `archive.fence_after_s`).
+    Refused { reason: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

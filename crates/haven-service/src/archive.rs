@@ -99,6 +99,10 @@ pub struct ArchiveStatus {
     /// recovery point if the site were lost now.
     pub lag_ms: u64,
     pub last_error: Option<String>,
+    /// Why this site refuses writes, when it does (fenced, or cut off from the archive
+    /// for `fence_after_s`).
+    #[serde(default)]
+    pub writes_refused: Option<String>,
 }
 
 /// Shared between the uploader, log compaction and status.
@@ -127,12 +131,24 @@ impl ArchiveProgress {
         }
     }
 
-    /// What writes wait for when the archive must hold them before they are acknowledged.
-    pub fn durable_gate(&self, section: &ArchiveSection, wait: Duration) -> Option<DurableGate> {
-        (section.ack == AckMode::QuorumArchive).then(|| DurableGate {
+    /// What a leader checks before it proposes a write (is this site refused?) and, under
+    /// `ack = "quorum+archive"`, waits for before it answers one.
+    pub fn durable_gate(&self, section: &ArchiveSection, wait: Duration) -> DurableGate {
+        DurableGate {
             durable: self.durable.subscribe(),
+            archive_acks: section.ack == AckMode::QuorumArchive,
             wait,
-        })
+        }
+    }
+
+    /// Refuses writes for `reason`, or takes them again (`None`).
+    fn refuse_writes(&self, reason: Option<String>) {
+        if self.durable.borrow().refusal == reason {
+            return;
+        }
+        self.status
+            .send_modify(|s| s.writes_refused.clone_from(&reason));
+        self.durable.send_modify(|d| d.refusal = reason);
     }
 
     pub fn status(&self) -> ArchiveStatus {
@@ -162,9 +178,16 @@ impl Uploader {
     /// Ships every `flush_ms` while this node leads, and follows the archive's progress
     /// while it does not, until `stop`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        if let Role::Fenced { reason } = self.site.role() {
+            // Fenced before a restart: forwarded writes are refused too, and nothing ships.
+            self.progress.refuse_writes(Some(reason));
+            return;
+        }
         let mut writer: Option<ArchiveWriter> = None;
         let mut following: Option<Catalog> = None;
         let mut last_follow: Option<Instant> = None;
+        // When this leader's last upload succeeded (or it began to lead).
+        let mut last_ok: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = self.next_round() => {}
@@ -176,6 +199,8 @@ impl Uploader {
             }
             if !self.leads() {
                 writer = None;
+                last_ok = None;
+                self.progress.refuse_writes(None);
                 self.progress.status.send_modify(|s| s.uploading = false);
                 if last_follow.is_none_or(|at| at.elapsed() >= FOLLOW_EVERY) {
                     last_follow = Some(Instant::now());
@@ -188,16 +213,15 @@ impl Uploader {
                 continue;
             }
             following = None;
-            let shipped = match writer.as_mut() {
-                Some(open) => self.ship(open).await,
-                None => match self.open_writer().await {
-                    Ok(open) => self.ship(writer.insert(open)).await,
-                    Err(e) => Err(e),
-                },
-            };
+            let since = *last_ok.get_or_insert_with(Instant::now);
+            let shipped = self.ship_watched(&mut writer, since).await;
             if let Err(e @ ArchiveError::Fenced { .. }) = &shipped {
                 self.fenced(e.to_string());
                 return;
+            }
+            if shipped.is_ok() {
+                last_ok = Some(Instant::now());
+                self.progress.refuse_writes(None);
             }
             if let Err(e) = shipped {
                 if !e.is_transient() {
@@ -281,13 +305,57 @@ impl Uploader {
     fn fenced(&self, reason: String) {
         self.metrics.site_role.set(2);
         // Writes waiting for the archive learn now that it never takes them.
-        self.progress.durable.send_modify(|d| d.fenced = true);
+        self.progress.refuse_writes(Some(reason.clone()));
         tracing::error!(%reason, "fenced: another site took this service over; writes are refused");
         self.progress
             .status
             .send_modify(|s| s.last_error = Some(reason.clone()));
         if let Err(e) = self.site.set_role(Role::Fenced { reason }) {
             tracing::error!(error = %e, "cannot record the fence; it holds until restart");
+        }
+    }
+
+    /// Ships, opening the writer first if needed. With `fence_after_s`, writes are
+    /// refused as soon as no upload succeeded for that long (`last_ok` on), even while this
+    /// one still hangs: a site cut off from its archive stops acknowledging what a standby
+    /// promoted meanwhile would never receive. A shipment that ends such a refusal first
+    /// makes sure no promotion fenced this site meanwhile.
+    async fn ship_watched(
+        &mut self,
+        writer: &mut Option<ArchiveWriter>,
+        last_ok: Instant,
+    ) -> Result<(), ArchiveError> {
+        let (progress, url) = (self.progress.clone(), self.target.store.url().to_string());
+        let limit = self.target.section.fence_after_s;
+        let cut_off = async move {
+            let Some(limit) = limit else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until((last_ok + Duration::from_secs(limit)).into()).await;
+            let reason = format!(
+                "no upload to the archive at {url} succeeded for {limit} s (archive.fence_after_s): writes are refused until one does"
+            );
+            if progress.durable.borrow().refusal.is_none() {
+                tracing::error!(%reason, "cut off from the archive: writes refused");
+            }
+            progress.refuse_writes(Some(reason));
+            std::future::pending().await
+        };
+        let refused = self.progress.durable.borrow().refusal.is_some();
+        let shipping = async {
+            let open = match writer {
+                Some(open) => open,
+                None => writer.insert(self.open_writer().await?),
+            };
+            self.ship(open).await?;
+            match refused {
+                true => open.confirm_unfenced().await,
+                false => Ok(()),
+            }
+        };
+        tokio::select! {
+            shipped = shipping => shipped,
+            never = cut_off => never,
         }
     }
 

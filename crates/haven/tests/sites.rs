@@ -372,3 +372,127 @@ async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_
         assert_eq!(refused.status, 503, "{}", refused.text());
     }
 }
+
+/// Site A's way to the object store: a TCP proxy that can be cut and healed, so the
+/// archive becomes unreachable from site A alone (site B reaches the store directly).
+struct StoreLink {
+    addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl StoreLink {
+    async fn start(endpoint: &str) -> Self {
+        let target: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = tokio::sync::watch::Sender::new(true);
+        let opened = open.subscribe();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut opened = opened.clone();
+                if !*opened.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = opened.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn set(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+/// The partition between the sites: site A alive but cut off from its archive. With
+/// `fence_after_s`, A stops acknowledging writes on every node once it could not upload
+/// for that long (and says why); site B is promoted meanwhile; when the link heals, A
+/// finds the fence and stays fenced; nothing A took after the cut reaches B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fences_it() {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let dir = common::test_dir("haven-sites-cut-");
+    let key = keygen(dir.path());
+    let link = StoreLink::start(&server.endpoint).await;
+    let config = format!(
+        "{}fence_after_s = 2\n",
+        primary_config(&link.endpoint(), &key)
+    );
+    let primary = common::start(3, true, &config).await;
+    let b = start_standby("b", 1, dir.path(), &server.endpoint, &key);
+    let mut before_cut = Vec::new();
+    for i in 0..30 {
+        let body = format!("before-cut {i}");
+        assert_eq!(primary.append(i % 3, &body).await.status, 201);
+        before_cut.push(body);
+    }
+    primary.wait_archived(Duration::from_secs(30)).await;
+
+    link.set(false);
+    let cut = Instant::now();
+    let mut taken_after_cut = 0;
+    let refusal = loop {
+        let reply = primary.append(taken_after_cut % 3, "after-cut").await;
+        if reply.status == 201 {
+            taken_after_cut += 1;
+        } else if reply.header("haven-error").as_deref() == Some("fenced") {
+            break reply.text();
+        }
+        assert!(cut.elapsed() < Duration::from_secs(30), "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let refused_after = cut.elapsed();
+    eprintln!("cut off: {taken_after_cut} writes taken, then refused after {refused_after:?}");
+    assert!(refusal.contains("archive.fence_after_s"), "{refusal}");
+    assert!(refused_after >= Duration::from_secs(2), "{refused_after:?}");
+    for i in 0..3 {
+        let refused = primary.append(i, "after-cut").await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+    }
+    let leader = primary
+        .wait_for_leader(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let status = primary.status(leader).await.unwrap();
+    let why = status.archive.unwrap().writes_refused.unwrap_or_default();
+    assert!(why.contains("fence_after_s"), "{why}");
+
+    let output = promote(&b).join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let http = Http::new(Duration::from_secs(15));
+    assert_eq!(append(&http, &b, "site-b 0").await.status, 201);
+
+    link.set(true);
+    for i in 0..3 {
+        wait_status(&primary, i, "the fence", |s| {
+            s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
+        })
+        .await;
+        let refused = primary.append(i, "after-cut").await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+    }
+    let replica = b.replica_bytes(0).unwrap();
+    assert_holds_once(&replica, &before_cut);
+    let text = String::from_utf8_lossy(&replica);
+    assert!(!text.lines().any(|l| l == "after-cut"));
+    assert_eq!(text.lines().last(), Some("site-b 0"));
+}

@@ -365,6 +365,10 @@ impl Ingress {
             match outcome {
                 ForwardOutcome::Committed { index } => return Ok(index),
                 ForwardOutcome::NotLeader { .. } => tokio::time::sleep(LEADER_RETRY_PAUSE).await,
+                ForwardOutcome::Refused { reason } => {
+                    self.metrics.site_refused_writes.inc();
+                    return Err(self.unavailable("fenced", &reason));
+                }
                 ForwardOutcome::Unknown { reason } => {
                     let reason =
                         format!("outcome unknown ({reason}); retry with the same Idempotency-Key");

@@ -436,7 +436,7 @@ fn ingress_of(
 fn durable_gate(config: &ServiceConfig, service: &Service) -> Option<DurableGate> {
     let (target, progress) = service.archive.as_ref()?;
     let wait = Duration::from_millis(config.limits.request_timeout_ms);
-    progress.durable_gate(&target.section, wait)
+    Some(progress.durable_gate(&target.section, wait))
 }
 
 /// Resolves with the reason once any service's Raft core has stopped by itself.
