@@ -246,3 +246,29 @@ fn archive_bench_measures_throughput_recovery_point_and_restore() {
         "{report}"
     );
 }
+
+/// A smoke run of the site bench against a real S3 server: the recovery point sampled,
+/// both acknowledgement modes measured (the archive one slower per write, since each
+/// write waits for an upload), and every promotion taking writes.
+#[test]
+fn site_bench_measures_recovery_point_ack_cost_and_promotions() {
+    let report = json_of(haven().args(["bench", "site", "--quick", "--json"]));
+    assert!(report["rpo"]["samples"].as_u64().unwrap() > 20, "{report}");
+    let (quorum, archived) = (&report["quorum"], &report["quorum_archive"]);
+    for mode in [quorum, archived] {
+        assert!(
+            mode["closed_loop_throughput"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
+    assert!(
+        archived["p50_ms"].as_f64().unwrap() > quorum["p50_ms"].as_f64().unwrap(),
+        "{report}"
+    );
+    let trials = report["rto"]["trials_ms"].as_array().unwrap();
+    assert_eq!(trials.len(), 2, "{report}");
+    assert!(
+        report["rto"]["max_ms"].as_u64().unwrap() < 120_000,
+        "{report}"
+    );
+}

@@ -138,7 +138,7 @@ pub async fn run(args: &ArchiveBenchArgs, exe: &Path) -> anyhow::Result<ArchiveB
     })
 }
 
-async fn cluster_with(
+pub(super) async fn cluster_with(
     exe: &Path,
     dir: &Path,
     config: &str,
@@ -153,7 +153,7 @@ async fn cluster_with(
     Ok((cluster, leader))
 }
 
-fn spec(
+pub(super) fn spec(
     cluster: &LocalCluster,
     leader: usize,
     mode: Mode,
@@ -171,7 +171,7 @@ fn spec(
     })
 }
 
-fn workload() -> Arc<dyn haven_bench::workload::Workload> {
+pub(super) fn workload() -> Arc<dyn haven_bench::workload::Workload> {
     WorkloadChoice::LogApp {
         body_size: BODY_BYTES,
         prepopulated_lines: PREPOPULATE,
@@ -195,7 +195,7 @@ async fn closed_loop(
 
 /// Open-loop writes with the leader's archive lag sampled throughout; returns the node
 /// config a restore can run the app from.
-async fn recovery_point(
+pub(super) async fn recovery_point(
     exe: &Path,
     dir: &Path,
     config: &str,

@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod failover;
 pub mod peer_down;
 pub mod reference;
+pub mod site;
 mod systems;
 pub mod tenants;
 
@@ -56,6 +57,10 @@ pub enum BenchCommand {
     /// The off-site archive against a real S3 server: write throughput with it off and
     /// on, the recovery point (archive lag) under open-loop load, restore speed.
     Archive(archive::ArchiveBenchArgs),
+    /// A standby site against a real S3 server: the recovery point under load, what
+    /// `ack = "quorum+archive"` costs in latency and throughput, the recovery time of a
+    /// promotion over several trials.
+    Site(site::SiteBenchArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -109,6 +114,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Archive(args) => {
             let report = archive::run(&args, exe).await?;
             output(args.json, &report, archive::render)
+        }
+        BenchCommand::Site(args) => {
+            let report = site::run(&args, exe).await?;
+            output(args.json, &report, site::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;
