@@ -273,20 +273,29 @@ async fn a_standby_takes_over_a_lost_site_and_fences_the_old_primary() {
         primary.start_app(i).unwrap();
         primary.start_node(i).unwrap();
     }
-    for i in 0..3 {
-        let fenced = wait_status(&primary, i, "the fence", |s| {
+    for reason in assert_all_fenced(&primary).await {
+        assert!(reason.contains("epoch 2"), "{reason}");
+    }
+}
+
+/// Waits until every node of an old primary says it is fenced, and has each refuse a
+/// write with 503 `fenced`; returns the reasons they give.
+async fn assert_all_fenced(primary: &common::TestCluster) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for i in 0..primary.slots.len() {
+        let fenced = wait_status(primary, i, "the fence", |s| {
             s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
         })
         .await;
-        let reason = match fenced.site.unwrap().role {
-            haven_service::site::Role::Fenced { reason } => reason,
+        match fenced.site.map(|s| s.role) {
+            Some(haven_service::site::Role::Fenced { reason }) => reasons.push(reason),
             role => panic!("{role:?}"),
-        };
-        assert!(reason.contains("epoch 2"), "{reason}");
+        }
         let refused = primary.append(i, "after the fence").await;
         assert_eq!(refused.status, 503, "{}", refused.text());
         assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
     }
+    reasons
 }
 
 /// Appends `w-{writer}-{n}` through every node of `site` in turn until `stop`; returns
@@ -363,14 +372,7 @@ async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_
     let text = String::from_utf8_lossy(&replica);
     let after: Vec<&str> = text.lines().skip_while(|l| *l != "site-b 0").collect();
     assert_eq!(after, ["site-b 0"]);
-    for i in 0..3 {
-        wait_status(&primary, i, "the fence", |s| {
-            s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
-        })
-        .await;
-        let refused = primary.append(i, "after the fence").await;
-        assert_eq!(refused.status, 503, "{}", refused.text());
-    }
+    assert_all_fenced(&primary).await;
 }
 
 /// Site A's way to the object store: a TCP proxy that can be cut and healed, so the
@@ -481,18 +483,69 @@ async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fence
     assert_eq!(append(&http, &b, "site-b 0").await.status, 201);
 
     link.set(true);
-    for i in 0..3 {
-        wait_status(&primary, i, "the fence", |s| {
-            s.site.as_ref().is_some_and(|s| s.role.name() == "fenced")
-        })
-        .await;
-        let refused = primary.append(i, "after-cut").await;
-        assert_eq!(refused.status, 503, "{}", refused.text());
-        assert_eq!(refused.header("haven-error").as_deref(), Some("fenced"));
+    for reason in assert_all_fenced(&primary).await {
+        assert!(reason.contains("epoch 2"), "{reason}");
     }
     let replica = b.replica_bytes(0).unwrap();
     assert_holds_once(&replica, &before_cut);
     let text = String::from_utf8_lossy(&replica);
     assert!(!text.lines().any(|l| l == "after-cut"));
     assert_eq!(text.lines().last(), Some("site-b 0"));
+}
+
+/// The seed's drill with `ack = "quorum+archive"`: site A burns mid-load (every node and
+/// app SIGKILLed, data directories deleted); a 3-node standby is promoted. Every write A
+/// acknowledged is there exactly once, and B's replicas are byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_quorum_plus_archive_a_burned_site_loses_no_acknowledged_write() {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let dir = common::test_dir("haven-sites-fire-");
+    let key = keygen(dir.path());
+    let config = format!(
+        "{}ack = \"quorum+archive\"\n",
+        primary_config(&server.endpoint, &key)
+    );
+    let mut primary = common::start(3, true, &config).await;
+    let b = start_standby("b", 3, dir.path(), &server.endpoint, &key);
+    for i in 0..3 {
+        wait_status(&b, i, "following", |s| standby_applied(s).is_some()).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let urls: Vec<String> = primary.slots.iter().map(|s| s.client_url()).collect();
+    let writers: Vec<_> = (0..4)
+        .map(|w| tokio::spawn(write_until(urls.clone(), w, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        primary.kill_node(i);
+        primary.kill_app(i);
+        std::fs::remove_dir_all(primary.data_dir(i)).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap().0);
+    }
+    assert!(acknowledged.len() > 20, "{}", acknowledged.len());
+
+    let started = Instant::now();
+    let output = promote(&b).join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let http = Http::new(Duration::from_secs(15));
+    while append(&http, &b, "site-b 0").await.status != 201 {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{} acknowledged writes; promotion to first acknowledged write: {:?}",
+        acknowledged.len(),
+        started.elapsed()
+    );
+    let replica = replicas_identical(&b).await;
+    assert_holds_once(&replica, &acknowledged);
 }

@@ -520,7 +520,7 @@ pub fn render(report: &DemoReport) -> String {
             check(report.tree_acknowledged_present),
         ),
         (
-            "site B's log = site A's, byte for byte",
+            "site B's log = A's, byte for byte",
             site_check(|s| s.history_identical),
         ),
         (
