@@ -351,3 +351,73 @@ async fn restores_to_an_index_or_a_time_equal_the_replica_as_it_was() {
         assert!(&state == bytes, "local restore --to-time {time} differs");
     }
 }
+
+/// Two writers: a second cluster (another identity; not a standby) pointed at an archive
+/// that already has one is refused with the reason in its status, ships nothing there,
+/// and the first goes on archiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_cluster_pointed_at_the_same_archive_is_refused() {
+    let url = "s3://haven/two-writers";
+    let (server, keys, key, first) = cluster_archiving_to(url).await;
+    for i in 0..20 {
+        assert_eq!(first.append(i % 3, &format!("first {i}")).await.status, 201);
+    }
+    first.wait_archived(Duration::from_secs(30)).await;
+
+    let dir = keys.path().join("second");
+    std::fs::create_dir_all(&dir).unwrap();
+    let second = haven_testkit::cluster::LocalCluster::start(haven_testkit::cluster::ClusterSpec {
+        site: "elsewhere".to_string(),
+        nodes: 1,
+        exe: PathBuf::from(HAVEN),
+        dir,
+        extra_config: archive_config(url, Some(&server.endpoint), &key),
+        app: haven_testkit::cluster::AppKind::LogApp {
+            prepopulate: common::PREPOPULATE,
+        },
+        managed: true,
+        services: Vec::new(),
+    })
+    .unwrap();
+    second
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let status = second.status(0).await.unwrap();
+        let error = status
+            .archive
+            .and_then(|a| a.last_error)
+            .unwrap_or_default();
+        if !error.is_empty() {
+            break error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second cluster was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refusal.contains("two clusters must not write one archive")
+            && refusal.contains("belongs to cluster \"haven/app\""),
+        "{refusal}"
+    );
+    let shipped = second
+        .metric(0, "haven_archive_uploaded_objects_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(shipped, 0.0);
+    assert!(
+        second
+            .metric(0, "haven_archive_upload_errors_total", &[])
+            .await
+            .unwrap()
+            > 0.0
+    );
+    // The first cluster's archive is untouched by it and goes on growing.
+    let before = first.wait_archived(Duration::from_secs(30)).await;
+    assert_eq!(first.append(0, "first, after").await.status, 201);
+    assert!(first.wait_archived(Duration::from_secs(30)).await > before);
+}
