@@ -324,11 +324,16 @@ async fn write_until(
     (acknowledged, refused)
 }
 
-/// `ack = "quorum+archive"` under the hardest case for the fence: the standby is promoted
-/// while the old primary is alive and taking writes through all its nodes. Every write
-/// the old primary acknowledged is at the new one, once; none it took after the fence.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_under_load() {
+/// A 3-node primary with `ack = "quorum+archive"` and a standby of `standby_nodes`
+/// following it (the server and the directory live as long as the test needs them).
+async fn quorum_plus_archive_sites(
+    standby_nodes: usize,
+) -> (
+    SeaweedServer,
+    tempfile::TempDir,
+    common::TestCluster,
+    LocalCluster,
+) {
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-sites-ack-");
@@ -338,14 +343,49 @@ async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_
         primary_config(&server.endpoint, &key)
     );
     let primary = common::start(3, true, &config).await;
-    let b = start_standby("b", 1, dir.path(), &server.endpoint, &key);
-    wait_status(&b, 0, "following", |s| standby_applied(s).is_some()).await;
+    let b = start_standby("b", standby_nodes, dir.path(), &server.endpoint, &key);
+    for i in 0..standby_nodes {
+        wait_status(&b, i, "following", |s| standby_applied(s).is_some()).await;
+    }
+    (server, dir, primary, b)
+}
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let urls: Vec<String> = primary.slots.iter().map(|s| s.client_url()).collect();
-    let writers: Vec<_> = (0..4)
-        .map(|w| tokio::spawn(write_until(urls.clone(), w, stop.clone())))
-        .collect();
+/// Four writers appending through every node of a site until `finish`.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<(Vec<String>, u64)>>,
+}
+
+impl Load {
+    fn start(site: &LocalCluster) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let urls: Vec<String> = site.slots.iter().map(|s| s.client_url()).collect();
+        let writers = (0..4)
+            .map(|w| tokio::spawn(write_until(urls.clone(), w, stop.clone())))
+            .collect();
+        Self { stop, writers }
+    }
+
+    /// Every write acknowledged.
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut acknowledged = Vec::new();
+        for writer in self.writers {
+            let (acked, refused) = writer.await.unwrap();
+            eprintln!("writer: {} acknowledged, {refused} refused", acked.len());
+            acknowledged.extend(acked);
+        }
+        acknowledged
+    }
+}
+
+/// `ack = "quorum+archive"` under the hardest case for the fence: the standby is promoted
+/// while the old primary is alive and taking writes through all its nodes. Every write
+/// the old primary acknowledged is at the new one, once; none it took after the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_under_load() {
+    let (_server, _dir, primary, b) = quorum_plus_archive_sites(1).await;
+    let load = Load::start(&primary);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let output = promote(&b).join().unwrap();
     assert!(
@@ -355,13 +395,7 @@ async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_
     );
     // The old primary goes on being asked to write: it must refuse once fenced.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let mut acknowledged = Vec::new();
-    for writer in writers {
-        let (acked, refused) = writer.await.unwrap();
-        eprintln!("writer: {} acknowledged, {refused} refused", acked.len());
-        acknowledged.extend(acked);
-    }
+    let acknowledged = load.finish().await;
     assert!(acknowledged.len() > 20, "{}", acknowledged.len());
 
     let http = Http::new(Duration::from_secs(15));
@@ -498,35 +532,15 @@ async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fence
 /// acknowledged is there exactly once, and B's replicas are byte-identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_quorum_plus_archive_a_burned_site_loses_no_acknowledged_write() {
-    let server = SeaweedServer::start().await;
-    server.set_env();
-    let dir = common::test_dir("haven-sites-fire-");
-    let key = keygen(dir.path());
-    let config = format!(
-        "{}ack = \"quorum+archive\"\n",
-        primary_config(&server.endpoint, &key)
-    );
-    let mut primary = common::start(3, true, &config).await;
-    let b = start_standby("b", 3, dir.path(), &server.endpoint, &key);
-    for i in 0..3 {
-        wait_status(&b, i, "following", |s| standby_applied(s).is_some()).await;
-    }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let urls: Vec<String> = primary.slots.iter().map(|s| s.client_url()).collect();
-    let writers: Vec<_> = (0..4)
-        .map(|w| tokio::spawn(write_until(urls.clone(), w, stop.clone())))
-        .collect();
+    let (_server, _dir, mut primary, b) = quorum_plus_archive_sites(3).await;
+    let load = Load::start(&primary);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..3 {
         primary.kill_node(i);
         primary.kill_app(i);
         std::fs::remove_dir_all(primary.data_dir(i)).unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let mut acknowledged = Vec::new();
-    for writer in writers {
-        acknowledged.extend(writer.await.unwrap().0);
-    }
+    let acknowledged = load.finish().await;
     assert!(acknowledged.len() > 20, "{}", acknowledged.len());
 
     let started = Instant::now();
