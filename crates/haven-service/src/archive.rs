@@ -112,8 +112,9 @@ pub struct ArchiveProgress {
     /// The archive's last index as this node knows it (0 until known): the log is kept
     /// after it on every node, so whichever node leads next can ship what is missing.
     floor: watch::Sender<Option<u64>>,
-    /// Under `ack = "quorum+archive"`: the last index this node shipped and then found
-    /// unfenced; writes up to it may be acknowledged.
+    /// What the leader's write path reads: why this site refuses writes, if it does, and
+    /// (under `ack = "quorum+archive"`) the last index this node shipped and then found
+    /// unfenced, up to which writes may be acknowledged.
     durable: watch::Sender<Durable>,
 }
 

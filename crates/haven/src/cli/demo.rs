@@ -9,9 +9,7 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
@@ -20,13 +18,16 @@ use anyhow::Context;
 use serde::Serialize;
 
 use haven_client::http::Http;
-use haven_client::http::Reply;
 use haven_testkit::cluster::AppKind;
 use haven_testkit::cluster::ClusterSpec;
 use haven_testkit::cluster::LocalCluster;
 use haven_testkit::cluster::PREPOPULATED_LINES;
 use haven_testkit::cluster::ServiceSpec;
 
+use super::demo_load::Tally;
+use super::demo_load::Write;
+use super::demo_load::client_loop;
+use super::demo_load::lock;
 use super::demo_site::DemoArchive;
 use super::demo_site::Site;
 use super::demo_site::SiteLoss;
@@ -39,11 +40,7 @@ const COORD: &str = "coord";
 /// Clients creating tree nodes, beside the log app's.
 const TREE_CLIENTS: usize = 2;
 
-/// Bytes per appended line, as in the reference workload.
-const LINE_BYTES: usize = 128;
 const CLIENTS: usize = 8;
-/// Attempts per append (each on the next node, same Idempotency-Key) before giving up.
-const APPEND_ATTEMPTS: usize = 40;
 const PHASE: Duration = Duration::from_millis(2500);
 
 #[derive(Debug, Clone)]
@@ -80,17 +77,6 @@ pub struct DemoReport {
     /// The site lost, the log service rebuilt from the archive alone.
     pub site_loss: Option<SiteLoss>,
     pub passed: bool,
-}
-
-#[derive(Default)]
-pub(super) struct Tally {
-    /// Each acknowledged line: its line number in the log, and when it was acknowledged.
-    acked: Mutex<HashMap<String, (u64, Instant)>>,
-    abandoned: AtomicU64,
-    reads_ok: AtomicU64,
-    reads_failed: AtomicU64,
-    tree_acked: Mutex<Vec<String>>,
-    tree_abandoned: AtomicU64,
 }
 
 pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Result<DemoReport> {
@@ -211,116 +197,6 @@ fn longest_gap_after(tally: &Tally, killed_at: Instant) -> u64 {
         .max()
         .unwrap_or_default();
     gap.as_millis() as u64
-}
-
-fn line_for(client: usize, seq: u64) -> String {
-    let mut line = format!("demo c{client:02} s{seq:08} ");
-    while line.len() < LINE_BYTES {
-        line.push('x');
-    }
-    line
-}
-
-pub(super) async fn client_loop(
-    client: usize,
-    urls: Vec<String>,
-    tally: Arc<Tally>,
-    stop: Arc<AtomicBool>,
-) {
-    let http = Http::new(Duration::from_secs(5));
-    let mut seq = 0u64;
-    let mut turn = client;
-    while !stop.load(Ordering::Acquire) {
-        seq += 1;
-        turn += 1;
-        if seq.is_multiple_of(2) {
-            let url = format!(
-                "{}/line/{}",
-                urls[turn % urls.len()],
-                seq % PREPOPULATED_LINES
-            );
-            let ok = http.get(&url).await.is_ok_and(|r| r.status == 200);
-            let counter = if ok {
-                &tally.reads_ok
-            } else {
-                &tally.reads_failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        append_with_retries(&http, &urls, &mut turn, client, seq, &tally).await;
-    }
-}
-
-/// One append, retried on the next node with the same Idempotency-Key until acknowledged.
-async fn append_with_retries(
-    http: &Http,
-    urls: &[String],
-    turn: &mut usize,
-    client: usize,
-    seq: u64,
-    tally: &Tally,
-) {
-    let line = line_for(client, seq);
-    let write = Write {
-        method: "POST",
-        path: "/append".to_string(),
-        body: line.clone(),
-        key: format!("demo-c{client}-s{seq}"),
-    };
-    let Some(reply) = write.send_with_retries(http, urls, turn).await else {
-        tally.abandoned.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let line_no = reply.text().trim().parse().unwrap_or(u64::MAX);
-    lock(&tally.acked).insert(line, (line_no, Instant::now()));
-}
-
-impl Tally {
-    /// Each acknowledged line, and when it was acknowledged.
-    pub(super) fn acked(&self) -> HashMap<String, Instant> {
-        (lock(&self.acked).iter())
-            .map(|(line, (_, at))| (line.clone(), *at))
-            .collect()
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A write to one of the services, keyed so a retry on another node is answered once.
-pub(super) struct Write {
-    pub method: &'static str,
-    pub path: String,
-    pub body: String,
-    pub key: String,
-}
-
-impl Write {
-    /// Sends it until a node answers 201, to the next node after every failure.
-    pub(super) async fn send_with_retries(
-        &self,
-        http: &Http,
-        urls: &[String],
-        turn: &mut usize,
-    ) -> Option<Reply> {
-        let headers = [(haven_contract::headers::IDEMPOTENCY_KEY, self.key.as_str())];
-        for _ in 0..APPEND_ATTEMPTS {
-            let url = format!("{}{}", urls[*turn % urls.len()], self.path);
-            match http
-                .send(self.method, &url, &headers, self.body.clone().into())
-                .await
-            {
-                Ok(reply) if reply.status == 201 => return Some(reply),
-                _ => {
-                    *turn += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        None
-    }
 }
 
 /// Creates tree nodes `/demo-c{client}-s{seq}` through every node until `stop`.

@@ -25,9 +25,9 @@ use haven_testkit::cluster::ServiceSpec;
 use serde::Serialize;
 
 use super::AdminTarget;
-use super::demo::Tally;
-use super::demo::Write;
-use super::demo::client_loop;
+use super::demo_load::Tally;
+use super::demo_load::Write;
+use super::demo_load::client_loop;
 use super::site;
 
 /// The recovery point the site tier promises under `ack = "quorum"` (docs/SITES.md):
@@ -176,7 +176,7 @@ pub async fn lose_the_site(
         worker.await.context("workload task")?;
     }
     let replica = site_b.cluster.service_replica_bytes(0, service)?;
-    let mut loss = tally_loss(&tally.acked(), &replica, fire);
+    let mut loss = tally_loss(&tally.acked_at(), &replica, fire);
     loss.standby_lag_entries = lag.0;
     loss.standby_lag_ms = lag.1;
     loss.reported_rpo_ms = promoted.promoted.promotion.last_archived_age_ms;

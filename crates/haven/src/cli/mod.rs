@@ -5,6 +5,7 @@ use haven_client::admin::AdminClient;
 pub mod archive;
 pub mod checkpoints;
 pub mod demo;
+pub mod demo_load;
 pub mod demo_site;
 pub mod members;
 pub mod services;
