@@ -55,7 +55,8 @@ impl Writer {
             == (&self.cluster, &self.site, &self.service)
     }
 
-    fn describe(&self) -> String {
+    /// As [`EpochMarker::owner`] says it of this writer's epochs.
+    pub fn owner(&self) -> String {
         describe(&self.cluster, &self.site, &self.service)
     }
 }
@@ -175,7 +176,7 @@ pub async fn claim(
                 url: store.url().to_string(),
                 owner: marker.owner(),
                 epoch: marker.epoch,
-                ours: writer.describe(),
+                ours: writer.owner(),
             });
         }
         let first = names::epoch(1);

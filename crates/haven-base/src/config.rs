@@ -539,8 +539,11 @@ fn default_true() -> bool {
 fn default_flush_ms() -> u64 {
     200
 }
+/// How often a standby looks at the archive unless `standby.poll_ms` says otherwise.
+pub const DEFAULT_STANDBY_POLL_MS: u64 = 200;
+
 fn default_poll_ms() -> u64 {
-    200
+    DEFAULT_STANDBY_POLL_MS
 }
 fn default_archive_keep() -> usize {
     8

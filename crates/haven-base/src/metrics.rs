@@ -153,9 +153,9 @@ service_metrics! {
         /// 1 while the archive's backlog is over its limit (the store is down or slow).
         archive_backlog_full: "haven_archive_backlog_full",
             "1 while the entries waiting for the archive exceed archive.max_backlog_entries";
-        /// This node's site role: 0 primary, 1 standby, 2 fenced.
+        /// This node's site role: 0 primary, 1 standby, 2 fenced, 3 handing over.
         site_role: "haven_site_role",
-            "This node's role for the service: 0 primary, 1 standby, 2 fenced";
+            "This node's role for the service: 0 primary, 1 standby, 2 fenced, 3 handing over";
         /// The archive's newest epoch as this node last saw it.
         site_epoch: "haven_site_epoch", "The archive's newest epoch as this node last saw it";
         /// A standby's distance from the archive it follows.

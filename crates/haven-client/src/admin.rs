@@ -11,7 +11,9 @@ use haven_node::admin::Status;
 use haven_node::admin::members::MembershipError;
 use haven_node::admin::members::MembershipReply;
 use haven_node::admin::reload::ReloadReport;
+use haven_node::admin::site::Followed;
 use haven_node::admin::site::Promoted;
+use haven_node::admin::site::SiteRole;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -124,7 +126,27 @@ impl AdminClient {
     /// `POST /site/promote`: fences the old primary and takes the service over at this
     /// standby site; answers once this node runs as the primary.
     pub async fn promote(&self) -> Result<Promoted, ClientError> {
-        let url = self.url("/site/promote");
+        self.post_site("/site/promote").await
+    }
+
+    /// `POST /site/follow`: this node, of a site another took the service from, becomes a
+    /// standby of the new primary; what only it held is exported first.
+    pub async fn follow(&self) -> Result<Followed, ClientError> {
+        self.post_site("/site/follow").await
+    }
+
+    /// `POST /site/handover`: this primary node takes no new writes (a switchover begins).
+    pub async fn handover(&self) -> Result<SiteRole, ClientError> {
+        self.post_site("/site/handover").await
+    }
+
+    /// `POST /site/resume`: a switchover is called off; this node takes writes again.
+    pub async fn resume(&self) -> Result<SiteRole, ClientError> {
+        self.post_site("/site/resume").await
+    }
+
+    async fn post_site<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
         let reply = self.http.post(&url, Bytes::new()).await?;
         if reply.status == 200 {
             return parse(&reply, &url);

@@ -152,6 +152,12 @@ impl ArchiveProgress {
         self.durable.send_modify(|d| d.refusal = reason);
     }
 
+    /// Refuses writes as `role` requires, or takes them again: what every node does when
+    /// nothing else (a fence, a cut-off archive) refuses them.
+    pub fn refuse_for(&self, role: &Role) {
+        self.refuse_writes(role.refusal());
+    }
+
     pub fn status(&self) -> ArchiveStatus {
         self.status.borrow().clone()
     }
@@ -184,6 +190,8 @@ impl Uploader {
             self.progress.refuse_writes(Some(reason));
             return;
         }
+        // Handing over before a restart: still refused.
+        self.progress.refuse_for(&self.site.role());
         let mut writer: Option<ArchiveWriter> = None;
         let mut following: Option<Catalog> = None;
         let mut last_follow: Option<Instant> = None;
@@ -194,6 +202,7 @@ impl Uploader {
                 _ = self.next_round() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
+            self.metrics.site_role.set(self.site.role().metric());
             if self.progress.floor.borrow().is_none() {
                 // What the archive holds is not known yet: keep the whole log.
                 self.progress.floor.send_replace(Some(0));
@@ -201,7 +210,7 @@ impl Uploader {
             if !self.leads() {
                 writer = None;
                 last_ok = None;
-                self.progress.refuse_writes(None);
+                self.progress.refuse_for(&self.site.role());
                 self.progress.status.send_modify(|s| s.uploading = false);
                 if last_follow.is_none_or(|at| at.elapsed() >= FOLLOW_EVERY) {
                     last_follow = Some(Instant::now());
@@ -222,7 +231,7 @@ impl Uploader {
             }
             if shipped.is_ok() {
                 last_ok = Some(Instant::now());
-                self.progress.refuse_writes(None);
+                self.progress.refuse_for(&self.site.role());
             }
             if let Err(e) = shipped {
                 if !e.is_transient() {
@@ -276,6 +285,11 @@ impl Uploader {
             (Ok(()), Some(catalog)) => {
                 let archived = catalog.last_entry().map_or(0, |(index, _)| index);
                 self.progress.floor.send_replace(Some(archived));
+                let newest = catalog.newest_epoch();
+                self.site.update(|s| {
+                    s.epoch = newest.map(|m| m.epoch);
+                    s.writer = newest.map(|m| m.owner());
+                });
             }
             (Err(e), _) => {
                 tracing::debug!(error = %e, "cannot follow the archive; the log is kept");
@@ -396,6 +410,9 @@ impl Uploader {
     /// Ships the committed entries the archive lacks, then a newer checkpoint if there is
     /// one, then applies the archive's retention.
     async fn ship(&mut self, writer: &mut ArchiveWriter) -> Result<(), ArchiveError> {
+        // Also when there is nothing to ship: an idle old primary must not take its next
+        // write before it learns that another site took over (at most every second).
+        writer.check_fence().await?;
         let applied = *self.applied.borrow();
         let (first_kept, last_in_log) = self.log_bounds().await?;
         let archived = writer.archived().map(|(index, _)| index);
@@ -555,6 +572,11 @@ impl Uploader {
         let archived = writer.archived();
         let index = archived.map(|(i, _)| i);
         self.progress.floor.send_replace(Some(index.unwrap_or(0)));
+        let (epoch, owner) = (writer.epoch(), self.writer.owner());
+        self.site.update(|s| {
+            s.epoch = Some(epoch);
+            s.writer = Some(owner);
+        });
         self.progress.status.send_modify(|s| {
             s.uploading = true;
             s.archived_index = index;

@@ -5,6 +5,9 @@
 //!   and the pause/resume hooks.
 //! - [`checkpoint`]: capturing, keeping and serving the service's checkpoints.
 //! - [`restore`]: rebuilding a replica from a checkpoint and the log.
+//! - [`archive`], [`site`], [`standby`], [`failback`]: the off-site tier: shipping to
+//!   the archive, the site's role, following another site's archive and taking over,
+//!   and handing the service back.
 //! - [`service`]: opening all of the above in order, starting its Raft group, and
 //!   shutting it down in reverse.
 
@@ -12,6 +15,7 @@ pub mod app;
 pub mod apply;
 pub mod archive;
 pub mod checkpoint;
+pub mod failback;
 pub mod restore;
 pub mod service;
 pub mod site;

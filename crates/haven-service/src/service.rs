@@ -284,9 +284,14 @@ impl Service {
 
     /// A standby applies what the primary archives until it is promoted.
     fn start_following(&self, config: &Config, service: &ServiceConfig, shared: &NodeShared) {
-        let (Some(site), Some(standby)) = (&self.site, &service.standby) else {
+        let Some(site) = &self.site else {
             return;
         };
+        // A primary that became a standby by `haven site follow` has no [standby] table.
+        let poll = (service.standby.as_ref()).map_or(
+            Duration::from_millis(haven_base::config::DEFAULT_STANDBY_POLL_MS),
+            |s| s.poll(),
+        );
         let follower = Follower {
             service: self.name.clone(),
             handle: site.clone(),
@@ -294,7 +299,7 @@ impl Service {
             log: self.log.clone(),
             node: config.node.id,
             voters: config.voters(),
-            poll: standby.poll(),
+            poll,
             checkpoint_every: (service.checkpoints.as_ref())
                 .map(|c| c.every_entries)
                 .filter(|&n| n > 0),

@@ -13,6 +13,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 const SITE_FILE: &str = "site.json";
+/// What a client is told while its site hands the service over.
+pub const HANDING_OVER: &str = "a planned switchover is under way: this site takes no new writes and hands the service to the standby site, which takes them once promoted";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
@@ -24,6 +26,10 @@ pub enum Role {
     Standby,
     /// Was primary until another site took over; takes no writes.
     Fenced { reason: String },
+    /// Primary during a planned switchover: takes no new writes while the archive
+    /// catches up with what it has, so the standby promoted next starts from all of it.
+    #[serde(rename = "handing-over")]
+    HandingOver,
 }
 
 impl Role {
@@ -32,6 +38,26 @@ impl Role {
             Role::Primary => "primary",
             Role::Standby => "standby",
             Role::Fenced { .. } => "fenced",
+            Role::HandingOver => "handing-over",
+        }
+    }
+
+    /// `haven_site_role`.
+    pub fn metric(&self) -> i64 {
+        match self {
+            Role::Primary => 0,
+            Role::Standby => 1,
+            Role::Fenced { .. } => 2,
+            Role::HandingOver => 3,
+        }
+    }
+
+    /// Why writes are refused in this role, if they are.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Role::Primary | Role::Standby => None,
+            Role::Fenced { reason } => Some(reason.clone()),
+            Role::HandingOver => Some(HANDING_OVER.to_string()),
         }
     }
 }
@@ -127,6 +153,11 @@ impl SiteState {
         tracing::info!(role = role.name(), "site role recorded");
         self.status.send_modify(|s| s.role = role);
         Ok(())
+    }
+
+    /// The service's directory, where `site.json` lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn update(&self, change: impl FnOnce(&mut SiteStatus)) {

@@ -179,6 +179,8 @@ pub struct Follower {
 /// What one look at the archive ended with.
 enum Step {
     Following,
+    /// Nothing applied: a promotion's fence is up and its marker not yet (the reason).
+    Waiting(String),
     TookOver,
 }
 
@@ -198,6 +200,9 @@ impl Follower {
                 Ok(Step::Following) => {
                     self.handle.site.update(|s| s.last_error = None);
                     self.checkpoint_if_due(&mut last_checkpoint).await;
+                }
+                Ok(Step::Waiting(reason)) => {
+                    self.handle.site.update(|s| s.last_error = Some(reason));
                 }
                 Err(e) => {
                     self.metrics.standby_errors.inc();
@@ -234,6 +239,11 @@ impl Follower {
             && marker.epoch == 1
         {
             return Err(StandbyError::Refused(same_identity(marker)));
+        }
+        if promoted.is_none()
+            && let Some(reason) = self.promotion_under_way(newest.as_ref()).await?
+        {
+            return Ok(Step::Waiting(reason));
         }
         // The catalog forgets what was applied; from the next entry on is what counts.
         let reach = applied.and_then(|a| catalog.reach_from(a + 1));
@@ -281,6 +291,28 @@ impl Follower {
             }
             _ => Ok(Step::Following),
         }
+    }
+
+    /// Whether the next epoch's fence is up (read after the archive was listed). A
+    /// promotion reads the archive's end after its fence: entries the old primary uploads
+    /// meanwhile lie beyond the new epoch's start, and a standby that applied them could
+    /// not take over at it. What was listed before the fence went up is within that end.
+    async fn promotion_under_way(
+        &self,
+        newest: Option<&EpochMarker>,
+    ) -> Result<Option<String>, StandbyError> {
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        let target = &self.handle.target;
+        let fence = epoch::read_fence(&target.store, &target.protection, newest.epoch + 1).await?;
+        Ok(fence.map(|fence| {
+            format!(
+                "a promotion to epoch {} by {} is under way (its fence is up, its marker not yet): nothing is applied until the marker says where the new epoch starts",
+                fence.epoch,
+                fence.owner()
+            )
+        }))
     }
 
     async fn open_history(&self) -> Result<History, StandbyError> {

@@ -298,11 +298,11 @@ async fn assert_all_fenced(primary: &common::TestCluster) -> Vec<String> {
     reasons
 }
 
-/// Appends `w-{writer}-{n}` through every node of `site` in turn until `stop`; returns
+/// Appends `{writer}-{n}` through every node of `site` in turn until `stop`; returns
 /// the bodies acknowledged (201) and how many were refused.
 async fn write_until(
     site: Vec<String>,
-    writer: usize,
+    writer: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (Vec<String>, u64) {
     let http = Http::new(Duration::from_secs(15));
@@ -311,7 +311,7 @@ async fn write_until(
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             break;
         }
-        let body = format!("w-{writer}-{n}");
+        let body = format!("{writer}-{n}");
         let url = format!("{}/append", site[n % site.len()]);
         match http.post(&url, body.clone()).await {
             Ok(reply) if reply.status == 201 => acknowledged.push(body),
@@ -350,18 +350,25 @@ async fn quorum_plus_archive_sites(
     (server, dir, primary, b)
 }
 
-/// Four writers appending through every node of a site until `finish`.
+/// Four writers appending `{tag}-{writer}-{n}` through every node of a site until
+/// `finish`.
 struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     writers: Vec<tokio::task::JoinHandle<(Vec<String>, u64)>>,
 }
 
 impl Load {
-    fn start(site: &LocalCluster) -> Self {
+    fn start(site: &LocalCluster, tag: &str) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let urls: Vec<String> = site.slots.iter().map(|s| s.client_url()).collect();
         let writers = (0..4)
-            .map(|w| tokio::spawn(write_until(urls.clone(), w, stop.clone())))
+            .map(|w| {
+                tokio::spawn(write_until(
+                    urls.clone(),
+                    format!("{tag}-{w}"),
+                    stop.clone(),
+                ))
+            })
             .collect();
         Self { stop, writers }
     }
@@ -385,7 +392,7 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_under_load() {
     let (_server, _dir, primary, b) = quorum_plus_archive_sites(1).await;
-    let load = Load::start(&primary);
+    let load = Load::start(&primary, "w");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let output = promote(&b).join().unwrap();
     assert!(
@@ -533,7 +540,7 @@ async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fence
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_quorum_plus_archive_a_burned_site_loses_no_acknowledged_write() {
     let (_server, _dir, mut primary, b) = quorum_plus_archive_sites(3).await;
-    let load = Load::start(&primary);
+    let load = Load::start(&primary, "w");
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..3 {
         primary.kill_node(i);
@@ -562,4 +569,207 @@ async fn with_quorum_plus_archive_a_burned_site_loses_no_acknowledged_write() {
     );
     let replica = replicas_identical(&b).await;
     assert_holds_once(&replica, &acknowledged);
+}
+
+fn run_site_command(args: &[String]) -> std::process::Output {
+    Command::new(HAVEN)
+        .arg("site")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap()
+}
+
+/// `haven site <args> --json` as a process of its own; the JSON it printed.
+fn site_command(args: &[String]) -> serde_json::Value {
+    let output = run_site_command(args);
+    assert!(
+        output.status.success(),
+        "haven site {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// What `haven site <args>` said when it refused.
+fn site_command_refused(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = run_site_command(&args);
+    assert!(!output.status.success(), "haven site {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `haven site follow` on the given nodes of a site.
+fn follow(site: &LocalCluster, nodes: &[usize]) -> serde_json::Value {
+    let mut args = vec!["follow".to_string()];
+    for &i in nodes {
+        args.extend(["--admin".to_string(), site.slots[i].admin_addr.to_string()]);
+    }
+    site_command(&args)
+}
+
+/// The bodies of the requests a follow exported, from every node's file.
+fn exported_bodies(report: &serde_json::Value) -> Vec<String> {
+    let mut bodies = Vec::new();
+    for node in report["nodes"].as_array().unwrap() {
+        let Some(file) = node["file"].as_str() else {
+            continue;
+        };
+        let text = std::fs::read_to_string(file).unwrap();
+        for line in text.lines() {
+            let request: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(request["method"], "POST", "{line}");
+            assert_eq!(request["path"], "/append", "{line}");
+            assert!(request["index"].as_u64().is_some() && request["time"].is_string());
+            bodies.push(request["body"].as_str().unwrap().to_string());
+        }
+    }
+    bodies
+}
+
+/// Waits until the leader of a primary site has archived all it applied; that index.
+async fn archived_end(site: &LocalCluster) -> u64 {
+    let leader = site.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let status = wait_status(site, leader, "the primary archiving", |s| {
+        s.archive.as_ref().and_then(|a| a.archived_index) == s.applied_index
+    })
+    .await;
+    status.applied_index.unwrap()
+}
+
+/// Failback, both halves. Site A (3 nodes, `ack = "quorum"`) is fenced by a promotion of
+/// B while it takes writes, so it acknowledges some the archive never takes. `haven site
+/// follow` makes A a standby of B (two nodes from their old data, one from a wiped disk):
+/// every write A acknowledged is at B or in an export file. Then `haven site switchover`
+/// hands the service back to A while writers keep asking B: every write B acknowledged is
+/// at A once, nothing is exported, and every replica of both sites is byte-identical at
+/// the switchover index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_site_follows_the_new_primary_and_a_switchover_hands_the_service_back() {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let dir = common::test_dir("haven-failback-");
+    let key = keygen(dir.path());
+    let mut a = common::start(3, true, &primary_config(&server.endpoint, &key)).await;
+    let b = start_standby("b", 1, dir.path(), &server.endpoint, &key);
+    wait_status(&b, 0, "following", |s| standby_applied(s).is_some()).await;
+
+    // B takes over while A is alive and taking writes.
+    let load = Load::start(&a, "a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let promoted = site_command(&["promote".into(), "--admin".into(), admin(&b, 0)]);
+    let acknowledged_at_a = load.finish().await;
+    assert_all_fenced(&a).await;
+    let http = Http::new(Duration::from_secs(15));
+    let mut acknowledged_at_b = Vec::new();
+    for i in 0..20 {
+        let body = format!("site-b {i}");
+        assert_eq!(append(&http, &b, &body).await.status, 201);
+        acknowledged_at_b.push(body);
+    }
+
+    // A comes back as B's standby: node 3 from a wiped disk, nodes 1 and 2 as they were.
+    a.kill_node(2);
+    a.kill_app(2);
+    for wiped in [a.data_dir(2), a.slots[2].app_dir.clone()] {
+        std::fs::remove_dir_all(wiped).unwrap();
+    }
+    let followed = follow(&a, &[0, 1]);
+    a.start_app(2).unwrap();
+    a.start_node(2).unwrap();
+    wait_status(&a, 2, "the wiped node up", |_| true).await;
+    let wiped = follow(&a, &[2]);
+    assert_eq!(wiped["exported"], 0, "{wiped}");
+
+    // Nothing A acknowledged is silently dropped: it is at B, or exported.
+    let at_b = String::from_utf8_lossy(&b.replica_bytes(0).unwrap()).into_owned();
+    let exported = exported_bodies(&followed);
+    let lost: Vec<&String> = (acknowledged_at_a.iter())
+        .filter(|body| !at_b.lines().any(|l| l == body.as_str()))
+        .collect();
+    for body in &lost {
+        assert!(
+            exported.contains(body),
+            "{body} is neither at B nor exported"
+        );
+    }
+    for body in &exported {
+        assert!(!at_b.lines().any(|l| l == body), "{body} exported but at B");
+    }
+    eprintln!(
+        "A acknowledged {} writes; {} not at B, all exported ({} requests in the files; recovery point {} ms)",
+        acknowledged_at_a.len(),
+        lost.len(),
+        exported.len(),
+        promoted["last_archived_age_ms"]
+    );
+    let end = archived_end(&b).await;
+    for i in 0..3 {
+        wait_status(&a, i, "A following B", |s| standby_applied(s) == Some(end)).await;
+    }
+    assert!(replicas_identical(&a).await == b.replica_bytes(0).unwrap());
+
+    // The primary does not follow; a switchover must name every node of the primary.
+    let said = site_command_refused(&["follow", "--admin", &admin(&b, 0)]);
+    assert!(
+        said.contains("this site writes epoch 2, the archive's newest: it is the primary (to hand the service to a standby, run `haven site switchover`)"),
+        "{said}"
+    );
+    let said =
+        site_command_refused(&["switchover", "--from", &admin(&b, 0), "--to", &admin(&b, 0)]);
+    assert!(
+        said.contains(&format!(
+            "node {} is primary for service app: --to names a node of a standby site",
+            admin(&b, 0)
+        )),
+        "{said}"
+    );
+
+    // Switchover back to A while writers keep asking B.
+    let load = Load::start(&b, "b");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = site_command(&[
+        "switchover".into(),
+        "--from".into(),
+        admin(&b, 0),
+        "--to".into(),
+        admin(&a, 0),
+    ]);
+    acknowledged_at_b.extend(load.finish().await);
+    eprintln!(
+        "switchover: handed over at {}, writes paused {} ms",
+        report["handed_over_index"], report["writes_paused_ms"]
+    );
+    assert_eq!(report["followed"]["exported"], 0, "{report}");
+    assert_eq!(report["promoted"]["epoch"], 3, "{report}");
+    let handed_over = report["handed_over_index"].as_u64().unwrap();
+    assert_eq!(
+        report["promoted"]["last_archived_index"].as_u64(),
+        Some(handed_over),
+        "{report}"
+    );
+
+    // Every write B acknowledged is at A once; both sites hold the same bytes.
+    let replica = replicas_identical(&a).await;
+    assert_holds_once(&replica, &acknowledged_at_b);
+    let end = archived_end(&a).await;
+    wait_status(&b, 0, "B following A", |s| standby_applied(s) == Some(end)).await;
+    assert!(b.replica_bytes(0).unwrap() == replica, "B differs from A");
+    let b_site = b.status(0).await.unwrap().site.unwrap();
+    assert_eq!((b_site.role.name(), b_site.epoch), ("standby", Some(3)));
+    assert_eq!(a.append(1, "site-a again").await.status, 201);
+    let said =
+        site_command_refused(&["switchover", "--from", &admin(&a, 0), "--to", &admin(&b, 0)]);
+    assert!(
+        said.contains(
+            "--from must name every node of the primary site: voters [2, 3] are left out"
+        ),
+        "{said}"
+    );
+    let refused = append(&http, &b, "never").await;
+    assert_eq!(refused.header("haven-error").as_deref(), Some("standby"));
+}
+
+fn admin(site: &LocalCluster, i: usize) -> String {
+    site.slots[i].admin_addr.to_string()
 }

@@ -1,7 +1,8 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /services` (every
 //! service's status), `GET /metrics` (Prometheus text, every service), `GET /health`,
 //! `GET /workers`, `POST /checkpoints` (take one now), `POST /services/reload` (read the
-//! config again: [`reload`]), `POST /site/promote` (a standby takes over: [`site`]), and
+//! config again: [`reload`]), `POST /site/{promote,follow,handover,resume}` (failover
+//! and failback: [`site`]), and
 //! the membership changes of
 //! [`members`] (`POST /members/{learner,promote,remove,replace}`, JSON). Separate from the
 //! client port so operators can reach a node whose client side is saturated.
@@ -110,8 +111,11 @@ pub struct AdminState {
     pub zone: String,
     pub workers: Workers,
     pub metrics: NodeMetrics,
+    /// This node's id, for answers that name it.
+    pub node: NodeId,
     services: RwLock<BTreeMap<String, Arc<ServiceAdmin>>>,
     reloads: reload::Reloads,
+    follows: site::Follows,
 }
 
 /// `?service=NAME`.
@@ -124,17 +128,21 @@ type Refusal = (StatusCode, String);
 
 impl AdminState {
     pub fn new(
+        node: NodeId,
         zone: String,
         workers: Workers,
         metrics: NodeMetrics,
         reloads: reload::Reloads,
+        follows: site::Follows,
     ) -> Arc<Self> {
         Arc::new(Self {
             zone,
+            node,
             workers,
             metrics,
             services: RwLock::default(),
             reloads,
+            follows,
         })
     }
 
@@ -350,6 +358,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
             ),
         )
         .route("/site/promote", post(site::promote))
+        .route("/site/follow", post(site::follow))
+        .route("/site/handover", post(site::handover))
+        .route("/site/resume", post(site::resume))
         .route("/members/learner", membership(members::add_learner))
         .route("/members/promote", membership(members::promote))
         .route("/members/remove", membership(members::remove))

@@ -225,12 +225,25 @@ impl Ingress {
 
     /// A standby serves only local reads (the primary's archive is its source); a fenced
     /// node serves no write and no read that claims to be current, since another site
-    /// took over.
+    /// took over; a primary handing over serves reads but takes no write.
     fn refused_by_site(&self, mode: RouteMode) -> Option<HttpResponse> {
         // Every request of a service with an archive passes here: borrow, never clone.
         let status = self.site.as_ref()?.borrow();
         let (code, reason) = match (&status.role, mode) {
+            // A standby that has not restored the archive yet has nothing to serve: its
+            // replica may hold another history (a site that just began to follow).
+            (Role::Standby, RouteMode::Local) if status.applied_index.is_none() => (
+                "standby",
+                "this node is a standby that has not restored the archive yet: try again shortly"
+                    .to_string(),
+            ),
             (Role::Primary, _) | (_, RouteMode::Local) => return None,
+            // Still the primary: what is current is served until the switchover.
+            (Role::HandingOver, RouteMode::Linearizable) => return None,
+            (Role::HandingOver, _) => (
+                "handing-over",
+                haven_service::site::HANDING_OVER.to_string(),
+            ),
             (Role::Standby, _) => (
                 "standby",
                 format!(

@@ -34,6 +34,9 @@ use haven_consensus::server::Groups;
 use haven_consensus::wire::Hello;
 use haven_service::app::AppClient;
 use haven_service::apply::StateMachine;
+use haven_service::failback;
+use haven_service::failback::Plan;
+use haven_service::failback::Rejoined;
 use haven_service::service::NodeShared;
 use haven_service::service::Service;
 use haven_service::service::ServiceError;
@@ -108,8 +111,9 @@ pub async fn run(
     let client_listener = bind("client", config.node.client_addr).await?;
     let admin_listener = bind("admin", config.node.admin_addr).await?;
     let (admin_reloads, mut reload_requests) = mpsc::channel(RELOAD_QUEUE);
+    let (admin_follows, mut follow_requests) = mpsc::channel(RELOAD_QUEUE);
     let (reopen, mut reopens) = mpsc::unbounded_channel();
-    let mut node = Node::new(config, admin_reloads, reopen)?;
+    let mut node = Node::new(config, (admin_reloads, admin_follows), reopen)?;
     let opened = node.open_all().await?;
     for service in &opened {
         node.serve_raft(service);
@@ -171,6 +175,10 @@ pub async fn run(
                 log_reload(node.reload(&reloads.path, false).await);
             }
             Some(name) = reopens.recv() => node.reopen(&name).await,
+            Some(request) = follow_requests.recv() => {
+                let outcome = node.follow(&request.service, &request.plan).await;
+                let _ = request.reply.send(outcome);
+            }
             Some(request) = reload_requests.recv() => {
                 let report = node.reload(&reloads.path, request.wipe).await;
                 log_reload(report.clone());
@@ -189,7 +197,8 @@ pub async fn run(
     }
 }
 
-/// Reload requests waiting for the node's main loop; more are refused, not queued.
+/// Reload and follow requests waiting for the node's main loop; more are refused, not
+/// queued.
 const RELOAD_QUEUE: usize = 4;
 
 fn log_reload(outcome: Result<ReloadReport, String>) {
@@ -237,7 +246,7 @@ struct Node {
 impl Node {
     fn new(
         config: Config,
-        reloads: admin::reload::Reloads,
+        (reloads, follows): (admin::reload::Reloads, admin::site::Follows),
         reopen: mpsc::UnboundedSender<String>,
     ) -> Result<Self, NodeError> {
         let metrics = NodeMetrics::new()?;
@@ -249,10 +258,12 @@ impl Node {
             settings: Vec::new(),
         };
         let admin = AdminState::new(
+            config.node.id,
             config.node.zone.clone(),
             workers.clone(),
             metrics.clone(),
             reloads,
+            follows,
         );
         Ok(Self {
             transport: Transport::tcp(metrics.peers.clone(), hello),
@@ -394,6 +405,23 @@ impl Node {
             Ok(()) => tracing::info!(service = %name, "service reopened"),
             Err(e) => tracing::error!(service = %name, error = %e, "service did not reopen"),
         }
+    }
+
+    /// Makes the service a standby of the site that took it over: closes it, exports and
+    /// deletes its old history ([`failback::rejoin`]), opens it again. It is opened
+    /// again also when the rejoin failed, as what its directory then records.
+    async fn follow(&mut self, name: &str, plan: &Plan) -> Result<Rejoined, String> {
+        let at = (self.services.iter())
+            .position(|r| r.service.name == name)
+            .ok_or_else(|| format!("service {name} is not running here"))?;
+        let running = self.services.remove(at);
+        let dir = self.config.service_dir(&running.config);
+        self.stop_service(running).await;
+        let rejoined = failback::rejoin(&dir, &self.config.node.site, plan).await;
+        let reopened = self.open_and_start(name).await;
+        let rejoined = rejoined.map_err(|e| format!("service {name} did not follow: {e}"))?;
+        reopened.map_err(|e| format!("service {name} follows, but did not open again: {e}"))?;
+        Ok(rejoined)
     }
 
     /// Shuts every service down, then the node's own workers.

@@ -7,6 +7,7 @@ pub mod checkpoints;
 pub mod demo;
 pub mod demo_load;
 pub mod demo_site;
+pub mod failback;
 pub mod members;
 pub mod services;
 pub mod site;
