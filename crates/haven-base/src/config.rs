@@ -63,6 +63,8 @@ pub struct ServiceConfig {
     pub archive: Option<ArchiveSection>,
     /// Present: the service starts as a standby of another site's archive.
     pub standby: Option<StandbySection>,
+    /// Scheduled drills of the service from its archive.
+    pub drill: Option<DrillSection>,
     /// Which client requests are for this service.
     pub matcher: Matcher,
     /// Where its keys are in the file, for errors.
@@ -81,6 +83,7 @@ impl PartialEq for ServiceConfig {
             checkpoints,
             archive,
             standby,
+            drill,
             matcher,
             written: _,
         } = self;
@@ -92,6 +95,7 @@ impl PartialEq for ServiceConfig {
             checkpoints,
             archive,
             standby,
+            drill,
             matcher,
         ) == (
             &other.name,
@@ -101,6 +105,7 @@ impl PartialEq for ServiceConfig {
             &other.checkpoints,
             &other.archive,
             &other.standby,
+            &other.drill,
             &other.matcher,
         )
     }
@@ -152,6 +157,7 @@ struct ConfigFile {
     checkpoints: Option<CheckpointSection>,
     archive: Option<ArchiveSection>,
     standby: Option<StandbySection>,
+    drill: Option<DrillSection>,
     #[serde(default)]
     service: Vec<ServiceSection>,
 }
@@ -171,6 +177,7 @@ struct ServiceSection {
     checkpoints: Option<CheckpointSection>,
     archive: Option<ArchiveSection>,
     standby: Option<StandbySection>,
+    drill: Option<DrillSection>,
 }
 
 /// The service name of a file in the single-service layout without `app.name`.
@@ -372,6 +379,37 @@ impl StandbySection {
         Duration::from_millis(self.poll_ms)
     }
 }
+
+/// `[drill]` (or `[service.drill]`): drill the service from its archive on a schedule
+/// (one node of the cluster runs it), with the checks `haven drill` takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// How often: `"30m"`, `"24h"`, `"7d"`; the first drill runs one interval after start.
+    pub every: String,
+    /// HTTP checks, as `--check-http`: `"GET /health 200"`.
+    #[serde(default)]
+    pub check_http: Vec<String>,
+    /// Commands that pass with exit 0, as `--check-cmd`.
+    #[serde(default)]
+    pub check_cmd: Vec<String>,
+}
+
+impl DrillSection {
+    pub fn interval(&self) -> Result<Duration, crate::checks::BadInterval> {
+        crate::checks::parse_interval(&self.every)
+    }
+
+    /// The HTTP checks, as validated with the config.
+    pub fn http_checks(&self) -> Vec<crate::checks::HttpCheck> {
+        (self.check_http.iter())
+            .filter_map(|c| crate::checks::HttpCheck::parse(c).ok())
+            .collect()
+    }
+}
+
+/// Drills start a copy of the app and restore the archive: not more often than this.
+pub const MIN_DRILL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Shortest and longest interval between a standby's looks at the archive.
 pub const STANDBY_POLL_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
@@ -593,7 +631,8 @@ impl Config {
             || file.limits.is_some()
             || file.checkpoints.is_some()
             || file.archive.is_some()
-            || file.standby.is_some();
+            || file.standby.is_some()
+            || file.drill.is_some();
         let services = match (at_top, file.service.is_empty()) {
             (true, false) => {
                 let reason = "the single-service layout ([app], [[routes]], [limits], [checkpoints] at the top) and [[service]] tables cannot be mixed: move them into a [[service]]";
@@ -618,6 +657,7 @@ impl Config {
                     checkpoints: file.checkpoints,
                     archive: archive_of(file.archive, &file.standby),
                     standby: file.standby,
+                    drill: file.drill,
                     matcher: Matcher::Everything,
                     written: Written::AtTop,
                 }]
@@ -644,6 +684,7 @@ impl Config {
                     checkpoints: s.checkpoints,
                     archive: archive_of(s.archive, &s.standby),
                     standby: s.standby,
+                    drill: s.drill,
                     written: Written::InService(i),
                 })
                 .collect(),
@@ -779,7 +820,33 @@ impl ServiceConfig {
         self.validate_managed_app()?;
         self.validate_checkpoints()?;
         self.validate_archive()?;
-        self.validate_standby()
+        self.validate_standby()?;
+        self.validate_drill()
+    }
+
+    fn validate_drill(&self) -> Result<(), BadKey> {
+        let Some(drill) = &self.drill else {
+            return Ok(());
+        };
+        if self.archive.is_none() {
+            let reason = "a drill restores the service from its off-site archive: write [archive] (or [standby]) too";
+            return Err(self.bad("drill", 0, "every", reason));
+        }
+        match drill.interval() {
+            Err(e) => return Err(self.bad("drill", 0, "every", &e.to_string())),
+            Ok(every) if every < MIN_DRILL_INTERVAL => {
+                let reason = format!("must be at least {}s", MIN_DRILL_INTERVAL.as_secs());
+                return Err(self.bad("drill", 0, "every", &reason));
+            }
+            Ok(_) => {}
+        }
+        if let Some(Err(e)) = (drill.check_http.iter())
+            .map(|c| crate::checks::HttpCheck::parse(c))
+            .find(Result::is_err)
+        {
+            return Err(self.bad("drill", 0, "check_http", &e.to_string()));
+        }
+        Ok(())
     }
 
     fn validate_standby(&self) -> Result<(), BadKey> {
@@ -1314,6 +1381,32 @@ mode = "linearizable"
         assert_eq!(
             with(&format!("{checkpoints}{standby}{elsewhere}")).unwrap_err(),
             "invalid config n1.toml: key `standby.from` (line 31): must name the archive of archive.url: a promoted standby writes where it read"
+        );
+    }
+
+    #[test]
+    fn a_drill_schedule_is_checked_with_its_key_and_line() {
+        let archive = "[archive]\nurl = \"s3://bucket/orders\"\nkey_file = \"/k\"\n";
+        let with = |tables: &str| parse(&format!("{GOOD}\n{tables}"));
+        let drill = "[drill]\nevery = \"24h\"\ncheck_http = [\"GET /health 200\"]\n";
+        let config = with(&format!("{archive}{drill}")).unwrap();
+        let section = config.service().drill.clone().unwrap();
+        assert_eq!(section.interval(), Ok(Duration::from_secs(86_400)));
+        assert_eq!(section.http_checks()[0].path, "/health");
+        assert_eq!(
+            with(drill).unwrap_err(),
+            "invalid config n1.toml: key `drill.every` (line 29): a drill restores the service from its off-site archive: write [archive] (or [standby]) too"
+        );
+        assert_eq!(
+            with(&format!("{archive}[drill]\nevery = \"5s\"\n")).unwrap_err(),
+            "invalid config n1.toml: key `drill.every` (line 32): must be at least 10s"
+        );
+        let bad_check =
+            format!("{archive}[drill]\nevery = \"1h\"\ncheck_http = [\"GET health 200\"]\n");
+        let e = with(&bad_check).unwrap_err();
+        assert!(
+            e.starts_with("invalid config n1.toml: key `drill.check_http` (line 33): check \"GET health 200\": the path must start with /"),
+            "{e}"
         );
     }
 

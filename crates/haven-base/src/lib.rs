@@ -1,8 +1,10 @@
 //! What every layer of a Haven node shares and that knows nothing of Raft or of the app:
-//! the configuration file ([`config`]), the metrics registry ([`metrics`]), named
+//! the configuration file ([`config`]) and the checks and intervals written in it
+//! ([`checks`]), the metrics registry ([`metrics`]), named
 //! background tasks ([`workers`]), the lock on a data directory ([`lock`]) and how an
 //! error is described with its causes ([`errors`]).
 
+pub mod checks;
 pub mod config;
 pub mod errors;
 pub mod lock;

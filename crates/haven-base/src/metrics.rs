@@ -170,6 +170,14 @@ service_metrics! {
             "Unix time of the last successful upload to the off-site archive";
         standby_lag_seconds: "haven_standby_lag_seconds",
             "How far this standby is behind the primary's last archived entry, in entry time";
+        /// The newest drill kept on this node (scheduled or `haven drill`): when the last
+        /// one that passed began, its RTO, and whether the newest passed.
+        drill_last_success: "haven_drill_last_success_timestamp_seconds",
+            "Unix time at which the last successful drill of the service began (0: none)";
+        drill_last_rto: "haven_drill_last_rto_seconds",
+            "Time to the first healthy answer of the last successful drill";
+        drill_last_ok: "haven_drill_last_ok",
+            "1 if the newest drill of the service passed, 0 if it failed or none ran";
     }
 }
 

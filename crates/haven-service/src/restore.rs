@@ -84,6 +84,10 @@ pub struct AppSettings {
     pub start_timeout_ms: u64,
     pub idempotency_keys_max: usize,
     pub idempotency_retention_s: u64,
+    /// The managed app's production data directory: a restore or drill refuses a command
+    /// that names it instead of `{data_dir}` (it would run on production's data).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl AppSettings {
@@ -105,6 +109,7 @@ impl AppSettings {
             start_timeout_ms: config.app.start_timeout_ms,
             idempotency_keys_max: config.limits.idempotency_keys_max,
             idempotency_retention_s: config.limits.idempotency_retention_s,
+            data_dir: config.app.data_dir.clone(),
         }
     }
 
@@ -204,7 +209,11 @@ pub struct RestoreReport {
     pub target_entry_time_us: i64,
     pub checkpoint_index: Option<u64>,
     pub checkpoint_file: Option<PathBuf>,
+    /// The checkpoint's size, fetched and installed.
+    pub checkpoint_bytes: u64,
     pub entries_replayed: u64,
+    /// Request bytes (bodies) replayed into the app.
+    pub bytes_replayed: u64,
     pub replay_seconds: f64,
     pub out: PathBuf,
     /// The `--check` command's outcome: `None` when there was none.
@@ -248,20 +257,74 @@ pub async fn run_from_archive(
     options: RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport, RestoreError> {
+    let mut restored = restore_running(archive, options, progress).await?;
+    if let Some(command) = &restored.options.check {
+        let passed = run_check(command, restored.url(), &restored.options.out).await?;
+        restored.report.check_passed = Some(passed);
+    }
+    restored.finish().await
+}
+
+async fn restore_from(
+    history: History,
+    settings: &AppSettings,
+    options: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, RestoreError> {
+    let mut restored = restore_app(history, settings, options, progress).await?;
+    if let Some(command) = &restored.options.check {
+        let passed = run_check(command, restored.url(), &restored.options.out).await?;
+        restored.report.check_passed = Some(passed);
+    }
+    restored.finish().await
+}
+
+/// A restored app, still running: what a restore's check or a drill's checks talk to
+/// before it is stopped ([`Restored::finish`]).
+pub struct Restored {
+    pub report: RestoreReport,
+    instance: AppInstance,
+    options: RestoreOptions,
+    /// Where the checkpoint was fetched to and the replay's apply state: kept until the
+    /// app stops.
+    _scratch: Vec<tempfile::TempDir>,
+}
+
+impl Restored {
+    /// The restored app's base URL (`http://host:port`).
+    pub fn url(&self) -> &str {
+        &self.instance.url
+    }
+
+    /// Stops the app, leaving its state in the output directory.
+    pub async fn finish(self) -> Result<RestoreReport, RestoreError> {
+        self.instance.finish(&self.options.out).await?;
+        Ok(self.report)
+    }
+}
+
+/// [`run_from_archive`] up to the replayed app, left running.
+pub async fn restore_running(
+    archive: ArchiveRestore,
+    options: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Restored, RestoreError> {
     let scratch = tempfile::tempdir().map_err(io("cannot create a scratch directory"))?;
     let history = History::Archive {
         reader: Box::new(archive.reader),
         scratch: scratch.path().to_path_buf(),
     };
-    restore_from(history, &archive.settings, options, progress).await
+    let mut restored = restore_app(history, &archive.settings, options, progress).await?;
+    restored._scratch.push(scratch);
+    Ok(restored)
 }
 
-async fn restore_from(
+async fn restore_app(
     mut history: History,
     settings: &AppSettings,
     options: RestoreOptions,
     progress: &dyn Progress,
-) -> Result<RestoreReport, RestoreError> {
+) -> Result<Restored, RestoreError> {
     prepare_out(&options.out)?;
     let range = history.range().await?;
     let (base, target) = choose_base(&mut history, &options, &range).await?;
@@ -275,23 +338,30 @@ async fn restore_from(
     let replayed = (target + 1).saturating_sub(first);
     progress.start(replayed);
     let started = Instant::now();
-    replay(&machine, &mut history, first..=target, progress).await?;
+    let bytes_replayed = replay(&machine, &mut history, first..=target, progress).await?;
     let replay_seconds = started.elapsed().as_secs_f64();
-    let check_passed = match &options.check {
-        Some(command) => Some(run_check(command, &instance.url, &options.out).await?),
-        None => None,
-    };
-    instance.finish(&options.out).await?;
-    Ok(RestoreReport {
+    let report = RestoreReport {
         target_index: target,
         target_entry_time_us: history.entry_time_at(target).await?,
         checkpoint_index: base.as_ref().map(|b| b.index),
+        checkpoint_bytes: base.as_ref().map_or(0, |b| file_size(&b.path)),
         checkpoint_file: base.map(|b| b.path),
         entries_replayed: replayed,
+        bytes_replayed,
         replay_seconds,
-        out: options.out,
-        check_passed,
+        out: options.out.clone(),
+        check_passed: None,
+    };
+    Ok(Restored {
+        report,
+        instance,
+        options,
+        _scratch: vec![scratch],
     })
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Runs the operator's check against the restored app; its output goes to ours.
@@ -667,13 +737,15 @@ pub(crate) async fn replay(
     history: &mut History,
     range: RangeInclusive<u64>,
     progress: &dyn Progress,
-) -> Result<(), RestoreError> {
+) -> Result<u64, RestoreError> {
     let mut machine = machine.clone();
     let (first, last) = (*range.start(), *range.end());
     let mut next = first;
+    let mut bytes = 0;
     while next <= last {
         let end = (next + REPLAY_BATCH - 1).min(last);
         let entries = history.read(next..=end).await?;
+        bytes += entries.iter().map(request_bytes).sum::<u64>();
         let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
         machine
             .apply(stream)
@@ -686,7 +758,14 @@ pub(crate) async fn replay(
         progress.advance(end + 1 - first);
         next = end + 1;
     }
-    Ok(())
+    Ok(bytes)
+}
+
+fn request_bytes(entry: &Entry) -> u64 {
+    match &entry.payload {
+        EntryPayload::Normal(request) => request.body.len() as u64,
+        _ => 0,
+    }
 }
 
 /// The fresh app a restore fills: started by Haven (managed, or hooks with a command) on
@@ -792,6 +871,16 @@ impl AppInstance {
     }
 }
 
+/// Whether an argument or environment value of `command` spells out `dir`.
+fn names_literally(command: &AppCommand, dir: &Path) -> bool {
+    let dir = dir.display().to_string();
+    let values = command
+        .argv
+        .iter()
+        .chain(command.env.iter().map(|(_, v)| v));
+    !dir.is_empty() && values.into_iter().any(|v| v.contains(&dir))
+}
+
 /// Runs the recorded command with `out` as its data directory on a free loopback port, so
 /// a restore can run beside a live cluster: the address placeholders (`{listen}`,
 /// `{host}`, `{port}`) follow the new url, and the recorded `host:port` written out in an
@@ -813,6 +902,14 @@ async fn start_fresh(
     if !recorded.names_its_address() {
         return Err(refused(format!(
             "the app command {argv:?} does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {{listen}} (host:port), or {{host}} and {{port}} (e.g. \"-h\", \"{{host}}\", \"-p\", \"{{port}}\"), in [app] command or env"
+        )));
+    }
+    if let Some(production) = &settings.data_dir
+        && names_literally(&recorded, production)
+    {
+        return Err(refused(format!(
+            "the app command {argv:?} names the production data directory {} itself, so a copy started for a restore or drill would work on production's data: write it as {{data_dir}}",
+            production.display()
         )));
     }
     let written_out = settings
@@ -868,6 +965,7 @@ mod tests {
             start_timeout_ms: 10_000,
             idempotency_keys_max: 10,
             idempotency_retention_s: 10,
+            data_dir: Some("/var/lib/app".into()),
         };
         (settings, argv)
     }
@@ -915,6 +1013,25 @@ mod tests {
         assert_eq!(
             e.to_string(),
             r#"the app command ["python3", "-m", "http.server", "-b", "127.0.0.1", "6001"] does not say where the app listens in a form Haven can change, so it cannot run on a port of its own beside the cluster: write the address in the command as {listen} (host:port), or {host} and {port} (e.g. "-h", "{host}", "-p", "{port}"), in [app] command or env"#
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_naming_the_production_data_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, argv) = settings(&[
+            "logapp",
+            "--listen",
+            "{listen}",
+            "--file",
+            "/var/lib/app/log.txt",
+        ]);
+        let Err(e) = start_fresh(&settings, &argv, dir.path(), dir.path()).await else {
+            panic!("a command naming production's data was started");
+        };
+        assert_eq!(
+            e.to_string(),
+            r#"the app command ["logapp", "--listen", "{listen}", "--file", "/var/lib/app/log.txt"] names the production data directory /var/lib/app itself, so a copy started for a restore or drill would work on production's data: write it as {data_dir}"#
         );
     }
 }

@@ -87,6 +87,14 @@ enum Command {
     /// archive, the key and the store's credentials).
     #[command(subcommand)]
     Archive(cli::archive::ArchiveCommand),
+    /// Rehearse a site loss: restore a service from its off-site archive into a sandbox
+    /// beside production, start the app there, run checks, report (`drill list`: the
+    /// drills kept). Exits non-zero when a check fails.
+    Drill(cli::drill::DrillArgs),
+    /// Recovery plans: bring several services back in dependency order, each gated by a
+    /// health check, in drill sandboxes (`--drill`) or for real (`--failover`).
+    #[command(subcommand)]
+    Plan(cli::plan::PlanCommand),
     /// List a node's services, or reload them from the config file on every node
     /// (add, remove with --wipe, restart changed ones).
     #[command(subcommand)]
@@ -234,6 +242,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Archive(command) => {
             init_tracing("warn");
             let (text, good) = cli::archive::run(command).await?;
+            print(&text)?;
+            if !good {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Drill(args) => {
+            init_tracing("warn");
+            let (text, good) = cli::drill::run(args).await?;
+            print(&text)?;
+            if !good {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Plan(command) => {
+            init_tracing("warn");
+            let (text, good) = cli::plan::run(command).await?;
             print(&text)?;
             if !good {
                 return Ok(ExitCode::FAILURE);

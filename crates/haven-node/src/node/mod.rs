@@ -32,14 +32,21 @@ use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::server::Group;
 use haven_consensus::server::Groups;
 use haven_consensus::wire::Hello;
+use haven_contract::NodeId;
+use haven_drill::DrillSpec;
+use haven_drill::schedule::Chosen;
+use haven_drill::schedule::Schedule;
 use haven_service::app::AppClient;
 use haven_service::apply::StateMachine;
 use haven_service::failback;
 use haven_service::failback::Plan;
 use haven_service::failback::Rejoined;
+use haven_service::restore::AppSettings;
+use haven_service::restore::Target;
 use haven_service::service::NodeShared;
 use haven_service::service::Service;
 use haven_service::service::ServiceError;
+use openraft::rt::WatchReceiver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -360,6 +367,9 @@ impl Node {
             exactly_once_after_crash: config.exactly_once_after_crash(),
         };
         self.admin.insert(&service.name, entry);
+        if let Some(schedule) = drill_schedule(&self.config, config, service, shared) {
+            (self.workers.scoped(&service.name)).spawn("drill", schedule.run(shared.stop.clone()));
+        }
         self.services.push(running);
         Ok(())
     }
@@ -465,6 +475,56 @@ fn durable_gate(config: &ServiceConfig, service: &Service) -> Option<DurableGate
     let (target, progress) = service.archive.as_ref()?;
     let wait = Duration::from_millis(config.limits.request_timeout_ms);
     Some(progress.durable_gate(&target.section, wait))
+}
+
+/// The drill worker of a service with an archive: it keeps the newest drill's result as
+/// metrics and, with `[drill] every`, drills on schedule.
+fn drill_schedule(
+    config: &Config,
+    service_config: &ServiceConfig,
+    service: &Service,
+    shared: &NodeShared,
+) -> Option<Schedule> {
+    let (target, _) = service.archive.as_ref()?;
+    let drill = service_config.drill.as_ref();
+    let spec = DrillSpec {
+        service: service.name.clone(),
+        store: target.store.clone(),
+        protection: target.protection.clone(),
+        settings: AppSettings::from_config(service_config),
+        target: Target::Latest,
+        http_checks: drill.map(|d| d.http_checks()).unwrap_or_default(),
+        commands: drill.map(|d| d.check_cmd.clone()).unwrap_or_default(),
+        drills_dir: haven_drill::drills_dir(&config.node.data_dir),
+        keep: false,
+    };
+    Some(Schedule {
+        spec,
+        every: drill.and_then(|d| d.interval().ok()),
+        chosen: drills_here(service.raft.clone(), config),
+        metrics: shared.metrics.clone(),
+    })
+}
+
+/// One node of a cluster drills: the voter with the lowest id that does not lead (a
+/// drill costs a node CPU and disk; the leader has the most to do), or a lone node. A
+/// standby site, which runs no Raft, goes by its configured peers.
+fn drills_here(raft: Option<haven_service::apply::Raft>, config: &Config) -> Chosen {
+    let me = config.node.id;
+    let configured = config.voters().keys().min().copied();
+    Box::new(move || {
+        let Some(raft) = &raft else {
+            return configured.is_none_or(|lowest| lowest == me);
+        };
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+        let lone = voters.len() == 1;
+        let drills = (voters.iter().copied())
+            .filter(|&v| lone || Some(v) != m.current_leader)
+            .min();
+        drills == Some(me)
+    })
 }
 
 /// Resolves with the reason once any service's Raft core has stopped by itself.

@@ -62,6 +62,13 @@ pub struct Source {
     /// The archive: `s3://bucket/prefix` or `file:///path`.
     #[arg(long = "from")]
     from: String,
+    #[command(flatten)]
+    access: Access,
+}
+
+/// How to read an archive besides its url.
+#[derive(Args)]
+pub struct Access {
     /// The archive's key file (`haven archive keygen`).
     #[arg(long)]
     key_file: Option<PathBuf>,
@@ -75,6 +82,14 @@ pub struct Source {
 
 impl Source {
     async fn reader(&self) -> anyhow::Result<Reader> {
+        let (store, protection) = self.access.open(&self.from)?;
+        Ok(Reader::open(store, protection).await?)
+    }
+}
+
+impl Access {
+    /// The store at `url` and the key to read it with.
+    pub fn open(&self, url: &str) -> anyhow::Result<(Store, Protection)> {
         haven_archive::store::install_crypto_provider();
         let protection = match (&self.key_file, self.plaintext) {
             (Some(path), false) => Protection::Encrypted(ArchiveKey::load(path)?),
@@ -85,10 +100,10 @@ impl Source {
             ),
         };
         let store = Store::open(&StoreSettings {
-            url: self.from.clone(),
+            url: url.to_string(),
             endpoint: self.endpoint.clone(),
         })?;
-        Ok(Reader::open(store, protection).await?)
+        Ok((store, protection))
     }
 }
 
@@ -197,20 +212,8 @@ async fn restore_from_archive(args: ArchiveRestoreArgs) -> anyhow::Result<(Strin
 /// How to run the app: from a node's config, or an app Haven does not run.
 fn app_settings(args: &ArchiveRestoreArgs) -> anyhow::Result<AppSettings> {
     if let Some(path) = &args.config {
-        let config = Config::load(path)?;
-        let service = match &args.service {
-            Some(name) => config
-                .services
-                .iter()
-                .find(|s| &s.name == name)
-                .with_context(|| format!("{} has no service {name:?}", path.display()))?,
-            None if config.services.len() == 1 => config.service(),
-            None => anyhow::bail!(
-                "{} has several services: name one with --service",
-                path.display()
-            ),
-        };
-        return Ok(AppSettings::from_config(service));
+        let (_, service) = service_in(path, args.service.as_deref())?;
+        return Ok(AppSettings::from_config(&service));
     }
     let url = args.app_url.clone().context("give --app-url or --config")?;
     let limits = Limits::default();
@@ -226,7 +229,30 @@ fn app_settings(args: &ArchiveRestoreArgs) -> anyhow::Result<AppSettings> {
         start_timeout_ms: 10_000,
         idempotency_keys_max: limits.idempotency_keys_max,
         idempotency_retention_s: limits.idempotency_retention_s,
+        data_dir: None,
     })
+}
+
+/// A node's config and the service in it that `service` names (or its only one).
+pub fn service_in(
+    path: &std::path::Path,
+    service: Option<&str>,
+) -> anyhow::Result<(Config, haven_base::config::ServiceConfig)> {
+    let config = Config::load(path)?;
+    let found = match service {
+        Some(name) => config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("{} has no service {name:?}", path.display()))?,
+        None if config.services.len() == 1 => config.service(),
+        None => anyhow::bail!(
+            "{} has several services: name one with --service",
+            path.display()
+        ),
+    };
+    let found = found.clone();
+    Ok((config, found))
 }
 
 #[derive(Serialize)]
