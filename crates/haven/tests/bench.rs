@@ -272,3 +272,17 @@ fn site_bench_measures_recovery_point_ack_cost_and_promotions() {
         "{report}"
     );
 }
+
+#[test]
+fn drill_bench_compares_write_latency_without_and_with_drills() {
+    let report = json_of(haven().args(["bench", "drill", "--quick", "--json"]));
+    let phases = report["phases"].as_array().unwrap();
+    let drilling: Vec<bool> = phases
+        .iter()
+        .map(|p| p["drilling"].as_bool().unwrap())
+        .collect();
+    assert_eq!(drilling, [false, true], "{report}");
+    assert!(phases[1]["drills"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(phases[1]["drills"], phases[1]["drills_passed"], "{report}");
+    assert!(report["p99_ratio"].as_f64().unwrap() > 0.0, "{report}");
+}

@@ -328,6 +328,131 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// One node at `site` running `services` (name, app), each with the archive of its own
+/// (`[service.archive]`, or `[service.standby]` following it).
+fn one_node_site(
+    site: &str,
+    services: &[(&str, haven_testkit::cluster::AppKind)],
+    standby: bool,
+    (endpoint, key): (&str, &Path),
+    dir: &Path,
+) -> haven_testkit::cluster::LocalCluster {
+    use haven_testkit::cluster::ClusterSpec;
+    use haven_testkit::cluster::LocalCluster;
+    use haven_testkit::cluster::ServiceSpec;
+    let table = if standby {
+        "standby]\nfrom"
+    } else {
+        "archive]\nurl"
+    };
+    let services = (services.iter())
+        .map(|(name, app)| {
+            let mut service = ServiceSpec::new(name, app.clone());
+            service.tables = format!(
+                "[service.checkpoints]\nmode = \"managed\"\nevery_entries = 50\nevery_seconds = 0\n\
+                 [service.{table} = \"{URL}-{name}\"\nendpoint = \"{endpoint}\"\nkey_file = \"{}\"\n",
+                key.display()
+            );
+            service
+        })
+        .collect();
+    LocalCluster::start(ClusterSpec {
+        site: site.to_string(),
+        nodes: 1,
+        exe: std::path::PathBuf::from(HAVEN),
+        dir: dir.join(format!("site-{site}")),
+        extra_config: String::new(),
+        app: haven_testkit::cluster::AppKind::LogApp {
+            prepopulate: common::PREPOPULATE,
+        },
+        managed: true,
+        services,
+    })
+    .unwrap()
+}
+
+fn log_app() -> haven_testkit::cluster::AppKind {
+    haven_testkit::cluster::AppKind::LogApp {
+        prepopulate: common::PREPOPULATE,
+    }
+}
+
+/// `--failover`: the primary site of two services is lost; the plan promotes each
+/// service's standby in order and checks its gate there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_plan_promotes_each_standby_in_order() {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let dir = common::test_dir("haven-plan-failover-");
+    let key = keygen(dir.path());
+    let services = [("api", log_app()), ("web", log_app())];
+    let store = (server.endpoint.as_str(), key.as_path());
+    let mut a = one_node_site("a", &services, false, store, dir.path());
+    let http = Http::new(Duration::from_secs(10));
+    for (service, _) in &services {
+        a.wait_for_leader_of(Some(service), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let url = format!("{}/{service}/append", a.slots[0].client_url());
+        assert_eq!(
+            http.post(&url, format!("{service} at a"))
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+    }
+    let b = one_node_site("b", &services, true, store, dir.path());
+    for (service, _) in &services {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !b.status_of(0, Some(service)).await.is_ok_and(|s| {
+            s.site
+                .is_some_and(|site| site.applied_index.is_some() && site.lag_entries == 0)
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{service} standby never caught up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    a.kill_node(0);
+    a.kill_app(0);
+
+    let (admin, client) = (b.slots[0].admin_addr, b.slots[0].client_url());
+    let plan = format!(
+        "[[service]]\nname = \"web\"\ndepends_on = [\"api\"]\ngate = \"GET /count 200\"\nadmin = \"{admin}\"\nurl = \"{client}/web\"\n\n\
+         [[service]]\nname = \"api\"\ngate = \"GET /count 200\"\nadmin = \"{admin}\"\nurl = \"{client}/api\"\n"
+    );
+    let path = dir.path().join("failover.toml");
+    std::fs::write(&path, plan).unwrap();
+    let output = Command::new(HAVEN)
+        .args(["plan", "run", "--failover", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    assert!(output.status.success(), "{report:#}");
+    let steps = report["steps"].as_array().unwrap();
+    let order: Vec<(&str, &str)> = (steps.iter())
+        .map(|s| (s["service"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(order, [("api", "up"), ("web", "up")]);
+    for (service, _) in &services {
+        let site = b.status_of(0, Some(service)).await.unwrap().site.unwrap();
+        assert_eq!(site.role.name(), "primary", "{service}");
+        let url = format!("{client}/{service}/append");
+        assert_eq!(
+            http.post(&url, format!("{service} at b"))
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+    }
+}
+
 /// One node running three services, each with an archive of its own: a tree app as `db`,
 /// log apps as `api` and `web`.
 async fn three_services(
@@ -335,36 +460,12 @@ async fn three_services(
     key: &Path,
     dir: &Path,
 ) -> haven_testkit::cluster::LocalCluster {
-    use haven_testkit::cluster::AppKind;
-    use haven_testkit::cluster::ClusterSpec;
-    use haven_testkit::cluster::LocalCluster;
-    use haven_testkit::cluster::ServiceSpec;
-    let log = AppKind::LogApp {
-        prepopulate: common::PREPOPULATE,
-    };
-    let services = [("db", AppKind::TreeApp), ("api", log.clone()), ("web", log.clone())]
-        .into_iter()
-        .map(|(name, app)| {
-            let mut service = ServiceSpec::new(name, app);
-            service.tables = format!(
-                "[service.checkpoints]\nmode = \"managed\"\nevery_entries = 50\nevery_seconds = 0\n\
-                 [service.archive]\nurl = \"{URL}-{name}\"\nendpoint = \"{endpoint}\"\nkey_file = \"{}\"\nflush_ms = 100\n",
-                key.display()
-            );
-            service
-        })
-        .collect();
-    let cluster = LocalCluster::start(ClusterSpec {
-        site: String::new(),
-        nodes: 1,
-        exe: std::path::PathBuf::from(HAVEN),
-        dir: dir.join("cluster"),
-        extra_config: String::new(),
-        app: log,
-        managed: true,
-        services,
-    })
-    .unwrap();
+    let services = [
+        ("db", haven_testkit::cluster::AppKind::TreeApp),
+        ("api", log_app()),
+        ("web", log_app()),
+    ];
+    let cluster = one_node_site("", &services, false, (endpoint, key), dir);
     for service in ["db", "api", "web"] {
         let leader = cluster.wait_for_leader_of(Some(service), Duration::from_secs(30));
         leader.await.unwrap();

@@ -9,13 +9,16 @@
 //! - `checkpoint` measures what app-state checkpoints cost: taking one, a fresh node's
 //!   catch-up, restore, and write latency while they are taken ([`checkpoint`]);
 //! - `tenants` measures one service's latency while another on the same nodes is
-//!   hammered ([`tenants`]).
+//!   hammered ([`tenants`]);
+//! - `archive`, `site` and `drill` measure the off-site tier: archive cost and restore
+//!   speed, standby RPO and RTO, and whether a drill disturbs production ([`drill`]).
 //!
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
 
 pub mod archive;
 pub mod checkpoint;
+pub mod drill;
 pub mod failover;
 pub mod peer_down;
 pub mod reference;
@@ -61,6 +64,9 @@ pub enum BenchCommand {
     /// `ack = "quorum+archive"` costs in latency and throughput, the recovery time of a
     /// promotion over several trials.
     Site(site::SiteBenchArgs),
+    /// Is a drill non-disruptive? Write latency at half of saturation, in alternating
+    /// phases without and with `haven drill` running back to back.
+    Drill(drill::DrillBenchArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -118,6 +124,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Site(args) => {
             let report = site::run(&args, exe).await?;
             output(args.json, &report, site::render)
+        }
+        BenchCommand::Drill(args) => {
+            let report = drill::run(&args, exe).await?;
+            output(args.json, &report, drill::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;

@@ -82,6 +82,10 @@ struct RunArgs {
     keep: bool,
     #[arg(long)]
     json: bool,
+    /// The drill's CPU priority (nice, 0 to 19; its app inherits it): production's
+    /// processes go first on a shared machine.
+    #[arg(long, default_value_t = DRILL_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
     /// Without a config: the archive's url.
     #[arg(long)]
     archive: Option<String>,
@@ -107,6 +111,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<(String, bool)> {
 
 async fn drill(args: RunArgs) -> anyhow::Result<(String, bool)> {
     let spec = spec(&args)?;
+    lower_priority(args.nice);
     let progress = Bar::default();
     let report = haven_drill::run::run(&spec, &progress).await;
     progress.finish();
@@ -141,6 +146,59 @@ fn spec(args: &RunArgs) -> anyhow::Result<DrillSpec> {
         drills_dir,
         keep: args.keep,
     })
+}
+
+/// How nice a drill is unless told otherwise.
+pub const DRILL_NICE: i32 = 19;
+
+/// Lowers every thread of this process to `nice` (Linux keeps a nice value per thread;
+/// threads and processes started later inherit their creator's). A drill that cannot
+/// lower its priority still runs, and says so.
+pub fn lower_priority(nice: i32) {
+    let tasks = match std::fs::read_dir("/proc/self/task") {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this process's threads; the drill runs at normal priority");
+            return;
+        }
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let tid = task.file_name().to_string_lossy().parse::<i32>().ok();
+        let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else {
+            continue;
+        };
+        if let Err(e) = rustix::process::setpriority_process(Some(pid), nice) {
+            tracing::warn!(error = %e, nice, "cannot lower a drill thread's priority");
+        }
+        idle(pid.as_raw_nonzero().get());
+    }
+}
+
+/// SCHED_IDLE and the idle I/O class for thread `tid`: it runs and reads the disk only
+/// when nothing else wants to.
+fn idle(tid: i32) {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscalls on a thread of this process, with a valid parameter.
+    let (scheduled, io) = unsafe {
+        (
+            libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param),
+            libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                libc::c_long::from(tid),
+                IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+            ),
+        )
+    };
+    if scheduled != 0 || io != 0 {
+        tracing::warn!(
+            tid,
+            "cannot make a drill thread idle-priority; it runs at its nice value"
+        );
+    }
 }
 
 /// A drill of `service` in the node config at `path` to the newest point, with no checks

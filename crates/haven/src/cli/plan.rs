@@ -101,6 +101,9 @@ pub async fn run(command: PlanCommand) -> anyhow::Result<(String, bool)> {
     } = command;
     let plan = Plan::load(&path)?;
     let mode = if drill { Mode::Drill } else { Mode::Failover };
+    if mode == Mode::Drill {
+        super::drill::lower_priority(super::drill::DRILL_NICE);
+    }
     let report = execute(&path, &plan, mode, keep).await;
     let text = match json {
         true => format!("{}\n", serde_json::to_string(&report)?),
