@@ -55,6 +55,9 @@ pub struct DrillSpec {
     pub drills_dir: PathBuf,
     /// Keep the sandbox (the restored app's data) after the drill.
     pub keep: bool,
+    /// An app Haven does not run (hooks mode): a fresh, empty instance the operator
+    /// started for the drill, into which the state is restored.
+    pub app_url: Option<String>,
 }
 
 pub async fn run(spec: &DrillSpec, progress: &dyn Progress) -> DrillReport {
@@ -197,7 +200,7 @@ async fn restore(
         target: spec.target,
         out: sandbox.join("app"),
         from_scratch: false,
-        app_url: None,
+        app_url: spec.app_url.clone(),
         check: None,
     };
     let archive = ArchiveRestore {

@@ -250,6 +250,30 @@ async fn a_drill_restores_the_archive_beside_production_and_reports() {
         "the restore failed, so nothing else was checked"
     );
 
+    // Without a config: the archive, its key and the app's command on the command line.
+    let elsewhere = dir.path().join("elsewhere");
+    let app = format!("{HAVEN} logapp --listen {{listen}} --file {{data_dir}}/log.txt");
+    let output = Command::new(HAVEN)
+        .args([
+            "drill",
+            "--json",
+            "--archive",
+            URL,
+            "--endpoint",
+            &server.endpoint,
+        ])
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--app-command", &app, "--check-http", "GET /line/1 200"])
+        .arg("--dir")
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    let bare: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success() && bare["ok"] == true, "{bare:#}");
+    assert!(bare["restored_index"].as_u64().unwrap() >= restored);
+    assert_eq!(entries(&elsewhere).len(), 1);
+
     // All three are listed.
     let output = Command::new(HAVEN)
         .args(["drill", "list", "--json", "--config"])

@@ -497,6 +497,7 @@ fn drill_schedule(
         commands: drill.map(|d| d.check_cmd.clone()).unwrap_or_default(),
         drills_dir: haven_drill::drills_dir(&config.node.data_dir),
         keep: false,
+        app_url: None,
     };
     Some(Schedule {
         spec,

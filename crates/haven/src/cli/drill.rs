@@ -93,8 +93,12 @@ struct RunArgs {
     access: Access,
     /// Without a config: the app's command, run with `sh -c`; it must listen on
     /// `{listen}` and keep its data in `{data_dir}`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "app_url")]
     app_command: Option<String>,
+    /// An app Haven does not run (hooks mode): a fresh, empty instance started for the
+    /// drill; the state is restored into it through its restore hook.
+    #[arg(long)]
+    app_url: Option<String>,
 }
 
 /// The output, and whether the drill passed (the exit status).
@@ -145,6 +149,7 @@ fn spec(args: &RunArgs) -> anyhow::Result<DrillSpec> {
         commands: args.commands.clone(),
         drills_dir,
         keep: args.keep,
+        app_url: args.app_url.clone(),
     })
 }
 
@@ -219,6 +224,7 @@ pub fn spec_of_service(
         commands: Vec::new(),
         drills_dir,
         keep,
+        app_url: None,
     })
 }
 
@@ -251,19 +257,33 @@ fn from_config(path: &std::path::Path, service: Option<&str>) -> anyhow::Result<
 }
 
 fn without_config(args: &RunArgs) -> anyhow::Result<Source> {
-    let (Some(url), Some(command), Some(dir)) = (&args.archive, &args.app_command, &args.place.dir)
-    else {
-        bail!("give --config NODE.toml, or --archive URL, --app-command CMD and --dir DIR");
+    let (Some(url), Some(dir)) = (&args.archive, &args.place.dir) else {
+        bail!(
+            "give --config NODE.toml, or --archive URL, --dir DIR and --app-command CMD (or --app-url URL)"
+        );
+    };
+    let (command, mode) = match (&args.app_command, &args.app_url) {
+        (Some(command), None) => (
+            Some(vec!["sh".into(), "-c".into(), command.clone()]),
+            "managed",
+        ),
+        (None, Some(_)) => (None, "hooks"),
+        _ => bail!(
+            "give --app-command CMD (Haven runs the app) or --app-url URL (a fresh instance you started)"
+        ),
     };
     let (store, protection) = args.access.open(url)?;
     let limits = Limits::default();
     let settings = AppSettings {
         cluster: String::new(),
         // Where `{listen}` points; the drill moves it to a free port of its own.
-        url: "http://127.0.0.1:9".to_string(),
-        command: Some(vec!["sh".into(), "-c".into(), command.clone()]),
+        url: args
+            .app_url
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:9".to_string()),
+        command,
         env: Vec::new(),
-        mode: Some("managed".to_string()),
+        mode: Some(mode.to_string()),
         snapshot_path: paths::SNAPSHOT.into(),
         restore_path: paths::RESTORE.into(),
         timeout_ms: 10_000,
