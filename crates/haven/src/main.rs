@@ -195,6 +195,15 @@ fn print(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a command's output; the exit status says whether what it checked passed.
+fn verdict((text, good): (String, bool)) -> anyhow::Result<ExitCode> {
+    print(&text)?;
+    Ok(match good {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Node { config } => {
@@ -241,27 +250,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Archive(command) => {
             init_tracing("warn");
-            let (text, good) = cli::archive::run(command).await?;
-            print(&text)?;
-            if !good {
-                return Ok(ExitCode::FAILURE);
-            }
+            return verdict(cli::archive::run(command).await?);
         }
         Command::Drill(args) => {
             init_tracing("warn");
-            let (text, good) = cli::drill::run(args).await?;
-            print(&text)?;
-            if !good {
-                return Ok(ExitCode::FAILURE);
-            }
+            return verdict(cli::drill::run(args).await?);
         }
         Command::Plan(command) => {
             init_tracing("warn");
-            let (text, good) = cli::plan::run(command).await?;
-            print(&text)?;
-            if !good {
-                return Ok(ExitCode::FAILURE);
-            }
+            return verdict(cli::plan::run(command).await?);
         }
         Command::Demo { json, keep } => {
             init_tracing("warn");

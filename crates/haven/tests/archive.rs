@@ -24,15 +24,6 @@ fn haven(args: &[&str]) -> std::process::Output {
     Command::new(HAVEN).args(args).output().unwrap()
 }
 
-/// A new key from `haven archive keygen`, in `dir`.
-fn keygen(dir: &Path) -> PathBuf {
-    let output = haven(&["archive", "keygen"]);
-    assert!(output.status.success());
-    let path = dir.join("archive.key");
-    std::fs::write(&path, &output.stdout).unwrap();
-    path
-}
-
 fn archive_config(url: &str, endpoint: Option<&str>, key: &Path) -> String {
     let endpoint = endpoint.map_or(String::new(), |e| format!("endpoint = \"{e}\"\n"));
     format!(
@@ -50,7 +41,7 @@ async fn cluster_archiving_to(
     let server = SeaweedServer::start().await;
     server.set_env();
     let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path());
+    let key = common::keygen(keys.path());
     let config = archive_config(url, Some(&server.endpoint), &key);
     let cluster = common::start(3, true, &config).await;
     cluster
@@ -286,7 +277,7 @@ async fn wait_archived_while_writing(cluster: &TestCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_to_an_index_or_a_time_equal_the_replica_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let url = format!("file://{}", dir.path().join("archive").display());
     // Archived checkpoints all kept, so the archive reaches back to the first point.
     let config = archive_config(&url, None, &key)

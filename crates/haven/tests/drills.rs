@@ -21,16 +21,6 @@ mod common;
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
 const URL: &str = "s3://haven/drills";
 
-fn keygen(dir: &Path) -> std::path::PathBuf {
-    let output = Command::new(HAVEN)
-        .args(["archive", "keygen"])
-        .output()
-        .unwrap();
-    let path = dir.join("archive.key");
-    std::fs::write(&path, &output.stdout).unwrap();
-    path
-}
-
 fn config(endpoint: &str, key: &Path) -> String {
     format!(
         "[checkpoints]\nmode = \"managed\"\nevery_entries = 200\nevery_seconds = 0\nkeep = 3\n\
@@ -95,7 +85,7 @@ async fn a_drill_restores_the_archive_beside_production_and_reports() {
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-drills-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let cluster = common::start(3, true, &config(&server.endpoint, &key)).await;
     for i in 0..300 {
         assert_eq!(
@@ -294,7 +284,7 @@ async fn a_scheduled_drill_runs_on_its_own_and_is_exported() {
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-drills-scheduled-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let tables = format!(
         "{}[drill]\nevery = \"10s\"\ncheck_http = [\"GET /count 200\"]\n",
         config(&server.endpoint, &key)
@@ -408,7 +398,7 @@ async fn a_failover_plan_promotes_each_standby_in_order() {
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-plan-failover-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let services = [("api", log_app()), ("web", log_app())];
     let store = (server.endpoint.as_str(), key.as_path());
     let mut a = one_node_site("a", &services, false, store, dir.path());
@@ -557,7 +547,7 @@ async fn a_recovery_plan_brings_services_up_in_order_and_stops_at_a_failed_gate(
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-plan-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let cluster = three_services(&server.endpoint, &key, dir.path()).await;
     let config = &cluster.slots[0].config_path;
 

@@ -24,17 +24,6 @@ mod common;
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
 const URL: &str = "s3://haven/sites";
 
-fn keygen(dir: &Path) -> PathBuf {
-    let output = Command::new(HAVEN)
-        .args(["archive", "keygen"])
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let path = dir.join("archive.key");
-    std::fs::write(&path, &output.stdout).unwrap();
-    path
-}
-
 const CHECKPOINTS: &str =
     "[checkpoints]\nmode = \"managed\"\nevery_entries = 150\nevery_seconds = 0\nkeep = 3\n";
 /// Counting lines is a read a standby may serve from its own, stale replica.
@@ -145,7 +134,7 @@ async fn a_standby_takes_over_a_lost_site_and_fences_the_old_primary() {
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-sites-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let mut primary = common::start(3, true, &primary_config(&server.endpoint, &key)).await;
     let http = Http::new(Duration::from_secs(15));
     let mut acknowledged = Vec::new();
@@ -337,7 +326,7 @@ async fn quorum_plus_archive_sites(
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-sites-ack-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let config = format!(
         "{}ack = \"quorum+archive\"\n",
         primary_config(&server.endpoint, &key)
@@ -468,7 +457,7 @@ async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fence
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-sites-cut-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let link = StoreLink::start(&server.endpoint).await;
     let config = format!(
         "{}fence_after_s = 2\n",
@@ -649,7 +638,7 @@ async fn a_fenced_site_follows_the_new_primary_and_a_switchover_hands_the_servic
     let server = SeaweedServer::start().await;
     server.set_env();
     let dir = common::test_dir("haven-failback-");
-    let key = keygen(dir.path());
+    let key = common::keygen(dir.path());
     let mut a = common::start(3, true, &primary_config(&server.endpoint, &key)).await;
     let b = start_standby("b", 1, dir.path(), &server.endpoint, &key);
     wait_status(&b, 0, "following", |s| standby_applied(s).is_some()).await;

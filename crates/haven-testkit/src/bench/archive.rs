@@ -99,17 +99,7 @@ pub async fn run(args: &ArchiveBenchArgs, exe: &Path) -> anyhow::Result<ArchiveB
     if seconds == 0 || rate <= 0.0 {
         bail!("--seconds and --rate must be positive");
     }
-    let server = SeaweedServer::start().await;
-    server.set_env();
-    let work = tempfile::Builder::new()
-        .prefix("haven-bench-archive-")
-        .tempdir()
-        .context("creating a temporary directory")?;
-    let key = work.path().join("archive.key");
-    std::fs::write(
-        &key,
-        haven_archive::key::ArchiveKey::generate().to_file_text(),
-    )?;
+    let (server, work, key) = store_and_key("haven-bench-archive-").await?;
     // One prefix per cluster: both are named alike, and an archive has one writer.
     let archive = |url: &str| {
         format!(
@@ -136,6 +126,25 @@ pub async fn run(args: &ArchiveBenchArgs, exe: &Path) -> anyhow::Result<ArchiveB
         rpo,
         restore,
     })
+}
+
+/// A SeaweedFS server on loopback (its credentials in this process's environment), a
+/// work directory named `prefix…`, and an archive key in it.
+pub(super) async fn store_and_key(
+    prefix: &str,
+) -> anyhow::Result<(SeaweedServer, tempfile::TempDir, std::path::PathBuf)> {
+    let server = SeaweedServer::start().await;
+    server.set_env();
+    let work = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let key = work.path().join("archive.key");
+    std::fs::write(
+        &key,
+        haven_archive::key::ArchiveKey::generate().to_file_text(),
+    )?;
+    Ok((server, work, key))
 }
 
 pub(super) async fn cluster_with(

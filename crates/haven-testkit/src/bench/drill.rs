@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use anyhow::bail;
-use haven_archive::testing::SeaweedServer;
 use haven_bench::load;
 use haven_bench::load::Mode;
 use haven_bench::progress::Progress;
@@ -23,6 +22,7 @@ use serde::Serialize;
 
 use super::archive::cluster_with;
 use super::archive::spec;
+use super::archive::store_and_key;
 use super::archive::workload;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -79,17 +79,7 @@ pub async fn run(args: &DrillBenchArgs, exe: &Path) -> anyhow::Result<DrillBench
     if seconds == 0 || rounds == 0 || !(0.0..=1.0).contains(&args.load) || args.load == 0.0 {
         bail!("--seconds and --rounds must be positive, --load in (0, 1]");
     }
-    let server = SeaweedServer::start().await;
-    server.set_env();
-    let work = tempfile::Builder::new()
-        .prefix("haven-bench-drill-")
-        .tempdir()
-        .context("creating a temporary directory")?;
-    let key = work.path().join("archive.key");
-    std::fs::write(
-        &key,
-        haven_archive::key::ArchiveKey::generate().to_file_text(),
-    )?;
+    let (server, work, key) = store_and_key("haven-bench-drill-").await?;
     let config = format!(
         "{CHECKPOINTS}[archive]\nurl = \"s3://haven/bench-drill\"\nendpoint = \"{}\"\nkey_file = \"{}\"\n",
         server.endpoint,

@@ -33,6 +33,18 @@ impl std::ops::DerefMut for TestCluster {
     }
 }
 
+/// A new archive key (`haven archive keygen`) in `dir/archive.key`.
+pub fn keygen(dir: &std::path::Path) -> PathBuf {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["archive", "keygen"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let path = dir.join("archive.key");
+    std::fs::write(&path, &output.stdout).unwrap();
+    path
+}
+
 /// A directory of the test's own under the system's temporary directory, deleted at the
 /// end unless HAVEN_KEEP_TEST_DIRS=1 (which keeps configs, data and node logs).
 pub fn test_dir(prefix: &str) -> tempfile::TempDir {
