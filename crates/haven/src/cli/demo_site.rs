@@ -28,7 +28,7 @@ use super::AdminTarget;
 use super::demo_load::Tally;
 use super::demo_load::Write;
 use super::demo_load::client_loop;
-use super::site;
+use super::promote;
 
 /// The recovery point the site tier promises under `ack = "quorum"` (docs/SITES.md):
 /// every append acknowledged longer than this before the fire survives it.
@@ -169,7 +169,9 @@ pub async fn lose_the_site(
         service: Some(service.to_string()),
     };
     let promoting = Instant::now();
-    let promoted = site::promote(&target).await.context("promoting site B")?;
+    let promoted = promote::promote(&target)
+        .await
+        .context("promoting site B")?;
     site_b.first_write().await?;
     let rto_ms = promoting.elapsed().as_millis() as u64;
     for worker in workers {

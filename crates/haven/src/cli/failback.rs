@@ -20,7 +20,7 @@ use haven_service::site::Role;
 use serde::Serialize;
 
 use super::AdminTarget;
-use super::site::PromoteReport;
+use super::promote::PromoteReport;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Following closes and opens the service again, its app included.
@@ -126,7 +126,7 @@ pub async fn switchover(
         admin: to.to_string(),
         service: service.map(str::to_string),
     };
-    let promoted = match super::site::promote(&target).await {
+    let promoted = match super::promote::promote(&target).await {
         Ok(promoted) => promoted,
         Err(e) => return Err(call_off(from, service, e).await),
     };

@@ -11,6 +11,7 @@ pub mod drill;
 pub mod failback;
 pub mod members;
 pub mod plan;
+pub mod promote;
 pub mod services;
 pub mod site;
 pub mod status;

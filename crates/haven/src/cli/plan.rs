@@ -311,7 +311,7 @@ async fn failover_up(step: &Step) -> Result<(String, CheckOutcome), String> {
         admin: admin.clone(),
         service: Some(step.name.clone()),
     };
-    super::site::promote(&target)
+    super::promote::promote(&target)
         .await
         .map_err(|e| format!("the promotion failed: {e:#}"))?;
     let gate = gate(step, url).await;
