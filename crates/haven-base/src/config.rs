@@ -44,6 +44,8 @@ pub struct Config {
     pub node: NodeSection,
     pub peers: Vec<PeerSection>,
     pub raft: RaftTiming,
+    /// Who may change things through the admin port.
+    pub admin: AdminSection,
     /// One per protected app; never empty.
     pub services: Vec<ServiceConfig>,
 }
@@ -65,6 +67,8 @@ pub struct ServiceConfig {
     pub standby: Option<StandbySection>,
     /// Scheduled drills of the service from its archive.
     pub drill: Option<DrillSection>,
+    /// Tokens of the service's own (`[service.admin]`); none: the node's.
+    pub admin_tokens: Option<PathBuf>,
     /// Which client requests are for this service.
     pub matcher: Matcher,
     /// Where its keys are in the file, for errors.
@@ -84,6 +88,7 @@ impl PartialEq for ServiceConfig {
             archive,
             standby,
             drill,
+            admin_tokens,
             matcher,
             written: _,
         } = self;
@@ -96,6 +101,7 @@ impl PartialEq for ServiceConfig {
             archive,
             standby,
             drill,
+            admin_tokens,
             matcher,
         ) == (
             &other.name,
@@ -106,6 +112,7 @@ impl PartialEq for ServiceConfig {
             &other.archive,
             &other.standby,
             &other.drill,
+            &other.admin_tokens,
             &other.matcher,
         )
     }
@@ -150,6 +157,8 @@ struct ConfigFile {
     peers: Vec<PeerSection>,
     #[serde(default)]
     raft: RaftTiming,
+    #[serde(default)]
+    admin: AdminSection,
     app: Option<AppSection>,
     #[serde(default)]
     routes: Vec<RouteRule>,
@@ -178,6 +187,7 @@ struct ServiceSection {
     archive: Option<ArchiveSection>,
     standby: Option<StandbySection>,
     drill: Option<DrillSection>,
+    admin: Option<ServiceAdminSection>,
 }
 
 /// The service name of a file in the single-service layout without `app.name`.
@@ -378,6 +388,38 @@ impl StandbySection {
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
     }
+}
+
+/// `[admin]`: who may change things through the admin port. Without `token_file` the
+/// port is open (as before tokens existed; the node warns at start).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// One token per line, `NAME TOKEN` (NAME names the holder in the audit trail; TOKEN
+    /// at least 16 characters); `#` starts a comment. Changes need
+    /// `Authorization: Bearer TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// `/status`, `/services`, `/metrics` and `/workers` without a token (default true);
+    /// `/health` is always open.
+    #[serde(default = "default_true")]
+    pub public_reads: bool,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            public_reads: true,
+        }
+    }
+}
+
+/// `[service.admin]`: tokens of one service's own; the node's `[admin]` tokens do not
+/// change it then.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAdminSection {
+    token_file: PathBuf,
 }
 
 /// `[drill]` (or `[service.drill]`): drill the service from its archive on a schedule
@@ -658,6 +700,7 @@ impl Config {
                     archive: archive_of(file.archive, &file.standby),
                     standby: file.standby,
                     drill: file.drill,
+                    admin_tokens: None,
                     matcher: Matcher::Everything,
                     written: Written::AtTop,
                 }]
@@ -685,6 +728,7 @@ impl Config {
                     archive: archive_of(s.archive, &s.standby),
                     standby: s.standby,
                     drill: s.drill,
+                    admin_tokens: s.admin.map(|a| a.token_file),
                     written: Written::InService(i),
                 })
                 .collect(),
@@ -693,6 +737,7 @@ impl Config {
             node: file.node,
             peers: file.peers,
             raft: file.raft,
+            admin: file.admin,
             services,
         })
     }
@@ -1595,6 +1640,27 @@ max_body_bytes = 4096
         );
         let named = GOOD.replace("[app]\n", "[app]\nname = \"billing\"\n");
         assert_eq!(parse(&named).unwrap().service().name, "billing");
+    }
+
+    #[test]
+    fn admin_tokens_are_the_node_s_or_a_service_s_own() {
+        let config = parse(&with_services(ORDERS)).unwrap();
+        assert_eq!(
+            (config.admin.token_file.clone(), config.admin.public_reads),
+            (None, true)
+        );
+        let own = format!("{ORDERS}[service.admin]\ntoken_file = \"/etc/haven/orders.tokens\"\n");
+        let node = "[admin]\ntoken_file = \"/etc/haven/admin.tokens\"\npublic_reads = false\n";
+        let config = parse(&with_services(&format!("{node}{own}"))).unwrap();
+        assert_eq!(
+            config.admin.token_file,
+            Some(PathBuf::from("/etc/haven/admin.tokens"))
+        );
+        assert!(!config.admin.public_reads);
+        assert_eq!(
+            config.service().admin_tokens,
+            Some(PathBuf::from("/etc/haven/orders.tokens"))
+        );
     }
 
     #[test]

@@ -266,14 +266,21 @@ pub struct NodeMetrics {
     registry: Registry,
     families: std::sync::Arc<Families>,
     pub peers: PeerMetrics,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_unauthorized: IntCounter,
 }
 
 impl NodeMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let unauthorized = IntCounter::new(
+            "haven_admin_unauthorized_total",
+            "Admin requests refused for a missing or wrong token",
+        )?;
         Ok(Self {
             families: std::sync::Arc::new(Families::register(&registry)?),
             peers: PeerMetrics::register(&registry)?,
+            admin_unauthorized: register(&registry, unauthorized)?,
             registry,
         })
     }

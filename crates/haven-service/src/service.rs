@@ -96,6 +96,8 @@ pub enum ServiceError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    AdminTokens(String),
     #[error("off-site archive of service {service}: {source}")]
     Archive {
         service: String,

@@ -91,6 +91,8 @@ enum Command {
     /// beside production, start the app there, run checks, report (`drill list`: the
     /// drills kept). Exits non-zero when a check fails.
     Drill(cli::drill::DrillArgs),
+    /// The node's trail of admin changes: who (token holder), what, when, the answer.
+    Audit(cli::audit::AuditArgs),
     /// Recovery plans: bring several services back in dependency order, each gated by a
     /// health check, in drill sandboxes (`--drill`) or for real (`--failover`).
     #[command(subcommand)]
@@ -255,6 +257,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drill(args) => {
             init_tracing("warn");
             return verdict(cli::drill::run(args).await?);
+        }
+        Command::Audit(args) => {
+            init_tracing("warn");
+            print(&cli::audit::run(&args)?)?;
         }
         Command::Plan(command) => {
             init_tracing("warn");

@@ -10,6 +10,7 @@
 //! A request about one service names it with `?service=NAME`; on a node with a single
 //! service the name may be left out.
 
+pub mod auth;
 pub mod members;
 pub mod reload;
 pub mod site;
@@ -100,6 +101,8 @@ pub struct TransferProgress {
 /// One service, as the admin port sees it.
 pub struct ServiceAdmin {
     pub ingress: Arc<Ingress>,
+    /// The service's own admin tokens (`[service.admin]`); none: the node's.
+    pub tokens: Option<auth::Tokens>,
     pub site: Option<SiteHandle>,
     pub checkpoints: Option<Arc<Checkpoints>>,
     pub archive: Option<ArchiveProgress>,
@@ -116,6 +119,8 @@ pub struct AdminState {
     services: RwLock<BTreeMap<String, Arc<ServiceAdmin>>>,
     reloads: reload::Reloads,
     follows: site::Follows,
+    /// Tokens, open reads, the audit trail.
+    pub guard: auth::Guard,
 }
 
 /// `?service=NAME`.
@@ -132,8 +137,8 @@ impl AdminState {
         zone: String,
         workers: Workers,
         metrics: NodeMetrics,
-        reloads: reload::Reloads,
-        follows: site::Follows,
+        (reloads, follows): (reload::Reloads, site::Follows),
+        guard: auth::Guard,
     ) -> Arc<Self> {
         Arc::new(Self {
             zone,
@@ -143,7 +148,21 @@ impl AdminState {
             services: RwLock::default(),
             reloads,
             follows,
+            guard,
         })
+    }
+
+    /// The tokens that may act on `service` (the node's only one when none is named):
+    /// its own when it has some, else the node's; none when the port is open.
+    fn tokens_for(&self, service: Option<&str>) -> Option<auth::Tokens> {
+        let selector = Selector {
+            service: service.map(str::to_string),
+        };
+        let own = self
+            .select(&selector)
+            .ok()
+            .and_then(|(_, s)| s.tokens.clone());
+        own.or_else(|| self.guard.tokens.clone())
     }
 
     pub fn insert(&self, name: &str, service: ServiceAdmin) {
@@ -365,6 +384,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/members/promote", membership(members::promote))
         .route("/members/remove", membership(members::remove))
         .route("/members/replace", membership(members::replace))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .with_state(state)
 }
 

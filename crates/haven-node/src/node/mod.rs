@@ -60,6 +60,28 @@ pub enum NodeError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// The admin port's tokens and audit trail; without `[admin] token_file` the port stays
+/// open, and the node says so.
+fn admin_guard(config: &Config) -> Result<admin::auth::Guard, NodeError> {
+    let tokens = match &config.admin.token_file {
+        Some(path) => Some(admin::auth::Tokens::load(path).map_err(NodeError::Admin)?),
+        None => {
+            tracing::warn!(
+                addr = %config.node.admin_addr,
+                "the admin port has no [admin] token_file: anyone who reaches it can change membership, promote or reload services"
+            );
+            None
+        }
+    };
+    Ok(admin::auth::Guard {
+        tokens,
+        public_reads: config.admin.public_reads,
+        audit: admin::auth::Audit::new(&config.node.data_dir),
+    })
 }
 
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
@@ -269,8 +291,8 @@ impl Node {
             config.node.zone.clone(),
             workers.clone(),
             metrics.clone(),
-            reloads,
-            follows,
+            (reloads, follows),
+            admin_guard(&config)?,
         );
         Ok(Self {
             transport: Transport::tcp(metrics.peers.clone(), hello),
@@ -340,6 +362,15 @@ impl Node {
     /// Starts the service's Raft and workers and opens it to clients and the admin port;
     /// a service that fails to start is shut down.
     async fn start(&mut self, running: Running) -> Result<(), ServiceError> {
+        // Fail closed: a service whose token file is bad takes no admin request at all.
+        let own = running.config.admin_tokens.as_deref();
+        let tokens = match own.map(admin::auth::Tokens::load).transpose() {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                self.stop_service(running).await;
+                return Err(ServiceError::AdminTokens(e));
+            }
+        };
         let started = (running.service)
             .start(&self.config, &running.config, &running.shared)
             .await;
@@ -357,6 +388,7 @@ impl Node {
         self.directory
             .insert(&service.name, config.matcher.clone(), ingress.clone());
         let entry = ServiceAdmin {
+            tokens,
             ingress,
             site: service.site.clone(),
             checkpoints: service.checkpoints.clone(),

@@ -3,6 +3,7 @@
 use haven_client::admin::AdminClient;
 
 pub mod archive;
+pub mod audit;
 pub mod checkpoints;
 pub mod demo;
 pub mod demo_load;
