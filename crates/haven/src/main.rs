@@ -59,7 +59,8 @@ enum Command {
         dir: PathBuf,
     },
     /// Start a local 3-node cluster protecting the log app and the tree app, kill the log
-    /// service's leader mid-load, verify both services.
+    /// service's leader mid-load, then lose the whole site to a fire and promote the
+    /// standby site; verify and print the numbers.
     Demo {
         /// Print one JSON object instead of the summary.
         #[arg(long)]
@@ -101,7 +102,8 @@ enum Command {
     /// (add, remove with --wipe, restart changed ones).
     #[command(subcommand)]
     Services(cli::services::ServicesCommand),
-    /// Sites: promote a standby site to primary when the primary site is lost.
+    /// Sites: promote a standby site when the primary site is lost; make a fenced site
+    /// follow the new primary; hand the service back with a switchover.
     #[command(subcommand)]
     Site(cli::site::SiteCommand),
     /// Show a node's status: one service in full, or a line per service.
