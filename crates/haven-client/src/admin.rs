@@ -28,8 +28,6 @@ pub struct AdminClient {
     http: Http,
     base: String,
     service: Option<String>,
-    /// Sent as `Authorization: Bearer` (from `HAVEN_ADMIN_TOKEN`).
-    token: Option<String>,
 }
 
 /// The environment variable the admin token is taken from.
@@ -43,36 +41,12 @@ impl AdminClient {
         } else {
             format!("http://{admin}")
         };
+        let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
         Self {
-            http: Http::new(timeout),
+            http: Http::new(timeout).with_bearer(token),
             base,
             service: None,
-            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
         }
-    }
-
-    /// Every request goes through here, with the token when there is one.
-    async fn request(
-        &self,
-        method: &str,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Result<Reply, ClientError> {
-        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut all: Vec<(&str, &str)> = headers.to_vec();
-        if let Some(bearer) = &bearer {
-            all.push(("authorization", bearer));
-        }
-        self.http.send(method, url, &all, body).await
-    }
-
-    async fn get(&self, url: &str) -> Result<Reply, ClientError> {
-        self.request("GET", url, &[], Bytes::new()).await
-    }
-
-    async fn post(&self, url: &str) -> Result<Reply, ClientError> {
-        self.request("POST", url, &[], Bytes::new()).await
     }
 
     /// The same node, about `service`.
@@ -109,7 +83,7 @@ impl AdminClient {
     /// `GET /metrics`: the Prometheus text.
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let url = format!("{}/metrics", self.base);
-        Ok(ok(self.get(&url).await?, &url)?.text())
+        Ok(ok(self.http.get(&url).await?, &url)?.text())
     }
 
     /// The sum of the series of metric `name` with these labels (0 when there is none).
@@ -121,7 +95,7 @@ impl AdminClient {
     /// `POST /checkpoints`: the index once the checkpoint is on disk.
     pub async fn checkpoint(&self) -> Result<u64, ClientError> {
         let url = self.url("/checkpoints");
-        let reply = ok(self.post(&url).await?, &url)?;
+        let reply = ok(self.http.post(&url, Bytes::new()).await?, &url)?;
         let taken: CheckpointTaken = parse(&reply, &url)?;
         Ok(taken.index)
     }
@@ -129,7 +103,7 @@ impl AdminClient {
     /// `POST /services/reload[?wipe=true]`.
     pub async fn reload(&self, wipe: bool) -> Result<ReloadReport, ClientError> {
         let url = format!("{}/services/reload?wipe={wipe}", self.base);
-        let reply = self.post(&url).await?;
+        let reply = self.http.post(&url, Bytes::new()).await?;
         parse(&ok(reply, &url)?, &url)
     }
 
@@ -146,7 +120,7 @@ impl AdminClient {
             source,
         })?;
         let body = Bytes::from(body);
-        let reply = self.request("POST", &url, &headers, body).await?;
+        let reply = self.http.send("POST", &url, &headers, body).await?;
         if reply.status == 200 {
             return parse(&reply, &url);
         }
@@ -177,7 +151,7 @@ impl AdminClient {
 
     async fn post_site<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = self.url(path);
-        let reply = self.post(&url).await?;
+        let reply = self.http.post(&url, Bytes::new()).await?;
         if reply.status == 200 {
             return parse(&reply, &url);
         }
@@ -185,7 +159,7 @@ impl AdminClient {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ClientError> {
-        parse(&ok(self.get(url).await?, url)?, url)
+        parse(&ok(self.http.get(url).await?, url)?, url)
     }
 }
 

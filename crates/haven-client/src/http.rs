@@ -35,6 +35,8 @@ impl Reply {
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// `Authorization` sent with every request, when set.
+    authorization: Option<String>,
 }
 
 impl Http {
@@ -44,7 +46,14 @@ impl Http {
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout,
+            authorization: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request when a token is given.
+    pub fn with_bearer(mut self, token: Option<String>) -> Self {
+        self.authorization = token.map(|t| format!("Bearer {t}"));
+        self
     }
 
     pub async fn get(&self, url: &str) -> Result<Reply, ClientError> {
@@ -70,6 +79,9 @@ impl Http {
         let mut builder = http::Request::builder().method(method).uri(url);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
+        }
+        if let Some(authorization) = &self.authorization {
+            builder = builder.header(http::header::AUTHORIZATION, authorization.as_str());
         }
         let request = builder
             .body(Full::new(body))

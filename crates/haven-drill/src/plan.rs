@@ -54,7 +54,7 @@ struct StepFile {
     name: Spanned<String>,
     config: Option<PathBuf>,
     #[serde(default)]
-    depends_on: Vec<Spanned<String>>,
+    depends_on: Vec<String>,
     gate: Spanned<String>,
     gate_timeout: Option<Spanned<String>>,
     pre: Option<String>,
@@ -123,7 +123,7 @@ impl Plan {
             }
             steps.push(step(raw, base, at).map_err(bad)?);
         }
-        check_dependencies(text, &steps, &lines).map_err(bad)?;
+        check_dependencies(&steps, &lines).map_err(bad)?;
         Ok(Self {
             steps: in_order(steps),
         })
@@ -146,11 +146,7 @@ fn step(
     Ok(Step {
         name,
         config: raw.config.map(|c| base.join(c)),
-        depends_on: raw
-            .depends_on
-            .into_iter()
-            .map(Spanned::into_inner)
-            .collect(),
+        depends_on: raw.depends_on,
         gate,
         gate_timeout,
         pre: raw.pre,
@@ -161,11 +157,7 @@ fn step(
 }
 
 /// Every dependency is a service of the plan, and none depends on itself through others.
-fn check_dependencies(
-    text: &str,
-    steps: &[Step],
-    lines: &BTreeMap<String, usize>,
-) -> Result<(), String> {
+fn check_dependencies(steps: &[Step], lines: &BTreeMap<String, usize>) -> Result<(), String> {
     let deps: BTreeMap<&str, &[String]> = (steps.iter())
         .map(|s| (s.name.as_str(), s.depends_on.as_slice()))
         .collect();
@@ -183,7 +175,6 @@ fn check_dependencies(
     }
     for step in steps {
         if let Some(cycle) = cycle_from(&step.name, &deps) {
-            let _ = text;
             return Err(format!(
                 "a cycle of dependencies: {} (service `{}`, line {})",
                 cycle.join(" → "),

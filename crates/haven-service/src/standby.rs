@@ -240,17 +240,20 @@ impl Follower {
         {
             return Err(StandbyError::Refused(same_identity(marker)));
         }
-        if promoted.is_none()
-            && let Some(reason) = self.promotion_under_way(newest.as_ref()).await?
-        {
-            return Ok(Step::Waiting(reason));
-        }
         // The catalog forgets what was applied; from the next entry on is what counts.
         let reach = applied.and_then(|a| catalog.reach_from(a + 1));
         let archive_end = [reach, catalog.last_entry()]
             .into_iter()
             .flatten()
             .max_by_key(|(index, _)| *index);
+        // Only something new to apply can lie beyond a promotion's start.
+        let news = archive_end.is_some_and(|(end, _)| applied.is_none_or(|a| end > a));
+        if promoted.is_none()
+            && news
+            && let Some(reason) = self.promotion_under_way(newest.as_ref()).await?
+        {
+            return Ok(Step::Waiting(reason));
+        }
         // A promotion ends the old primary's history where the new epoch starts.
         let end = match promoted {
             Some(marker) => Some(marker.start_index.saturating_sub(1)),

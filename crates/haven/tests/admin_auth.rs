@@ -145,14 +145,7 @@ fn a_bad_token_file_stops_the_node_naming_file_and_line() {
     );
     let path = dir.path().join("n1.toml");
     std::fs::write(&path, config).unwrap();
-    let output = Command::new(HAVEN)
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let said = String::from_utf8_lossy(&output.stderr);
+    let said = common::refused_start(&path);
     assert!(
         said.contains(&format!(
             "admin token file {}: line 1: a token has at least 16 characters",

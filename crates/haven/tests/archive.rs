@@ -181,13 +181,7 @@ async fn a_node_without_its_key_refuses_to_start_and_names_the_key() {
         missing.display()
     ));
     std::fs::write(&config, text).unwrap();
-    let output = Command::new(HAVEN)
-        .args(["node", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let said = String::from_utf8_lossy(&output.stderr);
+    let said = common::refused_start(&config);
     assert!(
         said.contains(&format!(
             "off-site archive of service app: archive key file {}: cannot read it",

@@ -383,12 +383,7 @@ async fn with_quorum_plus_archive_every_acknowledged_write_survives_a_promotion_
     let (_server, _dir, primary, b) = quorum_plus_archive_sites(1).await;
     let load = Load::start(&primary, "w");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let output = promote(&b).join().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promote_now(&b);
     // The old primary goes on being asked to write: it must refuse once fenced.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let acknowledged = load.finish().await;
@@ -503,12 +498,7 @@ async fn a_primary_cut_off_from_its_archive_refuses_writes_and_a_promotion_fence
     let why = status.archive.unwrap().writes_refused.unwrap_or_default();
     assert!(why.contains("fence_after_s"), "{why}");
 
-    let output = promote(&b).join().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promote_now(&b);
     let http = Http::new(Duration::from_secs(15));
     assert_eq!(append(&http, &b, "site-b 0").await.status, 201);
 
@@ -540,12 +530,7 @@ async fn with_quorum_plus_archive_a_burned_site_loses_no_acknowledged_write() {
     assert!(acknowledged.len() > 20, "{}", acknowledged.len());
 
     let started = Instant::now();
-    let output = promote(&b).join().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promote_now(&b);
     let http = Http::new(Duration::from_secs(15));
     while append(&http, &b, "site-b 0").await.status != 201 {
         assert!(started.elapsed() < Duration::from_secs(60));
@@ -567,6 +552,11 @@ fn run_site_command(args: &[String]) -> std::process::Output {
         .arg("--json")
         .output()
         .unwrap()
+}
+
+/// `haven site promote` on a standby site's first node, which must succeed; its report.
+fn promote_now(site: &LocalCluster) -> serde_json::Value {
+    site_command(&["promote".into(), "--admin".into(), admin(site, 0)])
 }
 
 /// `haven site <args> --json` as a process of its own; the JSON it printed.
@@ -646,7 +636,7 @@ async fn a_fenced_site_follows_the_new_primary_and_a_switchover_hands_the_servic
     // B takes over while A is alive and taking writes.
     let load = Load::start(&a, "a");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let promoted = site_command(&["promote".into(), "--admin".into(), admin(&b, 0)]);
+    let promoted = promote_now(&b);
     let acknowledged_at_a = load.finish().await;
     assert_all_fenced(&a).await;
     let http = Http::new(Duration::from_secs(15));

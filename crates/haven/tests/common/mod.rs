@@ -45,6 +45,18 @@ pub fn keygen(dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// `haven node --config <config>`, which must refuse to start; what it said.
+pub fn refused_start(config: &std::path::Path) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .arg("node")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the node started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A directory of the test's own under the system's temporary directory, deleted at the
 /// end unless HAVEN_KEEP_TEST_DIRS=1 (which keeps configs, data and node logs).
 pub fn test_dir(prefix: &str) -> tempfile::TempDir {
