@@ -218,6 +218,18 @@ pub struct PeerMetrics {
 }
 
 impl PeerMetrics {
+    /// The last dial of `addr`: 1 up, 0 failed, `None` before the first. Read without
+    /// creating the series, so asking about a peer this node never dials adds nothing.
+    pub fn up_of(&self, addr: &str) -> Option<i64> {
+        use prometheus::core::Collector;
+        self.up
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .find(|m| m.get_label().iter().any(|l| l.value() == addr))
+            .map(|m| m.get_gauge().get_value() as i64)
+    }
+
     fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let peer_family =
             |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["peer"]);

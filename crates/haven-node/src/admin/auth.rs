@@ -3,7 +3,8 @@
 //! With `[admin] token_file`, every request that changes anything (`POST`) needs
 //! `Authorization: Bearer <token>` of that file, or of the service's own
 //! (`[service.admin] token_file`) for a request about that service; reads need it too
-//! unless `public_reads` (the default); `/health` is always open. A missing or wrong
+//! unless `public_reads` (the default); `/health` and the console's page (static, it
+//! asks for a token itself) are always open. A missing or wrong
 //! token gets 401 with a JSON reason before any handler runs, and is counted
 //! (`haven_admin_unauthorized_total`). Every change, allowed or refused, is appended to
 //! `<data_dir>/audit.log` (one JSON object per line, fsynced): when, which token's
@@ -199,7 +200,7 @@ pub async fn guard(State(state): State<Arc<AdminState>>, request: Request, next:
     let service = service_named(request.uri().query());
     let changes = method != Method::GET && method != Method::HEAD;
     let guard = &state.guard;
-    if path == "/health" || (!changes && guard.public_reads) {
+    if always_open(&path) || (!changes && guard.public_reads) {
         return next.run(request).await;
     }
     let tokens = state.tokens_for(service.as_deref());
@@ -250,6 +251,12 @@ fn unauthorized(presented: bool) -> Response {
         header::HeaderValue::from_static("Bearer"),
     );
     response
+}
+
+/// Paths served to anyone: the health check, and the console's page, which holds no data
+/// (it fetches `/services` with the token it is given).
+fn always_open(path: &str) -> bool {
+    matches!(path, "/health" | "/" | "/console")
 }
 
 fn bearer(request: &Request) -> Option<String> {

@@ -11,7 +11,9 @@
 //! service the name may be left out.
 
 pub mod auth;
+pub mod console;
 pub mod members;
+pub mod peers;
 pub mod reload;
 pub mod site;
 
@@ -90,6 +92,9 @@ pub struct Status {
     /// lag, when the service has an off-site archive.
     #[serde(default)]
     pub site: Option<SiteStatus>,
+    /// Every member of the group as this node sees it (empty on a standby).
+    #[serde(default)]
+    pub peers: Vec<peers::PeerView>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -294,12 +299,12 @@ fn role_name(state: ServerState) -> &'static str {
 const STANDBY_RUNS_NO_RAFT: &str =
     "this node is a standby: it runs no Raft group until it is promoted (POST /site/promote)";
 
-fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
+fn status(admin: &AdminState, name: &str, state: &ServiceAdmin) -> Status {
     let ingress = &state.ingress;
     let mut status = Status {
         service: name.to_string(),
         id: ingress.id,
-        zone: zone.to_string(),
+        zone: admin.zone.clone(),
         role: "standby".to_string(),
         term: 0,
         leader_id: None,
@@ -320,6 +325,7 @@ fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
         archive: state.archive.as_ref().map(ArchiveProgress::status),
         exactly_once_after_crash: state.exactly_once_after_crash.to_string(),
         site: state.site.as_ref().map(|s| s.site.status()),
+        peers: Vec::new(),
     };
     if let Some(raft) = &ingress.raft {
         let m = raft.metrics().borrow_watched().clone();
@@ -332,6 +338,7 @@ fn status(zone: &str, name: &str, state: &ServiceAdmin) -> Status {
         status.learners = m.membership_config.membership().learner_ids().collect();
         status.snapshot_index = m.snapshot.map(|l| l.index);
         status.purged_index = m.purged.map(|l| l.index);
+        status.peers = peers::view(ingress.id, &m, &admin.metrics.peers);
     }
     status
 }
@@ -343,18 +350,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(
                 |State(s): State<Arc<AdminState>>, Query(q): Query<Selector>| async move {
                     let (name, service) = s.select(&q)?;
-                    Ok::<_, Refusal>(Json(status(&s.zone, &name, &service)))
+                    Ok::<_, Refusal>(Json(status(&s, &name, &service)))
                 },
             ),
         )
         .route(
             "/services",
             get(|State(s): State<Arc<AdminState>>| async move {
-                let all = s
-                    .all()
-                    .iter()
-                    .map(|(n, svc)| status(&s.zone, n, svc))
-                    .collect();
+                let all = s.all().iter().map(|(n, svc)| status(&s, n, svc)).collect();
                 Json::<Vec<Status>>(all)
             }),
         )
@@ -364,6 +367,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(|State(s): State<Arc<AdminState>>| async move { s.metrics.render() }),
         )
         .route("/health", get(|| async { "ok\n" }))
+        .merge(console::routes())
         .route(
             "/workers",
             get(|State(s): State<Arc<AdminState>>| async move { Json(s.workers.list()) }),

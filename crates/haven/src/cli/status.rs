@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use haven_node::admin::Status;
+use haven_node::admin::peers::PeerView;
 use haven_service::archive::ArchiveStatus;
 use haven_service::site::Role;
 use haven_service::site::SiteStatus;
@@ -63,6 +64,18 @@ pub fn render_services(all: &[Status]) -> String {
     out
 }
 
+/// Each member's state as this node sees it: `2 voter up (matched 120), 3 voter down`.
+fn members_line(peers: &[PeerView]) -> String {
+    let member = |p: &PeerView| match p.matched_index {
+        Some(matched) => format!("{} {} {} (matched {matched})", p.id, p.role, p.state),
+        None => format!("{} {} {}", p.id, p.role, p.state),
+    };
+    if peers.is_empty() {
+        return "-".to_string();
+    }
+    peers.iter().map(member).collect::<Vec<_>>().join(", ")
+}
+
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
@@ -87,6 +100,7 @@ pub fn render(status: &Status) -> String {
         ("last_log_index", opt(status.last_log_index)),
         ("voters", ids(&status.voters)),
         ("learners", ids(&status.learners)),
+        ("members", members_line(&status.peers)),
         ("checkpoint", opt(status.snapshot_index)),
         ("log_purged_to", opt(status.purged_index)),
         (
@@ -181,6 +195,7 @@ mod tests {
             archive: None,
             exactly_once_after_crash: String::new(),
             site: None,
+            peers: Vec::new(),
         }
     }
 
@@ -196,5 +211,28 @@ mod tests {
                 "a        leader         3      1         5         5     0  http://127.0.0.1:6001 (up)",
             ]
         );
+    }
+
+    #[test]
+    fn members_say_their_state_and_what_the_leader_knows() {
+        let peer = |id, role: &str, state: &str, matched| PeerView {
+            id,
+            raft_addr: format!("127.0.0.1:900{id}"),
+            client_addr: format!("127.0.0.1:800{id}"),
+            role: role.into(),
+            state: state.into(),
+            matched_index: matched,
+            last_ack_ms: matched.map(|_| 5),
+        };
+        let line = members_line(&[
+            peer(1, "leader", "up", Some(120)),
+            peer(2, "voter", "up", Some(118)),
+            peer(3, "voter", "down", None),
+        ]);
+        assert_eq!(
+            line,
+            "1 leader up (matched 120), 2 voter up (matched 118), 3 voter down"
+        );
+        assert_eq!(members_line(&[]), "-");
     }
 }
