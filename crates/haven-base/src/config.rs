@@ -468,8 +468,9 @@ pub const MIN_ARCHIVE_BACKLOG: u64 = 1_000;
 #[serde(deny_unknown_fields)]
 pub struct PeerSection {
     pub id: NodeId,
-    pub raft_addr: SocketAddr,
-    pub client_addr: SocketAddr,
+    /// `host:port`, the host an IP address or a DNS name resolved at every dial.
+    pub raft_addr: String,
+    pub client_addr: String,
 }
 
 /// How a matching request is served.
@@ -780,6 +781,13 @@ impl Config {
             if !seen.insert(peer.id) {
                 return Err(BadKey::top("peers", i, "id", "duplicate peer id"));
             }
+            for (key, addr) in [
+                ("raft_addr", &peer.raft_addr),
+                ("client_addr", &peer.client_addr),
+            ] {
+                haven_contract::check_peer_addr(addr)
+                    .map_err(|reason| BadKey::top("peers", i, key, &reason))?;
+            }
         }
         let Some(me) = self.peers.iter().find(|p| p.id == self.node.id) else {
             return Err(BadKey::top(
@@ -789,7 +797,7 @@ impl Config {
                 "this node's id must be listed in [[peers]]",
             ));
         };
-        if me.raft_addr != self.node.raft_addr {
+        if !names_listen_addr(&me.raft_addr, self.node.raft_addr) {
             return Err(BadKey::top(
                 "node",
                 0,
@@ -819,8 +827,8 @@ impl Config {
             .iter()
             .map(|p| {
                 let node = PeerNode {
-                    raft_addr: p.raft_addr.to_string(),
-                    client_addr: p.client_addr.to_string(),
+                    raft_addr: p.raft_addr.clone(),
+                    client_addr: p.client_addr.clone(),
                 };
                 (p.id, node)
             })
@@ -1299,6 +1307,21 @@ fn locate(text: &str, bad: &BadKey) -> usize {
     header_line.unwrap_or(1)
 }
 
+/// Whether the address peers dial (`[[peers]]`) reaches the one this node listens on: the
+/// same address; or, for a node listening on every interface or peers that dial it by
+/// name (a Kubernetes pod), the same port.
+fn names_listen_addr(peer_entry: &str, listen: SocketAddr) -> bool {
+    match peer_entry.parse::<SocketAddr>() {
+        Ok(addr) => {
+            addr == listen || (listen.ip().is_unspecified() && addr.port() == listen.port())
+        }
+        Err(_) => peer_entry
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_some_and(|port| port == listen.port()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1467,6 +1490,39 @@ mode = "linearizable"
         let text = GOOD.replace("127.0.0.1:7001", "not-an-address");
         let err = parse(&text).unwrap_err();
         assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn peers_may_be_dns_names_and_a_bad_one_is_named_with_its_line() {
+        // A StatefulSet's pod: listening on every interface, dialed by its stable name.
+        let by_name = GOOD
+            .replace(
+                "raft_addr = \"127.0.0.1:9001\"\nadmin",
+                "raft_addr = \"0.0.0.0:9001\"\nadmin",
+            )
+            .replace(
+                "raft_addr = \"127.0.0.1:9001\"",
+                "raft_addr = \"haven-0.haven:9001\"",
+            )
+            .replace(
+                "raft_addr = \"127.0.0.1:9002\"",
+                "raft_addr = \"haven-1.haven:9002\"",
+            );
+        let config = parse(&by_name).unwrap();
+        assert_eq!(config.voters()[&2].raft_addr, "haven-1.haven:9002");
+        assert_eq!(
+            parse(&GOOD.replace(
+                "raft_addr = \"127.0.0.1:9002\"",
+                "raft_addr = \"haven-1.haven\""
+            ))
+            .unwrap_err(),
+            "invalid config n1.toml: key `peers.raft_addr` (line 20): `haven-1.haven` is not host:port (no port)"
+        );
+        let wrong_port = by_name.replace("haven-0.haven:9001", "haven-0.haven:9009");
+        assert_eq!(
+            parse(&wrong_port).unwrap_err(),
+            "invalid config n1.toml: key `node.raft_addr` (line 6): differs from this node's [[peers]] entry"
+        );
     }
 
     #[test]

@@ -61,6 +61,49 @@ pub struct PeerNode {
     pub client_addr: String,
 }
 
+/// Why a peer address is not `host:port`: the host an IP address or a DNS name (so a
+/// Kubernetes StatefulSet's stable pod names work: a pod's IP changes when it restarts,
+/// its name does not; names are resolved at every dial).
+pub fn check_peer_addr(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("`{addr}` is not host:port ({why})"));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return bad("the port must be 1 to 65535"),
+        Ok(_) => {}
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match inner.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => bad("not an IPv6 address between the brackets"),
+        };
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() || is_dns_name(host) {
+        Ok(())
+    } else {
+        bad("the host must be an IP address or a DNS name")
+    }
+}
+
+/// RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens, each
+/// at most 63 long, 253 in all; the last not all digits, so a mistyped IPv4 address
+/// (`10.0.0.256`) is not taken for a name.
+fn is_dns_name(host: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let numeric_top = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|top| top.bytes().all(|b| b.is_ascii_digit()));
+    !host.is_empty() && host.len() <= 253 && host.split('.').all(label_ok) && !numeric_top
+}
+
 impl fmt::Display for PeerNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "raft={} client={}", self.raft_addr, self.client_addr)
@@ -116,4 +159,48 @@ pub struct AppResponse {
     pub status: u16,
     pub headers: Vec<(String, Bytes)>,
     pub body: Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_an_ip_or_a_dns_name_and_a_port() {
+        for good in [
+            "127.0.0.1:9001",
+            "[::1]:9001",
+            "haven-0.haven.default.svc.cluster.local:9001",
+            "localhost:1",
+        ] {
+            assert_eq!(check_peer_addr(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("127.0.0.1", "no port"),
+            ("host:0", "the port must be 1 to 65535"),
+            ("host:65536", "the port must be 1 to 65535"),
+            ("[::1:9001", "the host must be an IP address or a DNS name"),
+            ("[zz]:9001", "not an IPv6 address between the brackets"),
+            (
+                "10.0.0.256:9001",
+                "the host must be an IP address or a DNS name",
+            ),
+            (
+                "-bad.example:9001",
+                "the host must be an IP address or a DNS name",
+            ),
+            ("a..b:9001", "the host must be an IP address or a DNS name"),
+            (":9001", "the host must be an IP address or a DNS name"),
+            (
+                "http://x:9001",
+                "the host must be an IP address or a DNS name",
+            ),
+        ] {
+            assert_eq!(
+                check_peer_addr(bad),
+                Err(format!("`{bad}` is not host:port ({why})")),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -38,6 +38,10 @@ enum Command {
         /// The node's TOML configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// Check the file (syntax, keys, values, how they fit together), print `ok` and
+        /// exit without starting; files it names (keys, tokens) are read only at start.
+        #[arg(long)]
+        check: bool,
     },
     /// Run the reference log application (POST /append, GET /line/{n}, GET /count).
     Logapp {
@@ -210,7 +214,12 @@ fn verdict((text, good): (String, bool)) -> anyhow::Result<ExitCode> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Node { config } => {
+        Command::Node { config, check } => {
+            if check {
+                Config::load(&config)?;
+                print(&format!("{}: ok\n", config.display()))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             init_tracing("info");
             abort_on_panic();
             let loaded = Config::load(&config)?;

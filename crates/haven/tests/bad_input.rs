@@ -891,7 +891,7 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
         )
     );
     assert_eq!(error(&reply)["leader_id"], leader_id);
-    // An address that is not ip:port would be replicated into the membership and dialled
+    // An address that is not host:port would be replicated into the membership and dialled
     // for ever: refused up front, by both calls that take one.
     for (path, body) in [
         (
@@ -909,7 +909,7 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
         let reply = send(leader, path, &body).await;
         assert_eq!(reply.status, 400, "{path}: {}", reply.text());
         let reason = error(&reply)["error"].as_str().unwrap().to_string();
-        assert!(reason.contains("is not an address (ip:port)"), "{reason}");
+        assert!(reason.contains("is not host:port"), "{reason}");
     }
 
     // Checkpoints are not configured.

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
@@ -159,16 +158,19 @@ fn answer<E: std::fmt::Display>(raft: &Raft, me: NodeId, result: Result<Option<u
     }
 }
 
-/// Both addresses of a joining node must be `ip:port`, as in the config's `[[peers]]`:
+/// Both addresses of a joining node must be `host:port`, as in the config's `[[peers]]`:
 /// anything else would be replicated into the membership and dialled for ever.
 fn check_addresses(request: &AddLearner) -> Result<(), Answer> {
     for (key, value) in [
         ("raft_addr", &request.raft_addr),
         ("client_addr", &request.client_addr),
     ] {
-        if value.parse::<SocketAddr>().is_err() {
-            let error = format!("{key} `{value}` is not an address (ip:port)");
-            return Err(refuse(StatusCode::BAD_REQUEST, error, None));
+        if let Err(reason) = haven_contract::check_peer_addr(value) {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("{key}: {reason}"),
+                None,
+            ));
         }
     }
     Ok(())
@@ -293,31 +295,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn joining_addresses_must_be_ip_and_port() {
+    fn joining_addresses_must_be_host_and_port() {
         let request = |raft_addr: &str, client_addr: &str| AddLearner {
             id: 4,
             raft_addr: raft_addr.to_string(),
             client_addr: client_addr.to_string(),
         };
         assert!(check_addresses(&request("127.0.0.1:9004", "[::1]:8004")).is_ok());
+        assert!(check_addresses(&request("haven-3.haven:9001", "haven-3.haven:8001")).is_ok());
         for (raft, client, bad) in [
             (
                 "not-an-address",
                 "127.0.0.1:8004",
-                "raft_addr `not-an-address`",
+                "raft_addr: `not-an-address` is not host:port (no port)",
             ),
-            ("127.0.0.1:9004", "127.0.0.1", "client_addr `127.0.0.1`"),
+            (
+                "127.0.0.1:9004",
+                "127.0.0.1",
+                "client_addr: `127.0.0.1` is not host:port (no port)",
+            ),
             (
                 "127.0.0.1:99999",
                 "127.0.0.1:8004",
-                "raft_addr `127.0.0.1:99999`",
+                "raft_addr: `127.0.0.1:99999` is not host:port (the port must be 1 to 65535)",
             ),
         ] {
             let Err(Err((status, Json(error)))) = check_addresses(&request(raft, client)) else {
                 panic!("{raft} {client} accepted");
             };
             assert_eq!(status, StatusCode::BAD_REQUEST);
-            assert_eq!(error.error, format!("{bad} is not an address (ip:port)"));
+            assert_eq!(error.error, bad);
         }
     }
 
