@@ -13,6 +13,16 @@ use serde::Deserialize;
 use haven_contract::NodeId;
 use haven_contract::PeerNode;
 
+use crate::rules;
+use crate::rules::AlertRule;
+use crate::rules::AlertSection;
+use crate::rules::AlertsSection;
+use crate::rules::BadRule;
+use crate::rules::ScaleRule;
+use crate::rules::ScaleSection;
+use crate::rules::ServiceFacts;
+use crate::rules::builtin_alerts;
+
 /// Largest accepted request body unless configured otherwise (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Hard ceiling for `limits.max_body_bytes`: an entry must fit comfortably in one Raft frame.
@@ -48,6 +58,11 @@ pub struct Config {
     pub admin: AdminSection,
     /// One per protected app; never empty.
     pub services: Vec<ServiceConfig>,
+    /// The alert rules that run (built-in ones included) and where they are delivered.
+    pub alerts: Vec<AlertRule>,
+    pub alert_delivery: AlertsSection,
+    /// Learners added and removed by rule.
+    pub scales: Vec<ScaleRule>,
 }
 
 /// One protected app: its replica, routes, limits and checkpoints.
@@ -169,6 +184,11 @@ struct ConfigFile {
     drill: Option<DrillSection>,
     #[serde(default)]
     service: Vec<ServiceSection>,
+    alerts: Option<AlertsSection>,
+    #[serde(default)]
+    alert: Vec<AlertSection>,
+    #[serde(default)]
+    scale: Vec<ScaleSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +269,15 @@ pub struct AppSection {
     /// rebuilt from its newest checkpoint instead of being sent them again.
     #[serde(default)]
     pub honours_haven_index: bool,
+    /// Response headers left out of the digest replicas compare their answers by, because
+    /// they differ between replicas of a deterministic app (default `["date"]`; matched
+    /// without regard to case; framing headers are always left out).
+    #[serde(default = "default_volatile_headers")]
+    pub volatile_headers: Vec<String>,
+    /// Compare the replicas' answers and report the first entry they answered
+    /// differently (default true).
+    #[serde(default = "default_true")]
+    pub check_divergence: bool,
 }
 
 /// How the replica's state is captured.
@@ -605,6 +634,9 @@ fn default_app_timeout_ms() -> u64 {
 fn default_app_start_timeout_ms() -> u64 {
     10_000
 }
+fn default_volatile_headers() -> Vec<String> {
+    vec!["date".to_string()]
+}
 fn default_every_entries() -> u64 {
     10_000
 }
@@ -734,12 +766,21 @@ impl Config {
                 })
                 .collect(),
         };
+        let facts: Vec<ServiceFacts> = (services.iter()).map(ServiceConfig::facts).collect();
+        let delivery = file.alerts.unwrap_or_default();
+        let alerts = rules::resolve_alerts(&file.alert, &delivery, builtin_alerts(&facts));
+        let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let scales = rules::resolve_scales(&file.scale, &names);
+        let rule_key = |bad: BadRule| BadKey::top(bad.table, bad.occurrence, bad.key, &bad.reason);
         Ok(Config {
             node: file.node,
             peers: file.peers,
             raft: file.raft,
             admin: file.admin,
             services,
+            alerts: alerts.map_err(rule_key)?,
+            alert_delivery: delivery,
+            scales: scales.map_err(rule_key)?,
         })
     }
 
@@ -985,6 +1026,12 @@ impl ServiceConfig {
         if self.app.timeout_ms == 0 {
             return Err(self.bad("app", 0, "timeout_ms", "must be greater than 0"));
         }
+        if let Some(bad) = (self.app.volatile_headers.iter())
+            .find(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            let reason = format!("{bad:?} is not a header name");
+            return Err(self.bad("app", 0, "volatile_headers", &reason));
+        }
         Ok(())
     }
 
@@ -1200,7 +1247,27 @@ impl ServiceConfig {
                 "limits.idempotency_retention_s".to_string(),
                 self.limits.idempotency_retention_s.to_string(),
             ),
+            (
+                "app.volatile_headers".to_string(),
+                format!("{:?}", self.volatile_headers()),
+            ),
         ]
+    }
+
+    /// What the built-in alerts need to know of the service.
+    fn facts(&self) -> ServiceFacts {
+        ServiceFacts {
+            archive: self.archive.is_some() && self.standby.is_none(),
+            drill_every: (self.drill.as_ref()).and_then(|d| d.interval().ok()),
+        }
+    }
+
+    /// `app.volatile_headers` as compared: lower case, sorted, once each.
+    pub fn volatile_headers(&self) -> Vec<String> {
+        let names: BTreeSet<String> = (self.app.volatile_headers.iter())
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        names.into_iter().collect()
     }
 
     /// How entries the app may have applied before a crash are kept from being applied

@@ -130,6 +130,12 @@ service_metrics! {
         /// Writes refused because this site does not write the service.
         site_refused_writes: "haven_site_refused_writes_total",
             "Writes refused because this node is a standby or was fenced";
+        /// Peers found to have answered an entry differently from this node's replica.
+        divergence_detected: "haven_divergence_detected_total",
+            "Peers whose replica answered an entry differently from this node's (once per peer)";
+        /// Entries whose answers this node found equal to a peer's (each peer counts).
+        answers_compared: "haven_answers_compared_total",
+            "Entries whose answer this node's replica and a peer's were found to agree on (per peer)";
     }
     gauges {
         /// 1 while the last delivery to the local replica succeeded.
@@ -161,6 +167,15 @@ service_metrics! {
         /// A standby's distance from the archive it follows.
         standby_lag_entries: "haven_standby_lag_entries",
             "Archived entries this standby has not applied yet";
+        /// The service's leader as this node knows it, and how far this node's replica is
+        /// behind what is committed (what the built-in alerts watch).
+        leader_id: "haven_leader_id",
+            "Node id of the service's leader as this node knows it (0: no leader known)";
+        replica_lag_entries: "haven_replica_lag_entries",
+            "Entries committed that this node's replica has not applied yet";
+        /// The first entry a peer's replica answered differently from this node's.
+        divergence_first_index: "haven_divergence_first_index",
+            "First log index a peer's replica answered differently from this node's (0: none)";
     }
     float_gauges {
         /// Entry time of the leader's last applied entry minus that of the archive's last.
@@ -272,12 +287,91 @@ impl PeerMetrics {
     }
 }
 
+/// What the rule evaluator reports: alerts firing and undelivered, learners added and
+/// removed by scale rules, and the data directory's free space that a built-in alert
+/// watches.
+#[derive(Clone)]
+pub struct RuleMetrics {
+    /// Instances (series) of each alert firing now, by alert name.
+    pub firing: IntGaugeVec,
+    /// Notices (firing or resolved) given up after every retry, by alert name.
+    pub delivery_failures: IntCounterVec,
+    /// Learners a scale rule added or removed, by rule and `change` (`add`, `remove`).
+    pub scale_changes: IntCounterVec,
+    pub disk_free_bytes: IntGauge,
+    pub disk_free_ratio: Gauge,
+}
+
+impl RuleMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let by = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        Ok(Self {
+            firing: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "haven_alerts_firing",
+                        "Series of each alert rule firing now",
+                    ),
+                    &["alert"],
+                )?,
+            )?,
+            delivery_failures: register(
+                registry,
+                by(
+                    "haven_alert_delivery_failures_total",
+                    "Alert notices that no attempt delivered to their webhook",
+                    &["alert"],
+                )?,
+            )?,
+            scale_changes: register(
+                registry,
+                by(
+                    "haven_scale_changes_total",
+                    "Learners a scale rule added or removed",
+                    &["rule", "change"],
+                )?,
+            )?,
+            disk_free_bytes: register(
+                registry,
+                IntGauge::new(
+                    "haven_disk_free_bytes",
+                    "Bytes available to the node on the file system of its data directory",
+                )?,
+            )?,
+            disk_free_ratio: register(
+                registry,
+                Gauge::new(
+                    "haven_disk_free_ratio",
+                    "Share of the data directory's file system available to the node (0 to 1)",
+                )?,
+            )?,
+        })
+    }
+
+    /// Samples the free space of the file system holding `dir`.
+    pub fn sample_disk(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let stats = rustix::fs::statvfs(dir)?;
+        let block = stats.f_frsize.max(1);
+        let available = stats.f_bavail.saturating_mul(block);
+        let size = stats.f_blocks.saturating_mul(block);
+        self.disk_free_bytes
+            .set(available.min(i64::MAX as u64) as i64);
+        self.disk_free_ratio
+            .set(available as f64 / (size.max(1)) as f64);
+        Ok(())
+    }
+}
+
 /// A node's registry: every service's metrics and the peers'.
 #[derive(Clone)]
 pub struct NodeMetrics {
     registry: Registry,
     families: std::sync::Arc<Families>,
     pub peers: PeerMetrics,
+    pub rules: RuleMetrics,
     /// Admin requests refused for a missing or wrong token.
     pub admin_unauthorized: IntCounter,
 }
@@ -292,6 +386,7 @@ impl NodeMetrics {
         Ok(Self {
             families: std::sync::Arc::new(Families::register(&registry)?),
             peers: PeerMetrics::register(&registry)?,
+            rules: RuleMetrics::register(&registry)?,
             admin_unauthorized: register(&registry, unauthorized)?,
             registry,
         })
@@ -330,6 +425,11 @@ impl NodeMetrics {
                 let _ = family.remove(&labels);
             }
         }
+    }
+
+    /// Every series of the node, as the rule evaluator reads them.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// Prometheus text exposition of every metric of every service.

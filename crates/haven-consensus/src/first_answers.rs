@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
+use super::answer_digests::Digests;
 use super::link::Lane;
 use super::link::Transport;
 use super::wire::RpcReply;
@@ -35,6 +36,10 @@ pub trait RecordedAnswers: Send + Sync + 'static {
         &'a self,
         asked: &'a [(u64, String)],
     ) -> BoxFuture<'a, Vec<Option<AppResponse>>>;
+
+    /// The digests of the replica's answers to each range of indexes, as far as it holds
+    /// them (never waits: the asker comes back for what is not applied yet).
+    fn answer_digests(&self, ranges: &[(u64, u64)]) -> Digests;
 }
 
 /// How long a peer asked for first answers waits for its own replica to apply them, and

@@ -10,10 +10,12 @@
 //!   admits each connection to its service's group by the hello.
 //! - [`propose`], [`read_batch`], [`client`]: the leader-side write and read paths.
 //! - [`snapshot`]: checkpoints sent and received as files; [`first_answers`]: answers a
-//!   crash left unrecorded, asked of peers.
+//!   crash left unrecorded, asked of peers; [`answer_digests`]: replicas' answers
+//!   compared, to detect divergence.
 //! - [`balance`], [`step_aside`]: leadership spread over nodes, and handed away by a node
 //!   whose replica cannot take entries.
 
+pub mod answer_digests;
 pub mod balance;
 pub mod client;
 pub mod first_answers;

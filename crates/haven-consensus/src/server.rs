@@ -306,6 +306,17 @@ async fn serve_connection<SM: HavenStateMachine>(
                     send_reply(&replies, id, &RpcReply::FirstAnswers(found)).await;
                 });
             }
+            RpcRequest::AnswerDigests(ranges) => {
+                let digests = match &answers {
+                    Some(machine) => machine.answer_digests(&ranges),
+                    None => crate::answer_digests::Digests {
+                        start: 0,
+                        next: 0,
+                        digests: vec![None; ranges.len()],
+                    },
+                };
+                send_reply(&replies, id, &RpcReply::AnswerDigests(digests)).await;
+            }
             other => {
                 let (raft, policy) = (raft.clone(), policy.clone());
                 let replies = replies.clone();
@@ -399,7 +410,8 @@ async fn answer<SM: HavenStateMachine>(
         | RpcRequest::EndStream { .. }
         | RpcRequest::SnapshotChunk { .. }
         | RpcRequest::SnapshotDone { .. }
-        | RpcRequest::FirstAnswers(_) => {
+        | RpcRequest::FirstAnswers(_)
+        | RpcRequest::AnswerDigests(_) => {
             RpcReply::Append(Err("handled on the connection's own task".to_string()))
         }
     }

@@ -105,6 +105,9 @@ pub enum RpcRequest {
     /// A node back from a crash asks for the recorded answers to keyed entries
     /// `(index, key)` its app may have answered unrecorded (`apply::AskPeers`).
     FirstAnswers(Vec<(u64, String)>),
+    /// A node compares its replica's answers with the receiver's: the digests of these
+    /// index ranges, inclusive ([`crate::answer_digests`]).
+    AnswerDigests(Vec<(u64, u64)>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,6 +121,7 @@ pub enum RpcReply {
     TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
     /// One per entry asked, in order; `None` where this node holds no answer.
     FirstAnswers(Vec<Option<AppResponse>>),
+    AnswerDigests(crate::answer_digests::Digests),
     /// The receiver will not serve this connection (its hello names another cluster or
     /// a service it does not run); sent once, with id 0, before it closes.
     Refused(String),

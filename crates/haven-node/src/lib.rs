@@ -7,10 +7,12 @@
 //! - `haven_service` (crate): applies it to the replica and answers the waiting client.
 //!
 //! Beside the request path: [`admin`] (status, metrics, membership, checkpoints, reload
-//! on the admin port) and [`node`] (assembly, the services a node hosts, their start
-//! order, reload and shutdown).
+//! on the admin port), [`node`] (assembly, the services a node hosts, their start
+//! order, reload and shutdown) and [`rules`] (alert and scale rules over the node's own
+//! metrics).
 
 pub mod admin;
 pub mod ingress;
 pub mod node;
 pub mod routes;
+pub mod rules;

@@ -5,6 +5,7 @@
 //!   and the pause/resume hooks.
 //! - [`checkpoint`]: capturing, keeping and serving the service's checkpoints.
 //! - [`restore`]: rebuilding a replica from a checkpoint and the log.
+//! - [`divergence`]: the replicas' answers compared, and the first one that differs.
 //! - [`archive`], [`site`], [`standby`], [`failback`]: the off-site tier: shipping to
 //!   the archive, the site's role, following another site's archive and taking over,
 //!   and handing the service back.
@@ -15,6 +16,7 @@ pub mod app;
 pub mod apply;
 pub mod archive;
 pub mod checkpoint;
+pub mod divergence;
 pub mod failback;
 pub mod restore;
 pub mod service;

@@ -35,6 +35,8 @@ use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
 use crate::checkpoint::policy;
 use crate::checkpoint::policy::Policy;
+use crate::divergence::Comparison;
+use crate::divergence::Members;
 use crate::restore::AppSettings;
 use crate::site::Role;
 use crate::site::SiteState;
@@ -54,6 +56,7 @@ use haven_consensus::link::Transport;
 use haven_consensus::server::InboxFactory;
 use haven_consensus::snapshot::CheckpointInbox;
 use haven_consensus::types::TypeConfig;
+use haven_contract::NodeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -239,6 +242,18 @@ impl Service {
         if !config.node.join {
             initialize_once(raft, config).await?;
         }
+        if let Some(ledger) = self.state_machine.shared().answers() {
+            let comparison = Comparison {
+                service: self.name.clone(),
+                node: config.node.id,
+                ledger: ledger.clone(),
+                transport: shared.transport.clone(),
+                members: members_by_id(Arc::new(OnceLock::from(raft.clone())), config),
+                metrics: shared.metrics.clone(),
+            };
+            self.workers
+                .spawn("divergence-check", comparison.run(shared.stop.clone()));
+        }
         if let (Some(section), Some(checkpoints)) = (&service.checkpoints, &self.checkpoints) {
             let summary = checkpoints.summary();
             let policy = Policy {
@@ -421,7 +436,7 @@ fn open_state_machine(
         max_keys: config.limits.idempotency_keys_max,
         retention_us: (config.limits.idempotency_retention_s as i64).saturating_mul(1_000_000),
     };
-    Ok(StateMachine::open(
+    let machine = StateMachine::open(
         &dir.join("apply"),
         OrderedConnection::new(&config.app.url, config.app_timeout()),
         limits,
@@ -429,18 +444,28 @@ fn open_state_machine(
         shared.stop.clone(),
         checkpoints.clone(),
         workers,
-    )?)
+    )?;
+    if config.app.check_divergence {
+        machine.keep_answer_digests(config.volatile_headers());
+    }
+    Ok(machine)
 }
 
 /// The raft addresses of the other members, as the membership stands when called; the
 /// configured peers until Raft is up.
 fn other_members(raft: Arc<OnceLock<Raft>>, config: &Config) -> PeerAddrs {
+    let members = members_by_id(raft, config);
+    Arc::new(move || members().into_iter().map(|(_, addr)| addr).collect())
+}
+
+/// The other members by id, with their raft addresses: as [`other_members`].
+fn members_by_id(raft: Arc<OnceLock<Raft>>, config: &Config) -> Members {
     let me = config.node.id;
-    let configured: Vec<String> = config
+    let configured: Vec<(NodeId, String)> = config
         .peers
         .iter()
         .filter(|p| p.id != me)
-        .map(|p| p.raft_addr.to_string())
+        .map(|p| (p.id, p.raft_addr.to_string()))
         .collect();
     Arc::new(move || {
         let Some(raft) = raft.get() else {
@@ -451,7 +476,7 @@ fn other_members(raft: Arc<OnceLock<Raft>>, config: &Config) -> PeerAddrs {
         m.membership_config
             .nodes()
             .filter(|(id, _)| **id != me)
-            .map(|(_, node)| node.raft_addr.clone())
+            .map(|(id, node)| (*id, node.raft_addr.clone()))
             .collect()
     })
 }

@@ -352,14 +352,17 @@ async fn a_node_lists_its_workers_and_stops_them_all() {
         names,
         [
             "admin-server",
+            "alert-delivery",
             "app/app-supervisor",
             "app/apply-delivery",
             "app/checkpoint-trigger",
+            "app/divergence-check",
             "app/log-compaction",
             "app/step-aside",
             "client-server",
             "leader-balance",
             "raft-server",
+            "rules",
         ]
     );
     assert!(

@@ -43,6 +43,7 @@ use haven_base::metrics::NodeMetrics;
 use haven_base::workers::Workers;
 use haven_contract::NodeId;
 use haven_service::apply::Raft;
+use haven_service::apply::digests::Divergence;
 use haven_service::archive::ArchiveProgress;
 use haven_service::archive::ArchiveStatus;
 use haven_service::checkpoint::Checkpoints;
@@ -95,6 +96,10 @@ pub struct Status {
     /// Every member of the group as this node sees it (empty on a standby).
     #[serde(default)]
     pub peers: Vec<peers::PeerView>,
+    /// Peers whose replica answered an entry differently from this node's, and the first
+    /// such entry; none while every comparison agreed (or `app.check_divergence` is off).
+    #[serde(default)]
+    pub divergence: Option<Divergence>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -326,6 +331,7 @@ fn status(admin: &AdminState, name: &str, state: &ServiceAdmin) -> Status {
         exactly_once_after_crash: state.exactly_once_after_crash.to_string(),
         site: state.site.as_ref().map(|s| s.site.status()),
         peers: Vec::new(),
+        divergence: (ingress.shared.answers()).and_then(|l| l.divergence(ingress.id)),
     };
     if let Some(raft) = &ingress.raft {
         let m = raft.metrics().borrow_watched().clone();

@@ -47,6 +47,22 @@ impl Directory {
         });
     }
 
+    /// The service's ingress, if the node runs it.
+    pub fn get(&self, name: &str) -> Option<Arc<Ingress>> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        (entries.iter())
+            .find(|e| e.name == name)
+            .map(|e| e.ingress.clone())
+    }
+
+    /// Every service's ingress, by name.
+    pub fn all(&self) -> Vec<(String, Arc<Ingress>)> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        (entries.iter())
+            .map(|e| (e.name.clone(), e.ingress.clone()))
+            .collect()
+    }
+
     pub fn remove(&self, name: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.retain(|e| e.name != name);

@@ -21,6 +21,7 @@ use crate::ingress;
 use crate::ingress::Ingress;
 use crate::ingress::select::Directory;
 use crate::routes::RouteTable;
+use crate::rules;
 use haven_base::config::Config;
 use haven_base::config::ServiceConfig;
 use haven_base::metrics::NodeMetrics;
@@ -188,6 +189,7 @@ pub async fn run(
             node.stop.subscribe(),
         ),
     );
+    node.start_rules();
     tracing::info!(
         addr = %node.config.node.admin_addr,
         id = node.config.node.id,
@@ -306,6 +308,30 @@ impl Node {
             reopen,
             config,
         })
+    }
+
+    /// The rule evaluator and the worker that delivers its alert notices.
+    fn start_rules(&self) {
+        let (notices, outbox) = mpsc::channel(rules::webhook::QUEUE);
+        let delivery = self.config.alert_delivery.clone();
+        let deliver = rules::webhook::deliver(
+            outbox,
+            delivery,
+            self.metrics.clone(),
+            self.stop.subscribe(),
+        );
+        self.workers.spawn("alert-delivery", deliver);
+        let evaluator = rules::Evaluator {
+            node: self.config.node.id,
+            metrics: self.metrics.clone(),
+            data_dir: self.config.node.data_dir.clone(),
+            alerts: self.config.alerts.clone(),
+            scales: self.config.scales.clone(),
+            directory: self.directory.clone(),
+            notices,
+        };
+        self.workers
+            .spawn("rules", evaluator.run(self.stop.subscribe()));
     }
 
     /// Opens every configured service in order; if one fails, those already open are

@@ -59,8 +59,12 @@ use haven_contract::NodeId;
 use haven_contract::PeerNode;
 use openraft::Membership;
 
+pub mod digests;
 mod outcomes;
 mod slots;
+use digests::AnswerDigests;
+use digests::AnswerLedger;
+use haven_consensus::answer_digests::Digests;
 use haven_consensus::first_answers::AskPeers;
 use haven_consensus::first_answers::FIRST_ANSWERS_WAIT;
 use haven_consensus::first_answers::RecordedAnswers;
@@ -116,6 +120,8 @@ pub struct ApplyShared {
     /// the replica is not taking them (`consensus::step_aside` watches it).
     delivery_failing: watch::Sender<bool>,
     metrics: Metrics,
+    /// The digests of the replica's answers, when replicas compare them.
+    answers: OnceLock<Arc<AnswerLedger>>,
 }
 
 impl ApplyShared {
@@ -133,6 +139,12 @@ impl ApplyShared {
 
     pub fn applied_index(&self) -> u64 {
         *self.applied.borrow()
+    }
+
+    /// The digests of the replica's answers and what comparing them found; `None` when
+    /// `app.check_divergence` is off.
+    pub fn answers(&self) -> Option<&Arc<AnswerLedger>> {
+        self.answers.get()
     }
 
     pub fn delivery_failing(&self) -> watch::Receiver<bool> {
@@ -331,7 +343,10 @@ impl StateMachine {
             applied,
             delivery_failing: watch::channel(false).0,
             metrics,
+            answers: OnceLock::new(),
         });
+        // Up until a delivery fails: a replica with nothing to take yet is not down.
+        shared.set_delivery_failing(false);
         let inner = Inner {
             state,
             slots,
@@ -370,6 +385,13 @@ impl StateMachine {
 
     pub fn shared(&self) -> Arc<ApplyShared> {
         self.replica.shared.clone()
+    }
+
+    /// Keeps the digests of the replica's answers from now on, for peers to compare
+    /// theirs with; set once, before Raft starts.
+    pub fn keep_answer_digests(&self, volatile_headers: Vec<String>) -> Arc<AnswerLedger> {
+        let ledger = Arc::new(AnswerLedger::new(volatile_headers));
+        (self.replica.shared.answers.get_or_init(|| ledger)).clone()
     }
 
     /// Where to ask for first answers after a crash; set once, when the node's transport
@@ -653,6 +675,9 @@ impl Replica {
         // Waiters hear their answers only once the window's keyed answers are journaled.
         let mut resolved = Vec::with_capacity(window.len());
         let mut journaled = Vec::new();
+        let ledger = self.shared.answers.get();
+        let first_index = window.first().map_or(0, |(entry, _)| entry.log_id.index);
+        let mut hashes = Vec::with_capacity(ledger.map_or(0, |_| window.len()));
         for (step, (entry, responder)) in plan.into_iter().zip(window) {
             let index = entry.log_id.index;
             let expected = inner.state.last_applied.as_ref().map_or(0, |l| l.index + 1);
@@ -690,6 +715,9 @@ impl Replica {
                 }
                 _ => None,
             };
+            if let Some(ledger) = ledger {
+                hashes.push(ledger.hash(answer.as_ref().map(|a| &a.response)));
+            }
             answers.push(answer);
             inner.state.last_applied = Some(entry.log_id);
             self.shared.applied.send_replace(index);
@@ -697,6 +725,9 @@ impl Replica {
             if let Some(responder) = responder {
                 responder.send(Applied);
             }
+        }
+        if let Some(ledger) = ledger {
+            ledger.lock_digests().record(first_index, &hashes);
         }
         inner.journal.append(&journaled)?;
         for (tag, answer) in resolved {
@@ -768,6 +799,9 @@ impl Replica {
             .await?;
         inner.state = decode_state(&info.haven_state).map_err(io::Error::other)?;
         inner.persist()?;
+        if let Some(ledger) = self.shared.answers.get() {
+            ledger.lock_digests().clear();
+        }
         self.shared.applied.send_replace(info.index);
         self.shared.metrics.applied_index.set(info.index as i64);
         Ok(())
@@ -1031,6 +1065,13 @@ impl RecordedAnswers for StateMachine {
             asked.iter().map(answer).collect()
         }
         .boxed()
+    }
+
+    fn answer_digests(&self, ranges: &[(u64, u64)]) -> Digests {
+        match self.replica.shared.answers.get() {
+            Some(ledger) => ledger.lock_digests().digests(ranges),
+            None => AnswerDigests::default().digests(ranges),
+        }
     }
 }
 

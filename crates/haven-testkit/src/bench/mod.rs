@@ -11,13 +11,15 @@
 //! - `tenants` measures one service's latency while another on the same nodes is
 //!   hammered ([`tenants`]);
 //! - `archive`, `site` and `drill` measure the off-site tier: archive cost and restore
-//!   speed, standby RPO and RTO, and whether a drill disturbs production ([`drill`]).
+//!   speed, standby RPO and RTO, and whether a drill disturbs production ([`drill`]);
+//! - `divergence` measures what comparing the replicas' answers costs ([`divergence`]).
 //!
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
 
 pub mod archive;
 pub mod checkpoint;
+pub mod divergence;
 pub mod drill;
 pub mod failover;
 pub mod peer_down;
@@ -67,6 +69,9 @@ pub enum BenchCommand {
     /// Is a drill non-disruptive? Write latency at half of saturation, in alternating
     /// phases without and with `haven drill` running back to back.
     Drill(drill::DrillBenchArgs),
+    /// What divergence detection costs: closed-loop write throughput with
+    /// `app.check_divergence` off and on, in alternating rounds.
+    Divergence(divergence::DivergenceBenchArgs),
 }
 
 /// Runs one bench command and returns what to print on stdout.
@@ -128,6 +133,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Drill(args) => {
             let report = drill::run(&args, exe).await?;
             output(args.json, &report, drill::render)
+        }
+        BenchCommand::Divergence(args) => {
+            let report = divergence::run(&args, exe).await?;
+            output(args.json, &report, divergence::render)
         }
         BenchCommand::Checkpoint(args) => {
             let report = checkpoint::run(&args, exe).await?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use haven_node::admin::Status;
 use haven_node::admin::peers::PeerView;
+use haven_service::apply::digests::Divergence;
 use haven_service::archive::ArchiveStatus;
 use haven_service::site::Role;
 use haven_service::site::SiteStatus;
@@ -118,6 +119,7 @@ pub fn render(status: &Status) -> String {
         ("archive", archive_line(status.archive.as_ref())),
         ("site", site_line(status.site.as_ref())),
         ("after_a_crash", status.exactly_once_after_crash.clone()),
+        ("divergence", divergence_line(status.divergence.as_ref())),
     ];
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
 }
@@ -141,6 +143,23 @@ fn archive_line(archive: Option<&ArchiveStatus>) -> String {
         .as_ref()
         .map_or(String::new(), |e| format!("; last error: {e}"));
     format!("{} {}, {progress}{error}", a.url, a.protection)
+}
+
+/// The replicas' answers compared: none differ, or the first entry that differs and
+/// with whom.
+fn divergence_line(divergence: Option<&Divergence>) -> String {
+    let Some(d) = divergence else {
+        return "none found".to_string();
+    };
+    let peers: Vec<String> = (d.disagreements.iter())
+        .map(|p| format!("node {} from entry {}", p.peer, p.index))
+        .collect();
+    format!(
+        "DIVERGED at entry {}: this node's ({}) answers differ from {}",
+        d.first_index,
+        d.node,
+        peers.join(", ")
+    )
 }
 
 /// The site in one line: this node's role, who writes the archive, a standby's lag.
@@ -196,6 +215,7 @@ mod tests {
             exactly_once_after_crash: String::new(),
             site: None,
             peers: Vec::new(),
+            divergence: None,
         }
     }
 

@@ -1,17 +1,22 @@
 """A counter that knows nothing of Haven: every POST adds one, and the count is kept in a
 file. Delivered twice, a request counts twice, which is what exactly-once must prevent.
+While a file named `clock` exists beside FILE, it also appends its own clock to each
+answer, so that replica answers differently from the others (what divergence detection
+must catch).
 
     python3 counter.py HOST PORT FILE
-    POST /count  -> 201, the new count
+    POST /count  -> 201, the new count (+ " at <ns>" while the clock file exists)
     GET  /count  -> 200, the count
 """
 import http.server
 import os
 import sys
 import threading
+import time
 
 host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 lock = threading.Lock()
+clock = os.path.join(os.path.dirname(path), "clock")
 count = int(open(path).read() or 0) if os.path.exists(path) else 0
 
 
@@ -46,7 +51,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # ignores Haven-Index when counting).
             with open(path + ".trace", "a") as f:
                 f.write(f"{self.headers.get('Haven-Index')} {value}\n")
-        self.answer(201, str(value))
+        text = str(value)
+        if os.path.exists(clock):
+            text += f" at {time.time_ns()}"
+        self.answer(201, text)
 
     def do_GET(self):
         if self.path != "/count":
