@@ -1,7 +1,7 @@
 //! The web console in a real headless Chromium (Debian's `chromium`, which `.ci/run`
 //! installs): the page served by a node's admin port, rendered with its script run
 //! against a live 3-node cluster, shows the leader and every member up; after a SIGKILL
-//! the killed node turns down.
+//! the killed node turns down and the alert rule watching peers shows as firing.
 
 mod common;
 
@@ -86,7 +86,10 @@ fn member_row(html: &str, id: u64) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_shows_the_leader_and_a_killed_node_turning_down() {
     let browser = chromium();
-    let mut cluster = common::start(3, false, "").await;
+    // Its webhook goes nowhere: the console shows what fires, delivered or not.
+    let rule = "[[alert]]\nname = \"peer-down\"\nmetric = \"haven_peer_up\"\nop = \"<\"\n\
+                threshold = 1\nfor = \"0s\"\nwebhook = \"http://127.0.0.1:9/alerts\"\n";
+    let mut cluster = common::start(3, false, rule).await;
     let leader = cluster
         .wait_for_leader(Duration::from_secs(30))
         .await
@@ -147,7 +150,9 @@ async fn the_console_shows_the_leader_and_a_killed_node_turning_down() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let html = loop {
         let html = render(&browser, &profile, &url);
-        if member_row(&html, victim_id).is_some_and(|row| row.contains("data-state=\"down\"")) {
+        let down =
+            member_row(&html, victim_id).is_some_and(|row| row.contains("data-state=\"down\""));
+        if down && html.contains("data-alert=\"peer-down\"") {
             break html;
         }
         assert!(
