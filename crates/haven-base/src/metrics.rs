@@ -178,9 +178,10 @@ service_metrics! {
             "First log index a peer's replica answered differently from this node's (0: none)";
     }
     float_gauges {
-        /// Entry time of the leader's last applied entry minus that of the archive's last.
+        /// Wall-clock age of the oldest committed entry the archive lacks (0: it lacks
+        /// none), measured by the leader every 100 ms whatever its uploads do.
         archive_lag_seconds: "haven_archive_lag_seconds",
-            "How far the off-site archive is behind the leader, in entry time (the RPO now)";
+            "Age of the oldest committed entry the off-site archive lacks (the recovery point now; 0 when everything is archived)";
         archive_last_upload: "haven_archive_last_upload_timestamp_seconds",
             "Unix time of the last successful upload to the off-site archive";
         standby_lag_seconds: "haven_standby_lag_seconds",

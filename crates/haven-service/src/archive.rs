@@ -50,6 +50,11 @@ const MAX_OBJECT_BYTES: usize = 8 << 20;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often a follower looks at how far the archive got (its log is kept back to it).
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader's recovery point is measured ([`RecoveryPoint`]): between
+/// uploads too, so an upload that hangs or fails shows as a lag that keeps growing.
+const LAG_EVERY: Duration = Duration::from_millis(100);
+/// Entries without a time (blank, membership) looked past for the first one with a time.
+const UNTIMED_ENTRIES: u64 = 16;
 
 /// The archive a service writes to: where, and the key, loaded when the service opens.
 #[derive(Clone)]
@@ -95,8 +100,8 @@ pub struct ArchiveStatus {
     pub archived_index: Option<u64>,
     pub archived_entry_time_us: Option<i64>,
     pub lag_entries: u64,
-    /// Entry time between the leader's last applied entry and the archive's last: the
-    /// recovery point if the site were lost now.
+    /// The recovery point if the site were lost now: how long ago (wall clock) the oldest
+    /// committed entry the archive lacks was written; 0 when it lacks none.
     pub lag_ms: u64,
     pub last_error: Option<String>,
     /// Why this site refuses writes, when it does (fenced, or cut off from the archive
@@ -242,7 +247,7 @@ impl Uploader {
                 let status = self.progress.status();
                 let archived = status.archived_index.zip(status.archived_entry_time_us);
                 let applied = *self.applied.borrow();
-                self.update_lag(archived, applied).await;
+                self.update_lag(archived, applied);
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
                     _ = stop.wait_for(|stop| *stop) => return,
@@ -375,9 +380,7 @@ impl Uploader {
     }
 
     fn leads(&self) -> bool {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow_watched();
-        m.current_leader == Some(m.id) && m.state.is_leader()
+        leads(&self.raft)
     }
 
     async fn open_writer(&self) -> Result<ArchiveWriter, ArchiveError> {
@@ -583,21 +586,16 @@ impl Uploader {
             s.archived_entry_time_us = archived.map(|(_, t)| t);
             s.last_error = None;
         });
-        self.update_lag(archived, applied).await;
+        self.update_lag(archived, applied);
     }
 
-    /// How far the archive is behind the replica: entries, entry time, the alarm.
-    async fn update_lag(&mut self, archived: Option<(u64, i64)>, applied: u64) {
+    /// How far the archive is behind the replica in entries, and the backlog alarm (its
+    /// age is [`RecoveryPoint`]'s).
+    fn update_lag(&self, archived: Option<(u64, i64)>, applied: u64) {
         let index = archived.map(|(i, _)| i);
         let lag_entries = applied.saturating_sub(index.unwrap_or(0));
-        let applied_time = self.time_of(applied).await;
-        let lag_seconds = match (applied_time, archived) {
-            (Some(now), Some((_, then))) => (now - then).max(0) as f64 / 1e6,
-            _ => 0.0,
-        };
         self.metrics.archive_index.set(index.unwrap_or(0) as i64);
         self.metrics.archive_lag_entries.set(lag_entries as i64);
-        self.metrics.archive_lag_seconds.set(lag_seconds);
         let full = lag_entries > self.target.section.max_backlog_entries;
         if full {
             tracing::error!(
@@ -607,18 +605,72 @@ impl Uploader {
             );
         }
         self.metrics.archive_backlog_full.set(i64::from(full));
-        self.progress.status.send_modify(|s| {
-            s.lag_entries = lag_entries;
-            s.lag_ms = (lag_seconds * 1e3) as u64;
-        });
-    }
-
-    async fn time_of(&mut self, index: u64) -> Option<i64> {
-        let entries = self.log.try_get_log_entries(index..=index).await.ok()?;
-        entries.first().and_then(entry_time)
+        self.progress
+            .status
+            .send_modify(|s| s.lag_entries = lag_entries);
     }
 }
 
+/// The leader's recovery point, measured every [`LAG_EVERY`] whatever the uploads do:
+/// the wall-clock age of the oldest committed entry the archive lacks, which is how much
+/// of the acknowledged history a site lost now would take with it (0 when the archive
+/// has everything). An entry's time is the leader's clock when it was proposed.
+pub struct RecoveryPoint {
+    pub progress: ArchiveProgress,
+    pub raft: Raft,
+    pub log: LogStore<TypeConfig>,
+    pub applied: watch::Receiver<u64>,
+    pub metrics: Metrics,
+}
+
+impl RecoveryPoint {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // The oldest entry the archive lacks and its time, read once per archived index.
+        let mut oldest: Option<(u64, i64)> = None;
+        loop {
+            let age_s = self.measure(&mut oldest).await;
+            self.metrics.archive_lag_seconds.set(age_s);
+            self.progress
+                .status
+                .send_modify(|s| s.lag_ms = (age_s * 1e3) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(LAG_EVERY) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// Seconds; 0 on a node that does not lead (it ships nothing) and when nothing
+    /// committed is missing from the archive.
+    async fn measure(&mut self, oldest: &mut Option<(u64, i64)>) -> f64 {
+        if !leads(&self.raft) {
+            return 0.0;
+        }
+        // Both say what the archive holds at least: this node's uploads, and what it
+        // learnt of the archive while it followed.
+        let archived = self.progress.status().archived_index;
+        let floor = *self.progress.floor.borrow();
+        let missing = archived.max(floor).map_or(0, |a| a + 1);
+        if missing > *self.applied.borrow() {
+            return 0.0;
+        }
+        if oldest.is_none_or(|(index, _)| index != missing) {
+            // Blank and membership entries carry no time: the first request's counts.
+            let last = (missing + UNTIMED_ENTRIES).min(*self.applied.borrow());
+            let entries = self.log.try_get_log_entries(missing..=last).await;
+            let time = entries.ok().and_then(|e| e.iter().find_map(entry_time));
+            *oldest = time.map(|t| (missing, t));
+        }
+        let now_us = chrono::Utc::now().timestamp_micros();
+        oldest.map_or(0.0, |(_, t)| (now_us - t).max(0) as f64 / 1e6)
+    }
+}
+
+fn leads(raft: &Raft) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.current_leader == Some(m.id) && m.state.is_leader()
+}
 fn entry_time(entry: &Entry) -> Option<i64> {
     match &entry.payload {
         EntryPayload::Normal(request) => Some(request.time_unix_us),

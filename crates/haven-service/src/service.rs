@@ -30,6 +30,7 @@ use crate::apply::Raft;
 use crate::apply::StateMachine;
 use crate::archive::ArchiveProgress;
 use crate::archive::ArchiveTarget;
+use crate::archive::RecoveryPoint;
 use crate::archive::Uploader;
 use crate::checkpoint::Checkpoints;
 use crate::checkpoint::capture::Capture;
@@ -295,6 +296,15 @@ impl Service {
             };
             self.workers
                 .spawn("archive-upload", uploader.run(shared.stop.clone()));
+            let recovery_point = RecoveryPoint {
+                progress: progress.clone(),
+                raft: raft.clone(),
+                log: self.log.clone(),
+                applied: self.state_machine.applied(),
+                metrics: shared.metrics.clone(),
+            };
+            self.workers
+                .spawn("archive-lag", recovery_point.run(shared.stop.clone()));
         }
         Ok(())
     }

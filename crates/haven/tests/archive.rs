@@ -213,10 +213,17 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
     let load = common::keyed_writers(&cluster, "/append", MARKER, &stop, &acknowledged);
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_archived_while_writing(&cluster).await;
+    // Caught up under load: the recovery point is about an upload (flush_ms = 100).
+    let caught_up = lag_seconds_over(&cluster, Duration::from_secs(2)).await;
+    assert!(
+        caught_up.iter().all(|lag| *lag < 1.0),
+        "recovery point while caught up: {caught_up:?}"
+    );
 
     server.kill();
     let before = acknowledged.lock().unwrap().len();
-    tokio::time::sleep(STORE_DOWN).await;
+    let early = lag_seconds_over(&cluster, STORE_DOWN / 3).await;
+    tokio::time::sleep(STORE_DOWN - STORE_DOWN / 3).await;
     let during = acknowledged.lock().unwrap().len() - before;
     assert!(
         during > 100,
@@ -224,6 +231,18 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
     );
     let lag = leader_metric(&cluster, "haven_archive_lag_entries").await;
     assert!(lag > 100.0, "lag {lag} while the store was down");
+    // The recovery point is the outage's age, growing between upload attempts too.
+    let late = leader_metric(&cluster, "haven_archive_lag_seconds").await;
+    let outage = STORE_DOWN.as_secs_f64();
+    assert!(
+        late > outage - 3.0 && late < outage + 3.0,
+        "recovery point {late} s after {outage} s without the store"
+    );
+    let rising = early.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(
+        rising * 2 > early.len(),
+        "the recovery point did not grow while the store was down: {early:?}"
+    );
     assert!(leader_metric(&cluster, "haven_archive_upload_errors_total").await > 0.0);
     server.restart().await;
 
@@ -242,6 +261,10 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
     }
     let replica = cluster.assert_replicas_identical().await;
     let archived = cluster.wait_archived(Duration::from_secs(60)).await;
+    // Everything archived: nothing is at risk.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = leader_metric(&cluster, "haven_archive_lag_seconds").await;
+    assert_eq!(after, 0.0, "recovery point once everything is archived");
 
     let out = keys.path().join("restored");
     let node_config = cluster.dir().join("node1").join("haven.toml");
@@ -252,6 +275,17 @@ async fn the_store_down_and_a_leader_change_lose_nothing_and_double_nothing() {
     assert!(acknowledged.len() > 500, "{} writes", acknowledged.len());
     assert_restored(&out, &replica, &acknowledged);
     assert_sound(&site(url, &server, &key));
+}
+
+/// The leader's `haven_archive_lag_seconds` every 250 ms for `span`.
+async fn lag_seconds_over(cluster: &TestCluster, span: Duration) -> Vec<f64> {
+    let until = Instant::now() + span;
+    let mut samples = Vec::new();
+    while Instant::now() < until {
+        samples.push(leader_metric(cluster, "haven_archive_lag_seconds").await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    samples
 }
 
 /// How long the store is down in the outage test (the figure).
