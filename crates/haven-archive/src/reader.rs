@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use futures::StreamExt;
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
 use crate::ArchiveError;
 use crate::batch;
@@ -23,13 +25,35 @@ use crate::seal::Opener;
 use crate::seal::Protection;
 use crate::store::Store;
 
+/// A log object's entries, authenticated and decoded.
+type LogEntries = Arc<Vec<ArchivedEntry>>;
+/// A log object being fetched, by name.
+type Fetching = (String, JoinHandle<Result<LogEntries, ArchiveError>>);
+
 pub struct Reader {
     store: Store,
     protection: Protection,
     catalog: Catalog,
     /// The last log object read: a replay asks for its entries in steps smaller than an
     /// object, and must not fetch and decrypt it once per step.
-    last_read: std::sync::Mutex<Option<(String, Arc<Vec<ArchivedEntry>>)>>,
+    last_read: Mutex<Option<(String, LogEntries)>>,
+    /// The object after the last one read, fetched and decrypted meanwhile: a replay reads
+    /// the archive in order, and would otherwise wait for the store once per object while
+    /// the app idles.
+    ahead: Mutex<Option<Fetching>>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some((_, fetching)) = lock(&self.ahead).take() {
+            fetching.abort();
+        }
+    }
+}
+
+/// A poisoned slot still holds a valid value.
+fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Reader {
@@ -39,7 +63,8 @@ impl Reader {
             store,
             protection,
             catalog,
-            last_read: std::sync::Mutex::new(None),
+            last_read: Mutex::new(None),
+            ahead: Mutex::new(None),
         })
     }
 
@@ -59,35 +84,53 @@ impl Reader {
         &self.store
     }
 
-    /// One log object's entries, authenticated and checked against its name.
-    pub async fn read_log(
-        &self,
-        object: &LogObject,
-    ) -> Result<Arc<Vec<ArchivedEntry>>, ArchiveError> {
-        if let Some((name, entries)) = self
-            .last_read
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+    /// One log object's entries, authenticated and checked against its name; the next
+    /// object is fetched meanwhile.
+    pub async fn read_log(&self, object: &LogObject) -> Result<LogEntries, ArchiveError> {
+        if let Some((name, entries)) = lock(&self.last_read).as_ref()
             && *name == object.name
         {
             return Ok(entries.clone());
         }
-        let stored = self.store.get(&object.name).await?;
-        let entries = Arc::new(self.decode_log(object, &stored)?);
-        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((object.name.clone(), entries.clone()));
+        let fetched = match lock(&self.ahead).take() {
+            Some((name, fetching)) if name == object.name => Some(fetching),
+            Some((_, elsewhere)) => {
+                elsewhere.abort();
+                None
+            }
+            None => None,
+        };
+        let entries = match fetched {
+            Some(fetching) => fetching.await.map_err(|e| {
+                ArchiveError::io(format!("cannot read {}", object.name))(std::io::Error::other(e))
+            })??,
+            None => fetch_log(self.store.clone(), self.protection.clone(), object.clone()).await?,
+        };
+        *lock(&self.last_read) = Some((object.name.clone(), entries.clone()));
+        self.fetch_ahead(object);
         Ok(entries)
     }
 
-    /// A log object's stored bytes, authenticated, decoded and checked against its name.
-    fn decode_log(
-        &self,
-        object: &LogObject,
-        stored: &[u8],
-    ) -> Result<Vec<ArchivedEntry>, ArchiveError> {
-        let content = seal::open(&object.name, stored, &self.protection)?;
-        batch::decode(&object.name, &content, object.first, object.last)
+    /// Starts fetching the object holding the entry after `object`, if the catalog has one.
+    fn fetch_ahead(&self, object: &LogObject) {
+        let next = object.last + 1;
+        let Some(following) = self
+            .catalog
+            .covering(next, next)
+            .ok()
+            .and_then(|o| o.first().map(|o| (*o).clone()))
+        else {
+            return;
+        };
+        let name = following.name.clone();
+        let fetching = tokio::spawn(fetch_log(
+            self.store.clone(),
+            self.protection.clone(),
+            following,
+        ));
+        if let Some((_, replaced)) = lock(&self.ahead).replace((name, fetching)) {
+            replaced.abort();
+        }
     }
 
     /// Entries `first..=last`, in order, read object by object.
@@ -195,6 +238,25 @@ impl Reader {
     }
 }
 
+async fn fetch_log(
+    store: Store,
+    protection: Protection,
+    object: LogObject,
+) -> Result<LogEntries, ArchiveError> {
+    let stored = store.get(&object.name).await?;
+    decode_log(&object, &stored, &protection).map(Arc::new)
+}
+
+/// A log object's stored bytes, authenticated, decoded and checked against its name.
+fn decode_log(
+    object: &LogObject,
+    stored: &[u8],
+    protection: &Protection,
+) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+    let content = seal::open(&object.name, stored, protection)?;
+    batch::decode(&object.name, &content, object.first, object.last)
+}
+
 /// An object's stored bytes as a manifest describes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -246,7 +308,7 @@ pub async fn verify(
         let entries = match reader.store().get(&object.name).await {
             Ok(stored) => {
                 read.insert(&object.name, stored_of(&stored));
-                reader.decode_log(object, &stored)
+                decode_log(object, &stored, &reader.protection)
             }
             Err(e) => Err(e),
         };

@@ -26,7 +26,9 @@ use crate::key::ArchiveKey;
 use crate::key::KEY_ID_LEN;
 use crate::key::hex;
 
+/// `HVNARC` and the sealed layout's version in two digits.
 pub const MAGIC: &[u8; 8] = b"HVNARC01";
+const SEAL_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 40;
 pub const TAG_LEN: usize = 16;
 /// Content per chunk: large enough that tags cost nothing, small enough to stream.
@@ -78,6 +80,16 @@ impl Header {
                 name,
                 "shorter than its header (truncated)",
             ));
+        }
+        if bytes[..6] == MAGIC[..6] && bytes[..8] != MAGIC[..] {
+            let digits = std::str::from_utf8(&bytes[6..8]).ok();
+            if let Some(found) = digits.and_then(|d| d.parse().ok()) {
+                return Err(ArchiveError::Version {
+                    name: name.to_string(),
+                    found,
+                    known: SEAL_VERSION,
+                });
+            }
         }
         if &bytes[..8] != MAGIC {
             return Err(ArchiveError::damaged(

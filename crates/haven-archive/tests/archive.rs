@@ -258,6 +258,72 @@ async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
     );
 }
 
+/// Objects a newer Haven wrote: a sealed layout, a log object and an epoch marker of a
+/// format version this reader does not know are each refused by name, never misread.
+#[tokio::test]
+async fn a_format_version_this_reader_does_not_know_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    let root = dir.path().join("newer");
+    let store = Store::open(&StoreSettings {
+        url: format!("file://{}", root.display()),
+        endpoint: None,
+    })
+    .unwrap();
+    let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+        .await
+        .unwrap();
+    ship_range(&mut writer, 1, 40, 20).await;
+    let reader = Reader::open(store.clone(), protection.clone())
+        .await
+        .unwrap();
+    let (first, second) = (&reader.catalog().log[0].name, &reader.catalog().log[1].name);
+    let newer = |name: &str| {
+        format!("object {name}: format version 2 is not known to this Haven (it reads 1)")
+    };
+
+    // The sealed layout: the header's magic names version 02.
+    let file = root.join(first);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..8].copy_from_slice(b"HVNARC02");
+    std::fs::write(&file, bytes).unwrap();
+    let refused = reader.entries(1, 20).await.unwrap_err();
+    assert_eq!(refused.to_string(), newer(first));
+
+    // A log object's content, sealed as this version seals: its body says version 2
+    // (postcard's varint of 1 and of 2 is one byte, the body's first).
+    let file = root.join(second);
+    let mut content =
+        haven_archive::seal::open(second, &std::fs::read(&file).unwrap(), &protection).unwrap();
+    assert_eq!(content[0], 1);
+    content[0] = 2;
+    std::fs::write(
+        &file,
+        haven_archive::seal::seal(second, &content, &protection),
+    )
+    .unwrap();
+    let refused = reader.entries(21, 40).await.unwrap_err();
+    assert_eq!(refused.to_string(), newer(second));
+
+    // The epoch marker: a reader refuses to open the archive at all.
+    let marker = "epochs/0000000001";
+    let file = root.join(marker);
+    let stored =
+        haven_archive::seal::open(marker, &std::fs::read(&file).unwrap(), &protection).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    json["version"] = 2.into();
+    let content = serde_json::to_vec(&json).unwrap();
+    std::fs::write(
+        &file,
+        haven_archive::seal::seal(marker, &content, &protection),
+    )
+    .unwrap();
+    let Err(refused) = Reader::open(store, protection).await else {
+        panic!("an archive whose epoch marker is of version 2 was opened");
+    };
+    assert_eq!(refused.to_string(), newer(marker));
+}
+
 /// A writer of `cluster` at `site`.
 fn writer_at(cluster: &str, site: &str) -> epoch::Writer {
     epoch::Writer {

@@ -43,8 +43,9 @@ use haven_consensus::types::Entry;
 use haven_consensus::types::TypeConfig;
 use haven_contract::paths;
 
-/// Entries read from the log and applied per step.
-const REPLAY_BATCH: u64 = 1024;
+/// Entries read from the log and applied per step: a window of the replay
+/// ([`StateMachine::replay`]) at most.
+const REPLAY_BATCH: u64 = 4096;
 const APP_STOP_GRACE: Duration = Duration::from_secs(10);
 /// The file beside the log where a node records how to run its app, for restores.
 const SETTINGS_FILE: &str = "app-settings.json";
@@ -732,33 +733,40 @@ pub(crate) async fn install(
         )))
 }
 
+/// Replays `range` from `history`; the next batch is read while the app takes this one,
+/// so the app does not wait for the log or the archive between batches.
 pub(crate) async fn replay(
     machine: &StateMachine,
     history: &mut History,
     range: RangeInclusive<u64>,
     progress: &dyn Progress,
 ) -> Result<u64, RestoreError> {
-    let mut machine = machine.clone();
     let (first, last) = (*range.start(), *range.end());
-    let mut next = first;
     let mut bytes = 0;
-    while next <= last {
-        let end = (next + REPLAY_BATCH - 1).min(last);
-        let entries = history.read(next..=end).await?;
+    let mut batch = read_batch(history, first, last).await?;
+    while let Some((end, entries)) = batch {
         bytes += entries.iter().map(request_bytes).sum::<u64>();
-        let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
-        machine
-            .apply(stream)
-            .await
-            .map_err(io("replay into the app failed"))?;
-        machine
-            .drain()
-            .await
-            .map_err(io("replay into the app failed"))?;
+        let (replayed, read) =
+            tokio::join!(machine.replay(entries), read_batch(history, end + 1, last));
+        replayed.map_err(io("replay into the app failed"))?;
+        batch = read?;
         progress.advance(end + 1 - first);
-        next = end + 1;
     }
     Ok(bytes)
+}
+
+/// Up to [`REPLAY_BATCH`] entries from `next` on, and the last one's index; none past
+/// `last`.
+async fn read_batch(
+    history: &mut History,
+    next: u64,
+    last: u64,
+) -> Result<Option<(u64, Vec<Entry>)>, RestoreError> {
+    if next > last {
+        return Ok(None);
+    }
+    let end = (next + REPLAY_BATCH - 1).min(last);
+    Ok(Some((end, history.read(next..=end).await?)))
 }
 
 fn request_bytes(entry: &Entry) -> u64 {
@@ -968,6 +976,153 @@ mod tests {
             data_dir: Some("/var/lib/app".into()),
         };
         (settings, argv)
+    }
+
+    /// A `file://` archive of entries 0..=59 in three log objects of 20, sealed with a
+    /// new key; with `checkpoint`, also a (garbage) checkpoint object at 20. Its objects'
+    /// names: the log's in order, then the checkpoint's.
+    async fn small_archive(
+        dir: &Path,
+        checkpoint: bool,
+    ) -> (
+        haven_archive::store::Store,
+        haven_archive::seal::Protection,
+        Vec<String>,
+    ) {
+        use haven_archive::batch::ArchivedEntry;
+        use openraft::vote::RaftLeaderIdExt;
+        let store = haven_archive::store::Store::open(&haven_archive::store::StoreSettings {
+            url: format!("file://{}", dir.join("archive").display()),
+            endpoint: None,
+        })
+        .unwrap();
+        let protection =
+            haven_archive::seal::Protection::Encrypted(haven_archive::key::ArchiveKey::generate());
+        let writer = haven_archive::epoch::Writer {
+            cluster: "a".into(),
+            site: String::new(),
+            service: "app".into(),
+            node: 1,
+        };
+        let mut archive = haven_archive::writer::ArchiveWriter::open(
+            store.clone(),
+            protection.clone(),
+            &writer,
+            1,
+        )
+        .await
+        .unwrap();
+        let leader = <TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1);
+        let archived = |index: u64| {
+            let entry = Entry {
+                log_id: haven_consensus::types::LogId::new(leader, index),
+                payload: EntryPayload::Normal(crate::app::pipeline::tests::request(index)),
+            };
+            ArchivedEntry {
+                index,
+                term: 1,
+                time_us: index as i64,
+                payload: postcard::to_stdvec(&entry).unwrap().into(),
+            }
+        };
+        for first in [0, 20, 40] {
+            let entries: Vec<_> = (first..first + 20).map(archived).collect();
+            archive.ship_entries(&entries).await.unwrap();
+        }
+        if checkpoint {
+            let file = dir.join("checkpoint");
+            std::fs::write(&file, vec![7u8; 3 << 20]).unwrap();
+            archive.ship_checkpoint(&file, 20, 1, 20).await.unwrap();
+        }
+        let reader = haven_archive::reader::Reader::open(store.clone(), protection.clone())
+            .await
+            .unwrap();
+        let catalog = reader.catalog();
+        let names = catalog.log.iter().map(|o| o.name.clone());
+        let names = names.chain(catalog.checkpoints.iter().map(|o| o.name.clone()));
+        (store, protection, names.collect())
+    }
+
+    /// `haven archive restore --latest --app-url` of the archive in `dir` into an app
+    /// that answers every request: what it refused with.
+    async fn refused_restore(
+        dir: &Path,
+        store: haven_archive::store::Store,
+        protection: haven_archive::seal::Protection,
+    ) -> String {
+        let (url, _app) = crate::app::pipeline::tests::path_echo_app(None, None).await;
+        let reader = haven_archive::reader::Reader::open(store, protection)
+            .await
+            .unwrap();
+        let (settings, _) = settings(&[]);
+        let settings = AppSettings {
+            command: None,
+            mode: Some("hooks".into()),
+            ..settings
+        };
+        let options = RestoreOptions {
+            data_dir: PathBuf::new(),
+            target: Target::Latest,
+            out: dir.join("out"),
+            from_scratch: false,
+            app_url: Some(url),
+            check: None,
+        };
+        let archive = ArchiveRestore { reader, settings };
+        match run_from_archive(archive, options, &NoProgress).await {
+            Ok(report) => panic!("a damaged archive was restored: {report:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    struct NoProgress;
+
+    impl Progress for NoProgress {
+        fn start(&self, _total: u64) {}
+        fn advance(&self, _done: u64) {}
+    }
+
+    fn damaged(name: &str) -> String {
+        format!("object {name} is damaged: chunk 0 failed authentication (tampered or truncated)")
+    }
+
+    #[tokio::test]
+    async fn a_restore_refuses_a_flipped_byte_naming_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, protection, names) = small_archive(dir.path(), false).await;
+        let name = &names[1];
+        let file = dir.path().join("archive").join(name);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[60] ^= 0x10;
+        std::fs::write(&file, bytes).unwrap();
+        let refused = refused_restore(dir.path(), store, protection).await;
+        assert_eq!(refused, damaged(name));
+    }
+
+    #[tokio::test]
+    async fn a_restore_refuses_a_truncated_object_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, protection, names) = small_archive(dir.path(), false).await;
+        let name = &names[2];
+        let file = dir.path().join("archive").join(name);
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        let refused = refused_restore(dir.path(), store, protection).await;
+        assert_eq!(refused, damaged(name));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, protection, names) = small_archive(dir.path(), true).await;
+        let name = &names[3];
+        let file = dir.path().join("archive").join(name);
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+        let refused = refused_restore(dir.path(), store, protection).await;
+        assert_eq!(
+            refused,
+            format!(
+                "object {name} is damaged: chunk 2 failed authentication (tampered or truncated)"
+            )
+        );
     }
 
     /// Python's own HTTP server takes its host and port as two separate arguments.

@@ -5,7 +5,7 @@
 //! call has a deadline: a dead app must cost a timeout, never a hung apply loop.
 
 pub mod hooks;
-mod http1;
+pub mod http1;
 pub mod pipeline;
 pub mod process;
 

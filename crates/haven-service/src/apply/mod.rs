@@ -69,6 +69,7 @@ use haven_consensus::first_answers::AskPeers;
 use haven_consensus::first_answers::FIRST_ANSWERS_WAIT;
 use haven_consensus::first_answers::RecordedAnswers;
 use haven_consensus::types::Applied;
+use haven_consensus::types::Entry;
 use haven_consensus::types::LogId;
 use haven_consensus::types::SnapshotMeta;
 use haven_consensus::types::StoredMembership;
@@ -93,6 +94,11 @@ const APPLY_WINDOW: usize = 64;
 /// (4096 one-MiB bodies would otherwise be 4 GiB).
 const APPLY_QUEUE: usize = 4096;
 const APPLY_QUEUE_BYTES: usize = 64 << 20;
+/// Most entries, and most request bytes, of one window of a replay ([`StateMachine::replay`]):
+/// no client waits on a replayed entry, so a window is as deep as the app's socket buffers
+/// keep busy, and the app idles only between windows.
+const REPLAY_WINDOW: usize = 4096;
+const REPLAY_WINDOW_BYTES: usize = 16 << 20;
 
 /// What the local replica answered for one entry.
 #[derive(Debug, Clone)]
@@ -508,6 +514,43 @@ impl StateMachine {
         Ok(snapshot.meta.last_log_id.map_or(0, |l| l.index))
     }
 
+    /// Applies entries no Raft commits here (a restore, a standby following the archive)
+    /// with the same decisions, delivery and records as committed entries, in windows of
+    /// up to [`REPLAY_WINDOW`] straight to the replica instead of through the hand-over
+    /// queue, which caps windows at [`APPLY_WINDOW`] for the sake of waiting clients.
+    pub async fn replay(&self, entries: Vec<Entry>) -> io::Result<()> {
+        // On a runtime worker, which polls the app's socket itself: a caller on a
+        // runtime's `block_on` thread (the CLI) would be woken across threads for every
+        // answer, and those wakeups cost more than the app's own work.
+        let machine = self.clone();
+        let replaying = tokio::spawn(async move { machine.replay_windows(entries).await });
+        replaying.await.map_err(io::Error::other)?
+    }
+
+    async fn replay_windows(&self, entries: Vec<Entry>) -> io::Result<()> {
+        self.drain().await?;
+        let replica = &self.replica;
+        let mut inner = replica.inner.lock().await;
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let (mut window, mut bytes) = (Vec::with_capacity(REPLAY_WINDOW), 0);
+            // One entry larger than a window's bytes goes alone.
+            let fits = |entry: &Entry, window: &Vec<_>, bytes: usize| {
+                window.is_empty() || bytes + queued_bytes(entry) <= REPLAY_WINDOW_BYTES
+            };
+            while window.len() < REPLAY_WINDOW {
+                let Some(entry) = entries.next_if(|e| fits(e, &window, bytes)) else {
+                    break;
+                };
+                bytes += queued_bytes(&entry);
+                window.push((entry, None));
+            }
+            replica.apply_after_baseline(&mut inner, window).await?;
+            inner.persist_if_due()?;
+        }
+        Ok(())
+    }
+
     /// Waits until the replica has answered every entry handed over so far.
     pub async fn drain(&self) -> io::Result<()> {
         let upto = self.handover.queued_upto.load(Ordering::Acquire);
@@ -545,7 +588,7 @@ impl Handover {
 }
 
 /// What a queued entry costs in memory, near enough: its request's variable parts.
-fn queued_bytes(entry: &haven_consensus::types::Entry) -> usize {
+fn queued_bytes(entry: &Entry) -> usize {
     match &entry.payload {
         EntryPayload::Normal(request) => {
             let headers: usize = request

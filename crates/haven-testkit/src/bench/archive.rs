@@ -151,9 +151,10 @@ pub(super) async fn cluster_with(
     exe: &Path,
     dir: &Path,
     config: &str,
+    nodes: usize,
 ) -> anyhow::Result<(LocalCluster, usize)> {
     std::fs::create_dir_all(dir)?;
-    let mut spec = super::systems::log_app_cluster(3, exe, dir, PREPOPULATE);
+    let mut spec = super::systems::log_app_cluster(nodes, exe, dir, PREPOPULATE);
     spec.managed = true;
     spec.extra_config = config.to_string();
     let cluster = LocalCluster::start(spec)?;
@@ -195,7 +196,7 @@ async fn closed_loop(
     config: &str,
     duration: Duration,
 ) -> anyhow::Result<f64> {
-    let (cluster, leader) = cluster_with(exe, dir, config).await?;
+    let (cluster, leader) = cluster_with(exe, dir, config, 3).await?;
     let load = spec(&cluster, leader, Mode::Closed, duration)?;
     let report = load::run(&load, workload(), &Progress::hidden()).await?;
     drop(cluster);
@@ -211,7 +212,7 @@ pub(super) async fn recovery_point(
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<(Rpo, std::path::PathBuf)> {
-    let (cluster, leader) = cluster_with(exe, dir, config).await?;
+    let (cluster, leader) = cluster_with(exe, dir, config, 3).await?;
     let load = spec(&cluster, leader, Mode::Open { rate }, duration)?;
     let running =
         tokio::spawn(async move { load::run(&load, workload(), &Progress::hidden()).await });
@@ -255,7 +256,7 @@ pub(super) async fn recovery_point(
     Ok((rpo, node_config))
 }
 
-async fn wait_caught_up(cluster: &LocalCluster, leader: usize) -> anyhow::Result<()> {
+pub(super) async fn wait_caught_up(cluster: &LocalCluster, leader: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let status = cluster.status(leader).await?;
@@ -320,7 +321,7 @@ async fn restore_speed(
     })
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub(super) fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -85,7 +85,7 @@ pub async fn run(args: &DrillBenchArgs, exe: &Path) -> anyhow::Result<DrillBench
         server.endpoint,
         key.display()
     );
-    let (cluster, leader) = cluster_with(exe, &work.path().join("cluster"), &config).await?;
+    let (cluster, leader) = cluster_with(exe, &work.path().join("cluster"), &config, 3).await?;
     let duration = Duration::from_secs(seconds);
     let closed = spec(&cluster, leader, Mode::Closed, duration)?;
     let saturated = load::run(&closed, workload(), &Progress::hidden()).await?;

@@ -12,7 +12,9 @@
 //!   hammered ([`tenants`]);
 //! - `archive`, `site` and `drill` measure the off-site tier: archive cost and restore
 //!   speed, standby RPO and RTO, and whether a drill disturbs production ([`drill`]);
-//! - `divergence` measures what comparing the replicas' answers costs ([`divergence`]).
+//! - `divergence` measures what comparing the replicas' answers costs ([`divergence`]);
+//! - `restore` measures replay speed from a node's log and from the archive, A/B against
+//!   another build, with the app's own pipelined ceiling ([`restore`]).
 //!
 //! The measuring itself (open and closed loops, HDR histograms, charts) is the
 //! `haven-bench` crate; this module launches systems and assembles reports.
@@ -24,6 +26,7 @@ pub mod drill;
 pub mod failover;
 pub mod peer_down;
 pub mod reference;
+pub mod restore;
 pub mod site;
 mod systems;
 pub mod tenants;
@@ -62,6 +65,9 @@ pub enum BenchCommand {
     /// The off-site archive against a real S3 server: write throughput with it off and
     /// on, the recovery point (archive lag) under open-loop load, restore speed.
     Archive(archive::ArchiveBenchArgs),
+    /// Restore replay speed from a node's log and from the archive (alternating with
+    /// --compare's build), and the app alone's ceiling for pipelined requests.
+    Restore(restore::RestoreBenchArgs),
     /// A standby site against a real S3 server: the recovery point under load, what
     /// `ack = "quorum+archive"` costs in latency and throughput, the recovery time of a
     /// promotion over several trials.
@@ -125,6 +131,10 @@ pub async fn run(command: BenchCommand, exe: &Path) -> anyhow::Result<String> {
         BenchCommand::Archive(args) => {
             let report = archive::run(&args, exe).await?;
             output(args.json, &report, archive::render)
+        }
+        BenchCommand::Restore(args) => {
+            let report = restore::run(&args, exe).await?;
+            output(args.json, &report, restore::render)
         }
         BenchCommand::Site(args) => {
             let report = site::run(&args, exe).await?;

@@ -175,7 +175,7 @@ async fn ack_cost(
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<AckCost> {
-    let (cluster, leader) = cluster_with(exe, dir, config).await?;
+    let (cluster, leader) = cluster_with(exe, dir, config, 3).await?;
     let mut open = spec(&cluster, leader, Mode::Open { rate }, duration)?;
     open.connections = CONNECTIONS;
     let timed = load::run(&open, workload(), &Progress::hidden()).await?;
@@ -248,7 +248,7 @@ impl Sites {
         let prefix = format!("rto-{trial}");
         let dir = self.dir.join(&prefix);
         let (mut primary, leader) =
-            cluster_with(exe, &dir.join("a"), &self.primary(&prefix, "quorum")).await?;
+            cluster_with(exe, &dir.join("a"), &self.primary(&prefix, "quorum"), 3).await?;
         let mut spec = super::systems::log_app_cluster(1, exe, &dir.join("b"), 1_000);
         std::fs::create_dir_all(&spec.dir)?;
         spec.managed = true;
