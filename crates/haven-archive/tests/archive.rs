@@ -186,19 +186,25 @@ async fn another_cluster_is_refused_and_so_is_a_reader_without_the_key() {
     }
 }
 
-#[tokio::test]
-async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
-    let dir = tempfile::tempdir().unwrap();
+/// A `file://` archive in `root` under a new key, and its writer (cluster "a").
+async fn file_archive(root: &Path) -> (Store, Protection, ArchiveWriter) {
     let protection = Protection::Encrypted(ArchiveKey::generate());
-    let root = dir.path().join("damaged");
     let store = Store::open(&StoreSettings {
         url: format!("file://{}", root.display()),
         endpoint: None,
     })
     .unwrap();
-    let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+    let writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
         .await
         .unwrap();
+    (store, protection, writer)
+}
+
+#[tokio::test]
+async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("damaged");
+    let (store, protection, mut writer) = file_archive(&root).await;
     ship_range(&mut writer, 1, 60, 20).await;
     let checkpoint = dir.path().join("checkpoint");
     std::fs::write(&checkpoint, checkpoint_bytes()).unwrap();
@@ -263,16 +269,8 @@ async fn a_flipped_byte_and_a_truncated_object_are_named_by_verify() {
 #[tokio::test]
 async fn a_format_version_this_reader_does_not_know_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let protection = Protection::Encrypted(ArchiveKey::generate());
     let root = dir.path().join("newer");
-    let store = Store::open(&StoreSettings {
-        url: format!("file://{}", root.display()),
-        endpoint: None,
-    })
-    .unwrap();
-    let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
-        .await
-        .unwrap();
+    let (store, protection, mut writer) = file_archive(&root).await;
     ship_range(&mut writer, 1, 40, 20).await;
     let reader = Reader::open(store.clone(), protection.clone())
         .await

@@ -1069,17 +1069,18 @@ mod tests {
             check: None,
         };
         let archive = ArchiveRestore { reader, settings };
-        match run_from_archive(archive, options, &NoProgress).await {
+        match run_from_archive(archive, options, &crate::standby::Silent).await {
             Ok(report) => panic!("a damaged archive was restored: {report:?}"),
             Err(e) => e.to_string(),
         }
     }
 
-    struct NoProgress;
-
-    impl Progress for NoProgress {
-        fn start(&self, _total: u64) {}
-        fn advance(&self, _done: u64) {}
+    /// Rewrites the stored object `name` of the archive in `dir`.
+    fn damage(dir: &Path, name: &str, change: impl FnOnce(&mut Vec<u8>)) {
+        let file = dir.join("archive").join(name);
+        let mut bytes = std::fs::read(&file).unwrap();
+        change(&mut bytes);
+        std::fs::write(&file, bytes).unwrap();
     }
 
     fn damaged(name: &str) -> String {
@@ -1091,10 +1092,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, protection, names) = small_archive(dir.path(), false).await;
         let name = &names[1];
-        let file = dir.path().join("archive").join(name);
-        let mut bytes = std::fs::read(&file).unwrap();
-        bytes[60] ^= 0x10;
-        std::fs::write(&file, bytes).unwrap();
+        damage(dir.path(), name, |bytes| bytes[60] ^= 0x10);
         let refused = refused_restore(dir.path(), store, protection).await;
         assert_eq!(refused, damaged(name));
     }
@@ -1104,18 +1102,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, protection, names) = small_archive(dir.path(), false).await;
         let name = &names[2];
-        let file = dir.path().join("archive").join(name);
-        let bytes = std::fs::read(&file).unwrap();
-        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        damage(dir.path(), name, |bytes| bytes.truncate(bytes.len() / 2));
         let refused = refused_restore(dir.path(), store, protection).await;
         assert_eq!(refused, damaged(name));
 
         let dir = tempfile::tempdir().unwrap();
         let (store, protection, names) = small_archive(dir.path(), true).await;
         let name = &names[3];
-        let file = dir.path().join("archive").join(name);
-        let bytes = std::fs::read(&file).unwrap();
-        std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+        damage(dir.path(), name, |bytes| bytes.truncate(bytes.len() - 100));
         let refused = refused_restore(dir.path(), store, protection).await;
         assert_eq!(
             refused,

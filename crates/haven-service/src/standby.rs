@@ -423,7 +423,7 @@ impl Follower {
 }
 
 /// Replay progress goes to status, not to a progress bar.
-struct Silent;
+pub(crate) struct Silent;
 
 impl Progress for Silent {
     fn start(&self, _total: u64) {}
