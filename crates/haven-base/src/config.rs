@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::overrides::Override;
 use haven_contract::NodeId;
 use haven_contract::PeerNode;
 
@@ -43,6 +44,13 @@ pub enum ConfigError {
         path: PathBuf,
         key: String,
         line: usize,
+        reason: String,
+    },
+    /// A `HAVEN_...` variable ([`crate::overrides`]) whose key or value is wrong.
+    #[error("invalid config {path}: environment variable {var}: {reason}")]
+    Env {
+        path: PathBuf,
+        var: String,
         reason: String,
     },
 }
@@ -429,7 +437,7 @@ pub struct AdminSection {
     /// `Authorization: Bearer TOKEN`.
     pub token_file: Option<PathBuf>,
     /// `/status`, `/services`, `/metrics` and `/workers` without a token (default true);
-    /// `/health` is always open.
+    /// `/health` and `/ready` are always open.
     #[serde(default = "default_true")]
     pub public_reads: bool,
 }
@@ -500,6 +508,10 @@ pub struct PeerSection {
     /// `host:port`, the host an IP address or a DNS name resolved at every dial.
     pub raft_addr: String,
     pub client_addr: String,
+    /// The peer's `[node] zone` and `site`, for the survivability report in status
+    /// (optional; a voter without them makes that part of the report unknown).
+    pub zone: Option<String>,
+    pub site: Option<String>,
 }
 
 /// How a matching request is served.
@@ -675,12 +687,75 @@ fn default_path_prefix() -> String {
 }
 
 impl Config {
+    /// The file, with the keys the process's `HAVEN_...` variables override.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        Self::parse_with(&text, path, &Override::from_env())
+    }
+
+    /// [`Config::parse`] with `overrides` applied. An error the file has by itself is
+    /// reported with its line; one an override brings names the variable.
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
+        if overrides.is_empty() {
+            return Self::parse(text, path);
+        }
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let env_error = |var: &str, reason: String| ConfigError::Env {
+            path: path.to_path_buf(),
+            var: var.to_string(),
+            reason,
+        };
+        let mut merged = table.clone();
+        for o in overrides {
+            o.apply(&mut merged)
+                .map_err(|reason| env_error(&o.var, reason))?;
+        }
+        let error = match Self::from_table(merged) {
+            Ok(config) => return Ok(config),
+            Err(error) => error,
+        };
+        if Self::from_table(table.clone()).err().as_ref() == Some(&error) {
+            return Self::parse(text, path);
+        }
+        // The variable without which the error is not the same.
+        let blamed = (0..overrides.len()).find(|skip| {
+            let mut without = table.clone();
+            let rest = (overrides.iter().enumerate()).filter(|(i, _)| i != skip);
+            rest.for_each(|(_, o)| drop(o.apply(&mut without)));
+            Self::from_table(without).err().as_ref() != Some(&error)
+        });
+        let vars = match blamed {
+            Some(i) => overrides[i].var.clone(),
+            None => (overrides.iter().map(|o| o.var.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        Err(env_error(&vars, error))
+    }
+
+    /// A merged table, checked like a file; the error as one line without a file line,
+    /// since the key may come from the environment.
+    fn from_table(table: toml::Table) -> Result<Config, String> {
+        let file: ConfigFile = table.try_into().map_err(|e: toml::de::Error| {
+            e.to_string()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })?;
+        let config = Config::from_file(file).map_err(|bad| bad.describe())?;
+        config.validate().map_err(|bad| bad.describe())?;
+        Ok(config)
     }
 
     /// Parses and validates; `path` only labels errors.
@@ -845,6 +920,21 @@ impl Config {
                 "raft_addr",
                 "differs from this node's [[peers]] entry",
             ));
+        }
+        let labels = [
+            ("zone", &me.zone, &self.node.zone),
+            ("site", &me.site, &self.node.site),
+        ];
+        if let Some((key, _, _)) =
+            (labels.iter()).find(|(_, peer, node)| peer.as_ref().is_some_and(|p| p != *node))
+        {
+            let occurrence = self
+                .peers
+                .iter()
+                .position(|p| p.id == self.node.id)
+                .unwrap_or(0);
+            let reason = format!("differs from this node's [node] {key}");
+            return Err(BadKey::top("peers", occurrence, key, &reason));
         }
         Ok(())
     }
@@ -1310,6 +1400,11 @@ impl BadKey {
             key: key.to_string(),
             reason: reason.to_string(),
         }
+    }
+
+    /// The key and the reason, for a key that may not be in the file.
+    fn describe(&self) -> String {
+        format!("key `{}`: {}", self.qualified_key(), self.reason)
     }
 
     /// `app.url`, or `service[1].app.url` inside the second service.
@@ -1822,6 +1917,61 @@ max_body_bytes = 4096
                 "invalid config n1.toml: key `service[0].name` (line 29): the single-service layout"
             ),
             "{err}"
+        );
+    }
+
+    fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, String> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::parse_with(text, Path::new("n1.toml"), &Override::from_vars(vars))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_environment_overrides_keys_of_the_file_and_of_a_service() {
+        let config = parse_env(
+            GOOD,
+            &[
+                ("HAVEN_NODE__CLIENT_ADDR", "127.0.0.1:8101"),
+                ("HAVEN_LIMITS__MAX_BODY_BYTES", "4096"),
+                ("HAVEN_ADMIN_TOKEN", "not a key"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.node.client_addr.to_string(), "127.0.0.1:8101");
+        assert_eq!(config.service().limits.max_body_bytes, 4096);
+        let config = parse_env(
+            &with_services(ORDERS),
+            &[("HAVEN_SERVICE__ORDERS__APP__URL", "http://127.0.0.1:6999")],
+        )
+        .unwrap();
+        assert_eq!(config.service().app.url, "http://127.0.0.1:6999");
+    }
+
+    #[test]
+    fn a_bad_override_is_named_and_the_file_s_own_errors_keep_their_line() {
+        assert_eq!(
+            parse_env(
+                GOOD,
+                &[("HAVEN_NODE__ID", "one"), ("HAVEN_NODE__ZONE", "b")]
+            )
+            .unwrap_err(),
+            "invalid config n1.toml: environment variable HAVEN_NODE__ID: invalid type: string \"one\", expected u64 in `node.id`"
+        );
+        assert_eq!(
+            parse_env(GOOD, &[("HAVEN_NODE__CLUSTER", "Shop")]).unwrap_err(),
+            "invalid config n1.toml: environment variable HAVEN_NODE__CLUSTER: key `node.cluster`: must be non-empty [a-z0-9-]"
+        );
+        let typo = parse_env(GOOD, &[("HAVEN_NODE__CLIENTADDR", "127.0.0.1:1")]).unwrap_err();
+        assert!(
+            typo.starts_with(
+                "invalid config n1.toml: environment variable HAVEN_NODE__CLIENTADDR: unknown field `clientaddr`"
+            ),
+            "{typo}"
+        );
+        let bad_file = GOOD.replace("zone = \"a\"", "zone = \"a\"\nbogus = 1");
+        assert_eq!(
+            parse_env(&bad_file, &[("HAVEN_NODE__ZONE", "b")]).unwrap_err(),
+            parse(&bad_file).unwrap_err()
         );
     }
 }

@@ -1,6 +1,7 @@
 //! What every layer of a Haven node shares and that knows nothing of Raft or of the app:
-//! the configuration file ([`config`]) and the checks and intervals written in it
-//! ([`checks`]), the alert and scale rules ([`rules`]), the metrics registry ([`metrics`]), named
+//! the configuration file ([`config`]), the keys the environment overrides
+//! ([`overrides`]) and the checks and intervals written in it ([`checks`]), the alert and
+//! scale rules ([`rules`]), the metrics registry ([`metrics`]), named
 //! background tasks ([`workers`]), the lock on a data directory ([`lock`]) and how an
 //! error is described with its causes ([`errors`]).
 
@@ -9,5 +10,6 @@ pub mod config;
 pub mod errors;
 pub mod lock;
 pub mod metrics;
+pub mod overrides;
 pub mod rules;
 pub mod workers;

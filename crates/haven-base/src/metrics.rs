@@ -3,9 +3,13 @@
 //! metric carries a `service` label: each service holds a [`Metrics`] whose counters and
 //! gauges are already bound to its name, and the code that counts never names it.
 
+use prometheus::Counter;
+use prometheus::CounterVec;
 use prometheus::Encoder;
 use prometheus::Gauge;
 use prometheus::GaugeVec;
+use prometheus::HistogramOpts;
+use prometheus::HistogramVec;
 use prometheus::IntCounter;
 use prometheus::IntCounterVec;
 use prometheus::IntGauge;
@@ -24,16 +28,20 @@ pub use prometheus::Error as MetricsError;
 macro_rules! service_metrics {
     (
         counters { $( $(#[$cdoc:meta])* $counter:ident: $cname:literal, $chelp:literal; )* }
+        float_counters { $( $(#[$fcdoc:meta])* $fcounter:ident: $fcname:literal, $fchelp:literal; )* }
         gauges { $( $(#[$gdoc:meta])* $gauge:ident: $gname:literal, $ghelp:literal; )* }
         float_gauges { $( $(#[$fdoc:meta])* $fgauge:ident: $fname:literal, $fhelp:literal; )* }
     ) => {
         /// The per-service families, each labelled by service.
         struct Families {
             $( $counter: IntCounterVec, )*
+            $( $fcounter: CounterVec, )*
             $( $gauge: IntGaugeVec, )*
             $( $fgauge: GaugeVec, )*
             requests: IntCounterVec,
             request_errors: IntCounterVec,
+            request_duration: HistogramVec,
+            replication_lag: IntGaugeVec,
         }
 
         impl Families {
@@ -41,6 +49,8 @@ macro_rules! service_metrics {
                 Ok(Self {
                     $( $counter: register(registry, IntCounterVec::new(
                         Opts::new($cname, $chelp), &[SERVICE_LABEL])?)?, )*
+                    $( $fcounter: register(registry, CounterVec::new(
+                        Opts::new($fcname, $fchelp), &[SERVICE_LABEL])?)?, )*
                     $( $gauge: register(registry, IntGaugeVec::new(
                         Opts::new($gname, $ghelp), &[SERVICE_LABEL])?)?, )*
                     $( $fgauge: register(registry, GaugeVec::new(
@@ -56,12 +66,28 @@ macro_rules! service_metrics {
                         ),
                         &[SERVICE_LABEL, "reason"],
                     )?)?,
+                    request_duration: register(registry, HistogramVec::new(
+                        HistogramOpts::new(
+                            "haven_request_duration_seconds",
+                            "Time from a client request's arrival to its answer, by route mode",
+                        )
+                        .buckets(REQUEST_BUCKETS.to_vec()),
+                        &[SERVICE_LABEL, "mode"],
+                    )?)?,
+                    replication_lag: register(registry, IntGaugeVec::new(
+                        Opts::new(
+                            "haven_replication_lag_entries",
+                            "On the leader: log entries a follower or learner has not acknowledged yet",
+                        ),
+                        &[SERVICE_LABEL, "peer"],
+                    )?)?,
                 })
             }
 
             fn bind(&self, service: &str) -> ServiceFields {
                 ServiceFields {
                     $( $counter: self.$counter.with_label_values(&[service]), )*
+                    $( $fcounter: self.$fcounter.with_label_values(&[service]), )*
                     $( $gauge: self.$gauge.with_label_values(&[service]), )*
                     $( $fgauge: self.$fgauge.with_label_values(&[service]), )*
                 }
@@ -70,6 +96,7 @@ macro_rules! service_metrics {
             /// Drops a removed service's series, so a scrape no longer reports them.
             fn unbind(&self, service: &str) {
                 $( let _ = self.$counter.remove_label_values(&[service]); )*
+                $( let _ = self.$fcounter.remove_label_values(&[service]); )*
                 $( let _ = self.$gauge.remove_label_values(&[service]); )*
                 $( let _ = self.$fgauge.remove_label_values(&[service]); )*
             }
@@ -79,6 +106,7 @@ macro_rules! service_metrics {
         #[derive(Clone)]
         pub struct ServiceFields {
             $( $(#[$cdoc])* pub $counter: IntCounter, )*
+            $( $(#[$fcdoc])* pub $fcounter: Counter, )*
             $( $(#[$gdoc])* pub $gauge: IntGauge, )*
             $( $(#[$fdoc])* pub $fgauge: Gauge, )*
         }
@@ -99,10 +127,8 @@ service_metrics! {
         /// Restarts of the managed app after it exited on its own.
         app_restarts: "haven_app_restarts_total",
             "Restarts of the managed app after it exited on its own";
-        /// Checkpoints this node wrote, and how long the pause of deliveries lasted in all.
+        /// Checkpoints this node wrote.
         checkpoints_written: "haven_checkpoints_written_total", "Checkpoints this node wrote";
-        checkpoint_pause_us: "haven_checkpoint_pause_microseconds_total",
-            "Time deliveries to the app were paused to stage checkpoints";
         /// Checkpoints installed into the local replica (from the leader or at restart).
         checkpoints_installed: "haven_checkpoints_installed_total",
             "Checkpoints installed into the local replica";
@@ -137,6 +163,11 @@ service_metrics! {
         answers_compared: "haven_answers_compared_total",
             "Entries whose answer this node's replica and a peer's were found to agree on (per peer)";
     }
+    float_counters {
+        /// How long the pause of deliveries to stage checkpoints lasted in all.
+        checkpoint_pause_seconds: "haven_checkpoint_pause_seconds_total",
+            "Time deliveries to the app were paused to stage checkpoints";
+    }
     gauges {
         /// 1 while the last delivery to the local replica succeeded.
         app_up: "haven_app_up", "1 if the last delivery to the local app replica succeeded";
@@ -148,7 +179,7 @@ service_metrics! {
         /// A checkpoint arriving from the leader: bytes so far, and of how many.
         checkpoint_receive_bytes: "haven_checkpoint_receive_bytes",
             "Bytes received of the checkpoint arriving from the leader";
-        checkpoint_receive_total_bytes: "haven_checkpoint_receive_total_bytes",
+        checkpoint_receive_total_bytes: "haven_checkpoint_receive_size_bytes",
             "Size of the checkpoint arriving from the leader";
         /// The archive's last index as this node (its leader) knows it, and how far it is
         /// behind the replica's applied index.
@@ -167,12 +198,14 @@ service_metrics! {
         /// A standby's distance from the archive it follows.
         standby_lag_entries: "haven_standby_lag_entries",
             "Archived entries this standby has not applied yet";
-        /// The service's leader as this node knows it, and how far this node's replica is
-        /// behind what is committed (what the built-in alerts watch).
-        leader_id: "haven_leader_id",
-            "Node id of the service's leader as this node knows it (0: no leader known)";
-        replica_lag_entries: "haven_replica_lag_entries",
-            "Entries committed that this node's replica has not applied yet";
+        /// The service's Raft group as this node sees it, set on every scrape
+        /// ([`Metrics::set_raft`]); 0 where a standby runs no group.
+        raft_term: "haven_raft_term", "Current Raft term of the service's group on this node";
+        raft_leader: "haven_raft_leader_id", "Node id of the leader this node knows (0: none)";
+        commit_index: "haven_commit_index", "Last log index known committed on a quorum";
+        last_log_index: "haven_last_log_index", "Last log index in this node's log";
+        apply_lag_entries: "haven_apply_lag_entries",
+            "Committed entries this node's replica has not applied yet";
         /// The first entry a peer's replica answered differently from this node's.
         divergence_first_index: "haven_divergence_first_index",
             "First log index a peer's replica answered differently from this node's (0: none)";
@@ -197,6 +230,12 @@ service_metrics! {
     }
 }
 
+/// Request latency buckets, in seconds: a write through a local quorum takes about a
+/// millisecond, a request waiting for a leader seconds.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 fn register<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: M,
@@ -207,8 +246,8 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
 
 /// A family with one more label than `service`, bound to one service.
 #[derive(Clone)]
-pub struct ServiceVec {
-    family: IntCounterVec,
+pub struct ServiceVec<V = IntCounterVec> {
+    family: V,
     service: String,
 }
 
@@ -219,6 +258,25 @@ impl ServiceVec {
         self.family
             .with_label_values(&[self.service.as_str(), value])
     }
+}
+
+impl ServiceVec<HistogramVec> {
+    /// The histogram for this value of the family's own label (a route mode).
+    pub fn with_label_value(&self, value: &str) -> prometheus::Histogram {
+        self.family
+            .with_label_values(&[self.service.as_str(), value])
+    }
+}
+
+/// A service's Raft group as its consensus layer reports it, for [`Metrics::set_raft`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftProgress {
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub commit_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    /// On the leader: every other member and the last index it acknowledged.
+    pub followers: Vec<(u64, Option<u64>)>,
 }
 
 /// What the node's peer links report, shared by every service: peers are the node's.
@@ -405,6 +463,14 @@ impl NodeMetrics {
                 family: self.families.request_errors.clone(),
                 service: name.to_string(),
             },
+            request_duration: ServiceVec {
+                family: self.families.request_duration.clone(),
+                service: name.to_string(),
+            },
+            replication_lag: ServiceVec {
+                family: self.families.replication_lag.clone(),
+                service: name.to_string(),
+            },
             node: self.clone(),
         }
     }
@@ -418,14 +484,10 @@ impl NodeMetrics {
             &self.peers.refusals,
         ];
         for family in families {
-            for labels in series_of(family, name) {
-                let labels: std::collections::HashMap<&str, &str> = labels
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                let _ = family.remove(&labels);
-            }
+            remove_series(family, name);
         }
+        remove_series(&self.families.request_duration, name);
+        remove_series(&self.families.replication_lag, name);
     }
 
     /// Every series of the node, as the rule evaluator reads them.
@@ -444,13 +506,13 @@ impl NodeMetrics {
     }
 }
 
-/// The label sets of `family`'s series that belong to `service`.
-fn series_of(
-    family: &IntCounterVec,
+/// Drops every series of `family` that belongs to `service`.
+fn remove_series<B: prometheus::core::MetricVecBuilder>(
+    family: &prometheus::core::MetricVec<B>,
     service: &str,
-) -> Vec<std::collections::HashMap<String, String>> {
+) {
     use prometheus::core::Collector;
-    family
+    let series: Vec<std::collections::HashMap<String, String>> = family
         .collect()
         .iter()
         .flat_map(|f| f.get_metric())
@@ -461,7 +523,20 @@ fn series_of(
                 .collect::<std::collections::HashMap<_, _>>()
         })
         .filter(|labels| labels.get(SERVICE_LABEL).is_some_and(|s| s == service))
-        .collect()
+        .collect();
+    for labels in series {
+        let labels: std::collections::HashMap<&str, &str> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let _ = family.remove(&labels);
+    }
+}
+
+/// A gauge holds an i64; an index or a term beyond it cannot happen in practice, and is
+/// shown as the largest value rather than wrapping negative.
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// One service's metrics (and, through [`Metrics::node`], its node's).
@@ -472,6 +547,10 @@ pub struct Metrics {
     pub requests: ServiceVec,
     /// Client requests answered with an error Haven produced itself, by reason.
     pub request_errors: ServiceVec,
+    /// Client request latency by route mode.
+    pub request_duration: ServiceVec<HistogramVec>,
+    /// On the leader, how far each other member is behind, by peer id.
+    replication_lag: ServiceVec<IntGaugeVec>,
     pub node: NodeMetrics,
 }
 
@@ -492,6 +571,27 @@ impl Metrics {
     /// Prometheus text exposition of every metric of the node.
     pub fn render(&self) -> String {
         self.node.render()
+    }
+
+    /// The Raft gauges, from the group's view now (`applied` is the replica's own index).
+    /// Members that are no longer behind this node's leadership lose their lag series.
+    pub fn set_raft(&self, progress: &RaftProgress, applied: u64) {
+        self.raft_term.set(gauge_value(progress.term));
+        self.raft_leader
+            .set(gauge_value(progress.leader.unwrap_or(0)));
+        let commit = progress.commit_index.unwrap_or(0);
+        let last = progress.last_log_index.unwrap_or(0);
+        self.commit_index.set(gauge_value(commit));
+        self.last_log_index.set(gauge_value(last));
+        self.apply_lag_entries
+            .set(gauge_value(commit.saturating_sub(applied)));
+        remove_series(&self.replication_lag.family, &self.replication_lag.service);
+        for (peer, matched) in &progress.followers {
+            let behind = last.saturating_sub(matched.unwrap_or(0));
+            let series = (self.replication_lag.family)
+                .with_label_values(&[self.replication_lag.service.as_str(), &peer.to_string()]);
+            series.set(gauge_value(behind));
+        }
     }
 }
 
@@ -524,5 +624,133 @@ mod tests {
         let text = node.render();
         assert!(!text.contains("service=\"orders\""), "{text}");
         assert!(text.contains("haven_app_up{service=\"stock\"} 1"), "{text}");
+    }
+
+    /// A node whose every family has a series (a family without one is not exposed).
+    fn every_family() -> NodeMetrics {
+        let node = NodeMetrics::new().unwrap();
+        let service = node.service("s");
+        service.requests.with_label_value("write").inc();
+        service.request_errors.with_label_value("overloaded").inc();
+        service
+            .request_duration
+            .with_label_value("write")
+            .observe(0.001);
+        let progress = RaftProgress {
+            followers: vec![(2, Some(1))],
+            ..RaftProgress::default()
+        };
+        service.set_raft(&progress, 0);
+        let peers = &node.peers;
+        for family in [&peers.connect_attempts, &peers.connect_failures] {
+            family.with_label_values(&["p"]).inc();
+        }
+        peers.up.with_label_values(&["p"]).set(1);
+        peers.refusals.with_label_values(&["p", "s"]).inc();
+        let rules = &node.rules;
+        rules.firing.with_label_values(&["a"]).set(1);
+        rules.delivery_failures.with_label_values(&["a"]).inc();
+        rules.scale_changes.with_label_values(&["r", "add"]).inc();
+        node
+    }
+
+    /// Units a name may not be written in: Prometheus wants seconds and bytes.
+    const NOT_BASE_UNITS: [&str; 10] = [
+        "microseconds",
+        "milliseconds",
+        "ms",
+        "us",
+        "minutes",
+        "hours",
+        "days",
+        "kb",
+        "mb",
+        "kilobytes",
+    ];
+
+    #[test]
+    fn every_metric_follows_the_prometheus_conventions() {
+        use prometheus::proto::MetricType;
+        let families = every_family().registry.gather();
+        let source = include_str!("metrics.rs");
+        let written: std::collections::BTreeSet<&str> = (source.split('"'))
+            .filter(|t| t.starts_with("haven_") && t.len() > "haven_".len())
+            .filter(|t| {
+                t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            })
+            .collect();
+        let exposed: std::collections::BTreeSet<&str> = families.iter().map(|f| f.name()).collect();
+        assert_eq!(written, exposed, "every metric named here is exposed");
+        for family in &families {
+            let name = family.name();
+            assert!(!family.help().trim().is_empty(), "{name} has no help");
+            let segments: Vec<&str> = name.split('_').collect();
+            let bad_unit = segments.iter().find(|s| NOT_BASE_UNITS.contains(s));
+            assert_eq!(bad_unit, None, "{name}: use seconds or bytes");
+            match family.get_field_type() {
+                MetricType::COUNTER => {
+                    assert!(name.ends_with("_total"), "{name}: a counter ends in _total")
+                }
+                MetricType::HISTOGRAM => assert!(
+                    name.ends_with("_seconds") || name.ends_with("_bytes"),
+                    "{name}: a histogram is in seconds or bytes"
+                ),
+                _ => assert!(
+                    !name.ends_with("_total"),
+                    "{name}: only counters end in _total"
+                ),
+            }
+            let unit = segments
+                .iter()
+                .rposition(|s| *s == "seconds" || *s == "bytes");
+            let unit_last =
+                unit.is_none_or(|i| i + 1 == segments.len() || segments[i + 1..] == ["total"]);
+            assert!(unit_last, "{name}: the unit comes last (before _total)");
+        }
+    }
+
+    #[test]
+    fn the_raft_gauges_show_the_group_and_each_follower_s_lag() {
+        let node = NodeMetrics::new().unwrap();
+        let service = node.service("orders");
+        let progress = RaftProgress {
+            term: 3,
+            leader: Some(1),
+            commit_index: Some(90),
+            last_log_index: Some(100),
+            followers: vec![(2, Some(100)), (3, Some(40)), (4, None)],
+        };
+        service.set_raft(&progress, 85);
+        let text = node.render();
+        for line in [
+            "haven_raft_term{service=\"orders\"} 3",
+            "haven_raft_leader_id{service=\"orders\"} 1",
+            "haven_commit_index{service=\"orders\"} 90",
+            "haven_last_log_index{service=\"orders\"} 100",
+            "haven_apply_lag_entries{service=\"orders\"} 5",
+            "haven_replication_lag_entries{peer=\"2\",service=\"orders\"} 0",
+            "haven_replication_lag_entries{peer=\"3\",service=\"orders\"} 60",
+            "haven_replication_lag_entries{peer=\"4\",service=\"orders\"} 100",
+        ] {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line} missing from {text}"
+            );
+        }
+        // A node that stops leading reports no follower's lag.
+        service.set_raft(
+            &RaftProgress {
+                term: 4,
+                ..RaftProgress::default()
+            },
+            85,
+        );
+        let text = node.render();
+        assert!(!text.contains("haven_replication_lag_entries{"), "{text}");
+        assert!(
+            text.contains("haven_raft_leader_id{service=\"orders\"} 0\n"),
+            "{text}"
+        );
     }
 }

@@ -265,11 +265,11 @@ pub fn builtin_alerts(services: &[ServiceFacts]) -> Vec<AlertRule> {
         webhook: None,
     };
     let mut rules = vec![
-        rule("no-leader", "haven_leader_id", Op::Eq, 0.0, 10),
+        rule("no-leader", "haven_raft_leader_id", Op::Eq, 0.0, 10),
         rule("app-down", "haven_app_up", Op::Lt, 1.0, 10),
         rule(
             "replica-lag",
-            "haven_replica_lag_entries",
+            "haven_apply_lag_entries",
             Op::Gt,
             10_000.0,
             60,
@@ -573,7 +573,7 @@ mod tests {
         let lag = &rules[1].condition;
         assert_eq!(
             (lag.metric.as_str(), lag.threshold, lag.hold),
-            ("haven_replica_lag_entries", 500.0, Duration::from_secs(60))
+            ("haven_apply_lag_entries", 500.0, Duration::from_secs(60))
         );
         let off = AlertsSection {
             defaults: false,

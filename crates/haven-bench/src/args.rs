@@ -20,7 +20,7 @@ use crate::workload::WorkloadChoice;
 /// Which application the requests are shaped for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadKind {
-    /// Haven's log app: `POST /append`, `GET /line/{n}`.
+    /// Haven's log app: `POST /append`, `GET /line/N`.
     #[value(name = "logapp")]
     LogApp,
     /// etcd's v3 JSON gateway: `/v3/kv/put`, `/v3/kv/range`.

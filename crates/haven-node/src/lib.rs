@@ -14,5 +14,6 @@
 pub mod admin;
 pub mod ingress;
 pub mod node;
+pub mod progress;
 pub mod routes;
 pub mod rules;

@@ -343,8 +343,8 @@ impl LocalCluster {
         for peer in &self.slots {
             let _ = write!(
                 toml,
-                "[[peers]]\nid = {}\nraft_addr = \"{}\"\nclient_addr = \"{}\"\n\n",
-                peer.id, peer.raft_addr, peer.client_addr
+                "[[peers]]\nid = {}\nraft_addr = \"{}\"\nclient_addr = \"{}\"\nzone = \"zone-{}\"\nsite = {:?}\n\n",
+                peer.id, peer.raft_addr, peer.client_addr, peer.id, self.spec.site
             );
         }
         toml.push_str(&self.spec.extra_config);

@@ -1,5 +1,6 @@
 //! `haven`: command-line entry point. Parses flags, sets up logging, dispatches.
 
+use std::io::IsTerminal;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,10 @@ struct Cli {
     /// that share a machine's cores run faster with fewer each: see `cluster::threads_per_copy`.
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// How log lines are written to stderr: `text` (coloured only when stderr is a
+    /// terminal) or `json` (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,8 +48,9 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Run the reference log application (POST /append, GET /line/{n}, GET /count).
+    /// Run the reference log application (POST /append, GET /line/N, GET /count).
     Logapp {
+        /// The address to serve HTTP on, e.g. 127.0.0.1:6001.
         #[arg(long)]
         listen: SocketAddr,
         /// The log file; a sidecar `<file>.haven-index` is kept beside it.
@@ -56,6 +62,7 @@ enum Command {
     },
     /// Run the example ZooKeeper-model tree app (create, delete, get, set with CAS, children, sync).
     Treeapp {
+        /// The address to serve HTTP on, e.g. 127.0.0.1:6101.
         #[arg(long)]
         listen: SocketAddr,
         /// Directory for its journal and snapshot.
@@ -114,9 +121,17 @@ enum Command {
     Status {
         #[command(flatten)]
         target: cli::AdminTarget,
+        /// Print the node's status as JSON (`GET /status`, or `/services` without
+        /// --service on a node with several) instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// openraft warnings that would flood the log:
@@ -132,17 +147,21 @@ const QUIET_OPENRAFT: [&str; 4] = [
     "openraft::engine::handler::replication_handler=error",
 ];
 
-fn init_tracing(default: &str) {
+/// Colour codes only reach a terminal: a redirected log file stays plain text.
+fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let filter = QUIET_OPENRAFT
         .iter()
         .filter_map(|d| d.parse().ok())
         .fold(filter, |filter, directive| filter.add_directive(directive));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// tokio survives task panics; a node must not keep running half-broken.
@@ -220,7 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print(&format!("{}: ok\n", config.display()))?;
                 return Ok(ExitCode::SUCCESS);
             }
-            init_tracing("info");
+            init_tracing(cli.log_format, "info");
             abort_on_panic();
             let loaded = Config::load(&config)?;
             let reloads = haven_node::node::Reloads {
@@ -234,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             prepopulate,
         } => {
-            init_tracing("info");
+            init_tracing(cli.log_format, "info");
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -242,7 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             haven_logapp::serve(listener, config, shutdown_signal()).await?;
         }
         Command::Treeapp { listen, dir } => {
-            init_tracing("info");
+            init_tracing(cli.log_format, "info");
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -250,35 +269,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             haven_treeapp::serve(listener, config, shutdown_signal()).await?;
         }
         Command::Members(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::members::run(command).await?)?;
         }
         Command::Checkpoints(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::checkpoints::list(command)?)?;
         }
         Command::Restore(args) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::checkpoints::restore(args).await?)?;
         }
         Command::Archive(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             return verdict(cli::archive::run(command).await?);
         }
         Command::Drill(args) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             return verdict(cli::drill::run(args).await?);
         }
         Command::Audit(args) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::audit::run(&args)?)?;
         }
         Command::Plan(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             return verdict(cli::plan::run(command).await?);
         }
         Command::Demo { json, keep } => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
             let report = cli::demo::run(exe, cli::demo::DemoOptions { json, keep }).await?;
             if json {
@@ -291,25 +310,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Bench(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
             print(&haven_testkit::bench::run(command, &exe).await?)?;
         }
         Command::Torture(args) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
             return haven_testkit::torture::execute(exe, args, print).await;
         }
         Command::Services(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::services::run(command).await?)?;
         }
         Command::Site(command) => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::site::run(command).await?)?;
         }
         Command::Status { target, json } => {
-            init_tracing("warn");
+            init_tracing(cli.log_format, "warn");
             print(&cli::status::show(&target, json).await?)?;
         }
     }

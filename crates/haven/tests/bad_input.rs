@@ -995,15 +995,19 @@ async fn dead_app_on_the_leader_costs_a_metric_and_timeouts_never_the_node() {
         elapsed < Duration::from_secs(4),
         "answered after {elapsed:?}"
     );
-    // The node itself is fine: it answers its admin port at once, and it has handed
-    // leadership to a node whose replica works (`consensus::step_aside`).
+    // The node itself answers its admin port at once, its health names the dead replica,
+    // and it has handed leadership to a node whose replica works (`consensus::step_aside`).
     let started = Instant::now();
     let health = c
         .http
         .get(&format!("{}/health", c.slots[leader].admin_url()))
         .await
         .unwrap();
-    assert_eq!((health.status, health.text().as_str()), (200, "ok\n"));
+    let app = c.slots[leader].app_url();
+    let expected = format!(
+        r#"{{"status":"unhealthy","problems":[{{"service":"app","code":"app-down","message":"the replica at {app} does not answer HTTP within 1000 ms"}}]}}"#
+    );
+    assert_eq!((health.status, health.text()), (503, expected));
     assert!(started.elapsed() < Duration::from_secs(1));
     let status = c.status(leader).await.unwrap();
     assert_eq!(status.role, "follower");

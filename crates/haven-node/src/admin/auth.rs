@@ -3,9 +3,9 @@
 //! With `[admin] token_file`, every request that changes anything (`POST`) needs
 //! `Authorization: Bearer <token>` of that file, or of the service's own
 //! (`[service.admin] token_file`) for a request about that service; reads need it too
-//! unless `public_reads` (the default); `/health` and the console's page (static, it
-//! asks for a token itself) are always open. A missing or wrong
-//! token gets 401 with a JSON reason before any handler runs, and is counted
+//! unless `public_reads` (the default); `/health`, `/ready` (load balancers hold no
+//! token) and the console's page (static, it asks for a token itself) are always open. A
+//! missing or wrong token gets 401 with a JSON reason before any handler runs, and is counted
 //! (`haven_admin_unauthorized_total`). Every change, allowed or refused, is appended to
 //! `<data_dir>/audit.log` (one JSON object per line, fsynced): when, which token's
 //! holder (never the token), what, about which service, the answer's status.
@@ -256,7 +256,7 @@ fn unauthorized(presented: bool) -> Response {
 /// Paths served to anyone: the health check, and the console's page, which holds no data
 /// (it fetches `/services` with the token it is given).
 fn always_open(path: &str) -> bool {
-    matches!(path, "/health" | "/" | "/console")
+    matches!(path, "/health" | "/ready" | "/" | "/console")
 }
 
 fn bearer(request: &Request) -> Option<String> {

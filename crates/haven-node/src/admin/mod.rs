@@ -1,6 +1,6 @@
 //! The admin HTTP API, on its own port: `GET /status` (JSON), `GET /services` (every
-//! service's status), `GET /metrics` (Prometheus text, every service), `GET /health`,
-//! `GET /workers`, `POST /checkpoints` (take one now), `POST /services/reload` (read the
+//! service's status), `GET /metrics` (Prometheus text, every service), `GET /health` and
+//! `GET /ready` ([`health`]), `GET /workers`, `POST /checkpoints` (take one now), `POST /services/reload` (read the
 //! config again: [`reload`]), `POST /site/{promote,follow,handover,resume}` (failover
 //! and failback: [`site`]), and
 //! the membership changes of
@@ -12,10 +12,12 @@
 
 pub mod auth;
 pub mod console;
+pub mod health;
 pub mod members;
 pub mod peers;
 pub mod reload;
 pub mod site;
+pub mod survival;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,6 +102,9 @@ pub struct Status {
     /// such entry; none while every comparison agreed (or `app.check_divergence` is off).
     #[serde(default)]
     pub divergence: Option<Divergence>,
+    /// Which failures the voters' placement survives, and an availability estimate.
+    #[serde(default)]
+    pub survivability: Option<survival::Survivability>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,6 +127,8 @@ pub struct ServiceAdmin {
 /// What the admin port serves from.
 pub struct AdminState {
     pub zone: String,
+    /// Where the voters are, for [`survival`].
+    placement: survival::Placement,
     pub workers: Workers,
     pub metrics: NodeMetrics,
     /// This node's id, for answers that name it.
@@ -144,7 +151,7 @@ type Refusal = (StatusCode, String);
 impl AdminState {
     pub fn new(
         node: NodeId,
-        zone: String,
+        (zone, placement): (String, survival::Placement),
         workers: Workers,
         metrics: NodeMetrics,
         (reloads, follows): (reload::Reloads, site::Follows),
@@ -152,6 +159,7 @@ impl AdminState {
     ) -> Arc<Self> {
         Arc::new(Self {
             zone,
+            placement,
             node,
             workers,
             metrics,
@@ -173,6 +181,15 @@ impl AdminState {
             .ok()
             .and_then(|(_, s)| s.tokens.clone());
         own.or_else(|| self.guard.tokens.clone())
+    }
+
+    /// Prometheus text, with every service's Raft gauges read at the scrape: openraft
+    /// keeps them in its own metrics, which change on every entry.
+    fn render_metrics(&self) -> String {
+        for (_, service) in self.all() {
+            crate::progress::refresh_raft_gauges(&service.ingress);
+        }
+        self.metrics.render()
     }
 
     pub fn insert(&self, name: &str, service: ServiceAdmin) {
@@ -290,6 +307,7 @@ async fn checkpoint_now(
     Ok(Json(CheckpointTaken { index }))
 }
 
+/// The service's Raft group as the `/metrics` gauges show it.
 fn role_name(state: ServerState) -> &'static str {
     match state {
         ServerState::Leader => "leader",
@@ -332,6 +350,7 @@ fn status(admin: &AdminState, name: &str, state: &ServiceAdmin) -> Status {
         site: state.site.as_ref().map(|s| s.site.status()),
         peers: Vec::new(),
         divergence: (ingress.shared.answers()).and_then(|l| l.divergence(ingress.id)),
+        survivability: None,
     };
     if let Some(raft) = &ingress.raft {
         let m = raft.metrics().borrow_watched().clone();
@@ -346,6 +365,9 @@ fn status(admin: &AdminState, name: &str, state: &ServiceAdmin) -> Status {
         status.purged_index = m.purged.map(|l| l.index);
         status.peers = peers::view(ingress.id, &m, &admin.metrics.peers);
     }
+    let off_site = state.archive.is_some() || state.site.is_some();
+    let voters = admin.placement.voters(&status.voters);
+    status.survivability = survival::assess(&voters, off_site);
     status
 }
 
@@ -370,10 +392,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/services/reload", post(reload::reload))
         .route(
             "/metrics",
-            get(|State(s): State<Arc<AdminState>>| async move { s.metrics.render() }),
+            get(|State(s): State<Arc<AdminState>>| async move { s.render_metrics() }),
         )
-        .route("/health", get(|| async { "ok\n" }))
         .merge(console::routes())
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
         .route(
             "/workers",
             get(|State(s): State<Arc<AdminState>>| async move { Json(s.workers.list()) }),

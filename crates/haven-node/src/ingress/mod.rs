@@ -154,6 +154,7 @@ impl Ingress {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        let arrived = Instant::now();
         let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
             return self.error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -216,11 +217,16 @@ impl Ingress {
         if let Some(refusal) = self.refused_by_site(mode) {
             return refusal;
         }
-        match mode {
+        let response = match mode {
             RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
             RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
             RouteMode::Local => self.local_read(&parts, body).await,
-        }
+        };
+        self.metrics
+            .request_duration
+            .with_label_value(mode_label(mode))
+            .observe(arrived.elapsed().as_secs_f64());
+        response
     }
 
     /// A standby serves only local reads (the primary's archive is its source); a fenced
@@ -489,6 +495,20 @@ impl Ingress {
             Ok(Err(ReadIndexFailure::Failed(reason))) => Err(failed(&reason)),
             Ok(Err(ReadIndexFailure::Stopped)) => Err(failed("the node is shutting down")),
             Err(_) => Err(failed("no read index within the request timeout")),
+        }
+    }
+
+    /// Whether a leader backed by a quorum answers for the service within `within`: a
+    /// read index, shared with the reads waiting for one. What a health check asks, since
+    /// a follower cut off from every peer keeps naming its last leader (pre-vote keeps
+    /// its term).
+    pub async fn confirm_leader(&self, within: Duration) -> Result<(), String> {
+        match tokio::time::timeout(within, self.reads.read_index()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(ReadIndexFailure::NoLeader)) => Err("no leader is reachable".to_string()),
+            Ok(Err(ReadIndexFailure::Failed(reason))) => Err(reason),
+            Ok(Err(ReadIndexFailure::Stopped)) => Err("the node is shutting down".to_string()),
+            Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
         }
     }
 

@@ -17,6 +17,7 @@ use crate::admin;
 use crate::admin::AdminState;
 use crate::admin::ServiceAdmin;
 use crate::admin::reload::ReloadReport;
+use crate::admin::survival::Placement;
 use crate::ingress;
 use crate::ingress::Ingress;
 use crate::ingress::select::Directory;
@@ -290,7 +291,7 @@ impl Node {
         };
         let admin = AdminState::new(
             config.node.id,
-            config.node.zone.clone(),
+            (config.node.zone.clone(), Placement::of(&config)),
             workers.clone(),
             metrics.clone(),
             (reloads, follows),

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
-use openraft::rt::WatchReceiver;
 use prometheus::proto::MetricFamily;
 use prometheus::proto::MetricType;
 use tokio::sync::mpsc;
@@ -274,21 +273,11 @@ impl Evaluator {
         (self.metrics.rules.firing.with_label_values(&[&rule.name])).set(instances.firing() as i64);
     }
 
-    /// The gauges the built-in alerts read: each service's leader and replica lag, the
-    /// data directory's free space.
+    /// The gauges the built-in alerts read: each service's Raft gauges (leader, apply
+    /// lag), the data directory's free space.
     fn refresh_gauges(&self) {
         for (_, ingress) in self.directory.all() {
-            let Some(raft) = &ingress.raft else {
-                continue;
-            };
-            let m = raft.metrics().borrow_watched().clone();
-            let committed = m.local_committed.map_or(0, |l| l.index);
-            let applied = ingress.shared.applied_index();
-            ingress
-                .metrics
-                .leader_id
-                .set(m.current_leader.unwrap_or(0) as i64);
-            (ingress.metrics.replica_lag_entries).set(committed.saturating_sub(applied) as i64);
+            crate::progress::refresh_raft_gauges(&ingress);
         }
         if let Err(e) = self.metrics.rules.sample_disk(&self.data_dir) {
             tracing::debug!(dir = %self.data_dir.display(), error = %e, "cannot read the data directory's free space");

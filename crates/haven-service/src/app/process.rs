@@ -817,6 +817,15 @@ async fn probe(addr: &str, deadline: Instant) -> bool {
     )
 }
 
+/// Whether the app at `url` answers HTTP within `timeout` (any status): what a health
+/// check asks of a replica that may be idle, where no failed delivery would tell.
+pub async fn answers_http(url: &str, timeout: Duration) -> bool {
+    match host_port(url) {
+        Some(addr) => probe(&addr, Instant::now() + timeout).await,
+        None => false,
+    }
+}
+
 /// `host:port` of an `http://` url (port 80 when absent).
 fn host_port(url: &str) -> Option<String> {
     let (host, port) = host_and_port(url)?;

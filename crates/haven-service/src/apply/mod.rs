@@ -1196,8 +1196,8 @@ async fn stage_checkpoint(
         haven_state: encode_state(&inner.state)?,
     };
     metrics
-        .checkpoint_pause_us
-        .inc_by(paused.elapsed().as_micros() as u64);
+        .checkpoint_pause_seconds
+        .inc_by(paused.elapsed().as_secs_f64());
     Ok((staged, position))
 }
 

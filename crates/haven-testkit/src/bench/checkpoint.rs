@@ -34,6 +34,7 @@ use haven_bench::load::Target;
 use haven_bench::progress::Progress;
 use haven_bench::workload::WorkloadChoice;
 use haven_client::admin::AdminClient;
+use haven_client::metrics_text;
 use haven_node::admin::members::AddLearner;
 use haven_node::admin::members::ChangeNode;
 use serde::Deserialize;
@@ -739,7 +740,8 @@ impl Admin {
         for url in admin_urls {
             let text = Self::client(url).metrics().await?;
             sum.written += metric(&text, "haven_checkpoints_written_total");
-            sum.pause_us += metric(&text, "haven_checkpoint_pause_microseconds_total");
+            let pause_s = metrics_text::sum(&text, "haven_checkpoint_pause_seconds_total", &[]);
+            sum.pause_us += (pause_s.unwrap_or(0.0) * 1e6).round() as u64;
         }
         Ok(sum)
     }
@@ -747,7 +749,7 @@ impl Admin {
 
 /// A counter's value in Prometheus text, over every service (0 when absent).
 fn metric(text: &str, name: &str) -> u64 {
-    haven_client::metrics_text::sum(text, name, &[]).map_or(0, |v| v as u64)
+    metrics_text::sum(text, name, &[]).map_or(0, |v| v as u64)
 }
 
 /// One task per node asking for a checkpoint every `every` (back to back when one takes

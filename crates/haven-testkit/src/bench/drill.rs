@@ -39,6 +39,7 @@ pub struct DrillBenchArgs {
     /// 5 s phases, one round: a smoke run, not a measurement.
     #[arg(long)]
     pub quick: bool,
+    /// One JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
 }

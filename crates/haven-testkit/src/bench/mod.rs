@@ -50,6 +50,7 @@ pub enum BenchCommand {
     Failover {
         #[command(flatten)]
         args: failover::FailoverArgs,
+        /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },

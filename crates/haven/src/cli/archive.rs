@@ -48,6 +48,7 @@ pub enum ArchiveCommand {
     Verify {
         #[command(flatten)]
         source: Source,
+        /// One JSON object instead of the report.
         #[arg(long)]
         json: bool,
     },
@@ -139,6 +140,7 @@ pub struct ArchiveRestoreArgs {
     /// HAVEN_RESTORE_URL and the output directory in HAVEN_RESTORE_DIR.
     #[arg(long)]
     check: Option<String>,
+    /// One JSON object instead of the summary.
     #[arg(long)]
     json: bool,
 }

@@ -12,6 +12,7 @@ pub struct AuditArgs {
     /// The node's config (its data directory holds the trail).
     #[arg(long)]
     config: PathBuf,
+    /// One JSON array (the whole trail) instead of a table.
     #[arg(long)]
     json: bool,
 }

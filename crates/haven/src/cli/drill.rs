@@ -40,6 +40,7 @@ enum DrillCommand {
         /// Only this service's drills.
         #[arg(long)]
         service: Option<String>,
+        /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -80,6 +81,7 @@ struct RunArgs {
     /// Keep the sandbox (the restored app's data) after the drill.
     #[arg(long)]
     keep: bool,
+    /// One JSON object (the report) instead of the text.
     #[arg(long)]
     json: bool,
     /// The drill's CPU priority (nice, 0 to 19; its app inherits it): production's

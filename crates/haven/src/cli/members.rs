@@ -86,6 +86,7 @@ pub enum MembersCommand {
         old: u64,
         #[command(flatten)]
         node: NewNode,
+        /// Even if the new voter set would lack a healthy majority.
         #[arg(long)]
         force: bool,
     },

@@ -48,6 +48,7 @@ pub enum PlanCommand {
         /// Drill mode: keep the sandboxes.
         #[arg(long)]
         keep: bool,
+        /// One JSON object (every step) instead of the text.
         #[arg(long)]
         json: bool,
     },

@@ -19,6 +19,7 @@ pub enum ServicesCommand {
         /// The node's admin address, e.g. 127.0.0.1:7001.
         #[arg(long)]
         admin: String,
+        /// One JSON array (every service's status) instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -37,6 +37,7 @@ pub enum SiteCommand {
         /// The service, on nodes that run several.
         #[arg(long)]
         service: Option<String>,
+        /// Print one JSON object (every node's export).
         #[arg(long)]
         json: bool,
     },
@@ -50,8 +51,10 @@ pub enum SiteCommand {
         /// A node of the standby site that takes over.
         #[arg(long)]
         to: String,
+        /// The service, on nodes that run several.
         #[arg(long)]
         service: Option<String>,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },

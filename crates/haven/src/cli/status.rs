@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use haven_node::admin::Status;
 use haven_node::admin::peers::PeerView;
+use haven_node::admin::survival::Survivability;
 use haven_service::apply::digests::Divergence;
 use haven_service::archive::ArchiveStatus;
 use haven_service::site::Role;
@@ -121,7 +122,32 @@ pub fn render(status: &Status) -> String {
         ("after_a_crash", status.exactly_once_after_crash.clone()),
         ("divergence", divergence_line(status.divergence.as_ref())),
     ];
-    rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+    let survival = status.survivability.as_ref().map(survival_rows);
+    (rows.into_iter().chain(survival.into_iter().flatten()))
+        .map(|(k, v)| format!("{k:<16}{v}\n"))
+        .collect()
+}
+
+/// What the placement survives, a row each, then the warnings and the estimate.
+fn survival_rows(report: &Survivability) -> Vec<(&'static str, String)> {
+    let mut rows = Vec::new();
+    let key = |first: &'static str, i: usize| if i == 0 { first } else { "" };
+    for (i, f) in report.failures.iter().enumerate() {
+        let row = format!("{}: {} ({})", f.failure, f.outcome.label(), f.why);
+        rows.push((key("survival", i), row));
+    }
+    for (i, warning) in report.warnings.iter().enumerate() {
+        rows.push((key("WARNING", i), warning.clone()));
+    }
+    let a = &report.availability;
+    rows.push((
+        "availability",
+        format!("{} (an estimate: {}; {})", a.estimate, a.downtime, a.basis),
+    ));
+    for (i, assumption) in a.assumptions.iter().enumerate() {
+        rows.push((key("  assuming", i), assumption.clone()));
+    }
+    rows
 }
 
 /// The archive in one line: where, how protected, and (on the leader) how far behind.
@@ -216,6 +242,7 @@ mod tests {
             site: None,
             peers: Vec::new(),
             divergence: None,
+            survivability: None,
         }
     }
 
