@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use haven_base::workers::WorkerInfo;
+use haven_node::admin::AdminError;
 use haven_node::admin::CheckpointTaken;
 use haven_node::admin::Status;
-use haven_node::admin::members::MembershipError;
 use haven_node::admin::members::MembershipReply;
 use haven_node::admin::reload::ReloadReport;
 use haven_node::admin::site::Followed;
@@ -171,22 +171,27 @@ fn ok(reply: Reply, url: &str) -> Result<Reply, ClientError> {
     Ok(reply)
 }
 
-/// A refusal whose JSON body says why (`{"error": ...}`), else what the node said.
+/// A refusal whose JSON body says why (`{"code": ..., "message": ...}`), else what the
+/// node said.
 fn reasoned(reply: &Reply, url: String) -> ClientError {
-    match serde_json::from_slice::<MembershipError>(&reply.body) {
+    match serde_json::from_slice::<AdminError>(&reply.body) {
         Ok(e) => ClientError::Refused {
             url,
-            reason: e.error,
+            reason: e.message,
         },
         Err(_) => refused(reply, &url),
     }
 }
 
 fn refused(reply: &Reply, url: &str) -> ClientError {
+    let body = match serde_json::from_slice::<AdminError>(&reply.body) {
+        Ok(e) => e.message,
+        Err(_) => reply.text().trim_end().to_string(),
+    };
     ClientError::Status {
         url: url.to_string(),
         status: reply.status,
-        body: reply.text().trim_end().to_string(),
+        body,
     }
 }
 

@@ -48,7 +48,7 @@ async fn admin_changes_need_a_token_and_every_one_is_audited() {
     );
     assert_eq!(
         missing.text(),
-        r#"{"error":"this admin request needs Authorization: Bearer <token> ([admin] token_file)"}"#
+        r#"{"code":"unauthorized","message":"this admin request needs Authorization: Bearer <token> ([admin] token_file)"}"#
     );
     let wrong = post(Some("s3cr3t-0123456789-opz")).await;
     assert_eq!(wrong.status, 401);

@@ -813,9 +813,9 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
     let reply = send(leader, "/members/promote", "{not json").await;
     assert_eq!(reply.status, 400, "{}", reply.text());
     assert!(
-        reply
-            .text()
-            .starts_with("Failed to parse the request body as JSON"),
+        reply.text().starts_with(
+            r#"{"code":"bad-request","message":"Failed to parse the request body as JSON"#
+        ),
         "{}",
         reply.text()
     );
@@ -859,12 +859,12 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
     let reply = send(leader, "/members/promote", r#"{"id": 9}"#).await;
     assert_eq!(reply.status, 409);
     assert_eq!(
-        error(&reply)["error"],
+        error(&reply)["message"],
         "node 9 is not a learner; add it first"
     );
     let reply = send(leader, "/members/remove", r#"{"id": 9}"#).await;
     assert_eq!(reply.status, 404);
-    assert_eq!(error(&reply)["error"], "node 9 is not a member");
+    assert_eq!(error(&reply)["message"], "node 9 is not a member");
     let new = r#"{"id": 10, "raft_addr": "127.0.0.1:1", "client_addr": "127.0.0.1:2"}"#;
     let reply = send(
         leader,
@@ -873,18 +873,18 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
     )
     .await;
     assert_eq!(reply.status, 404);
-    assert_eq!(error(&reply)["error"], "node 9 is not a voter");
+    assert_eq!(error(&reply)["message"], "node 9 is not a voter");
     let replace_self = format!(r#"{{"old": {leader_id}, "new": {new}}}"#);
     let reply = send(leader, "/members/replace", &replace_self).await;
     assert_eq!(reply.status, 409);
     assert_eq!(
-        error(&reply)["error"],
+        error(&reply)["message"],
         "the leader cannot replace itself; transfer leadership first"
     );
     let reply = send(follower, "/members/remove", r#"{"id": 9}"#).await;
     assert_eq!(reply.status, 409);
     assert_eq!(
-        error(&reply)["error"],
+        error(&reply)["message"],
         format!(
             "node {} is not the leader; send membership changes to the leader (node {leader_id})",
             c.slots[follower].id
@@ -908,7 +908,7 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
     ] {
         let reply = send(leader, path, &body).await;
         assert_eq!(reply.status, 400, "{path}: {}", reply.text());
-        let reason = error(&reply)["error"].as_str().unwrap().to_string();
+        let reason = error(&reply)["message"].as_str().unwrap().to_string();
         assert!(reason.contains("is not host:port"), "{reason}");
     }
 
@@ -920,7 +920,10 @@ async fn admin_port_refuses_bad_membership_requests_with_a_reason() {
         .unwrap();
     assert_eq!(
         (reply.status, reply.text().as_str()),
-        (409, "checkpoints are off ([checkpoints] is not configured)")
+        (
+            409,
+            r#"{"code":"conflict","message":"checkpoints are off ([checkpoints] is not configured)"}"#
+        )
     );
 
     // Nothing changed, and the cluster still takes writes.

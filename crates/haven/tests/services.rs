@@ -185,8 +185,8 @@ async fn each_service_keeps_its_own_writes_and_replicas() {
         .unwrap();
     assert_eq!(ambiguous.status, 400);
     assert_eq!(
-        ambiguous.text().trim_end(),
-        "this node runs several services (audit, billing, orders): name one with ?service=NAME"
+        ambiguous.text(),
+        r#"{"code":"bad-request","message":"this node runs several services (audit, billing, orders): name one with ?service=NAME"}"#
     );
 }
 
@@ -397,9 +397,13 @@ async fn a_reload_the_node_cannot_take_changes_nothing_and_sighup_reloads() {
     std::fs::write(&config_path, &moved).unwrap();
     let refused = s.http.post(&reload, "").await.unwrap();
     assert_eq!(refused.status, 400);
+    let refusal: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
     assert_eq!(
-        refused.text(),
-        "the config changes node.zone, which a running node cannot take: restart the node for them (nothing was reloaded)"
+        refusal,
+        serde_json::json!({
+            "code": "bad-request",
+            "message": "the config changes node.zone, which a running node cannot take: restart the node for them (nothing was reloaded)"
+        })
     );
     assert_eq!(service_names(&s, 0).await, names(&SERVICES));
 

@@ -184,11 +184,6 @@ pub fn read_trail(data_dir: &Path) -> std::io::Result<Vec<AuditEntry>> {
         .collect())
 }
 
-#[derive(Serialize)]
-struct Refusal {
-    error: String,
-}
-
 /// The admin router's middleware: checks the token, runs the request, audits changes.
 pub async fn guard(State(state): State<Arc<AdminState>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
@@ -241,9 +236,10 @@ fn unauthorized(presented: bool) -> Response {
     };
     let mut response = (
         StatusCode::UNAUTHORIZED,
-        Json(Refusal {
-            error: error.to_string(),
-        }),
+        Json(super::AdminError::new(
+            StatusCode::UNAUTHORIZED,
+            error.to_string(),
+        )),
     )
         .into_response();
     response.headers_mut().insert(

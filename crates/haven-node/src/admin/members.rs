@@ -19,6 +19,7 @@ use openraft::rt::WatchReceiver;
 use serde::Deserialize;
 use serde::Serialize;
 
+use super::AdminError;
 use haven_contract::NodeId;
 use haven_contract::PeerNode;
 use haven_service::apply::Raft;
@@ -61,16 +62,12 @@ pub struct MembershipReply {
     pub log_index: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MembershipError {
-    pub error: String,
-    pub leader_id: Option<NodeId>,
-}
-
-pub type Answer = Result<Json<MembershipReply>, (StatusCode, Json<MembershipError>)>;
+pub type Answer = Result<Json<MembershipReply>, (StatusCode, Json<AdminError>)>;
 
 pub(super) fn refuse(status: StatusCode, error: String, leader_id: Option<NodeId>) -> Answer {
-    Err((status, Json(MembershipError { error, leader_id })))
+    let mut refusal = AdminError::new(status, error);
+    refusal.leader_id = leader_id;
+    Err((status, Json(refusal)))
 }
 
 /// The current configuration, as the leader sees it.
@@ -324,7 +321,7 @@ mod tests {
                 panic!("{raft} {client} accepted");
             };
             assert_eq!(status, StatusCode::BAD_REQUEST);
-            assert_eq!(error.error, bad);
+            assert_eq!(error.message, bad);
         }
     }
 

@@ -140,6 +140,65 @@ pub struct AdminState {
     pub guard: auth::Guard,
 }
 
+/// Every admin error's body: a stable code for scripts (the status's reason,
+/// `not-found`, `conflict`, ...) and a sentence for people.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminError {
+    pub code: String,
+    pub message: String,
+    /// A membership change sent to a follower: the leader to send it to, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_id: Option<NodeId>,
+}
+
+impl AdminError {
+    pub fn new(status: StatusCode, message: String) -> Self {
+        let reason = status.canonical_reason().unwrap_or("error");
+        Self {
+            code: reason.to_ascii_lowercase().replace(' ', "-"),
+            message,
+            leader_id: None,
+        }
+    }
+}
+
+/// The largest plain-text error body [`json_errors`] rewrites; longer ones are cut.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Rewrites an error answered as plain text (a handler's reason, or axum's own refusal of
+/// a malformed body or query, an unknown route, a wrong method) into an [`AdminError`],
+/// keeping its status and other headers.
+async fn json_errors(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::CONTENT_LENGTH;
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+    let status = response.status();
+    let json = (response.headers().get(CONTENT_TYPE))
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim_end().to_string())
+        .unwrap_or_default();
+    let message = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("error").to_string(),
+        false => text,
+    };
+    let mut rewritten = (status, Json(AdminError::new(status, message))).into_response();
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            rewritten.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewritten
+}
+
+/// The admin API's OpenAPI 3 description, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// `?service=NAME`.
 #[derive(Debug, Default, Deserialize)]
 pub struct Selector {
@@ -417,10 +476,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/members/promote", membership(members::promote))
         .route("/members/remove", membership(members::remove))
         .route("/members/replace", membership(members::replace))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,
         ))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -464,5 +533,37 @@ pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::R
         .await
     {
         tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_file_names_every_route_of_the_router_and_no_other() {
+        let source = [include_str!("mod.rs"), include_str!("console.rs")].concat();
+        let routed: std::collections::BTreeSet<&str> = (source.split(".route(").skip(1))
+            .filter_map(|rest| rest.trim_start().strip_prefix('"')?.split('"').next())
+            .filter(|path| path.starts_with('/'))
+            .collect();
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let documented: std::collections::BTreeSet<&str> = spec["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(routed, documented);
+        assert_eq!(routed.len(), 19);
+    }
+
+    #[test]
+    fn an_error_s_code_is_its_status_s_reason() {
+        let error = AdminError::new(StatusCode::METHOD_NOT_ALLOWED, "no".to_string());
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"code":"method-not-allowed","message":"no"}"#
+        );
     }
 }

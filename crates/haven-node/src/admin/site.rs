@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
+use super::AdminError;
 use super::AdminState;
 use super::Selector;
 use super::ServiceAdmin;
@@ -51,15 +52,10 @@ pub struct Promoted {
     pub took_over_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PromoteError {
-    pub error: String,
-}
+type Answer<T = Promoted> = Result<Json<T>, (StatusCode, Json<AdminError>)>;
 
-type Answer<T = Promoted> = Result<Json<T>, (StatusCode, Json<PromoteError>)>;
-
-fn refuse(status: StatusCode, error: String) -> (StatusCode, Json<PromoteError>) {
-    (status, Json(PromoteError { error }))
+fn refuse(status: StatusCode, error: String) -> (StatusCode, Json<AdminError>) {
+    (status, Json(AdminError::new(status, error)))
 }
 
 pub async fn promote(
@@ -86,7 +82,7 @@ pub async fn promote(
 fn site_of<'a>(
     name: &str,
     service: &'a ServiceAdmin,
-) -> Result<&'a SiteHandle, (StatusCode, Json<PromoteError>)> {
+) -> Result<&'a SiteHandle, (StatusCode, Json<AdminError>)> {
     service.site.as_ref().ok_or_else(|| {
         let reason = format!("service {name} has no off-site archive: it has no sites");
         refuse(StatusCode::CONFLICT, reason)
@@ -197,7 +193,7 @@ fn archive_of<'a>(
     service: &'a ServiceAdmin,
 ) -> Result<
     (&'a SiteHandle, &'a haven_service::archive::ArchiveProgress),
-    (StatusCode, Json<PromoteError>),
+    (StatusCode, Json<AdminError>),
 > {
     let handle = site_of(name, service)?;
     let progress = service.archive.as_ref().ok_or_else(|| {

@@ -158,7 +158,7 @@ impl Scaler {
                 true
             }
             Err((_, Json(refused))) => {
-                tracing::warn!(rule = %rule.name, service = %rule.service, node = id, add, error = %refused.error, "scale rule could not change the learners");
+                tracing::warn!(rule = %rule.name, service = %rule.service, node = id, add, error = %refused.message, "scale rule could not change the learners");
                 false
             }
         }
