@@ -243,7 +243,10 @@ async fn wait_learners(c: &common::TestCluster, i: usize, learners: &[u64]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_rule_adds_a_learner_under_read_load_and_removes_it_after() {
-    let mut c = common::start(3, false, "").await;
+    // Reads of single lines are `local`; everything else stays linearizable.
+    let local_lines =
+        "[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/line/\"\nmode = \"local\"\n";
+    let mut c = common::start(3, false, local_lines).await;
     c.wait_for_leader(Duration::from_secs(10)).await.unwrap();
     for i in 0..5 {
         assert_eq!(c.append(0, &format!("before {i}")).await.status, 201);
@@ -269,11 +272,11 @@ async fn a_scale_rule_adds_a_learner_under_read_load_and_removes_it_after() {
     wait_learners(&c, leader, &[]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let url = format!("{}/line/1", c.slots[leader].client_url());
+    let url = format!("{}/count", c.slots[leader].client_url());
     let reads = reader(&c, url, &stop);
     wait_learners(&c, leader, &[4]).await;
     // The learner caught up and serves a linearizable read of a write made before it
-    // joined, and of one made now.
+    // joined, and of one made now, and local reads.
     assert_eq!(c.append(leader, "after").await.status, 201);
     let lines = c
         .http
@@ -283,6 +286,11 @@ async fn a_scale_rule_adds_a_learner_under_read_load_and_removes_it_after() {
     assert_eq!(lines.status, 200, "{}", lines.text());
     let on_leader = c.get(leader, "/count").await;
     assert_eq!(lines.text(), on_leader.text());
+    let first_write = format!("/line/{}", common::PREPOPULATE);
+    let local = c.get(spare, &first_write).await;
+    assert_eq!(local.status, 200, "{}", local.text());
+    assert_eq!(local.text(), c.get(leader, &first_write).await.text());
+    assert!(local.text().starts_with("before 0"), "{}", local.text());
     stop.store(true, Ordering::Relaxed);
     reads.await.unwrap();
     wait_learners(&c, leader, &[]).await;
