@@ -5,24 +5,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde::Serialize;
-
 use super::link::Lane;
 use super::link::Transport;
+pub use super::wire::Digests;
 use super::wire::RpcReply;
 use super::wire::RpcRequest;
-
-/// A replica's digests of its answers to the ranges asked (`(first, last)` indexes,
-/// inclusive), and which indexes it holds digests for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Digests {
-    /// The replica holds the digest of every answer from `start` to `next - 1`.
-    pub start: u64,
-    pub next: u64,
-    /// One per range asked, in order; `None` where the range is not wholly held.
-    pub digests: Vec<Option<u64>>,
-}
 
 /// Most ranges in one request: bounds the request and the work a peer does for it.
 pub const MAX_RANGES: usize = 1024;

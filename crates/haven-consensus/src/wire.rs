@@ -121,7 +121,7 @@ pub enum RpcReply {
     TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
     /// One per entry asked, in order; `None` where this node holds no answer.
     FirstAnswers(Vec<Option<AppResponse>>),
-    AnswerDigests(crate::answer_digests::Digests),
+    AnswerDigests(Digests),
     /// The receiver will not serve this connection (its hello names another cluster or
     /// a service it does not run); sent once, with id 0, before it closes.
     Refused(String),
@@ -257,6 +257,17 @@ pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Hello, W
     tokio::time::timeout(HELLO_TIMEOUT, read)
         .await
         .map_err(|_| WireError::HelloTimeout)?
+}
+
+/// A replica's digests of its answers to the ranges asked (`(first, last)` indexes,
+/// inclusive), and which indexes it holds digests for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digests {
+    /// The replica holds the digest of every answer from `start` to `next - 1`.
+    pub start: u64,
+    pub next: u64,
+    /// One per range asked, in order; `None` where the range is not wholly held.
+    pub digests: Vec<Option<u64>>,
 }
 
 #[cfg(test)]
