@@ -64,6 +64,8 @@ pub struct Config {
     pub raft: RaftTiming,
     /// Who may change things through the admin port.
     pub admin: AdminSection,
+    /// Absent: every port speaks plain TCP (the node warns at start).
+    pub tls: Option<TlsSection>,
     /// One per protected app; never empty.
     pub services: Vec<ServiceConfig>,
     /// The alert rules that run (built-in ones included) and where they are delivered.
@@ -182,6 +184,7 @@ struct ConfigFile {
     raft: RaftTiming,
     #[serde(default)]
     admin: AdminSection,
+    tls: Option<TlsSection>,
     app: Option<AppSection>,
     #[serde(default)]
     routes: Vec<RouteRule>,
@@ -449,6 +452,28 @@ impl Default for AdminSection {
             public_reads: true,
         }
     }
+}
+
+/// `[tls]`: once written, the raft port speaks mutual TLS only: a peer must present a
+/// certificate the CA signed, and a plaintext peer is refused. The client and admin ports
+/// take TLS too when asked (server certificate only: clients are not asked for one).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate(s) of the cluster's CA: the only issuer peers are trusted from.
+    pub ca: PathBuf,
+    /// PEM certificate chain of this node, valid for both server and client use, naming
+    /// the host of its `raft_addr` (and of `client_addr`/`admin_addr` when they use TLS).
+    pub cert: PathBuf,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// TLS on the client port too (default false).
+    #[serde(default)]
+    pub client: bool,
+    /// TLS on the admin port too (default false); the CLI then needs `https://` and
+    /// `HAVEN_CA_FILE`.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// `[service.admin]`: tokens of one service's own; the node's `[admin]` tokens do not
@@ -852,6 +877,7 @@ impl Config {
             peers: file.peers,
             raft: file.raft,
             admin: file.admin,
+            tls: file.tls,
             services,
             alerts: alerts.map_err(rule_key)?,
             alert_delivery: delivery,

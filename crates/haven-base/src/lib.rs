@@ -5,6 +5,7 @@
 //! background tasks ([`workers`]), the lock on a data directory ([`lock`]) and how an
 //! error is described with its causes ([`errors`]).
 
+pub mod certs;
 pub mod checks;
 pub mod config;
 pub mod errors;
@@ -12,4 +13,5 @@ pub mod lock;
 pub mod metrics;
 pub mod overrides;
 pub mod rules;
+pub mod tls;
 pub mod workers;

@@ -433,6 +433,8 @@ pub struct NodeMetrics {
     pub rules: RuleMetrics,
     /// Admin requests refused for a missing or wrong token.
     pub admin_unauthorized: IntCounter,
+    /// Connections refused in the TLS handshake, by port (`raft`, `client`, `admin`).
+    pub tls_refused: IntCounterVec,
 }
 
 impl NodeMetrics {
@@ -442,11 +444,19 @@ impl NodeMetrics {
             "haven_admin_unauthorized_total",
             "Admin requests refused for a missing or wrong token",
         )?;
+        let tls_refused = IntCounterVec::new(
+            Opts::new(
+                "haven_tls_handshake_failures_total",
+                "Connections refused in the TLS handshake (plaintext, unknown CA, no certificate, timeout), by port",
+            ),
+            &["port"],
+        )?;
         Ok(Self {
             families: std::sync::Arc::new(Families::register(&registry)?),
             peers: PeerMetrics::register(&registry)?,
             rules: RuleMetrics::register(&registry)?,
             admin_unauthorized: register(&registry, unauthorized)?,
+            tls_refused: register(&registry, tls_refused)?,
             registry,
         })
     }
@@ -651,6 +661,7 @@ mod tests {
         rules.firing.with_label_values(&["a"]).set(1);
         rules.delivery_failures.with_label_values(&["a"]).inc();
         rules.scale_changes.with_label_values(&["r", "add"]).inc();
+        node.tls_refused.with_label_values(&["raft"]).inc();
         node
     }
 

@@ -34,16 +34,17 @@ pub struct AdminClient {
 pub const TOKEN_ENV: &str = "HAVEN_ADMIN_TOKEN";
 
 impl AdminClient {
-    /// `admin` as `host:port` or `http://host:port`.
+    /// `admin` as `host:port`, `http://host:port` or `https://host:port` (trusted by the
+    /// CA that `HAVEN_CA_FILE` names).
     pub fn new(admin: &str, timeout: Duration) -> Self {
-        let base = if admin.starts_with("http://") {
+        let base = if admin.starts_with("http://") || admin.starts_with("https://") {
             admin.trim_end_matches('/').to_string()
         } else {
             format!("http://{admin}")
         };
         let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
         Self {
-            http: Http::new(timeout).with_bearer(token),
+            http: Http::new(timeout).trusting_env_ca().with_bearer(token),
             base,
             service: None,
         }

@@ -1,11 +1,14 @@
 //! A small HTTP/1.1 keep-alive client for the demo, the status command and the tests.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use haven_base::errors::chain;
+use haven_base::tls;
 use http_body_util::BodyExt;
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -33,20 +36,73 @@ impl Reply {
 
 #[derive(Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// `Authorization` sent with every request, when set.
     authorization: Option<String>,
+    /// Why `https://` URLs cannot be reached (no CA given, or a bad one); none: they can.
+    https_refusal: Option<String>,
 }
 
+/// The environment variable naming the CA certificate (PEM) that `https://` nodes are
+/// trusted by: the `[tls] ca` of their cluster.
+pub const CA_ENV: &str = "HAVEN_CA_FILE";
+
 impl Http {
+    /// Plain HTTP; `https://` URLs are refused until [`Self::trusting`] names a CA.
     pub fn new(timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let roots = rustls::RootCertStore::empty();
+        let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+        let mut http = match config {
+            Ok(config) => Self::with_tls_config(timeout, config),
+            Err(e) => unreachable!("ring's default protocol versions are safe: {e}"),
+        };
+        http.https_refusal = Some(format!(
+            "https needs the cluster's CA certificate: set {CA_ENV}"
+        ));
+        http
+    }
+
+    fn with_tls_config(timeout: Duration, config: rustls::ClientConfig) -> Self {
+        let mut plain = HttpConnector::new();
+        plain.set_nodelay(true);
+        plain.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(plain);
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout,
             authorization: None,
+            https_refusal: None,
+        }
+    }
+
+    /// `https://` URLs trusted by the CA certificate in `ca` (no client certificate).
+    /// A CA that cannot be read makes every `https://` request fail with the reason.
+    pub fn trusting(self, ca: &Path) -> Self {
+        let authorization = self.authorization.clone();
+        match tls::trusting(ca) {
+            Ok(config) => Self {
+                authorization,
+                ..Self::with_tls_config(self.timeout, config)
+            },
+            Err(e) => Self {
+                https_refusal: Some(format!("{CA_ENV}: {e}")),
+                ..self
+            },
+        }
+    }
+
+    /// [`Self::trusting`] the CA named by `HAVEN_CA_FILE`, when it is set.
+    pub fn trusting_env_ca(self) -> Self {
+        match std::env::var_os(CA_ENV).filter(|ca| !ca.is_empty()) {
+            Some(ca) => self.trusting(Path::new(&ca)),
+            None => self,
         }
     }
 
@@ -76,6 +132,13 @@ impl Http {
             url: url.to_string(),
             reason,
         };
+        if let Some(reason) = self
+            .https_refusal
+            .as_ref()
+            .filter(|_| url.starts_with("https://"))
+        {
+            return Err(failed(reason.clone()));
+        }
         let mut builder = http::Request::builder().method(method).uri(url);
         for (name, value) in headers {
             builder = builder.header(*name, *value);

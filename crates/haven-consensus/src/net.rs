@@ -6,10 +6,13 @@ use std::io;
 use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
+use haven_base::tls;
+use haven_base::tls::PortListener;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -56,6 +59,56 @@ impl Accept for TcpListener {
         let (stream, peer) = TcpListener::accept(self).await?;
         let (reader, writer) = halves(stream)?;
         Ok((reader, writer, peer))
+    }
+}
+
+/// TCP wrapped in mutual TLS (`[tls]`): the peer's certificate must come from the
+/// cluster's CA and name the dialed host; ours goes with the handshake.
+pub struct TlsTcp {
+    pub connector: TlsConnector,
+}
+
+impl Dial for TlsTcp {
+    fn dial(&self, addr: &str) -> BoxFuture<'static, io::Result<(Reader, Writer)>> {
+        let (connector, addr) = (self.connector.clone(), addr.to_string());
+        Box::pin(async move {
+            let name = tls::server_name(&addr)?;
+            let stream = refuse_self_connection(TcpStream::connect(&addr).await?)?;
+            stream.set_nodelay(true)?;
+            let handshake =
+                tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, connector.connect(name, stream));
+            let refused = |reason: String| {
+                io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("TLS handshake with {addr}: {reason}"),
+                )
+            };
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(refused(tls::describe(&e))),
+                Err(_) => {
+                    return Err(refused(format!(
+                        "no answer within {:?}",
+                        tls::HANDSHAKE_TIMEOUT
+                    )));
+                }
+            };
+            let (reader, writer) = tokio::io::split(stream);
+            Ok((Box::new(reader) as Reader, Box::new(writer) as Writer))
+        })
+    }
+}
+
+impl Accept for PortListener {
+    async fn accept(&mut self) -> io::Result<(Reader, Writer, SocketAddr)> {
+        match self {
+            PortListener::Plain(listener) => Accept::accept(listener).await,
+            PortListener::Tls(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let (reader, writer) = tokio::io::split(stream);
+                Ok((Box::new(reader), Box::new(writer), peer))
+            }
+        }
     }
 }
 

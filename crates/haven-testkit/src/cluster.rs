@@ -50,7 +50,8 @@ pub struct ClusterSpec {
     /// The `haven` executable to launch (the current one for the demo).
     pub exe: PathBuf,
     pub dir: PathBuf,
-    /// TOML appended to every node's config (e.g. a `[limits]` table).
+    /// TOML appended to every node's config (e.g. a `[limits]` table); `{node_id}` in it
+    /// becomes each node's id (e.g. its own certificate's file).
     pub extra_config: String,
     pub app: AppKind,
     /// Each node starts and supervises its own replica (`[app] command`) instead of the
@@ -347,7 +348,12 @@ impl LocalCluster {
                 peer.id, peer.raft_addr, peer.client_addr, peer.id, self.spec.site
             );
         }
-        toml.push_str(&self.spec.extra_config);
+        toml.push_str(
+            &self
+                .spec
+                .extra_config
+                .replace("{node_id}", &slot.id.to_string()),
+        );
         toml
     }
 

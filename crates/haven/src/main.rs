@@ -79,6 +79,9 @@ enum Command {
         /// Keep the temporary directory (configs, data, logs).
         #[arg(long)]
         keep: bool,
+        /// Run every node with mutual TLS between peers (a CA made for the run).
+        #[arg(long)]
+        tls: bool,
     },
     /// Measure throughput, latency, CPU and failover (see `haven bench reference --help`).
     #[command(subcommand)]
@@ -105,6 +108,9 @@ enum Command {
     Drill(cli::drill::DrillArgs),
     /// The node's trail of admin changes: who (token holder), what, when, the answer.
     Audit(cli::audit::AuditArgs),
+    /// A quick-start CA and node certificates for `[tls]` (mutual TLS between nodes).
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommand),
     /// Recovery plans: bring several services back in dependency order, each gated by a
     /// health check, in drill sandboxes (`--drill`) or for real (`--failover`).
     #[command(subcommand)]
@@ -292,14 +298,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing(cli.log_format, "warn");
             print(&cli::audit::run(&args)?)?;
         }
+        Command::Cert(command) => {
+            init_tracing(cli.log_format, "warn");
+            print(&cli::cert::run(command)?)?;
+        }
         Command::Plan(command) => {
             init_tracing(cli.log_format, "warn");
             return verdict(cli::plan::run(command).await?);
         }
-        Command::Demo { json, keep } => {
+        Command::Demo { json, keep, tls } => {
             init_tracing(cli.log_format, "warn");
             let exe = std::env::current_exe().context("locating the haven executable")?;
-            let report = cli::demo::run(exe, cli::demo::DemoOptions { json, keep }).await?;
+            let report = cli::demo::run(exe, cli::demo::DemoOptions { json, keep, tls }).await?;
             if json {
                 print(&format!("{}\n", serde_json::to_string(&report)?))?;
             } else {

@@ -279,8 +279,22 @@ async fn corrupt_log_stops_the_node_with_file_and_offset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_passes() {
+    let report = demo(&[]);
+    assert_eq!(report["tls"], false);
+}
+
+/// The demo with every node speaking mutual TLS: the same story, the same checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_passes_with_tls() {
+    let report = demo(&["--tls"]);
+    assert_eq!(report["tls"], true);
+}
+
+/// Runs `haven demo --json ARGS` and asserts every check it reports passed.
+fn demo(args: &[&str]) -> serde_json::Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_haven"))
         .args(["demo", "--json"])
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -311,6 +325,7 @@ async fn demo_passes() {
     );
     assert_eq!(site["epoch"], 2, "{report}");
     assert!(site["rto_ms"].as_u64().unwrap() >= site["writable_after_ms"].as_u64().unwrap());
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

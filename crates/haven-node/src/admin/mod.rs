@@ -32,12 +32,13 @@ use axum::http::StatusCode;
 use axum::routing::MethodRouter;
 use axum::routing::get;
 use axum::routing::post;
+use haven_base::tls::Connection;
+use haven_base::tls::PortListener;
 use openraft::ServerState;
 use openraft::rt::WatchReceiver;
 use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ingress::Ingress;
@@ -524,15 +525,39 @@ where
     )
 }
 
-pub async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: PortListener, router: Router, mut shutdown: watch::Receiver<bool>) {
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    if let Err(e) = axum::serve(listener, router)
+    if let Err(e) = axum::serve(AdminListener(listener), router)
         .with_graceful_shutdown(stop)
         .await
     {
         tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+/// The admin port's listener, plain or TLS, as axum takes one.
+struct AdminListener(PortListener);
+
+impl axum::serve::Listener for AdminListener {
+    type Io = Box<dyn Connection>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok(accepted) => return accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }
 

@@ -20,6 +20,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use haven_base::tls::Connection;
+use haven_base::tls::PortListener;
 use http::HeaderValue;
 use http::Request;
 use http::Response;
@@ -33,7 +35,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
 use openraft::rt::WatchReceiver;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -648,7 +649,7 @@ fn delivered_response(delivered: Delivered) -> HttpResponse {
 
 /// Serves client HTTP on `listener` until `shutdown` turns true.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: PortListener,
     directory: Arc<Directory>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -665,13 +666,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(stream, peer, directory.clone()));
     }
 }
 
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    stream: Box<dyn Connection>,
     peer: SocketAddr,
     directory: Arc<Directory>,
 ) {

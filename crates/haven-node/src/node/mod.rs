@@ -26,9 +26,14 @@ use crate::rules;
 use haven_base::config::Config;
 use haven_base::config::ServiceConfig;
 use haven_base::metrics::NodeMetrics;
+use haven_base::tls::PortListener;
+use haven_base::tls::Tls;
 use haven_base::workers::Workers;
 use haven_consensus as consensus;
 use haven_consensus::link::Transport;
+use haven_consensus::net::Dial;
+use haven_consensus::net::Tcp;
+use haven_consensus::net::TlsTcp;
 use haven_consensus::propose::DurableGate;
 use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::server::Group;
@@ -64,6 +69,8 @@ pub enum NodeError {
     Service(#[from] ServiceError),
     #[error("{0}")]
     Admin(String),
+    #[error(transparent)]
+    Tls(#[from] haven_base::tls::TlsError),
 }
 
 /// The admin port's tokens and audit trail; without `[admin] token_file` the port stays
@@ -84,6 +91,33 @@ fn admin_guard(config: &Config) -> Result<admin::auth::Guard, NodeError> {
         public_reads: config.admin.public_reads,
         audit: admin::auth::Audit::new(&config.node.data_dir),
     })
+}
+
+/// The node's TLS from `[tls]`; without it every port is plaintext, and the node says so.
+fn load_tls(config: &Config) -> Result<Option<Tls>, NodeError> {
+    let Some(section) = &config.tls else {
+        tracing::warn!(
+            addr = %config.node.raft_addr,
+            "no [tls] table: peers connect in plaintext and any process that reaches the raft port can take part"
+        );
+        return Ok(None);
+    };
+    let tls = Tls::load(section)?;
+    tracing::info!(
+        client_port = tls.client_port,
+        admin_port = tls.admin_port,
+        "mutual TLS on the raft port"
+    );
+    Ok(Some(tls))
+}
+
+fn peer_dialer(tls: Option<&Tls>) -> Arc<dyn Dial> {
+    match tls {
+        Some(tls) => Arc::new(TlsTcp {
+            connector: tls.peer_client.clone(),
+        }),
+        None => Arc::new(Tcp),
+    }
 }
 
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
@@ -138,13 +172,29 @@ pub async fn run(
     mut reloads: Reloads,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    let tls = load_tls(&config)?;
     let raft_listener = bind("raft", config.node.raft_addr).await?;
     let client_listener = bind("client", config.node.client_addr).await?;
     let admin_listener = bind("admin", config.node.admin_addr).await?;
     let (admin_reloads, mut reload_requests) = mpsc::channel(RELOAD_QUEUE);
     let (admin_follows, mut follow_requests) = mpsc::channel(RELOAD_QUEUE);
     let (reopen, mut reopens) = mpsc::unbounded_channel();
-    let mut node = Node::new(config, (admin_reloads, admin_follows), reopen)?;
+    let mut node = Node::new(config, (admin_reloads, admin_follows), reopen, tls.as_ref())?;
+    let incoming = |listener, acceptor, port| {
+        PortListener::new(listener, acceptor, port, node.metrics.tls_refused.clone())
+    };
+    let raft_listener = incoming(
+        raft_listener,
+        tls.as_ref().map(|t| t.peer_server.clone()),
+        "raft",
+    );
+    let https = |on: fn(&Tls) -> bool| {
+        tls.as_ref()
+            .filter(|t| on(t))
+            .map(|t| t.https_server.clone())
+    };
+    let client_listener = incoming(client_listener, https(|t| t.client_port), "client");
+    let admin_listener = incoming(admin_listener, https(|t| t.admin_port), "admin");
     let opened = node.open_all().await?;
     for service in &opened {
         node.serve_raft(service);
@@ -280,6 +330,7 @@ impl Node {
         config: Config,
         (reloads, follows): (admin::reload::Reloads, admin::site::Follows),
         reopen: mpsc::UnboundedSender<String>,
+        tls: Option<&Tls>,
     ) -> Result<Self, NodeError> {
         let metrics = NodeMetrics::new()?;
         let workers = Workers::new();
@@ -298,7 +349,7 @@ impl Node {
             admin_guard(&config)?,
         );
         Ok(Self {
-            transport: Transport::tcp(metrics.peers.clone(), hello),
+            transport: Transport::with_dialer(peer_dialer(tls), metrics.peers.clone(), hello),
             groups: Groups::new(&config.node.cluster, config.node.id),
             directory: Arc::new(Directory::default()),
             admin,

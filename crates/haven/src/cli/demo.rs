@@ -48,6 +48,8 @@ pub struct DemoOptions {
     pub json: bool,
     /// Keep the temporary directory (configs, data, logs) for inspection.
     pub keep: bool,
+    /// Both sites' nodes speak mutual TLS to each other, with a CA made for the run.
+    pub tls: bool,
 }
 
 /// Everything the demo measured and checked.
@@ -76,6 +78,8 @@ pub struct DemoReport {
     pub tree_acknowledged_present: bool,
     /// The site lost, the log service rebuilt from the archive alone.
     pub site_loss: Option<SiteLoss>,
+    /// Whether the nodes spoke mutual TLS to each other.
+    pub tls: bool,
     pub passed: bool,
 }
 
@@ -85,6 +89,10 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         .tempdir()
         .context("creating temp dir")?;
     let archive = DemoArchive::create(tmp.path())?;
+    let tls_table = match options.tls {
+        true => demo_certificates(&tmp.path().join("certs"))?,
+        false => String::new(),
+    };
     let mut log_service = ServiceSpec::new(
         LOG,
         AppKind::LogApp {
@@ -97,7 +105,7 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         nodes: 3,
         exe: exe.clone(),
         dir: tmp.path().to_path_buf(),
-        extra_config: String::new(),
+        extra_config: tls_table.clone(),
         app: AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
         },
@@ -105,10 +113,14 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         services: vec![log_service, ServiceSpec::new(COORD, AppKind::TreeApp)],
     };
     let mut cluster = LocalCluster::start(spec)?;
-    let mut report = match archive.start_standby(exe, &tmp.path().join("site-b"), LOG) {
+    let site_b = tmp.path().join("site-b");
+    let mut report = match archive.start_standby(exe, &site_b, LOG, &tls_table) {
         Ok(site_b) => drive(&mut cluster, &site_b).await,
         Err(e) => Err(e),
     };
+    if let Ok(report) = report.as_mut() {
+        report.tls = options.tls;
+    }
     drop(cluster);
     if options.keep || report.as_ref().map_or(true, |r| !r.passed) {
         let kept = tmp.keep();
@@ -118,6 +130,19 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         tracing::info!(dir = %kept.display(), "demo directory kept");
     }
     report
+}
+
+/// A CA and one certificate per node id (both sites' nodes are on 127.0.0.1, and site
+/// B's node 1 may share site A's node 1's certificate), as a `[tls]` table for every node.
+fn demo_certificates(dir: &std::path::Path) -> anyhow::Result<String> {
+    haven_base::certs::init(dir)?;
+    for id in 1..=3 {
+        haven_base::certs::issue(dir, &format!("node{id}"), &["127.0.0.1".to_string()])?;
+    }
+    Ok(format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/node{{node_id}}.pem\"\nkey = \"{0}/node{{node_id}}.key\"\n",
+        dir.display()
+    ))
 }
 
 async fn drive(cluster: &mut LocalCluster, site_b: &Site) -> anyhow::Result<DemoReport> {
@@ -303,6 +328,7 @@ fn verify(
         tree_replicas_identical: false,
         tree_acknowledged_present: false,
         site_loss: None,
+        tls: false,
         passed,
     })
 }
@@ -369,6 +395,14 @@ pub fn render(report: &DemoReport) -> String {
         ("log commit index", report.final_commit_index.to_string()),
         ("lines per log replica", report.replica_lines.to_string()),
         ("leaders at the end", leaders.join(", ")),
+        (
+            "between nodes",
+            match report.tls {
+                true => "mutual TLS (a CA made for the run)",
+                false => "plaintext (`haven demo --tls` for mutual TLS)",
+            }
+            .to_string(),
+        ),
     ];
     let site: Vec<(&str, String)> = site_lines(report.site_loss.as_ref())
         .into_iter()

@@ -75,7 +75,14 @@ impl DemoArchive {
     }
 
     /// Site B: one node with a standby of the log service, in `dir`.
-    pub fn start_standby(&self, exe: PathBuf, dir: &Path, service: &str) -> anyhow::Result<Site> {
+    /// `extra_config`: more of every node's config (the demo's `[tls]` table).
+    pub fn start_standby(
+        &self,
+        exe: PathBuf,
+        dir: &Path,
+        service: &str,
+        extra_config: &str,
+    ) -> anyhow::Result<Site> {
         std::fs::create_dir_all(dir)?;
         let app = AppKind::LogApp {
             prepopulate: PREPOPULATED_LINES,
@@ -87,7 +94,7 @@ impl DemoArchive {
             nodes: 1,
             exe,
             dir: dir.to_path_buf(),
-            extra_config: String::new(),
+            extra_config: extra_config.to_string(),
             app,
             managed: true,
             services: vec![standby],

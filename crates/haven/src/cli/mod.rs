@@ -4,6 +4,7 @@ use haven_client::admin::AdminClient;
 
 pub mod archive;
 pub mod audit;
+pub mod cert;
 pub mod checkpoints;
 pub mod demo;
 pub mod demo_load;
