@@ -165,6 +165,19 @@ pub struct LocalCluster {
     pub slots: Vec<Slot>,
 }
 
+/// A CA made in `dir` and certificates `node1`..`node<nodes>` for 127.0.0.1, as the
+/// `[tls]` table every node's config takes (`{node_id}` picks each node's own files).
+pub fn loopback_tls(dir: &Path, nodes: usize) -> anyhow::Result<String> {
+    haven_base::certs::init(dir)?;
+    for id in 1..=nodes {
+        haven_base::certs::issue(dir, &format!("node{id}"), &["127.0.0.1".to_string()])?;
+    }
+    Ok(format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/node{{node_id}}.pem\"\nkey = \"{0}/node{{node_id}}.key\"\n",
+        dir.display()
+    ))
+}
+
 /// Reserves a free loopback port: one that binds now, for a node to bind later.
 ///
 /// Ports come from below the kernel's ephemeral range (32768 and up), so the outgoing

@@ -154,3 +154,116 @@ fn a_bad_token_file_stops_the_node_naming_file_and_line() {
         "{said}"
     );
 }
+
+/// Two services on one node: `orders` with tokens of its own (`[service.admin]`),
+/// `billing` with the node's. Each service's changes take only its own tokens; a refused
+/// change changes nothing; the trail names each holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_own_tokens_guard_its_changes_and_only_its_changes() {
+    use haven_testkit::cluster::AppKind;
+    use haven_testkit::cluster::ClusterSpec;
+    use haven_testkit::cluster::LocalCluster;
+    use haven_testkit::cluster::ServiceSpec;
+
+    const ORDERS_TOKEN: &str = "orders-team-0123456789";
+    let dir = common::test_dir("haven-admin-svc-");
+    let node_tokens = dir.path().join("node.tokens");
+    std::fs::write(&node_tokens, format!("ops {TOKEN}\n")).unwrap();
+    let orders_tokens = dir.path().join("orders.tokens");
+    std::fs::write(&orders_tokens, format!("orders-team {ORDERS_TOKEN}\n")).unwrap();
+    let checkpoints =
+        "[service.checkpoints]\nmode = \"managed\"\nevery_entries = 100000\nevery_seconds = 0\n";
+    let app = AppKind::LogApp {
+        prepopulate: common::PREPOPULATE,
+    };
+    let mut orders = ServiceSpec::new("orders", app.clone());
+    orders.tables = format!(
+        "{checkpoints}[service.admin]\ntoken_file = \"{}\"\n",
+        orders_tokens.display()
+    );
+    let mut billing = ServiceSpec::new("billing", app.clone());
+    billing.tables = checkpoints.to_string();
+    let cluster = LocalCluster::start(ClusterSpec {
+        site: String::new(),
+        nodes: 1,
+        exe: HAVEN.into(),
+        dir: dir.path().join("cluster"),
+        extra_config: format!("[admin]\ntoken_file = \"{}\"\n", node_tokens.display()),
+        app,
+        managed: true,
+        services: vec![orders, billing],
+    })
+    .unwrap();
+    for service in ["orders", "billing"] {
+        (cluster.wait_for_leader_of(Some(service), Duration::from_secs(30)))
+            .await
+            .unwrap();
+    }
+    let http = Http::new(Duration::from_secs(10));
+    let admin = cluster.slots[0].admin_url();
+    let checkpoint = |service: &'static str, token: &'static str| {
+        let (http, url) = (
+            http.clone(),
+            format!("{admin}/checkpoints?service={service}"),
+        );
+        async move {
+            let bearer = format!("Bearer {token}");
+            let headers = [("authorization", bearer.as_str())];
+            let reply = http
+                .send("POST", &url, &headers, Bytes::new())
+                .await
+                .unwrap();
+            (reply.status, reply.text())
+        }
+    };
+    let checkpoints_of = |service: &'static str| {
+        let (http, url) = (
+            http.clone(),
+            format!("{admin}/checkpoints?service={service}"),
+        );
+        async move { http.get(&url).await.unwrap().text() }
+    };
+
+    let before = checkpoints_of("orders").await;
+    let (status, text) = checkpoint("orders", TOKEN).await;
+    assert_eq!(status, 401, "the node's token changed orders: {text}");
+    assert!(text.contains("this token is not accepted here"), "{text}");
+    assert_eq!(
+        checkpoints_of("orders").await,
+        before,
+        "a refused change changed orders"
+    );
+    let (status, text) = checkpoint("orders", ORDERS_TOKEN).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, _) = checkpoint("billing", ORDERS_TOKEN).await;
+    assert_eq!(status, 401, "orders' token changed billing");
+    let (status, text) = checkpoint("billing", TOKEN).await;
+    assert_eq!(status, 200, "{text}");
+
+    let output = Command::new(HAVEN)
+        .args(["audit", "--json", "--config"])
+        .arg(&cluster.slots[0].config_path)
+        .output()
+        .unwrap();
+    let trail: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let seen: Vec<(Option<&str>, Option<&str>, u64)> = (trail.iter())
+        .map(|e| {
+            let who = e["who"].as_str();
+            (who, e["service"].as_str(), e["status"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (None, Some("orders"), 401),
+            (Some("orders-team"), Some("orders"), 200),
+            (None, Some("billing"), 401),
+            (Some("ops"), Some("billing"), 200),
+        ]
+    );
+    let log = std::fs::read_to_string(cluster.log_path(0, Process::Node)).unwrap();
+    assert!(
+        !log.contains(TOKEN) && !log.contains(ORDERS_TOKEN),
+        "a token is in the node's log"
+    );
+}

@@ -42,6 +42,10 @@ pub struct ReferenceArgs {
     /// Also measure a peer system in the same run.
     #[arg(long, value_enum)]
     pub peer: Option<Peer>,
+    /// Also measure 3 nodes speaking mutual TLS to each other, for the cost of TLS in
+    /// the same run.
+    #[arg(long)]
+    pub tls: bool,
     /// Where the JSON, the Markdown table and the charts go.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -145,6 +149,9 @@ pub async fn run(args: &ReferenceArgs, exe: &Path) -> anyhow::Result<ReferenceRe
         SystemKind::Haven { nodes: 1 },
         SystemKind::Haven { nodes: 3 },
     ];
+    if args.tls {
+        systems.push(SystemKind::HavenTls { nodes: 3 });
+    }
     if args.peer.is_some() {
         systems.push(SystemKind::Etcd);
     }
@@ -388,6 +395,22 @@ fn judge(
         "node memory ≤ 100 MB RSS under write load",
         (!node_peak_rss_mb.is_empty()).then(|| (format!("{peak:.0} MB peak"), peak <= 100.0)),
     );
+    let tls = row(rows, SystemKind::HavenTls { nodes: 3 }, "POST 100%");
+    if let Some((t, h)) = tls.zip(post) {
+        checks.push(TargetCheck {
+            target: "POST 100% with mutual TLS between nodes (no target: the cost)".to_string(),
+            measured: format!(
+                "{:.3} × the throughput, p99 {:.2} vs {:.2} ms, CPU {:.2} ×",
+                t.throughput / h.throughput.max(1.0),
+                t.p99_ms,
+                h.p99_ms,
+                t.cpu_us_per_request
+                    .zip(h.cpu_us_per_request)
+                    .map_or(0.0, |(t, h)| t / h),
+            ),
+            met: None,
+        });
+    }
     checks
 }
 

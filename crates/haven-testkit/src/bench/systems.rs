@@ -31,7 +31,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemKind {
     AppAlone,
-    Haven { nodes: usize },
+    Haven {
+        nodes: usize,
+    },
+    /// Haven's nodes speaking mutual TLS to each other (`[tls]`; clients in plaintext).
+    HavenTls {
+        nodes: usize,
+    },
     Etcd,
 }
 
@@ -41,6 +47,7 @@ impl SystemKind {
             Self::AppAlone => "log app alone".to_string(),
             Self::Haven { nodes: 1 } => "haven, 1 node".to_string(),
             Self::Haven { nodes } => format!("haven, {nodes} nodes"),
+            Self::HavenTls { nodes } => format!("haven, {nodes} nodes, TLS"),
             Self::Etcd => "etcd, 3 members".to_string(),
         }
     }
@@ -106,7 +113,11 @@ pub async fn launch(kind: SystemKind, exe: &Path, dir: &Path) -> anyhow::Result<
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     match kind {
         SystemKind::AppAlone => launch_app_alone(exe, &dir).await,
-        SystemKind::Haven { nodes } => launch_haven(exe, &dir, nodes).await,
+        SystemKind::Haven { nodes } => launch_haven(exe, &dir, nodes, String::new()).await,
+        SystemKind::HavenTls { nodes } => {
+            let tls = crate::cluster::loopback_tls(&dir.join("certs"), nodes)?;
+            launch_haven(exe, &dir, nodes, tls).await
+        }
         SystemKind::Etcd => launch_etcd(&dir).await,
     }
 }
@@ -131,8 +142,17 @@ async fn launch_app_alone(exe: &Path, dir: &Path) -> anyhow::Result<RunningSyste
     })
 }
 
-async fn launch_haven(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<RunningSystem> {
-    let cluster = LocalCluster::start(log_app_cluster(nodes, exe, dir, PREPOPULATED_LINES))?;
+async fn launch_haven(
+    exe: &Path,
+    dir: &Path,
+    nodes: usize,
+    extra_config: String,
+) -> anyhow::Result<RunningSystem> {
+    let spec = ClusterSpec {
+        extra_config,
+        ..log_app_cluster(nodes, exe, dir, PREPOPULATED_LINES)
+    };
+    let cluster = LocalCluster::start(spec)?;
     cluster.wait_for_leader(START_TIMEOUT).await?;
     cluster.wait_all_ready(START_TIMEOUT).await?;
     let targets = cluster.slots.iter().map(|s| s.client_url()).collect();

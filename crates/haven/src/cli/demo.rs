@@ -90,7 +90,8 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         .context("creating temp dir")?;
     let archive = DemoArchive::create(tmp.path())?;
     let tls_table = match options.tls {
-        true => demo_certificates(&tmp.path().join("certs"))?,
+        // Site B's node 1 uses the same certificate as A's: both are on 127.0.0.1.
+        true => haven_testkit::cluster::loopback_tls(&tmp.path().join("certs"), 3)?,
         false => String::new(),
     };
     let mut log_service = ServiceSpec::new(
@@ -130,19 +131,6 @@ pub async fn run(exe: std::path::PathBuf, options: DemoOptions) -> anyhow::Resul
         tracing::info!(dir = %kept.display(), "demo directory kept");
     }
     report
-}
-
-/// A CA and one certificate per node id (both sites' nodes are on 127.0.0.1, and site
-/// B's node 1 may share site A's node 1's certificate), as a `[tls]` table for every node.
-fn demo_certificates(dir: &std::path::Path) -> anyhow::Result<String> {
-    haven_base::certs::init(dir)?;
-    for id in 1..=3 {
-        haven_base::certs::issue(dir, &format!("node{id}"), &["127.0.0.1".to_string()])?;
-    }
-    Ok(format!(
-        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/node{{node_id}}.pem\"\nkey = \"{0}/node{{node_id}}.key\"\n",
-        dir.display()
-    ))
 }
 
 async fn drive(cluster: &mut LocalCluster, site_b: &Site) -> anyhow::Result<DemoReport> {
