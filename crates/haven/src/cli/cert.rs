@@ -11,12 +11,14 @@ pub enum CertCommand {
     /// `DIR/ca.key` (keep it off the nodes; it signs new node certificates). Never
     /// overwrites.
     Init {
+        /// Where the CA's two files go (created if missing)
         #[arg(long)]
         dir: PathBuf,
     },
     /// Issue `DIR/NAME.pem` and `DIR/NAME.key` for one node (`[tls] cert` and `key`),
     /// signed by the CA in DIR, valid as TLS server and client for every `--host`.
     Issue {
+        /// The CA's directory (`haven cert init`); the node's two files go there too
         #[arg(long)]
         dir: PathBuf,
         /// Names the files, e.g. `node1`.
