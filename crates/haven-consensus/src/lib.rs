@@ -13,12 +13,14 @@
 //!   crash left unrecorded, asked of peers; [`answer_digests`]: replicas' answers
 //!   compared, to detect divergence.
 //! - [`balance`], [`step_aside`]: leadership spread over nodes, and handed away by a node
-//!   whose replica cannot take entries.
+//!   whose replica cannot take entries or that is stopping; [`leader_gone`]: a follower
+//!   that sees its leader's process gone campaigns without waiting out the lease.
 
 pub mod answer_digests;
 pub mod balance;
 pub mod client;
 pub mod first_answers;
+pub mod leader_gone;
 pub mod link;
 pub mod net;
 pub mod propose;
@@ -50,6 +52,9 @@ pub fn raft_config(timing: &RaftTiming) -> Result<openraft::Config, openraft::Co
         // Without this openraft stops the *leader* with a panic when it meets such a node.
         allow_log_reversion: Some(true),
         enable_pre_vote: Some(true),
+        // A restarted leader must win an election: followers that saw it gone dropped
+        // their lease on its vote (`leader_gone`), so it must not lead on that vote again.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     config.validate()

@@ -17,7 +17,9 @@ use tokio::io::BufWriter;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 
+use super::leader_gone;
 use super::net::Accept;
+use super::net::Dial;
 use super::net::Reader;
 use super::net::Writer;
 use super::propose;
@@ -63,16 +65,20 @@ pub struct Groups<SM: HavenStateMachine> {
     cluster: String,
     /// This node, named in refusals.
     node: NodeId,
+    /// How this node dials a peer whose connection ended, to see whether it is gone
+    /// ([`leader_gone`]).
+    dial: Arc<dyn Dial>,
     by_service: RwLock<BTreeMap<String, Arc<Group<SM>>>>,
     /// When a refusal was last logged: a misconfigured peer redials every backoff step.
     refusal_logged_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<SM: HavenStateMachine> Groups<SM> {
-    pub fn new(cluster: &str, node: NodeId) -> Arc<Self> {
+    pub fn new(cluster: &str, node: NodeId, dial: Arc<dyn Dial>) -> Arc<Self> {
         Arc::new(Self {
             cluster: cluster.to_string(),
             node,
+            dial,
             by_service: RwLock::default(),
             refusal_logged_at: Mutex::default(),
         })
@@ -180,8 +186,10 @@ pub async fn serve<SM: HavenStateMachine>(
             Ok((reader, writer, peer)) => {
                 let groups = groups.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_peer(reader, writer, peer, &groups, reads).await {
-                        tracing::warn!(%peer, error = %e, "raft connection dropped");
+                    match serve_peer(reader, writer, peer, &groups, reads).await {
+                        // Closed before its hello: a peer checking that this node listens.
+                        Ok(()) | Err(wire::WireError::Closed) => {}
+                        Err(e) => tracing::warn!(%peer, error = %e, "raft connection dropped"),
                     }
                 });
             }
@@ -242,12 +250,16 @@ async fn serve_peer<SM: HavenStateMachine>(
         durable: group.durable.clone(),
     };
     drop(group);
-    let serving = serve_connection(reader, writer, raft, inbox, answers, policy);
-    tokio::select! {
+    let serving = serve_connection(reader, writer, raft.clone(), inbox, answers, policy);
+    let served = tokio::select! {
         served = serving => served,
         // A dropped sender means the service is gone too.
-        _ = stop.wait_for(|stop| *stop) => Ok(()),
-    }
+        _ = stop.wait_for(|stop| *stop) => return Ok(()),
+    };
+    // The peer closed it, or it broke: if the peer led, it may be gone.
+    let dial = groups.dial.clone();
+    tokio::spawn(leader_gone::check(raft, groups.node, hello.node, dial));
+    served
 }
 
 async fn serve_connection<SM: HavenStateMachine>(

@@ -8,6 +8,10 @@
 //! while the core still runs keeps the cluster under a leader whose replica works; this
 //! node then follows, its clients get timeouts with a reason (504 `apply-timeout`), and it
 //! catches up when its app returns.
+//!
+//! A leader that is asked to stop ([`hand_over`]) hands leadership over the same way
+//! first, so a planned restart costs the writers one leader transfer instead of an
+//! election after the lease and election timeout.
 
 use std::time::Duration;
 
@@ -26,6 +30,11 @@ use haven_contract::NodeId;
 pub const FAILING_FOR: Duration = Duration::from_millis(200);
 /// Pause after a hand-over before trying again, so the transfer can complete.
 const AFTER_HANDOVER: Duration = Duration::from_millis(500);
+/// How long a stopping leader waits for its transfer to take before asking again. The
+/// target ignores a transfer while its log lacks the leader's last entry (openraft), which
+/// under write load it often does when first asked; the leader proposes nothing after the
+/// first ask, so the next one finds the target caught up.
+const TRANSFER_RETRY: Duration = Duration::from_millis(20);
 
 /// Runs until `shutdown`: whenever deliveries to the local replica have failed for
 /// [`FAILING_FOR`] while this node leads, transfers leadership to the most up-to-date
@@ -76,6 +85,68 @@ async fn sleep_unless_shutdown(pause: Duration, shutdown: &mut watch::Receiver<b
         biased;
         _ = shutdown.wait_for(|stop| *stop) => false,
         _ = tokio::time::sleep(pause) => true,
+    }
+}
+
+/// How a stopping node's leadership ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// Not the leader (or no other voter to hand to): nothing to do.
+    NotLeader,
+    /// Another node leads and this node learnt the commit of every entry it proposed,
+    /// so the writes it was committing were answered.
+    Done { to: NodeId },
+    /// Still leading, or its last entries not known committed, when `within` ran out.
+    TimedOut,
+}
+
+/// Hands leadership to the most up-to-date other voter and waits, at most `within`, until
+/// another node leads and this node's commit index covers its whole log: the entries it
+/// proposed are committed by the new leader, and their clients get their answers before
+/// this node stops.
+pub async fn hand_over<SM: HavenStateMachine>(
+    raft: &RaftOf<SM>,
+    id: NodeId,
+    within: Duration,
+) -> HandOver {
+    let deadline = tokio::time::Instant::now() + within;
+    if successor(raft, id).is_none() {
+        return HandOver::NotLeader;
+    }
+    let to = loop {
+        if let Some(to) = successor(raft, id)
+            && raft.trigger().transfer_leader(to).await.is_err()
+        {
+            return HandOver::TimedOut;
+        }
+        let wait =
+            TRANSFER_RETRY.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let led = raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != id),
+                "another leader",
+            )
+            .await;
+        if let Ok(m) = led {
+            break m.current_leader.unwrap_or(id);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return HandOver::TimedOut;
+        }
+    };
+    let last = raft.metrics().borrow_watched().last_log_index;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let covered = raft
+        .wait(Some(left))
+        .metrics(
+            |m| m.local_committed.map(|c| c.index) >= last,
+            "own entries committed",
+        )
+        .await;
+    match covered {
+        Ok(_) => HandOver::Done { to },
+        Err(_) => HandOver::TimedOut,
     }
 }
 

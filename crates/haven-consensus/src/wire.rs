@@ -246,7 +246,12 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 pub async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Hello, WireError> {
     let read = async {
         let mut marker = [0u8; 8];
-        reader.read_exact(&mut marker).await?;
+        match reader.read_exact(&mut marker).await {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(WireError::Closed);
+            }
+            read => read?,
+        };
         if &marker != HELLO {
             return Err(WireError::BadHello(marker));
         }

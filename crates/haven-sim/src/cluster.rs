@@ -33,6 +33,7 @@ use crate::machine::Replica;
 use crate::net::RAFT_PORT;
 use crate::net::SIM_CLUSTER;
 use crate::net::SIM_SERVICE;
+use crate::net::SimDial;
 use crate::net::SimListener;
 use crate::net::sim_transport;
 use crate::store::SimLog;
@@ -183,7 +184,7 @@ fn add_node(
                 answers: None,
             };
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
-            let groups = Groups::new(SIM_CLUSTER, id);
+            let groups = Groups::new(SIM_CLUSTER, id, Arc::new(SimDial));
             let stop = shutdown.clone();
             let settings = Vec::new();
             groups.insert(

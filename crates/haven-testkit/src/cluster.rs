@@ -738,6 +738,31 @@ impl LocalCluster {
         self.signal_node(i, rustix::process::Signal::HUP)
     }
 
+    /// SIGTERM, as a service manager stops a node (a leader hands leadership over first),
+    /// then waits up to `limit` for the process to exit; past it the node is SIGKILLed and
+    /// this fails. How the node exited.
+    pub async fn stop_node(
+        &mut self,
+        i: usize,
+        limit: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal_node(i, rustix::process::Signal::TERM)?;
+        let deadline = Instant::now() + limit;
+        let slot = &mut self.slots[i];
+        while let Some(child) = slot.node.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                slot.node = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                kill(&mut slot.node);
+                bail!("node {} did not exit within {limit:?} of SIGTERM", slot.id);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("node {} is not running", slot.id)
+    }
+
     fn signal_node(&self, i: usize, signal: rustix::process::Signal) -> anyhow::Result<()> {
         let slot = &self.slots[i];
         let Some(child) = slot.node.as_ref() else {

@@ -119,11 +119,30 @@ fn failover_kills_the_leader_and_reports_the_window() {
     let report = json_of(haven().args(["bench", "failover", "--trials", "1", "--json"]));
     let trials = report["trials"].as_array().unwrap();
     assert_eq!(trials.len(), 1);
-    assert_ne!(trials[0]["killed_node"], trials[0]["new_leader"]);
+    assert_eq!(report["signal"], "kill");
+    assert_ne!(trials[0]["stopped_node"], trials[0]["new_leader"]);
     let window = report["median_ms"].as_f64().unwrap();
     // An election takes at least an election timeout (250 ms or more); on a busy machine
     // leadership may move just before the kill, so only a loose lower bound is safe.
     assert!((50.0..10_000.0).contains(&window), "{report}");
+}
+
+/// A planned restart of the leader after a short fault-free phase: the report names the
+/// signal, counts the steady phase's writes and terms, and the leader changed.
+#[test]
+fn failover_with_sigterm_and_a_steady_phase_reports_both() {
+    let report = json_of(haven().args([
+        "bench", "failover", "--trials", "1", "--signal", "term", "--steady", "2", "--json",
+    ]));
+    assert_eq!(report["signal"], "term");
+    let trials = report["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 1);
+    assert_ne!(trials[0]["stopped_node"], trials[0]["new_leader"]);
+    assert!(report["max_ms"].as_f64().unwrap() < 10_000.0, "{report}");
+    let steady = &report["steady"];
+    assert_eq!(steady["seconds"], 2);
+    assert!(steady["achieved"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(steady["term_start"].as_u64().unwrap() >= 1, "{report}");
 }
 
 /// A short run of both phases: the peer-down phase must still commit writes, dial the dead

@@ -1,8 +1,13 @@
 //! End-to-end tests: real `haven node` and `haven logapp` processes on loopback, really
 //! killed. Each test owns its cluster directory and ports.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
+
+use haven_testkit::cluster::Process;
 
 mod common;
 use common::PREPOPULATE;
@@ -197,6 +202,56 @@ async fn leader_killed_loses_no_acknowledged_write_and_restarted_node_catches_up
             1,
             "{body} present exactly once"
         );
+    }
+}
+
+/// A planned restart: the leader gets SIGTERM under keyed writes through every node. It
+/// hands leadership to a follower before it stops (its log says so), exits cleanly, and
+/// every acknowledged write is on every replica exactly once after it rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_stopped_with_sigterm_hands_over_first_and_loses_no_acknowledged_write() {
+    let mut c = start("").await;
+    let (stop, acknowledged) = (
+        Arc::new(AtomicBool::new(false)),
+        common::Acknowledged::default(),
+    );
+    let load = common::keyed_writers(&c, "/append", "", &stop, &acknowledged);
+    let acked = || acknowledged.lock().unwrap().len();
+    wait_until(|| acked() >= 100, "100 writes before the stop").await;
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let exit = c.stop_node(leader, Duration::from_secs(15)).await.unwrap();
+    assert!(exit.success(), "the stopped leader exited with {exit}");
+    let log = std::fs::read_to_string(c.log_path(leader, Process::Node)).unwrap();
+    assert!(
+        log.contains("leadership handed over before stopping"),
+        "the leader stopped without handing over: {log}"
+    );
+    let new_leader = c.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    assert_ne!(new_leader, leader);
+    let before = acked();
+    wait_until(|| acked() >= before + 100, "100 writes after the stop").await;
+    stop.store(true, Ordering::Relaxed);
+    for writer in load {
+        writer.await.unwrap();
+    }
+    c.start_node(leader).unwrap();
+    let bytes = c.assert_replicas_identical().await;
+    let lines: Vec<String> = lines(&bytes);
+    for key in acknowledged.lock().unwrap().iter() {
+        assert_eq!(
+            lines.iter().filter(|l| *l == key).count(),
+            1,
+            "{key} present exactly once"
+        );
+    }
+}
+
+/// Polls `done` every 20 ms for up to 30 s.
+async fn wait_until(done: impl Fn() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

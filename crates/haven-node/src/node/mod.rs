@@ -38,6 +38,7 @@ use haven_consensus::propose::DurableGate;
 use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::server::Group;
 use haven_consensus::server::Groups;
+use haven_consensus::step_aside::HandOver;
 use haven_consensus::wire::Hello;
 use haven_contract::NodeId;
 use haven_drill::DrillSpec;
@@ -205,7 +206,7 @@ pub async fn run(
             raft_listener,
             node.groups.clone(),
             node.config.raft.reads,
-            node.stop.subscribe(),
+            node.raft_port_stop.subscribe(),
         ),
     );
     tracing::info!(addr = %node.config.node.raft_addr, "raft port open");
@@ -269,7 +270,10 @@ pub async fn run(
         }
     };
     match &fatal {
-        None => tracing::info!("shutting down"),
+        None => {
+            tracing::info!("shutting down");
+            node.hand_over_leadership().await;
+        }
         Some(reason) => tracing::error!(%reason, "raft stopped; shutting down"),
     }
     node.shut_down().await;
@@ -321,6 +325,9 @@ struct Node {
     services: Vec<Running>,
     /// The node's servers stop on it; each service has its own ([`Running::stop`]).
     stop: watch::Sender<bool>,
+    /// The raft port closes on it, last: a peer takes a refused dial to mean that no Raft
+    /// of this node runs any more (`consensus::leader_gone`).
+    raft_port_stop: watch::Sender<bool>,
     /// Given to every service: a standby that took over asks to be opened again.
     reopen: mpsc::UnboundedSender<String>,
 }
@@ -350,13 +357,16 @@ impl Node {
         );
         Ok(Self {
             transport: Transport::with_dialer(peer_dialer(tls), metrics.peers.clone(), hello),
-            groups: Groups::new(&config.node.cluster, config.node.id),
+            // Plain TCP also under `[tls]`: whether a peer's port refuses is a TCP
+            // question, and the TLS dialer reports a failed handshake as refused too.
+            groups: Groups::new(&config.node.cluster, config.node.id, Arc::new(Tcp)),
             directory: Arc::new(Directory::default()),
             admin,
             metrics,
             workers,
             services: Vec::new(),
             stop: watch::channel(false).0,
+            raft_port_stop: watch::channel(false).0,
             reopen,
             config,
         })
@@ -544,7 +554,32 @@ impl Node {
         Ok(rejoined)
     }
 
-    /// Shuts every service down, then the node's own workers.
+    /// Before a planned stop, while every port still serves: each service this node
+    /// leads is handed to its most up-to-date other voter, all at once, each within
+    /// [`HAND_OVER_LIMIT`]. Writers then wait for one leader transfer, not for the
+    /// followers' lease and election timeout to run out.
+    async fn hand_over_leadership(&self) {
+        let id = self.config.node.id;
+        let handovers = (self.services.iter())
+            .filter_map(|running| Some((&running.service.name, running.service.raft.as_ref()?)))
+            .map(|(name, raft)| async move {
+                match consensus::step_aside::hand_over(raft, id, HAND_OVER_LIMIT).await {
+                    HandOver::NotLeader => {}
+                    HandOver::Done { to } => {
+                        tracing::info!(service = %name, to, "leadership handed over before stopping")
+                    }
+                    HandOver::TimedOut => tracing::warn!(
+                        service = %name,
+                        limit_ms = HAND_OVER_LIMIT.as_millis() as u64,
+                        "leadership not handed over in time; stopping anyway"
+                    ),
+                }
+            });
+        futures::future::join_all(handovers).await;
+    }
+
+    /// Shuts every service down, then closes the raft port and ends the node's own
+    /// workers.
     async fn shut_down(&mut self) {
         let _ = self.stop.send(true);
         let services = std::mem::take(&mut self.services);
@@ -552,6 +587,7 @@ impl Node {
             self.unregister(running);
         }
         futures::future::join_all(services.into_iter().map(|r| r.service.shutdown())).await;
+        let _ = self.raft_port_stop.send(true);
         self.workers.stop_all(WORKER_STOP_GRACE).await;
     }
 }
@@ -650,6 +686,10 @@ async fn any_stopped(services: &[Running]) -> String {
     futures::future::select_all(stopped).await.0
 }
 
+/// How long a stopping leader waits for another node to lead and to commit what it
+/// proposed. Well inside the grace periods of service managers (systemd's 90 s,
+/// Kubernetes' 30 s); a transfer takes tens of milliseconds when the target is reachable.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 /// How long the workers have to end once the node has shut Raft and the app down.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 

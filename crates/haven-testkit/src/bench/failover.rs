@@ -1,10 +1,15 @@
-//! `haven bench failover`: how long writes are unavailable when the leader dies.
+//! `haven bench failover`: how long writes are unavailable when the leader goes away.
 //!
 //! A steady stream of writes goes to the followers (a client of the dead node would see
 //! refused connections, which measures the client, not the cluster). The leader is
-//! SIGKILLed; the window is from the last write acknowledged before the kill to the first
-//! write sent after the kill that is acknowledged. The killed node is restarted and
-//! caught up before the next trial, so every trial starts from a healthy cluster.
+//! SIGKILLed (a crash), or sent SIGTERM (a planned restart: it hands leadership over
+//! first); the window is from the last write acknowledged before the signal to the first
+//! write sent after it that is acknowledged. The node is restarted and caught up before
+//! the next trial, so every trial starts from a healthy cluster.
+//!
+//! With `--steady`, a fault-free phase comes first: writes at half (`--steady-load`) of
+//! the measured saturation throughput, with every node's term and leader sampled, so
+//! timeouts short enough for a fast failover are seen not to cost elections under load.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -15,32 +20,63 @@ use std::time::Instant;
 
 use anyhow::Context;
 use anyhow::bail;
+use haven_bench::load;
+use haven_bench::load::Mode;
+use haven_bench::progress::Progress;
 use serde::Serialize;
 
+use super::archive::spec;
+use super::archive::workload;
 use crate::cluster::LocalCluster;
 use crate::cluster::PREPOPULATED_LINES;
 use haven_client::http::Http;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FailoverArgs {
-    /// Leader kills to measure.
+    /// Leader failures to measure (0 with --steady: only the steady phase).
     #[arg(long, default_value_t = 10)]
     pub trials: usize,
     /// Concurrent writers; each sends its next write as soon as the last one is answered.
     #[arg(long, default_value_t = 8)]
     pub writers: usize,
+    /// How the leader goes away: `kill` (SIGKILL, a crash) or `term` (SIGTERM, a planned
+    /// restart).
+    #[arg(long, value_enum, default_value_t = Signal::Kill)]
+    pub signal: Signal,
+    /// Seconds of fault-free load before the trials, counting elections (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub steady: u64,
+    /// The steady phase's open-loop rate as a share of the saturation throughput, which a
+    /// closed loop measures first.
+    #[arg(long, default_value_t = 0.5)]
+    pub steady_load: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Signal {
+    Kill,
+    Term,
 }
 
 /// Writers give up on a request after this long; a stalled write counts as unavailable.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Steady load before each kill, so the window starts from a busy cluster.
+/// Steady load before each failure, so the window starts from a busy cluster.
 const STEADY: Duration = Duration::from_secs(1);
 /// A trial that has not seen a write succeed after this long fails the run.
 const GIVE_UP: Duration = Duration::from_secs(20);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A node sent SIGTERM must have exited by then (it hands over within 3 s, then stops).
+const STOP_LIMIT: Duration = Duration::from_secs(15);
+/// The closed loop that finds the saturation throughput for the steady phase.
+const SATURATION_RUN: Duration = Duration::from_secs(5);
+/// How often the steady phase reads every node's term and leader.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Serialize)]
 pub struct FailoverReport {
+    pub signal: Signal,
+    pub steady: Option<SteadyReport>,
     pub trials: Vec<Trial>,
     pub median_ms: f64,
     pub max_ms: f64,
@@ -48,9 +84,30 @@ pub struct FailoverReport {
 
 #[derive(Debug, Serialize)]
 pub struct Trial {
-    pub killed_node: u64,
+    pub stopped_node: u64,
     pub unavailable_ms: f64,
     pub new_leader: u64,
+}
+
+/// The fault-free phase: any election in it is spurious.
+#[derive(Debug, Serialize)]
+pub struct SteadyReport {
+    pub seconds: u64,
+    pub saturation_throughput: f64,
+    pub rate: f64,
+    pub achieved: f64,
+    /// Highest term any node reported, at the start and at the end.
+    pub term_start: u64,
+    pub term_end: u64,
+    /// Times the leader some node reported differed from the previous sample's.
+    pub leader_changes: u64,
+    pub write_errors: u64,
+}
+
+impl SteadyReport {
+    pub fn elections(&self) -> u64 {
+        self.term_end - self.term_start
+    }
 }
 
 /// One write as the client saw it.
@@ -62,8 +119,11 @@ struct Attempt {
 }
 
 pub async fn run(args: &FailoverArgs, exe: &std::path::Path) -> anyhow::Result<FailoverReport> {
-    if args.trials == 0 || args.writers == 0 {
-        bail!("--trials and --writers must be at least 1");
+    if (args.trials == 0 && args.steady == 0) || args.writers == 0 {
+        bail!("--writers must be at least 1, and --trials or --steady too");
+    }
+    if !(args.steady_load > 0.0 && args.steady_load <= 1.0) {
+        bail!("--steady-load must be in (0, 1]");
     }
     let work = tempfile::Builder::new()
         .prefix("haven-failover-")
@@ -71,22 +131,32 @@ pub async fn run(args: &FailoverArgs, exe: &std::path::Path) -> anyhow::Result<F
         .context("creating a temporary directory")?;
     let spec = super::systems::log_app_cluster(3, exe, work.path(), PREPOPULATED_LINES);
     let mut cluster = LocalCluster::start(spec)?;
+    let steady = match args.steady {
+        0 => None,
+        seconds => Some(steady(&cluster, seconds, args.steady_load).await?),
+    };
     let mut trials = Vec::with_capacity(args.trials);
     for n in 0..args.trials {
-        let trial = one_trial(&mut cluster, args.writers).await?;
+        let trial = one_trial(&mut cluster, args.writers, args.signal).await?;
         tracing::info!(trial = n + 1, ms = trial.unavailable_ms, "failover trial");
         trials.push(trial);
     }
     let mut windows: Vec<f64> = trials.iter().map(|t| t.unavailable_ms).collect();
     windows.sort_by(f64::total_cmp);
     Ok(FailoverReport {
+        signal: args.signal,
+        steady,
         median_ms: median(&windows),
         max_ms: windows.last().copied().unwrap_or(0.0),
         trials,
     })
 }
 
-async fn one_trial(cluster: &mut LocalCluster, writers: usize) -> anyhow::Result<Trial> {
+async fn one_trial(
+    cluster: &mut LocalCluster,
+    writers: usize,
+    signal: Signal,
+) -> anyhow::Result<Trial> {
     cluster.wait_all_ready(READY_TIMEOUT).await?;
     let leader = cluster.wait_for_leader(READY_TIMEOUT).await?;
     let targets: Vec<String> = (0..cluster.slots.len())
@@ -95,30 +165,99 @@ async fn one_trial(cluster: &mut LocalCluster, writers: usize) -> anyhow::Result
         .collect();
     let load = Load::start(targets, writers);
     tokio::time::sleep(STEADY).await;
-    // Leadership can move during the steady phase on a busy machine; kill whoever leads
+    // Leadership can move during the steady phase on a busy machine; stop whoever leads
     // now (writers aimed at it just fail, the window counts any acknowledged write).
     let leader = cluster.wait_for_leader(READY_TIMEOUT).await?;
-    let killed_at = Instant::now();
-    cluster.kill_node(leader);
-    let recovered = load.wait_for_success_after(killed_at, GIVE_UP).await;
+    let signalled_at = Instant::now();
+    let stopped =
+        match signal {
+            Signal::Kill => {
+                cluster.kill_node(leader);
+                Ok(())
+            }
+            Signal::Term => (cluster.stop_node(leader, STOP_LIMIT).await).and_then(|status| {
+                match status.success() {
+                    true => Ok(()),
+                    false => Err(anyhow::anyhow!(
+                        "the leader exited with {status} on SIGTERM"
+                    )),
+                }
+            }),
+        };
+    let recovered = load.wait_for_success_after(signalled_at, GIVE_UP).await;
     let attempts = load.stop().await;
+    stopped?;
     if !recovered {
         bail!(
-            "no write succeeded within {GIVE_UP:?} of killing the leader; logs in {}",
+            "no write succeeded within {GIVE_UP:?} of stopping the leader; logs in {}",
             cluster.dir().display()
         );
     }
-    let unavailable = unavailable_window(&attempts, killed_at)
-        .context("no write was acknowledged before the kill")?;
+    let unavailable = unavailable_window(&attempts, signalled_at)
+        .context("no write was acknowledged before the leader was stopped")?;
     let new_leader = cluster.wait_for_leader(READY_TIMEOUT).await?;
     cluster.start_node(leader)?;
     cluster.wait_all_ready(READY_TIMEOUT).await?;
     cluster.wait_converged(READY_TIMEOUT).await?;
     Ok(Trial {
-        killed_node: cluster.slots[leader].id,
+        stopped_node: cluster.slots[leader].id,
         unavailable_ms: unavailable.as_secs_f64() * 1e3,
         new_leader: cluster.slots[new_leader].id,
     })
+}
+
+/// Saturation first (closed loop on the leader), then open-loop writes at `share` of it
+/// for `seconds` while every node's term and leader are sampled.
+async fn steady(cluster: &LocalCluster, seconds: u64, share: f64) -> anyhow::Result<SteadyReport> {
+    cluster.wait_all_ready(READY_TIMEOUT).await?;
+    let leader = cluster.wait_for_leader(READY_TIMEOUT).await?;
+    let closed = spec(cluster, leader, Mode::Closed, SATURATION_RUN)?;
+    let saturated = load::run(&closed, workload(), &Progress::hidden()).await?;
+    let rate = saturated.throughput * share;
+    let duration = Duration::from_secs(seconds);
+    let open = spec(cluster, leader, Mode::Open { rate }, duration)?;
+    let (term_start, _) = terms_and_leader(cluster).await;
+    let progress = Progress::hidden();
+    let run = load::run(&open, workload(), &progress);
+    let mut run = std::pin::pin!(run);
+    let mut leader_changes = 0;
+    let mut last_leader = None;
+    let report = loop {
+        tokio::select! {
+            report = &mut run => break report?,
+            () = tokio::time::sleep(SAMPLE_EVERY) => {
+                let (_, leader) = terms_and_leader(cluster).await;
+                if leader.is_some() && last_leader.is_some() && leader != last_leader {
+                    leader_changes += 1;
+                }
+                last_leader = leader.or(last_leader);
+            }
+        }
+    };
+    let (term_end, _) = terms_and_leader(cluster).await;
+    Ok(SteadyReport {
+        seconds,
+        saturation_throughput: saturated.throughput,
+        rate,
+        achieved: report.throughput,
+        term_start,
+        term_end,
+        leader_changes,
+        write_errors: report.errors.values().sum(),
+    })
+}
+
+/// The highest term any node reports, and the leader the first answering node names.
+async fn terms_and_leader(cluster: &LocalCluster) -> (u64, Option<u64>) {
+    let mut term = 0;
+    let mut leader = None;
+    for i in 0..cluster.slots.len() {
+        if let Ok(status) = cluster.status(i).await {
+            term = term.max(status.term);
+            leader = leader.or(status.leader_id);
+        }
+    }
+    (term, leader)
 }
 
 /// From the last acknowledgement before `kill` to the first acknowledgement of a write
@@ -218,12 +357,36 @@ fn lock(attempts: &Mutex<Vec<Attempt>>) -> std::sync::MutexGuard<'_, Vec<Attempt
 
 /// A few lines for people.
 pub fn render(report: &FailoverReport) -> String {
-    let mut text = String::from("trial  killed  new leader  writes unavailable\n");
+    let mut text = String::new();
+    if let Some(steady) = &report.steady {
+        text.push_str(&format!(
+            "steady phase: {} s at {:.0} writes/s ({:.0} achieved, saturation {:.0}): {} elections (term {} to {}), {} leader changes, {} failed writes\n",
+            steady.seconds,
+            steady.rate,
+            steady.achieved,
+            steady.saturation_throughput,
+            steady.elections(),
+            steady.term_start,
+            steady.term_end,
+            steady.leader_changes,
+            steady.write_errors
+        ));
+    }
+    if report.trials.is_empty() {
+        return text;
+    }
+    let signal = match report.signal {
+        Signal::Kill => "SIGKILL",
+        Signal::Term => "SIGTERM",
+    };
+    text.push_str(&format!(
+        "trial  {signal} to  new leader  writes unavailable\n"
+    ));
     for (n, trial) in report.trials.iter().enumerate() {
         text.push_str(&format!(
-            "{:>5}  {:>6}  {:>10}  {:>10.0} ms\n",
+            "{:>5}  {:>10}  {:>10}  {:>10.0} ms\n",
             n + 1,
-            trial.killed_node,
+            trial.stopped_node,
             trial.new_leader,
             trial.unavailable_ms
         ));
