@@ -39,6 +39,12 @@ use haven_contract::NodeId;
 /// A refusal comes back within a round trip; a dial still pending after this long is not
 /// one (the leader's host may be down, or just slow), and the lease is kept.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Dials of the leader before it counts as alive, [`PROBE_EVERY`] apart: a dying process's
+/// connections can end before its listening socket is closed, and a dial in between is
+/// still accepted (seen: one follower in five saw its leader's raft port accept after
+/// the connection from it had ended).
+const PROBES: u32 = 3;
+const PROBE_EVERY: Duration = Duration::from_millis(10);
 /// Between the first follower's campaign and the next one's: the first wins within a few
 /// round trips unless its log is behind, and a second campaign meanwhile would split the
 /// vote.
@@ -60,7 +66,7 @@ pub async fn check<SM: HavenStateMachine>(
     let Some(leader) = following(&raft, me, peer) else {
         return;
     };
-    if !refused(&*dial, &leader.raft_addr).await {
+    if !gone(&*dial, &leader.raft_addr).await {
         return;
     }
     tracing::info!(
@@ -103,6 +109,19 @@ fn following<SM: HavenStateMachine>(
         raft_addr: membership.get_node(&peer)?.raft_addr.clone(),
         rank: u32::try_from(rank).ok()?,
     })
+}
+
+/// Whether one of [`PROBES`] dials to `addr` is refused.
+async fn gone(dial: &dyn Dial, addr: &str) -> bool {
+    for probe in 0..PROBES {
+        if probe > 0 {
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        if refused(dial, addr).await {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether a dial to `addr` is refused: nothing listens there.

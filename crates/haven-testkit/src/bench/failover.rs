@@ -50,6 +50,10 @@ pub struct FailoverArgs {
     /// closed loop measures first.
     #[arg(long, default_value_t = 0.5)]
     pub steady_load: f64,
+    /// Run the nodes from another `haven` binary (a build of the baseline), measured by
+    /// this build's harness: an A/B of builds, one run each, alternated.
+    #[arg(long)]
+    pub nodes_from: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -129,6 +133,7 @@ pub async fn run(args: &FailoverArgs, exe: &std::path::Path) -> anyhow::Result<F
         .prefix("haven-failover-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let exe = args.nodes_from.as_deref().unwrap_or(exe);
     let spec = super::systems::log_app_cluster(3, exe, work.path(), PREPOPULATED_LINES);
     let mut cluster = LocalCluster::start(spec)?;
     let steady = match args.steady {
