@@ -122,9 +122,9 @@ fn failover_kills_the_leader_and_reports_the_window() {
     assert_eq!(report["signal"], "kill");
     assert_ne!(trials[0]["stopped_node"], trials[0]["new_leader"]);
     let window = report["median_ms"].as_f64().unwrap();
-    // An election takes at least an election timeout (250 ms or more); on a busy machine
-    // leadership may move just before the kill, so only a loose lower bound is safe.
-    assert!((50.0..10_000.0).contains(&window), "{report}");
+    // Followers that see the leader's port refuse elect within tens of milliseconds;
+    // past 10 s something waited for a timeout it should not have.
+    assert!(window > 0.0 && window < 10_000.0, "{report}");
 }
 
 /// A planned restart of the leader after a short fault-free phase: the report names the
