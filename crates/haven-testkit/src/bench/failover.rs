@@ -105,7 +105,8 @@ pub struct SteadyReport {
     pub term_end: u64,
     /// Times the leader some node reported differed from the previous sample's.
     pub leader_changes: u64,
-    pub write_errors: u64,
+    /// Failed writes by kind (a timeout, a refusal, ...); empty when none failed.
+    pub write_errors: std::collections::BTreeMap<String, u64>,
 }
 
 impl SteadyReport {
@@ -248,7 +249,7 @@ async fn steady(cluster: &LocalCluster, seconds: u64, share: f64) -> anyhow::Res
         term_start,
         term_end,
         leader_changes,
-        write_errors: report.errors.values().sum(),
+        write_errors: report.errors,
     })
 }
 
@@ -365,7 +366,7 @@ pub fn render(report: &FailoverReport) -> String {
     let mut text = String::new();
     if let Some(steady) = &report.steady {
         text.push_str(&format!(
-            "steady phase: {} s at {:.0} writes/s ({:.0} achieved, saturation {:.0}): {} elections (term {} to {}), {} leader changes, {} failed writes\n",
+            "steady phase: {} s at {:.0} writes/s ({:.0} achieved, saturation {:.0}): {} elections (term {} to {}), {} leader changes, failed writes {:?}\n",
             steady.seconds,
             steady.rate,
             steady.achieved,
