@@ -354,6 +354,11 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let _ = accepted.send((tls, peer)).await;
                 }
+                // A connection closed before its first byte (a port probe: a follower
+                // checks whether its leader still listens) is no refusal.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(port = refusals.port, %peer, "connection closed before its TLS hello");
+                }
                 Ok(Err(e)) => refusals.refuse(peer, &describe(&e)),
                 Err(_) => {
                     let reason = format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
