@@ -97,12 +97,7 @@ async fn admin_changes_need_a_token_and_every_one_is_audited() {
     );
 
     // The trail: who (never the token), what, the answer.
-    let output = Command::new(HAVEN)
-        .args(["audit", "--json", "--config"])
-        .arg(&cluster.slots[0].config_path)
-        .output()
-        .unwrap();
-    let trail: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let trail = audit_trail(&cluster.slots[0].config_path);
     let seen: Vec<(Option<&str>, u64)> = (trail.iter())
         .map(|e| (e["who"].as_str(), e["status"].as_u64().unwrap()))
         .collect();
@@ -128,6 +123,16 @@ async fn admin_changes_need_a_token_and_every_one_is_audited() {
         !log.contains(TOKEN) && !log.contains("opz"),
         "a token is in the node's log"
     );
+}
+
+/// `haven audit --json`: the node's trail of admin changes.
+fn audit_trail(config: &std::path::Path) -> Vec<serde_json::Value> {
+    let output = Command::new(HAVEN)
+        .args(["audit", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[test]
@@ -240,12 +245,7 @@ async fn a_services_own_tokens_guard_its_changes_and_only_its_changes() {
     let (status, text) = checkpoint("billing", TOKEN).await;
     assert_eq!(status, 200, "{text}");
 
-    let output = Command::new(HAVEN)
-        .args(["audit", "--json", "--config"])
-        .arg(&cluster.slots[0].config_path)
-        .output()
-        .unwrap();
-    let trail: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let trail = audit_trail(&cluster.slots[0].config_path);
     let seen: Vec<(Option<&str>, Option<&str>, u64)> = (trail.iter())
         .map(|e| {
             let who = e["who"].as_str();

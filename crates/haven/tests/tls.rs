@@ -53,6 +53,23 @@ fn tls_table(certs: &Path, extra: &str) -> String {
     )
 }
 
+/// Managed log-app nodes in `dir`, not waited for: some of them never become ready here.
+fn start_unready(nodes: usize, dir: &Path, extra_config: String) -> LocalCluster {
+    let spec = ClusterSpec {
+        site: String::new(),
+        nodes,
+        exe: PathBuf::from(HAVEN),
+        dir: dir.to_path_buf(),
+        extra_config,
+        app: haven_testkit::cluster::AppKind::LogApp {
+            prepopulate: common::PREPOPULATE,
+        },
+        managed: true,
+        services: Vec::new(),
+    };
+    LocalCluster::start(spec).unwrap()
+}
+
 fn node_log(cluster: &LocalCluster, i: usize) -> String {
     std::fs::read_to_string(cluster.log_path(i, Process::Node)).unwrap()
 }
@@ -191,19 +208,7 @@ async fn peers_without_a_certificate_of_the_clusters_ca_are_refused_and_the_othe
         std::fs::copy(other.path().join(file), certs.path().join(file)).unwrap();
     }
     let dir = common::test_dir("haven-test-");
-    let spec = ClusterSpec {
-        site: String::new(),
-        nodes: 3,
-        exe: PathBuf::from(HAVEN),
-        dir: dir.path().to_path_buf(),
-        extra_config: tls_table(certs.path(), ""),
-        app: haven_testkit::cluster::AppKind::LogApp {
-            prepopulate: common::PREPOPULATE,
-        },
-        managed: true,
-        services: Vec::new(),
-    };
-    let mut cluster = LocalCluster::start(spec).unwrap();
+    let mut cluster = start_unready(3, dir.path(), tls_table(certs.path(), ""));
     let leader = cluster
         .wait_for_leader(Duration::from_secs(30))
         .await
@@ -285,19 +290,8 @@ async fn the_client_and_admin_ports_take_tls_when_asked() {
     let certs = common::test_dir("haven-certs-");
     cluster_certs(certs.path(), 1);
     let dir = common::test_dir("haven-test-");
-    let spec = ClusterSpec {
-        site: String::new(),
-        nodes: 1,
-        exe: PathBuf::from(HAVEN),
-        dir: dir.path().to_path_buf(),
-        extra_config: tls_table(certs.path(), "client = true\nadmin = true\n"),
-        app: haven_testkit::cluster::AppKind::LogApp {
-            prepopulate: common::PREPOPULATE,
-        },
-        managed: true,
-        services: Vec::new(),
-    };
-    let cluster = LocalCluster::start(spec).unwrap();
+    let tls = tls_table(certs.path(), "client = true\nadmin = true\n");
+    let cluster = start_unready(1, dir.path(), tls);
     let ca = certs.path().join("ca.pem");
     let https = Http::new(Duration::from_secs(10)).trusting(&ca);
     let admin = format!("https://{}", cluster.slots[0].admin_addr);
