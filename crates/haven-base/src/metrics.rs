@@ -117,6 +117,10 @@ service_metrics! {
     counters {
         /// Writes this node sent to the leader for ordering.
         forwarded: "haven_forwarded_total", "Writes forwarded to the leader";
+        /// Client requests a peer answered because this node's replica was paused for a
+        /// checkpoint's copy.
+        stood_in: "haven_stood_in_total",
+            "Client requests a peer answered while this node's replica was paused for a checkpoint";
         /// Failed deliveries of an entry to the local replica (each is retried; none is
         /// skipped).
         app_delivery_failures: "haven_app_delivery_failures_total",

@@ -29,6 +29,7 @@ pub mod reconnect;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod stand_in;
 pub mod step_aside;
 pub mod types;
 pub mod wire;

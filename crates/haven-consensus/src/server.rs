@@ -34,6 +34,7 @@ use super::wire::RpcRequest;
 use super::wire::SharedSettings;
 use crate::first_answers::RecordedAnswers;
 use crate::snapshot::CheckpointInbox;
+use crate::stand_in::StandInSlot;
 use crate::types::HavenStateMachine;
 use crate::types::RaftOf;
 use crate::types::TypeConfig;
@@ -214,6 +215,8 @@ pub struct InboxFactory {
     pub checkpoints: Option<Arc<dyn CheckpointInbox>>,
     pub metrics: Metrics,
     pub answers: Option<Arc<dyn RecordedAnswers>>,
+    /// The service's ingress, serving requests of peers whose replica is paused.
+    pub stand_in: StandInSlot,
 }
 
 impl InboxFactory {
@@ -243,6 +246,7 @@ async fn serve_peer<SM: HavenStateMachine>(
     };
     let inbox = group.inbox.open();
     let answers = group.inbox.answers.clone();
+    let stand_in = group.inbox.stand_in.clone();
     let raft = group.raft.clone();
     let mut stop = group.stop.clone();
     let policy = LeaderPolicy {
@@ -250,7 +254,14 @@ async fn serve_peer<SM: HavenStateMachine>(
         durable: group.durable.clone(),
     };
     drop(group);
-    let serving = serve_connection(reader, writer, raft.clone(), inbox, answers, policy);
+    let serving = serve_connection(
+        reader,
+        writer,
+        raft.clone(),
+        inbox,
+        (answers, stand_in),
+        policy,
+    );
     let served = tokio::select! {
         served = serving => served,
         // A dropped sender means the service is gone too.
@@ -267,7 +278,7 @@ async fn serve_connection<SM: HavenStateMachine>(
     writer: Writer,
     raft: RaftOf<SM>,
     mut inbox: Inbox,
-    answers: Option<Arc<dyn RecordedAnswers>>,
+    (answers, stand_in): (Option<Arc<dyn RecordedAnswers>>, StandInSlot),
     policy: LeaderPolicy,
 ) -> Result<(), wire::WireError> {
     let (replies, replies_rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE_FRAMES);
@@ -328,6 +339,13 @@ async fn serve_connection<SM: HavenStateMachine>(
                     },
                 };
                 send_reply(&replies, id, &RpcReply::AnswerDigests(digests)).await;
+            }
+            RpcRequest::StandIn(request) => {
+                let (stand_in, replies) = (stand_in.clone(), replies.clone());
+                tokio::spawn(async move {
+                    let answer = stand_in.serve(request).await;
+                    send_reply(&replies, id, &RpcReply::StandIn(answer)).await;
+                });
             }
             other => {
                 let (raft, policy) = (raft.clone(), policy.clone());
@@ -423,7 +441,8 @@ async fn answer<SM: HavenStateMachine>(
         | RpcRequest::SnapshotChunk { .. }
         | RpcRequest::SnapshotDone { .. }
         | RpcRequest::FirstAnswers(_)
-        | RpcRequest::AnswerDigests(_) => {
+        | RpcRequest::AnswerDigests(_)
+        | RpcRequest::StandIn(_) => {
             RpcReply::Append(Err("handled on the connection's own task".to_string()))
         }
     }

@@ -108,6 +108,9 @@ pub enum RpcRequest {
     /// A node compares its replica's answers with the receiver's: the digests of these
     /// index ranges, inclusive ([`crate::answer_digests`]).
     AnswerDigests(Vec<(u64, u64)>),
+    /// A node whose replica is paused for a checkpoint asks the receiver to serve its
+    /// client's request ([`crate::stand_in`]).
+    StandIn(OrderedRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,6 +125,9 @@ pub enum RpcReply {
     /// One per entry asked, in order; `None` where this node holds no answer.
     FirstAnswers(Vec<Option<AppResponse>>),
     AnswerDigests(Digests),
+    /// The response the receiver's client would have got; `None` when it cannot serve
+    /// the request (its ingress is not up yet).
+    StandIn(Option<AppResponse>),
     /// The receiver will not serve this connection (its hello names another cluster or
     /// a service it does not run); sent once, with id 0, before it closes.
     Refused(String),

@@ -56,6 +56,7 @@ use haven_consensus::first_answers::PeerAnswers;
 use haven_consensus::link::Transport;
 use haven_consensus::server::InboxFactory;
 use haven_consensus::snapshot::CheckpointInbox;
+use haven_consensus::stand_in::StandInSlot;
 use haven_consensus::types::TypeConfig;
 use haven_contract::NodeId;
 
@@ -131,6 +132,9 @@ pub struct Service {
     pub checkpoints: Option<Arc<Checkpoints>>,
     /// The off-site archive, when configured: where it is and how far it got.
     pub archive: Option<(ArchiveTarget, ArchiveProgress)>,
+    /// Where the node puts the service's ingress, so peers whose replica is paused can
+    /// have it answer their clients.
+    pub stand_in: StandInSlot,
     /// A handle on the log for the archive uploader (Raft owns the other).
     log: LogStore<TypeConfig>,
     managed: Option<Arc<ManagedApp>>,
@@ -202,6 +206,7 @@ impl Service {
             state_machine,
             checkpoints,
             archive,
+            stand_in: StandInSlot::default(),
             log: log_store,
             managed,
             workers,
@@ -215,6 +220,7 @@ impl Service {
             checkpoints: (self.checkpoints.clone()).map(|c| c as Arc<dyn CheckpointInbox>),
             metrics: metrics.clone(),
             answers: Some(Arc::new(self.state_machine.clone())),
+            stand_in: self.stand_in.clone(),
         }
     }
 

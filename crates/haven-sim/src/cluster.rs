@@ -182,6 +182,7 @@ fn add_node(
                 checkpoints: None,
                 metrics: Metrics::new()?,
                 answers: None,
+                stand_in: Default::default(),
             };
             let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
             let groups = Groups::new(SIM_CLUSTER, id, Arc::new(SimDial));

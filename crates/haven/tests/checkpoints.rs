@@ -1,13 +1,19 @@
 //! Checkpoints end to end: real nodes managing real log-app processes, compaction, catch-up
 //! through a checkpoint, and point-in-time restore compared with replay from scratch.
 
+use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 mod common;
 use common::TestCluster;
+use haven_testkit::cluster::AppKind;
 use haven_testkit::cluster::Process;
 
 const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
@@ -393,4 +399,93 @@ async fn a_node_lists_its_workers_and_stops_them_all() {
     let log = std::fs::read_to_string(cluster.log_path(0, Process::Node)).unwrap();
     assert!(log.contains("shutting down"), "{log}");
     assert!(!log.contains("did not stop in time"), "{log}");
+}
+
+/// Lines each replica starts with in the stand-in test: about 140 MB of state, so a
+/// checkpoint's copy pauses a replica long enough for requests to arrive meanwhile.
+const LARGE_STATE_LINES: u64 = 1_000_000;
+/// Writes are sent on a clock, not one after the other: a client waiting for its previous
+/// answer sends nothing during a pause.
+const WRITE_EVERY: Duration = Duration::from_millis(2);
+
+/// While a checkpoint copies a node's replica, the node's clients are answered by a peer
+/// (`haven_stood_in_total`), and nothing is lost or doubled on the way: every write is
+/// acknowledged at its own index, and every replica holds each one exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answers_the_clients_of_a_node_paused_for_a_checkpoint() {
+    let app = AppKind::LogApp {
+        prepopulate: LARGE_STATE_LINES,
+    };
+    let config = checkpoints("managed", 1_000_000_000, 2);
+    let cluster = Arc::new(common::start_with(3, true, &config, app).await);
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let paused = cluster.follower_of(leader);
+    // Every replica has its state before the load: a checkpoint of an app still filling
+    // its lines would be quick.
+    assert_eq!(cluster.append(paused, "first").await.status, 201);
+    cluster
+        .wait_converged(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = tokio::spawn(write_on_a_clock(cluster.clone(), paused, stop.clone()));
+    let url = format!("{}/checkpoints", cluster.slots[paused].admin_url());
+    let stood_in = || cluster.metric(paused, "haven_stood_in_total", &[]);
+    for _ in 0..10 {
+        let reply = cluster.http.post(&url, "").await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        if stood_in().await.unwrap() > 0.0 {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writes.await.unwrap();
+    assert!(
+        stood_in().await.unwrap() > 0.0,
+        "no request reached the node while its replica was paused: the test proved nothing"
+    );
+    let indexes: HashSet<u64> = acknowledged.iter().map(|(index, _)| *index).collect();
+    assert_eq!(indexes.len(), acknowledged.len(), "two writes at one index");
+    let replica = String::from_utf8(cluster.assert_replicas_identical().await).unwrap();
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for line in replica.lines().filter(|line| line.starts_with("stand-in ")) {
+        *times.entry(line).or_default() += 1;
+    }
+    assert_eq!(times.len(), acknowledged.len(), "writes in the replicas");
+    for (_, body) in &acknowledged {
+        assert_eq!(
+            times.get(body.as_str()),
+            Some(&1),
+            "{body:?} in the replicas"
+        );
+    }
+}
+
+/// Writes a unique line to `node` every [`WRITE_EVERY`] until `stop`; returns each line
+/// with its index once all are answered.
+async fn write_on_a_clock(
+    cluster: Arc<TestCluster>,
+    node: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<(u64, String)> {
+    let mut ticks = tokio::time::interval(WRITE_EVERY);
+    let mut writes = tokio::task::JoinSet::new();
+    for n in 0.. {
+        ticks.tick().await;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let cluster = cluster.clone();
+        writes.spawn(async move {
+            let body = format!("stand-in {n}");
+            let reply = cluster.append(node, &body).await;
+            assert_eq!(reply.status, 201, "{body}: {}", reply.text());
+            let index = reply.headers["haven-index"].to_str().unwrap();
+            (index.parse::<u64>().unwrap(), body)
+        });
+    }
+    writes.join_all().await
 }

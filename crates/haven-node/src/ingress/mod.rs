@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use haven_base::tls::Connection;
 use haven_base::tls::PortListener;
 use http::HeaderValue;
@@ -51,6 +52,7 @@ use haven_consensus::propose::LeaderPolicy;
 use haven_consensus::read_batch::Fetched;
 use haven_consensus::read_batch::ReadBatcher;
 use haven_consensus::read_batch::ReadIndexFailure;
+use haven_consensus::stand_in::StandIn;
 use haven_consensus::wire::ForwardOutcome;
 use haven_consensus::wire::ReadIndexOutcome;
 use haven_consensus::wire::RpcReply;
@@ -78,6 +80,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Seconds suggested in `Retry-After`.
 const RETRY_AFTER_S: &str = "1";
+/// How long after a checkpoint's pause a replica that is still catching up has peers
+/// answer for it.
+const CATCH_UP_WINDOW: Duration = Duration::from_secs(5);
+/// Entries a replica may be behind the commit index and still count as caught up.
+const CAUGHT_UP_WITHIN: u64 = 64;
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
@@ -218,16 +225,129 @@ impl Ingress {
         if let Some(refusal) = self.refused_by_site(mode) {
             return refusal;
         }
-        let response = match mode {
-            RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
-            RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
-            RouteMode::Local => self.local_read(&parts, body).await,
-        };
+        let response = self
+            .respond(mode, parts, body, deadline, Asker::Client)
+            .await;
         self.metrics
             .request_duration
             .with_label_value(mode_label(mode))
             .observe(arrived.elapsed().as_secs_f64());
         response
+    }
+
+    /// Serves a request of `mode`. While this node's replica is paused for a checkpoint,
+    /// a client's write or current read goes to a peer ([`haven_consensus::stand_in`]).
+    async fn respond(
+        &self,
+        mode: RouteMode,
+        parts: Parts,
+        body: Bytes,
+        deadline: Instant,
+        asker: Asker,
+    ) -> HttpResponse {
+        if mode != RouteMode::Local
+            && asker == Asker::Client
+            && self.replica_paused()
+            && let Some(answer) = self.stand_in(mode, &parts, &body, deadline).await
+        {
+            return answer;
+        }
+        match mode {
+            RouteMode::Write | RouteMode::Ordered => self.order(parts, body, deadline).await,
+            RouteMode::Linearizable => self.linearizable_read(parts, body, deadline).await,
+            RouteMode::Local => self.local_read(&parts, body).await,
+        }
+    }
+
+    /// A peer's answer to this node's client; `None` when no peer took the request, so
+    /// this node serves it itself (its replica catches up once the copy ends).
+    async fn stand_in(
+        &self,
+        mode: RouteMode,
+        parts: &Parts,
+        body: &Bytes,
+        deadline: Instant,
+    ) -> Option<HttpResponse> {
+        // A bad request is refused by this node's own path, with its own reason.
+        let request = self.ordered_request(parts, body.clone()).ok()?;
+        let peer = self.stand_in_peer()?;
+        let link = self.transport.link(&peer.raft_addr, Lane::Client);
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let failure = match link.call(&RpcRequest::StandIn(request), timeout).await {
+            Ok(RpcReply::StandIn(Some(answer))) => {
+                self.metrics.stood_in.inc();
+                return Some(app_response(answer));
+            }
+            Ok(RpcReply::StandIn(None)) | Err(RpcError::Unreachable { .. }) => return None,
+            Ok(_) => "the peer sent an unexpected reply".to_string(),
+            Err(e) => e.to_string(),
+        };
+        // A read changes nothing, so it can still be served here; a write may have been
+        // ordered by the peer.
+        if mode == RouteMode::Linearizable {
+            return None;
+        }
+        let reason = format!(
+            "outcome unknown (the peer answering while this node's replica was paused: {failure}); retry with the same Idempotency-Key"
+        );
+        Some(self.unavailable("outcome-unknown", &reason))
+    }
+
+    /// Whether this node's replica is held back by a checkpoint: paused for the copy, or
+    /// just resumed and still applying what arrived meanwhile (hundreds of entries after
+    /// the copy of a large state).
+    fn replica_paused(&self) -> bool {
+        if self.shared.paused_for_checkpoint() {
+            return true;
+        }
+        if !self.shared.resumed_within(CATCH_UP_WINDOW) {
+            return false;
+        }
+        let Some(raft) = &self.raft else {
+            return false;
+        };
+        let committed = (raft.metrics().borrow_watched().local_committed).map_or(0, |c| c.index);
+        committed.saturating_sub(self.shared.applied_index()) > CAUGHT_UP_WITHIN
+    }
+
+    /// The leader when another node leads, else the first other voter.
+    fn stand_in_peer(&self) -> Option<PeerNode> {
+        let metrics = self.raft.as_ref()?.metrics();
+        let m = metrics.borrow_watched();
+        let others = |id: &NodeId| *id != self.id;
+        let peer = (m.current_leader.filter(others))
+            .or_else(|| m.membership_config.membership().voter_ids().find(others))?;
+        m.membership_config.get_node(&peer).cloned()
+    }
+
+    /// Serves a request a peer received while its replica was paused, as this node
+    /// serves its own clients, and returns the response whole.
+    async fn serve_for_peer(&self, request: OrderedRequest) -> AppResponse {
+        let response = match self.inflight.clone().try_acquire_owned() {
+            Ok(_permit) => self.serve_peer_request(request).await,
+            Err(_) => self.error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in progress on this node",
+            ),
+        };
+        whole_response(response).await
+    }
+
+    async fn serve_peer_request(&self, request: OrderedRequest) -> HttpResponse {
+        let deadline = Instant::now() + self.request_timeout();
+        let (parts, body) = match rebuilt_request(request) {
+            Ok(rebuilt) => rebuilt,
+            Err(e) => {
+                let reason = format!("cannot rebuild a peer's request: {e}");
+                return self.error(StatusCode::BAD_REQUEST, "bad-request", &reason);
+            }
+        };
+        let mode = self.routes.classify(&parts.method, parts.uri.path());
+        if let Some(refusal) = self.refused_by_site(mode) {
+            return refusal;
+        }
+        self.respond(mode, parts, body, deadline, Asker::Peer).await
     }
 
     /// A standby serves only local reads (the primary's archive is its source); a fenced
@@ -645,6 +765,46 @@ fn delivered_response(delivered: Delivered) -> HttpResponse {
         );
     }
     response
+}
+
+/// Who handed this node a request: a client, or a peer whose replica was paused (its
+/// requests are never passed on again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Client,
+    Peer,
+}
+
+impl StandIn for Ingress {
+    fn serve_for_peer(self: Arc<Self>, request: OrderedRequest) -> BoxFuture<'static, AppResponse> {
+        Box::pin(async move { Ingress::serve_for_peer(&self, request).await })
+    }
+}
+
+/// A request as its client sent it, from what the asking node forwarded.
+fn rebuilt_request(request: OrderedRequest) -> Result<(Parts, Bytes), http::Error> {
+    let mut builder = Request::builder()
+        .method(request.method.as_str())
+        .uri(request.uri.as_str());
+    if let Some(headers) = builder.headers_mut() {
+        *headers = header_map(&request.headers);
+    }
+    let (parts, ()) = builder.body(())?.into_parts();
+    Ok((parts, request.body))
+}
+
+/// A response with its body in one piece, for the wire.
+async fn whole_response(response: HttpResponse) -> AppResponse {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    AppResponse {
+        status: parts.status.as_u16(),
+        headers: end_to_end_headers(&parts.headers),
+        body,
+    }
 }
 
 /// Serves client HTTP on `listener` until `shutdown` turns true.

@@ -473,6 +473,7 @@ impl Node {
             ..
         } = &running;
         let ingress = ingress_of(&self.config, config, service, shared);
+        service.stand_in.set(ingress.clone());
         self.directory
             .insert(&service.name, config.matcher.clone(), ingress.clone());
         let entry = ServiceAdmin {

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -128,6 +129,25 @@ pub struct ApplyShared {
     metrics: Metrics,
     /// The digests of the replica's answers, when replicas compare them.
     answers: OnceLock<Arc<AnswerLedger>>,
+    /// True while deliveries are held back for a checkpoint's copy of the replica's
+    /// state: the ingress then has a peer answer this node's clients.
+    paused_for_checkpoint: AtomicBool,
+    /// When the last such pause ended, in milliseconds since `opened` (0: never): the
+    /// replica then still has to apply what arrived during the pause.
+    resumed_at_ms: AtomicU64,
+    opened: Instant,
+}
+
+/// Clears [`ApplyShared::paused_for_checkpoint`] when the copy ends, however it ends.
+struct PausedForCheckpoint<'a>(&'a ApplyShared);
+
+impl Drop for PausedForCheckpoint<'_> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        let now_ms = shared.opened.elapsed().as_millis() as u64;
+        shared.resumed_at_ms.store(now_ms.max(1), Ordering::Release);
+        shared.paused_for_checkpoint.store(false, Ordering::Release);
+    }
 }
 
 impl ApplyShared {
@@ -141,6 +161,24 @@ impl ApplyShared {
 
     pub fn forget(&self, tag: &RequestTag) {
         self.lock_waiters().remove(tag);
+    }
+
+    /// Whether deliveries are held back now for a checkpoint's copy (hundreds of
+    /// milliseconds for a large managed state).
+    pub fn paused_for_checkpoint(&self) -> bool {
+        self.paused_for_checkpoint.load(Ordering::Acquire)
+    }
+
+    /// Whether such a pause ended less than `within` ago.
+    pub fn resumed_within(&self, within: Duration) -> bool {
+        let at_ms = self.resumed_at_ms.load(Ordering::Acquire);
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        at_ms > 0 && now_ms.saturating_sub(at_ms) < within.as_millis() as u64
+    }
+
+    fn pause_for_checkpoint(&self) -> PausedForCheckpoint<'_> {
+        self.paused_for_checkpoint.store(true, Ordering::Release);
+        PausedForCheckpoint(self)
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -349,6 +387,9 @@ impl StateMachine {
             applied,
             delivery_failing: watch::channel(false).0,
             metrics,
+            paused_for_checkpoint: AtomicBool::new(false),
+            resumed_at_ms: AtomicU64::new(0),
+            opened: Instant::now(),
             answers: OnceLock::new(),
         });
         // Up until a delivery fails: a replica with nothing to take yet is not down.
@@ -655,9 +696,10 @@ impl Replica {
             *lock(&self.baseline) = None;
             return;
         }
+        // Deliveries wait for the whole of it anyway: no copy first.
         let taken = async {
-            let (staged, position) =
-                stage_checkpoint(inner, checkpoints, &self.shared.metrics).await?;
+            let position = checkpoint_position(inner)?;
+            let staged = checkpoints.stage(position.index, true).await?;
             checkpoints.seal(staged, position).await
         };
         match taken.await {
@@ -1176,42 +1218,60 @@ fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The paused part of a checkpoint: the replica's state staged with Haven's own at the
-/// same index. The caller holds the replica's lock, so no delivery runs meanwhile.
-async fn stage_checkpoint(
-    inner: &Inner,
-    checkpoints: &Checkpoints,
-    metrics: &Metrics,
-) -> io::Result<(Staged, Position)> {
-    let paused = Instant::now();
+/// Where a checkpoint taken now stands: the last applied entry, with Haven's own state.
+fn checkpoint_position(inner: &Inner) -> io::Result<Position> {
     let last = inner
         .state
         .last_applied
         .ok_or_else(|| io::Error::other("nothing applied yet; no checkpoint to take"))?;
-    let staged = checkpoints.stage(last.index).await?;
-    let position = Position {
+    Ok(Position {
         index: last.index,
         term: last.leader_id.term,
         entry_time_us: inner.state.last_time_us,
         haven_state: encode_state(&inner.state)?,
-    };
-    metrics
-        .checkpoint_pause_seconds
-        .inc_by(paused.elapsed().as_secs_f64());
-    Ok((staged, position))
+    })
+}
+
+/// A checkpoint sealed while deliveries were paused, or a copy to seal once they resume.
+enum Sealing {
+    Done(io::Result<CheckpointInfo>),
+    AfterThePause(Staged, Position),
+}
+
+/// Whether another member's replica can answer this node's clients while its own is
+/// paused (`ingress`'s stand-in): then a managed state is sealed in place, a longer pause
+/// than copying it first, but without writing a copy of the whole state to disk.
+fn others_can_stand_in(inner: &Inner) -> bool {
+    inner.state.membership.membership().nodes().count() > 1
 }
 
 impl StateMachine {
-    /// Deliveries pause only while the replica's state is staged; compression and the
-    /// checksum run after the lock is released.
+    /// Deliveries pause while the replica's state is staged, or, when peers can answer
+    /// this node's clients meanwhile, until a managed state is sealed in place.
     async fn take_checkpoint(&self) -> io::Result<Snapshot> {
         let checkpoints = self.checkpoints()?.clone();
         let metrics = &self.replica.shared.metrics;
-        let (staged, position) = {
-            let inner = self.replica.inner.lock().await;
-            stage_checkpoint(&inner, &checkpoints, metrics).await?
+        // Set before the lock is taken: requests arriving while the entries in flight
+        // drain would otherwise wait out the whole pause.
+        let paused = self.replica.shared.pause_for_checkpoint();
+        let inner = self.replica.inner.lock().await;
+        let since = Instant::now();
+        let position = checkpoint_position(&inner)?;
+        let staged = checkpoints
+            .stage(position.index, others_can_stand_in(&inner))
+            .await?;
+        let sealing = match staged.is_copy() {
+            true => Sealing::AfterThePause(staged, position),
+            false => Sealing::Done(checkpoints.seal(staged, position).await),
         };
-        let info = checkpoints.seal(staged, position).await?;
+        drop((inner, paused));
+        metrics
+            .checkpoint_pause_seconds
+            .inc_by(since.elapsed().as_secs_f64());
+        let info = match sealing {
+            Sealing::Done(sealed) => sealed?,
+            Sealing::AfterThePause(staged, position) => checkpoints.seal(staged, position).await?,
+        };
         metrics.checkpoints_written.inc();
         snapshot_of(&info)
     }

@@ -86,9 +86,9 @@ impl Checkpoints {
         self.summary.subscribe()
     }
 
-    /// The fast, paused part of a checkpoint; see [`capture`].
-    pub async fn stage(&self, index: u64) -> io::Result<Staged> {
-        self.capture.stage(&self.dir, index).await
+    /// The paused part of a checkpoint; see [`capture`].
+    pub async fn stage(&self, index: u64, in_place: bool) -> io::Result<Staged> {
+        self.capture.stage(&self.dir, index, in_place).await
     }
 
     /// Compresses and checksums a staged copy into a checkpoint file, then applies the
@@ -103,7 +103,7 @@ impl Checkpoints {
             haven_state: position.haven_state,
         };
         let dir = self.dir.clone();
-        let info = blocking(move || {
+        let info = capture::in_background(move || {
             let written = format::write(&dir, spec, staged.source()).map_err(io::Error::other);
             staged.remove()?;
             written

@@ -65,6 +65,14 @@ pub struct CheckpointArgs {
     /// Seconds between forced checkpoints (on every node) in the second latency run.
     #[arg(long, default_value_t = 2.0)]
     pub checkpoint_every: f64,
+    /// Force the checkpoints of every node at the same moment. Without it the nodes take
+    /// turns, a fraction of the period apart, as their own checkpoint policy does.
+    #[arg(long)]
+    pub at_once: bool,
+    /// Run the nodes from another `haven` binary (a build of the baseline), measured by
+    /// this build's harness: an A/B of builds, one run each, alternated.
+    #[arg(long)]
+    pub nodes_from: Option<PathBuf>,
     /// Small and short: a smoke test of the whole procedure in well under a minute.
     #[arg(long)]
     pub quick: bool,
@@ -85,6 +93,7 @@ struct Plan {
     warmup: Duration,
     restore_entries: u64,
     checkpoint_every: Duration,
+    at_once: bool,
 }
 
 impl Plan {
@@ -105,6 +114,7 @@ impl Plan {
             sizes_mb,
             duration: seconds("--duration", duration)?,
             checkpoint_every: seconds("--checkpoint-every", args.checkpoint_every)?,
+            at_once: args.at_once,
         };
         if plan.sizes_mb.is_empty() || plan.sizes_mb.contains(&0) {
             bail!("--sizes-mb needs sizes of at least 1 MB");
@@ -161,6 +171,8 @@ pub struct CheckpointBenchReport {
     pub duration_s: f64,
     pub restore_entries: u64,
     pub checkpoint_every_s: f64,
+    /// Every node's checkpoint forced at once, instead of in turn.
+    pub at_once: bool,
     pub sizes: Vec<SizeResult>,
 }
 
@@ -218,6 +230,8 @@ pub struct LatencyComparison {
     pub checkpoint_failures: u64,
     /// Delivery pauses of all nodes during the second run.
     pub pause_ms_total: f64,
+    /// Requests a peer answered because the node's replica was paused (all nodes).
+    pub stood_in: u64,
     pub p50_ratio: f64,
     pub p99_ratio: f64,
     pub max_ratio: f64,
@@ -266,6 +280,7 @@ pub async fn run(args: &CheckpointArgs, exe: &Path) -> anyhow::Result<Checkpoint
     let started = Instant::now();
     let progress = super::progress_unless(args.json);
     let mut sizes = Vec::with_capacity(plan.sizes_mb.len());
+    let exe = args.nodes_from.as_deref().unwrap_or(exe);
     for size_mb in &plan.sizes_mb {
         let bench = SizeBench::start(*size_mb, exe, &progress).await?;
         sizes.push(bench.measure(&plan, exe).await?);
@@ -280,6 +295,7 @@ pub async fn run(args: &CheckpointArgs, exe: &Path) -> anyhow::Result<Checkpoint
         duration_s: plan.duration.as_secs_f64(),
         restore_entries: plan.restore_entries,
         checkpoint_every_s: plan.checkpoint_every.as_secs_f64(),
+        at_once: plan.at_once,
         sizes,
     };
     write_results(&args.out, &report)?;
@@ -498,7 +514,7 @@ impl<'a> SizeBench<'a> {
             "{:.0} writes/s, checkpoints every {:?}",
             plan.rate, plan.checkpoint_every
         ));
-        let forcer = Forcer::start(&self.admin, &urls, plan.checkpoint_every);
+        let forcer = Forcer::start(&self.admin, &urls, plan.checkpoint_every, plan.at_once);
         let loaded = load::run(&spec, workload, self.progress).await;
         let checkpoint_failures = forcer.stop().await;
         let loaded = loaded?;
@@ -660,6 +676,7 @@ fn comparison(
         checkpoints_written: forced.written,
         checkpoint_failures,
         pause_ms_total: forced.pause_us as f64 / 1e3,
+        stood_in: forced.stood_in,
     }
 }
 
@@ -681,6 +698,7 @@ fn latency_run(report: &LoadReport) -> LatencyRun {
 struct Counters {
     written: u64,
     pause_us: u64,
+    stood_in: u64,
 }
 
 impl Counters {
@@ -688,6 +706,7 @@ impl Counters {
         Counters {
             written: self.written.saturating_sub(before.written),
             pause_us: self.pause_us.saturating_sub(before.pause_us),
+            stood_in: self.stood_in.saturating_sub(before.stood_in),
         }
     }
 }
@@ -740,6 +759,7 @@ impl Admin {
         for url in admin_urls {
             let text = Self::client(url).metrics().await?;
             sum.written += metric(&text, "haven_checkpoints_written_total");
+            sum.stood_in += metric(&text, "haven_stood_in_total");
             let pause_s = metrics_text::sum(&text, "haven_checkpoint_pause_seconds_total", &[]);
             sum.pause_us += (pause_s.unwrap_or(0.0) * 1e6).round() as u64;
         }
@@ -753,20 +773,26 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 /// One task per node asking for a checkpoint every `every` (back to back when one takes
-/// longer), the way a busy operator or an aggressive policy would.
+/// longer), the way an aggressive policy would: node `i` of `n` starts `i / n` of the
+/// period late, as the nodes' own policy staggers them, unless `at_once`.
 struct Forcer {
     stop: watch::Sender<bool>,
     tasks: JoinSet<u64>,
 }
 
 impl Forcer {
-    fn start(admin: &Admin, admin_urls: &[String], every: Duration) -> Self {
+    fn start(admin: &Admin, admin_urls: &[String], every: Duration, at_once: bool) -> Self {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for url in admin_urls {
+        for (i, url) in admin_urls.iter().enumerate() {
             let (admin, url, mut stopped) = (admin.clone(), url.clone(), stopped.clone());
+            let late = match at_once {
+                true => Duration::ZERO,
+                false => every.mul_f64(i as f64 / admin_urls.len() as f64),
+            };
             tasks.spawn(async move {
-                let mut ticks = tokio::time::interval(every);
+                let first = tokio::time::Instant::now() + late;
+                let mut ticks = tokio::time::interval_at(first, every);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut failures = 0;
                 loop {
@@ -913,22 +939,30 @@ fn render_latency(text: &mut String, report: &CheckpointBenchReport) {
         text,
         "\n## Write latency, open loop at {:.0}/s for {:.0} s over the 3 nodes\n\n\
          | state | run | throughput (req/s) | p50 (ms) | p99 (ms) | max (ms) | errors \
-         | checkpoints written | pauses, all nodes (ms) |\n\
-         |---:|---|---:|---:|---:|---:|---|---:|---:|\n",
+         | checkpoints written | pauses, all nodes (ms) | answered by a peer |\n\
+         |---:|---|---:|---:|---:|---:|---|---:|---:|---:|\n",
         report.rate, report.duration_s
     );
-    let forced = format!("checkpoints every {:.0} s", report.checkpoint_every_s);
+    let turns = if report.at_once {
+        "all at once"
+    } else {
+        "in turn"
+    };
+    let forced = format!(
+        "checkpoints every {:.0} s, {turns}",
+        report.checkpoint_every_s
+    );
     for s in &report.sizes {
         let l = &s.latency;
         let _ = writeln!(
             text,
-            "| {} MB | no checkpoints | {} | 0 | 0 |",
+            "| {} MB | no checkpoints | {} | 0 | 0 | 0 |",
             s.size_mb,
             latency_cells(&l.baseline)
         );
         let _ = writeln!(
             text,
-            "| {} MB | {forced} | {} | {}{} | {:.0} |",
+            "| {} MB | {forced} | {} | {}{} | {:.0} | {} |",
             s.size_mb,
             latency_cells(&l.with_checkpoints),
             l.checkpoints_written,
@@ -936,11 +970,12 @@ fn render_latency(text: &mut String, report: &CheckpointBenchReport) {
                 0 => String::new(),
                 n => format!(" ({n} requests failed)"),
             },
-            l.pause_ms_total
+            l.pause_ms_total,
+            l.stood_in
         );
         let _ = writeln!(
             text,
-            "| {} MB | ratio | | {:.2} × | {:.2} × | {:.2} × | | | |",
+            "| {} MB | ratio | | {:.2} × | {:.2} × | {:.2} × | | | | |",
             s.size_mb, l.p50_ratio, l.p99_ratio, l.max_ratio
         );
     }
@@ -976,6 +1011,8 @@ mod tests {
             duration: None,
             restore_entries: None,
             checkpoint_every: 2.0,
+            at_once: false,
+            nodes_from: None,
             quick: true,
             out: PathBuf::from("x"),
             json: false,
