@@ -17,6 +17,7 @@ use haven_archive::store::Store;
 use haven_archive::store::StoreSettings;
 use haven_archive::testing::SeaweedServer;
 use haven_archive::writer::ArchiveWriter;
+use haven_archive::writer::MAX_UPLOADS_IN_FLIGHT;
 
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a";
 
@@ -387,5 +388,97 @@ async fn of_two_promotions_one_wins_the_old_writer_is_fenced_and_the_cut_holds()
         let winner = reader.catalog().newest_epoch().unwrap();
         assert!(["b", "c"].contains(&winner.site.as_str()), "{winner:?}");
         assert_eq!((winner.epoch, winner.start_index), (2, 61));
+    }
+}
+
+/// Creates `epoch`'s fence for another site on a thread and runtime of its own (with a
+/// store client of its own: the writer's connections belong to the test's runtime), so
+/// the calling (current-thread) runtime runs none of its upload tasks meanwhile: they are
+/// all still in flight when the fence appears.
+fn fence_elsewhere(server: &SeaweedServer, store: &Store, protection: &Protection, epoch: u64) {
+    let settings = StoreSettings {
+        url: store.url().to_string(),
+        endpoint: Some(server.endpoint.clone()).filter(|_| store.url().starts_with("s3://")),
+    };
+    let protection = protection.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Store::open(&settings).unwrap();
+        let b = writer_at("a", "b");
+        let fenced = runtime.block_on(epoch::fence(&store, &protection, &b, Some(epoch - 1), 9));
+        assert_eq!(fenced.unwrap(), epoch);
+    })
+    .join()
+    .unwrap();
+}
+
+#[tokio::test]
+async fn uploads_in_flight_are_taken_back_in_order_and_a_fence_releases_none_after_it() {
+    let server = SeaweedServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let protection = Protection::Encrypted(ArchiveKey::generate());
+    for store in targets(&server, dir.path(), "pipeline").await {
+        let mut writer = ArchiveWriter::open(store.clone(), protection.clone(), &writer_of("a"), 1)
+            .await
+            .unwrap();
+        let batch = |first: u64| (first..first + 10).map(entry).collect::<Vec<_>>();
+        for first in (1..=MAX_UPLOADS_IN_FLIGHT as u64).map(|k| 1 + 10 * (k - 1)) {
+            assert!(writer.start_upload(&batch(first), true).unwrap());
+        }
+        assert!(!writer.has_room());
+        let tail = 10 * MAX_UPLOADS_IN_FLIGHT as u64;
+        assert_eq!(writer.upload_tail().map(|(i, _)| i), Some(tail));
+        let first = writer.finish_upload().await.unwrap().unwrap();
+        assert_eq!(
+            (first.objects, writer.archived().map(|(i, _)| i)),
+            (1, Some(10))
+        );
+        // Entries already in flight are skipped; a gap after them is refused.
+        assert!(!writer.start_upload(&batch(11), true).unwrap());
+        let refused = writer.start_upload(&batch(tail + 2), true).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "archive {}: entries from {} would leave a gap after {tail}",
+                store.url(),
+                tail + 2
+            )
+        );
+        // Taken back in index order, each counted only once it is.
+        for k in 2..=MAX_UPLOADS_IN_FLIGHT as u64 {
+            writer.finish_upload().await.unwrap().unwrap();
+            assert_eq!(writer.archived().map(|(i, _)| i), Some(10 * k));
+        }
+        assert!(writer.finish_upload().await.is_none());
+
+        // A promotion fences the writer while three uploads are in flight: the first
+        // fails on the fence read after its PUT, and the later ones are dropped unfinished,
+        // so nothing after the archive's confirmed end is ever reported stored.
+        for k in 0..3 {
+            assert!(
+                writer
+                    .start_upload(&batch(tail + 1 + 10 * k), true)
+                    .unwrap()
+            );
+        }
+        fence_elsewhere(&server, &store, &protection, 2);
+        let fenced = writer.finish_upload().await.unwrap();
+        assert!(
+            matches!(
+                fenced,
+                Err(ArchiveError::Fenced {
+                    newer: 2,
+                    ours: 1,
+                    ..
+                })
+            ),
+            "{fenced:?}"
+        );
+        assert_eq!(writer.uploads_in_flight(), 0);
+        assert!(writer.finish_upload().await.is_none());
+        assert_eq!(writer.archived().map(|(i, _)| i), Some(tail));
     }
 }

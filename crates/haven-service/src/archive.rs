@@ -1,6 +1,8 @@
 //! The service's off-site archive: the leader ships committed entries and checkpoints to
 //! the object store ([`haven_archive`]) every `flush_ms`, never in the path of a client
-//! write. A new leader resumes from what the archive holds; a follower ships nothing.
+//! write; under `ack = "quorum+archive"` writes wait for it, so it ships as soon as
+//! entries are applied, several objects at once, and releases them in index order. A new
+//! leader resumes from what the archive holds; a follower ships nothing.
 //!
 //! No node compacts its log past what the archive holds ([`ArchiveProgress::floor`]; a
 //! follower learns it by listing what is new in the archive every second): when the store
@@ -21,6 +23,8 @@ use haven_archive::seal::Protection;
 use haven_archive::store::Store;
 use haven_archive::store::StoreSettings;
 use haven_archive::writer::ArchiveWriter;
+use haven_archive::writer::Finished;
+use haven_archive::writer::Shipped;
 use haven_base::config::AckMode;
 use haven_base::config::ArchiveSection;
 use haven_base::metrics::Metrics;
@@ -257,8 +261,8 @@ impl Uploader {
     }
 
     /// Every `flush_ms`; under `ack = "quorum+archive"` a leader goes as soon as anything
-    /// new is applied, since writes wait for it: what arrives during one upload goes in
-    /// the next, so uploads batch by themselves.
+    /// applied is not released yet, since writes wait for it (the round then goes on
+    /// uploading for `flush_ms`, see [`Self::upload_gated`]).
     async fn next_round(&mut self) {
         let flush = self.target.section.flush();
         if self.target.section.ack == AckMode::Quorum || !self.leads() {
@@ -410,13 +414,12 @@ impl Uploader {
             .send_modify(|s| s.last_error = Some(e.to_string()));
     }
 
-    /// Ships the committed entries the archive lacks, then a newer checkpoint if there is
-    /// one, then applies the archive's retention.
+    /// Ships the committed entries the archive lacks, several objects at once, then starts
+    /// a newer checkpoint's upload if there is one, then applies the archive's retention.
     async fn ship(&mut self, writer: &mut ArchiveWriter) -> Result<(), ArchiveError> {
         // Also when there is nothing to ship: an idle old primary must not take its next
         // write before it learns that another site took over (at most every second).
         writer.check_fence().await?;
-        let applied = *self.applied.borrow();
         let (first_kept, last_in_log) = self.log_bounds().await?;
         let archived = writer.archived().map(|(index, _)| index);
         if let Some(archived) = archived.filter(|a| *a > last_in_log) {
@@ -427,53 +430,148 @@ impl Uploader {
                 ),
             });
         }
-        let mut next = archived.map_or(first_kept, |a| a + 1);
-        if next < first_kept {
+        let idle = writer.uploads_in_flight() == 0;
+        if idle && archived.map_or(first_kept, |a| a + 1) < first_kept {
             // The log no longer holds what the archive needs: a checkpoint covers it.
             self.ship_newest_checkpoint(writer, first_kept.saturating_sub(1))
                 .await?;
-            next = writer.archived().map_or(first_kept, |(a, _)| a + 1);
+            self.finish_checkpoint(writer).await?;
         }
-        let mut last_time = writer.archived().map_or(0, |(_, t)| t);
-        while next <= applied {
-            let entries = self.read(next, applied, &mut last_time).await?;
-            let Some(last) = entries.last().map(|e| e.index) else {
-                break;
-            };
-            let shipped = writer.ship_entries(&entries).await?;
-            self.count(shipped);
-            next = last + 1;
+        match self.target.section.ack {
+            AckMode::Quorum => self.upload_all(writer, first_kept).await?,
+            AckMode::QuorumArchive => self.upload_gated(writer, first_kept).await?,
         }
         self.confirm_durable(writer).await?;
         self.ship_newest_checkpoint(writer, 0).await?;
+        if self.target.section.ack == AckMode::Quorum {
+            self.finish_checkpoint(writer).await?;
+        }
         let section = &self.target.section;
         writer
             .apply_retention(section.keep, section.keep_days)
             .await?;
+        writer.write_manifest_if_due().await?;
+        let applied = *self.applied.borrow();
         self.report(writer, applied).await;
         Ok(())
     }
 
-    /// Under `ack = "quorum+archive"`, lets the writes the archive now holds be
-    /// acknowledged, once no promotion has fenced this site since they were uploaded: a
-    /// promotion reads the archive's end after its fence, so they are in its history.
+    /// Under `ack = "quorum"`: every entry applied when the round began, in objects
+    /// uploading [`haven_archive::writer::MAX_UPLOADS_IN_FLIGHT`] at a time.
+    async fn upload_all(
+        &mut self,
+        writer: &mut ArchiveWriter,
+        first_kept: u64,
+    ) -> Result<(), ArchiveError> {
+        let applied = *self.applied.borrow();
+        let mut tail = Tail::of(writer, first_kept);
+        while self
+            .start_uploads(writer, &mut tail, applied, false)
+            .await?
+        {
+            let shipped = writer.finish_uploads().await?;
+            self.count(shipped);
+        }
+        Ok(())
+    }
+
+    /// Under `ack = "quorum+archive"`, for one `flush_ms` (or until nothing is left in
+    /// flight): keeps up to [`haven_archive::writer::MAX_UPLOADS_IN_FLIGHT`] objects uploading, each of what was
+    /// applied when it started, so a write waits for about one upload, not also for the
+    /// one in progress. Each object's upload ends with a read of the next epoch's fence
+    /// begun after its PUT; objects are taken back in index order, and each releases the
+    /// writes it holds. A fence fails the upload that saw it and drops the later ones:
+    /// their writes stay unreleased and time out as outcome-unknown, or learn of the
+    /// fence at once ([`Self::fenced`]). A checkpoint uploads beside them.
+    async fn upload_gated(
+        &mut self,
+        writer: &mut ArchiveWriter,
+        first_kept: u64,
+    ) -> Result<(), ArchiveError> {
+        let round_ends = tokio::time::Instant::now() + self.target.section.flush();
+        let mut tail = Tail::of(writer, first_kept);
+        loop {
+            let applied = *self.applied.borrow();
+            self.start_uploads(writer, &mut tail, applied, true).await?;
+            if writer.uploads_in_flight() == 0 && !writer.checkpoint_in_flight() {
+                return Ok(());
+            }
+            // Everything applied is uploading: wait for more, or for an upload to end.
+            let room = writer.has_room() && tail.next > applied;
+            let next = tail.next;
+            tokio::select! {
+                finished = writer.finish_next() => match finished {
+                    Some(Finished::Log(shipped)) => {
+                        self.count(shipped?);
+                        self.release(writer);
+                    }
+                    Some(Finished::Checkpoint(shipped)) => self.checkpoint_archived(shipped?),
+                    None => {}
+                },
+                more = async { self.applied.wait_for(|a| *a >= next).await.is_ok() }, if room => {
+                    if !more {
+                        return Ok(());
+                    }
+                }
+                _ = tokio::time::sleep_until(round_ends) => return Ok(()),
+            }
+        }
+    }
+
+    /// Starts uploads of the entries after `tail`, up to `applied`, while there is room.
+    /// Whether it started any.
+    async fn start_uploads(
+        &mut self,
+        writer: &mut ArchiveWriter,
+        tail: &mut Tail,
+        applied: u64,
+        confirm: bool,
+    ) -> Result<bool, ArchiveError> {
+        let mut started = false;
+        while writer.has_room() && tail.next <= applied {
+            let entries = self.read(tail.next, applied, &mut tail.time_us).await?;
+            let Some(last) = entries.last().map(|e| e.index) else {
+                break;
+            };
+            started |= writer.start_upload(&entries, confirm)?;
+            tail.next = last + 1;
+        }
+        Ok(started)
+    }
+
+    /// Under `ack = "quorum+archive"`, lets writes the archive held before this node
+    /// uploaded anything (a new leader's) be acknowledged, once no promotion has fenced
+    /// this site: a promotion reads the archive's end after its fence, so they are in its
+    /// history. What this node uploads is released as each upload ends.
     async fn confirm_durable(&self, writer: &ArchiveWriter) -> Result<(), ArchiveError> {
-        if self.target.section.ack == AckMode::Quorum {
+        if self.target.section.ack == AckMode::Quorum || writer.uploads_in_flight() > 0 {
             return Ok(());
         }
         let Some((archived, _)) = writer.archived() else {
             return Ok(());
         };
+        if archived <= self.progress.durable.borrow().archived {
+            return Ok(());
+        }
         writer.confirm_unfenced().await?;
+        self.release(writer);
+        Ok(())
+    }
+
+    /// Lets the writes up to the archive's end be acknowledged: called only after a read
+    /// of the next epoch's fence, begun once all of them were stored, found none.
+    fn release(&self, writer: &ArchiveWriter) {
+        let Some((archived, _)) = writer.archived() else {
+            return;
+        };
         self.progress.durable.send_if_modified(|durable| {
             let advanced = archived > durable.archived;
             durable.archived = durable.archived.max(archived);
             advanced
         });
-        Ok(())
     }
 
-    fn count(&self, shipped: haven_archive::writer::Shipped) {
+    fn count(&self, shipped: Shipped) {
         self.metrics
             .archive_uploaded_objects
             .inc_by(shipped.objects);
@@ -484,9 +582,9 @@ impl Uploader {
         }
     }
 
-    /// The newest local checkpoint, when it is newer than the archive's newest and at or
-    /// after `at_least` (and not beyond what the archive's log reaches, unless the log
-    /// must be bridged).
+    /// Starts uploading the newest local checkpoint, when it is newer than the archive's
+    /// newest and at or after `at_least` (and not beyond what the archive's log reaches,
+    /// unless the log must be bridged), and no checkpoint is uploading already.
     async fn ship_newest_checkpoint(
         &self,
         writer: &mut ArchiveWriter,
@@ -499,7 +597,10 @@ impl Uploader {
         // checkpoint than the archive's exists.
         let archived_newest = writer.checkpoints().last().copied();
         let newest_local = checkpoints.summary().borrow().newest_index;
-        if newest_local.is_none() || newest_local <= archived_newest {
+        if writer.checkpoint_in_flight()
+            || newest_local.is_none()
+            || newest_local <= archived_newest
+        {
             return Ok(());
         }
         let local = checkpoints
@@ -513,16 +614,22 @@ impl Uploader {
         if !newer || info.index < at_least || (!bridging && info.index > reached) {
             return Ok(());
         }
-        let shipped = writer
-            .ship_checkpoint(&info.path, info.index, info.term, info.entry_time_us)
-            .await?;
-        tracing::info!(
-            index = info.index,
-            bytes = shipped.bytes,
-            "checkpoint archived"
-        );
-        self.count(shipped);
+        tracing::info!(index = info.index, "archiving checkpoint");
+        writer.start_checkpoint(&info.path, info.index, info.term, info.entry_time_us);
         Ok(())
+    }
+
+    /// Waits for the checkpoint upload in flight, if any.
+    async fn finish_checkpoint(&self, writer: &mut ArchiveWriter) -> Result<(), ArchiveError> {
+        if let Some(shipped) = writer.finish_checkpoint().await {
+            self.checkpoint_archived(shipped?);
+        }
+        Ok(())
+    }
+
+    fn checkpoint_archived(&self, shipped: Shipped) {
+        tracing::info!(bytes = shipped.bytes, "checkpoint archived");
+        self.count(shipped);
     }
 
     /// The first index the local log still holds, and its last.
@@ -608,6 +715,22 @@ impl Uploader {
         self.progress
             .status
             .send_modify(|s| s.lag_entries = lag_entries);
+    }
+}
+
+/// Where the next upload starts: the entry after what the archive holds or an upload in
+/// flight will, and the entry time before it (entries without a time carry it on).
+struct Tail {
+    next: u64,
+    time_us: i64,
+}
+
+impl Tail {
+    fn of(writer: &ArchiveWriter, first_kept: u64) -> Self {
+        let (next, time_us) = writer
+            .upload_tail()
+            .map_or((first_kept, 0), |(last, time)| (last + 1, time));
+        Self { next, time_us }
     }
 }
 
