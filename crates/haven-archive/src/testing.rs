@@ -85,6 +85,11 @@ impl SeaweedServer {
         Ok(server)
     }
 
+    /// The `weed` process, for CPU accounting.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server (SIGKILL): the store is down until [`Self::restart`].
     pub fn kill(&mut self) {
         let _ = self.child.kill();

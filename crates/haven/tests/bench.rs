@@ -273,10 +273,21 @@ fn archive_bench_measures_throughput_recovery_point_and_restore() {
 fn site_bench_measures_recovery_point_ack_cost_and_promotions() {
     let report = json_of(haven().args(["bench", "site", "--quick", "--json"]));
     assert!(report["rpo"]["samples"].as_u64().unwrap() > 20, "{report}");
+    assert_eq!(report["rpo"]["connections"], 1024, "{report}");
+    assert_eq!(report["rpo"]["all_nodes"], true, "{report}");
     let (quorum, archived) = (&report["quorum"], &report["quorum_archive"]);
     for mode in [quorum, archived] {
         assert!(
             mode["closed_loop_throughput"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        // Where the closed loop's CPU went: every process group did some work.
+        let cpu = &mode["closed_loop_cpu"];
+        for part in ["nodes_s", "store_s", "load_s"] {
+            assert!(cpu[part].as_f64().unwrap() > 0.0, "{part}: {report}");
+        }
+        assert!(
+            mode["closed_loop_objects"].as_u64().unwrap() > 0,
             "{report}"
         );
     }

@@ -72,8 +72,13 @@ pub struct ArchiveBenchReport {
 
 #[derive(Debug, Serialize)]
 pub struct Rpo {
+    pub connections: usize,
+    /// Whether the writes went to every node (followers forward them) or to the leader.
+    pub all_nodes: bool,
     pub writes_ok: u64,
     pub achieved_rate: f64,
+    /// Failed or unsent writes by kind: an open loop that could not keep its rate says so.
+    pub errors: std::collections::BTreeMap<String, u64>,
     pub samples: usize,
     pub p50_s: f64,
     pub p99_s: f64,
@@ -114,7 +119,12 @@ pub async fn run(args: &ArchiveBenchArgs, exe: &Path) -> anyhow::Result<ArchiveB
     let throughput_on = closed_loop(exe, &work.path().join("on"), &on, duration).await?;
     let url = "s3://haven/bench-rpo";
     let rpo_dir = work.path().join("rpo");
-    let (rpo, config) = recovery_point(exe, &rpo_dir, &archive(url), rate, duration).await?;
+    let load = RpoLoad {
+        rate,
+        connections: CONNECTIONS,
+        all_nodes: false,
+    };
+    let (rpo, config) = recovery_point(exe, &rpo_dir, &archive(url), &load, duration).await?;
     let restore = restore_speed(exe, url, &server.endpoint, &key, &config, work.path()).await?;
     Ok(ArchiveBenchReport {
         seconds,
@@ -203,17 +213,36 @@ async fn closed_loop(
     Ok(report.throughput)
 }
 
+/// The open-loop writes of a recovery-point phase.
+pub(super) struct RpoLoad {
+    pub rate: f64,
+    pub connections: usize,
+    /// Spread over every node rather than sent to the leader alone: the leader then
+    /// parses a third of the requests, and a host the leader alone cannot keep up with
+    /// at `rate` still reaches it.
+    pub all_nodes: bool,
+}
+
 /// Open-loop writes with the leader's archive lag sampled throughout; returns the node
 /// config a restore can run the app from.
 pub(super) async fn recovery_point(
     exe: &Path,
     dir: &Path,
     config: &str,
-    rate: f64,
+    shape: &RpoLoad,
     duration: Duration,
 ) -> anyhow::Result<(Rpo, std::path::PathBuf)> {
     let (cluster, leader) = cluster_with(exe, dir, config, 3).await?;
-    let load = spec(&cluster, leader, Mode::Open { rate }, duration)?;
+    let rate = shape.rate;
+    let mut load = spec(&cluster, leader, Mode::Open { rate }, duration)?;
+    load.connections = shape.connections;
+    if shape.all_nodes {
+        load.targets = cluster
+            .slots
+            .iter()
+            .map(|s| Target::parse(&s.client_url()))
+            .collect::<Result<_, _>>()?;
+    }
     let running =
         tokio::spawn(async move { load::run(&load, workload(), &Progress::hidden()).await });
     // The recovery point at each moment: how old the archive's newest entry is. Under a
@@ -241,8 +270,11 @@ pub(super) async fn recovery_point(
     };
     let metric = async |name: &str| cluster.metric(leader, name, &[]).await.unwrap_or(0.0) as u64;
     let rpo = Rpo {
+        connections: shape.connections,
+        all_nodes: shape.all_nodes,
         writes_ok: report.requests_ok,
         achieved_rate: report.throughput,
+        errors: report.errors.clone(),
         samples: lags.len(),
         p50_s: at(0.5),
         p99_s: at(0.99),

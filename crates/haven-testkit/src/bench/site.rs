@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::Context;
 use anyhow::bail;
 use haven_archive::testing::SeaweedServer;
+use haven_bench::cpu;
 use haven_bench::load;
 use haven_bench::load::LoadReport;
 use haven_bench::load::Mode;
@@ -27,6 +28,7 @@ use haven_client::http::Http;
 use serde::Serialize;
 
 use super::archive::Rpo;
+use super::archive::RpoLoad;
 use super::archive::cluster_with;
 use super::archive::recovery_point;
 use super::archive::spec;
@@ -41,6 +43,10 @@ pub struct SiteBenchArgs {
     /// Writes per second of the recovery-point phase (open loop).
     #[arg(long, default_value_t = 5000.0)]
     pub rate: f64,
+    /// Send the recovery-point phase's writes to the leader only, rather than spread over
+    /// every node.
+    #[arg(long)]
+    pub rpo_to_leader: bool,
     /// Writes per second of the latency phases (open loop, below saturation in both modes).
     #[arg(long, default_value_t = 1000.0)]
     pub latency_rate: f64,
@@ -87,6 +93,37 @@ pub struct AckCost {
     /// Failed writes by kind, both phases.
     pub errors: std::collections::BTreeMap<String, u64>,
     pub closed_loop_throughput: f64,
+    /// Log objects the leader uploaded during the closed loop.
+    pub closed_loop_objects: u64,
+    /// CPU seconds spent during the closed loop by the nodes and their apps, by the
+    /// store, and by this process (the load generator).
+    pub closed_loop_cpu: CpuSpent,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CpuSpent {
+    pub nodes_s: f64,
+    pub store_s: f64,
+    pub load_s: f64,
+}
+
+impl CpuSpent {
+    /// CPU time used so far by `nodes`, `store` and this process.
+    fn now(nodes: &[u32], store: u32) -> anyhow::Result<Self> {
+        Ok(Self {
+            nodes_s: cpu::total_cpu(nodes)?.as_secs_f64(),
+            store_s: cpu::process_cpu(store)?.as_secs_f64(),
+            load_s: cpu::process_cpu(std::process::id())?.as_secs_f64(),
+        })
+    }
+
+    fn since(self, before: &Self) -> Self {
+        Self {
+            nodes_s: self.nodes_s - before.nodes_s,
+            store_s: self.store_s - before.store_s,
+            load_s: self.load_s - before.load_s,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -113,11 +150,16 @@ pub async fn run(args: &SiteBenchArgs, exe: &Path) -> anyhow::Result<SiteBenchRe
         .context("creating a temporary directory")?;
     let sites = Sites::new(&server, work.path())?;
     let duration = Duration::from_secs(seconds);
+    let load = RpoLoad {
+        rate: args.rate,
+        connections: CONNECTIONS,
+        all_nodes: !args.rpo_to_leader,
+    };
     let (rpo, _) = recovery_point(
         exe,
         &work.path().join("rpo"),
         &sites.primary("rpo", "quorum"),
-        args.rate,
+        &load,
         duration,
     )
     .await?;
@@ -129,6 +171,7 @@ pub async fn run(args: &SiteBenchArgs, exe: &Path) -> anyhow::Result<SiteBenchRe
                 exe,
                 &work.path().join(ack),
                 &config,
+                server.pid(),
                 args.latency_rate,
                 duration,
             )
@@ -167,11 +210,13 @@ impl Rto {
     }
 }
 
-/// The latency of `rate` writes/s, then the closed-loop throughput, on one fresh cluster.
+/// The latency of `rate` writes/s, then the closed-loop throughput and where the CPU
+/// went meanwhile, on one fresh cluster.
 async fn ack_cost(
     exe: &Path,
     dir: &Path,
     config: &str,
+    store: u32,
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<AckCost> {
@@ -181,7 +226,14 @@ async fn ack_cost(
     let timed = load::run(&open, workload(), &Progress::hidden()).await?;
     let mut closed = spec(&cluster, leader, Mode::Closed, duration)?;
     closed.connections = CONNECTIONS;
+    let objects = async || {
+        let name = "haven_archive_uploaded_objects_total";
+        cluster.metric(leader, name, &[]).await.unwrap_or(0.0) as u64
+    };
+    let (objects_before, cpu_before) = (objects().await, CpuSpent::now(&cluster.pids(), store)?);
     let saturated = load::run(&closed, workload(), &Progress::hidden()).await?;
+    let cpu = CpuSpent::now(&cluster.pids(), store)?.since(&cpu_before);
+    let closed_loop_objects = objects().await.saturating_sub(objects_before);
     let latency = timed
         .latency
         .all
@@ -192,6 +244,8 @@ async fn ack_cost(
         p99_ms: latency.p99_ms,
         errors: errors(&[&timed, &saturated]),
         closed_loop_throughput: saturated.throughput,
+        closed_loop_objects,
+        closed_loop_cpu: cpu,
     })
 }
 
@@ -304,20 +358,35 @@ async fn caught_up(standby: &LocalCluster) -> anyhow::Result<()> {
 
 pub fn render(r: &SiteBenchReport) -> String {
     let cost = |name: &str, c: &AckCost| {
+        let cpu = &c.closed_loop_cpu;
         format!(
-            "  ack = {name:<16} p50 {:.2} ms, p99 {:.2} ms; closed loop {:.0} writes/s; errors {:?}\n",
-            c.p50_ms, c.p99_ms, c.closed_loop_throughput, c.errors
+            "  ack = {name:<16} p50 {:.2} ms, p99 {:.2} ms; closed loop {:.0} writes/s, {} objects, CPU s nodes {:.1} store {:.1} load {:.1}; errors {:?}\n",
+            c.p50_ms,
+            c.p99_ms,
+            c.closed_loop_throughput,
+            c.closed_loop_objects,
+            cpu.nodes_s,
+            cpu.store_s,
+            cpu.load_s,
+            c.errors
         )
     };
     format!(
         "store: {}; {} s phases; 3-node primary\n\
-         recovery point, ack = quorum, {:.0} writes/s asked ({:.0}/s achieved): archive lag p50 {:.3} s, p99 {:.3} s, max {:.3} s over {} samples (target p99 <= 1 s)\n\
+         recovery point, ack = quorum, {:.0} writes/s asked ({:.0}/s achieved over {} connections to {}; errors {:?}): archive lag p50 {:.3} s, p99 {:.3} s, max {:.3} s over {} samples (target p99 <= 1 s)\n\
          write latency at {:.0} writes/s, and closed-loop throughput, per ack mode ({CONNECTIONS} connections):\n{}{}\
          recovery time, promote to first acknowledged write, {} trials (1-node warm standby): median {} ms, max {} ms (target median <= 10 s); each: {:?}\n",
         r.store,
         r.seconds,
         r.rate,
         r.rpo.achieved_rate,
+        r.rpo.connections,
+        if r.rpo.all_nodes {
+            "every node"
+        } else {
+            "the leader"
+        },
+        r.rpo.errors,
         r.rpo.p50_s,
         r.rpo.p99_s,
         r.rpo.max_s,
