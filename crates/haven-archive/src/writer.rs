@@ -19,7 +19,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ArchiveError;
@@ -67,10 +67,11 @@ pub struct ArchiveWriter {
     last_fence_check: Instant,
     /// Log objects on their way to the store, oldest first; each continues the previous.
     uploads: VecDeque<InFlight<LogObject>>,
-    /// Told when the newest upload's PUT is done: the next one's PUT waits for it, so log
-    /// objects appear in the store in name order and a reader that lists only the names
-    /// after the newest it knows misses none (the fence reads still overlap).
-    previous_stored: Option<oneshot::Receiver<()>>,
+    /// Turns true when the newest upload's PUT is done (closed unset if it failed): the
+    /// next one's PUT waits for it, so log objects appear in the store in name order and
+    /// a reader that lists only the names after the newest it knows misses none (the
+    /// fence reads still overlap).
+    previous_stored: Option<watch::Receiver<bool>>,
     checkpoint: Option<InFlight<CheckpointObject>>,
 }
 
@@ -173,6 +174,16 @@ impl ArchiveWriter {
         self.uploads.len() < MAX_UPLOADS_IN_FLIGHT
     }
 
+    /// The newest upload's PUT while it is not done (a receiver that turns true when it
+    /// is). An object started now would wait for it before its own PUT, so a caller that
+    /// waits too and only then starts the object puts in it everything applied meanwhile:
+    /// under load, fewer and larger objects, for no later PUT.
+    pub fn put_pending(&self) -> Option<watch::Receiver<bool>> {
+        let pending = self.previous_stored.as_ref()?;
+        let failed = pending.has_changed().is_err();
+        (!*pending.borrow() && !failed).then(|| pending.clone())
+    }
+
     /// Ships entries that continue the archive; those it already holds are skipped. A gap
     /// (entries that start after the archive's end) is refused: the caller must send from
     /// the archive's end. Waits for every upload in flight.
@@ -246,14 +257,14 @@ impl ArchiveWriter {
             self.marker.epoch,
         );
         let after = self.previous_stored.take();
-        let (stored_tx, stored_rx) = oneshot::channel();
+        let (stored_tx, stored_rx) = watch::channel(false);
         self.previous_stored = Some(stored_rx);
         let url = store.url().to_string();
         let task = tokio::spawn(async move {
             let size = stored.len() as u64;
             let blake3 = checksum(&stored);
-            if let Some(after) = after
-                && after.await.is_err()
+            if let Some(mut after) = after
+                && after.wait_for(|stored| *stored).await.is_err()
             {
                 return Err(ArchiveError::Inconsistent {
                     url,
@@ -262,7 +273,7 @@ impl ArchiveWriter {
             }
             let created = store.create(&name, stored).await?;
             // Only now may the next object's PUT begin.
-            let _ = stored_tx.send(());
+            let _ = stored_tx.send(true);
             if created == Created::Exists {
                 tracing::info!(
                     name,

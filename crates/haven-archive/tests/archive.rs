@@ -429,6 +429,8 @@ async fn uploads_in_flight_are_taken_back_in_order_and_a_fence_releases_none_aft
             assert!(writer.start_upload(&batch(first), true).unwrap());
         }
         assert!(!writer.has_room());
+        // The newest one's PUT waits for the others' before it is even issued.
+        assert!(writer.put_pending().is_some());
         let tail = 10 * MAX_UPLOADS_IN_FLIGHT as u64;
         assert_eq!(writer.upload_tail().map(|(i, _)| i), Some(tail));
         let first = writer.finish_upload().await.unwrap().unwrap();
@@ -453,6 +455,7 @@ async fn uploads_in_flight_are_taken_back_in_order_and_a_fence_releases_none_aft
             assert_eq!(writer.archived().map(|(i, _)| i), Some(10 * k));
         }
         assert!(writer.finish_upload().await.is_none());
+        assert!(writer.put_pending().is_none());
 
         // A promotion fences the writer while three uploads are in flight: the first
         // fails on the fence read after its PUT, and the later ones are dropped unfinished,

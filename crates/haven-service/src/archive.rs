@@ -28,6 +28,7 @@ use haven_archive::writer::Shipped;
 use haven_base::config::AckMode;
 use haven_base::config::ArchiveSection;
 use haven_base::metrics::Metrics;
+use haven_consensus::propose::ArchiveWaiters;
 use haven_consensus::propose::Durable;
 use haven_consensus::propose::DurableGate;
 use haven_consensus::types::Entry;
@@ -125,6 +126,8 @@ pub struct ArchiveProgress {
     /// (under `ack = "quorum+archive"`) the last index this node shipped and then found
     /// unfenced, up to which writes may be acknowledged.
     durable: watch::Sender<Durable>,
+    /// Writes waiting for `durable` to cover them, woken after each change that does.
+    waiters: Arc<ArchiveWaiters>,
 }
 
 impl ArchiveProgress {
@@ -138,6 +141,7 @@ impl ArchiveProgress {
             status: watch::channel(status).0,
             floor: watch::channel(None).0,
             durable: watch::channel(Durable::default()).0,
+            waiters: Arc::default(),
         }
     }
 
@@ -146,6 +150,7 @@ impl ArchiveProgress {
     pub fn durable_gate(&self, section: &ArchiveSection, wait: Duration) -> DurableGate {
         DurableGate {
             durable: self.durable.subscribe(),
+            waiters: Arc::downgrade(&self.waiters),
             archive_acks: section.ack == AckMode::QuorumArchive,
             wait,
         }
@@ -158,7 +163,11 @@ impl ArchiveProgress {
         }
         self.status
             .send_modify(|s| s.writes_refused.clone_from(&reason));
+        let refused = reason.is_some();
         self.durable.send_modify(|d| d.refusal = reason);
+        if refused {
+            self.waiters.wake_all();
+        }
     }
 
     /// Refuses writes as `role` requires, or takes them again: what every node does when
@@ -476,13 +485,15 @@ impl Uploader {
     }
 
     /// Under `ack = "quorum+archive"`, for one `flush_ms` (or until nothing is left in
-    /// flight): keeps up to [`haven_archive::writer::MAX_UPLOADS_IN_FLIGHT`] objects uploading, each of what was
-    /// applied when it started, so a write waits for about one upload, not also for the
-    /// one in progress. Each object's upload ends with a read of the next epoch's fence
-    /// begun after its PUT; objects are taken back in index order, and each releases the
-    /// writes it holds. A fence fails the upload that saw it and drops the later ones:
-    /// their writes stay unreleased and time out as outcome-unknown, or learn of the
-    /// fence at once ([`Self::fenced`]). A checkpoint uploads beside them.
+    /// flight): starts an object of everything applied as soon as the previous object's
+    /// PUT is done (up to [`haven_archive::writer::MAX_UPLOADS_IN_FLIGHT`] in flight), so
+    /// a write waits for about one upload, not also for the one in progress, and under
+    /// load the objects grow instead of multiplying. Each object's upload ends with a read
+    /// of the next epoch's fence begun after its PUT, overlapping the next PUT; objects
+    /// are taken back in index order, and each releases the writes it holds. A fence
+    /// fails the upload that saw it and drops the later ones: their writes stay
+    /// unreleased and time out as outcome-unknown, or learn of the fence at once
+    /// ([`Self::fenced`]). A checkpoint uploads beside them.
     async fn upload_gated(
         &mut self,
         writer: &mut ArchiveWriter,
@@ -496,10 +507,13 @@ impl Uploader {
             if writer.uploads_in_flight() == 0 && !writer.checkpoint_in_flight() {
                 return Ok(());
             }
-            // Everything applied is uploading: wait for more, or for an upload to end.
-            let room = writer.has_room() && tail.next > applied;
+            // Everything applied is uploading or waits for a PUT: wait for more, for that
+            // PUT, or for an upload to end.
+            let put = writer.put_pending();
+            let room = writer.has_room() && put.is_none() && tail.next > applied;
             let next = tail.next;
             tokio::select! {
+                () = put_done(put.clone()), if put.is_some() => {}
                 finished = writer.finish_next() => match finished {
                     Some(Finished::Log(shipped)) => {
                         self.count(shipped?);
@@ -518,8 +532,9 @@ impl Uploader {
         }
     }
 
-    /// Starts uploads of the entries after `tail`, up to `applied`, while there is room.
-    /// Whether it started any.
+    /// Starts uploads of the entries after `tail`, up to `applied`, while there is room
+    /// (with `confirm`, for `ack = "quorum+archive"`: one, once the previous PUT is done,
+    /// see [`Self::upload_gated`]). Whether it started any.
     async fn start_uploads(
         &mut self,
         writer: &mut ArchiveWriter,
@@ -528,7 +543,10 @@ impl Uploader {
         confirm: bool,
     ) -> Result<bool, ArchiveError> {
         let mut started = false;
-        while writer.has_room() && tail.next <= applied {
+        let may_start = |writer: &ArchiveWriter| {
+            writer.has_room() && (!confirm || writer.put_pending().is_none())
+        };
+        while may_start(writer) && tail.next <= applied {
             let entries = self.read(tail.next, applied, &mut tail.time_us).await?;
             let Some(last) = entries.last().map(|e| e.index) else {
                 break;
@@ -564,11 +582,14 @@ impl Uploader {
         let Some((archived, _)) = writer.archived() else {
             return;
         };
-        self.progress.durable.send_if_modified(|durable| {
+        let advanced = self.progress.durable.send_if_modified(|durable| {
             let advanced = archived > durable.archived;
             durable.archived = durable.archived.max(archived);
             advanced
         });
+        if advanced {
+            self.progress.waiters.wake_up_to(archived);
+        }
     }
 
     fn count(&self, shipped: Shipped) {
@@ -715,6 +736,13 @@ impl Uploader {
         self.progress
             .status
             .send_modify(|s| s.lag_entries = lag_entries);
+    }
+}
+
+/// Until the PUT `put` waits for is done, or failed.
+async fn put_done(put: Option<watch::Receiver<bool>>) {
+    if let Some(mut put) = put {
+        let _ = put.wait_for(|stored| *stored).await;
     }
 }
 
