@@ -713,12 +713,15 @@ impl Replica {
             return;
         }
         // Deliveries wait for the whole of it anyway: no copy first.
+        let since = Instant::now();
         let taken = async {
             let position = checkpoint_position(inner)?;
             let staged = checkpoints.stage(position.index, true).await?;
             checkpoints.seal(staged, position).await
         };
-        match taken.await {
+        let taken = taken.await;
+        (self.shared.metrics.checkpoint_pause_seconds).inc_by(since.elapsed().as_secs_f64());
+        match taken {
             Ok(info) => {
                 *lock(&self.baseline) = None;
                 self.shared.metrics.checkpoints_written.inc();
